@@ -1,0 +1,21 @@
+"""Per-frame losses: every frame of a clip has one, in BP and in Sideways alike (SIDEWAYS.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def frame_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one frame's logits [B, K] against the clip labels [B], mean over the batch."""
+    return F.cross_entropy(logits, labels)
+
+
+def clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-frame losses of whole clips: logits [B, K, T], labels [B]."""
+    return F.cross_entropy(logits, labels[:, None].expand(-1, logits.shape[-1]))
+
+
+def clip_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Clip prediction = mean of the per-frame softmax over the clip: [B, K, T] -> [B, K]."""
+    return logits.softmax(dim=1).mean(dim=-1)

@@ -1,0 +1,155 @@
+"""Sideways: depth-parallel training with pseudo-gradients (SIDEWAYS.md, "Sideways").
+
+Every tick, every module d, independently of the others:
+  1. forward: out_d(t) from its current window (the shared Pipeline does this);
+  2. backward: takes the message m_d(t) that module d+1 sent at tick t-1 (for the top module, the
+     gradient of the loss of the frame now at the top) and, by a vector-Jacobian product at its
+     *current* window, accumulates the pseudo-gradient g_d += (df_d/dtheta_d)^T m_d(t) and sends
+     m_{d-1}(t+1) = sum_j (df_d/din_d(t-j))^T m_d(t) to the module below.
+The gradient meets an activation of a newer frame than the one that produced it; on a static video
+they coincide and the pseudo-gradient is exact. Memory is one window, one graph and one gradient
+register per module, whatever the clip length.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sideways_cli.engine.losses import frame_loss
+from sideways_cli.engine.pipeline import ModuleStep, Pipeline, clip_tokens
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.models import FrameStack
+
+PIPELINE_MODES = ("reset", "continuous")
+_EVERY = re.compile(r"every\s+(\d+)\s+ticks?")
+
+
+def parse_update(update: str) -> int | None:
+    """``clip`` -> None (step once per batch); ``every N ticks`` -> N."""
+    if update == "clip":
+        return None
+    match = _EVERY.fullmatch(update.strip())
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"sideways.update must be 'clip' or 'every N ticks' (N >= 1), got {update!r}")
+    return int(match.group(1))
+
+
+class SidewaysRule:
+    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip"):
+        if pipeline not in PIPELINE_MODES:
+            raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
+        self.model = model
+        self.mode = pipeline
+        self.update_every = parse_update(update)
+        self.pipeline = Pipeline(model)
+        depth = len(model)
+        self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
+        self.current: list[ModuleStep | None] = [None] * depth  # graph of each module's newest window
+        self.stale = [False] * depth  # weights changed since that graph was built
+        self.messages: list[torch.Tensor | None] = [None] * depth  # gradient registers
+        self.grad_sums: list[list[torch.Tensor] | None] = [None] * depth
+        self.grad_counts = [0] * depth
+        self.ticks_since_update = 0
+
+    def reset(self) -> None:
+        """Empty the pipeline: no activation, graph or message survives into the next clip."""
+        self.pipeline.reset()
+        self.current = [None] * len(self.model)
+        self.messages = [None] * len(self.model)
+
+    def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
+                    apply_update: ApplyUpdate) -> BatchStats:
+        """Feed a batch of clips frame by frame; in ``reset`` mode fill and drain around it.
+
+        ``reset``: T + 2(D-1) ticks, every frame's loss is computed and its gradient reaches
+        module 1 before the batch ends. ``continuous``: T ticks, the pipeline carries on into
+        the next batch like a live stream, so this batch's losses are the ones that reached the
+        top during its T ticks.
+        """
+        if self.mode == "reset":
+            self.reset()
+        tokens = clip_tokens(clips, labels, first_frame=0)
+        ticks = len(tokens) + (2 * (len(self.model) - 1) if self.mode == "reset" else 0)
+        loss_sum, losses, updates = 0.0, 0, 0
+        for tick in range(ticks):
+            loss = self.tick(tokens[tick] if tick < len(tokens) else None)
+            if loss is not None:
+                loss_sum, losses = loss_sum + loss, losses + 1
+            if self.update_every and self.ticks_since_update >= self.update_every:
+                updates += self.flush(apply_update)
+        if self.update_every is None:
+            updates += self.flush(apply_update)
+        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
+                          frames=clips.shape[0] * clips.shape[2], updates=updates)
+
+    def tick(self, frame) -> float | None:
+        """One clock tick of every module; returns the loss of the frame at the top, if any."""
+        top = len(self.model) - 1
+        for step in self.pipeline.forward_tick(frame, with_graph=True):
+            self.current[step.index] = step
+            self.stale[step.index] = False
+        loss_value = None
+        head = self.current[top]
+        if head is not None and self.pipeline.fresh[top]:
+            loss = frame_loss(head.output, head.token.target)
+            (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
+            loss_value = loss.item()
+        sent: list[torch.Tensor | None] = [None] * len(self.model)
+        for d, message in enumerate(self.messages):
+            if message is not None:
+                below = self.backward_module(d, message)
+                if d > 0:
+                    sent[d - 1] = below
+        # messages travel one module down per tick; the top's is replaced by the next loss
+        self.messages = sent[:top] + [None]
+        self.ticks_since_update += 1
+        return loss_value
+
+    def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
+        """VJP of module d at its current window; accumulates g_d, returns the message below."""
+        step = self.current[d]
+        if self.stale[d]:
+            step = self.rebuild(d)
+        wants_input = d > 0
+        inputs = self.params[d] + ([step.window] if wants_input else [])
+        grads = torch.autograd.grad(step.output, inputs, grad_outputs=message,
+                                    retain_graph=True, allow_unused=True)
+        param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params[d], grads)]
+        if self.grad_sums[d] is None:
+            self.grad_sums[d] = param_grads
+        else:
+            for total, g in zip(self.grad_sums[d], param_grads):
+                total.add_(g)
+        self.grad_counts[d] += 1
+        if not wants_input:
+            return None
+        # every filled slot stands for "the same" input under smoothness: sum their gradients
+        return grads[-1][:, :, step.window.shape[2] - step.filled:].sum(dim=2)
+
+    def rebuild(self, d: int) -> ModuleStep:
+        """Recompute module d's graph at its current window after its weights were updated."""
+        old = self.current[d]
+        window = old.window.detach().requires_grad_(d > 0)
+        output = self.model[d].forward_window(window)
+        self.current[d] = ModuleStep(d, window, old.filled, output, old.token)
+        self.stale[d] = False
+        return self.current[d]
+
+    def flush(self, apply_update: ApplyUpdate) -> int:
+        """Turn accumulated pseudo-gradients into ``.grad`` (mean over contributing losses) and step."""
+        self.ticks_since_update = 0
+        if not any(self.grad_counts):
+            return 0
+        for d, sums in enumerate(self.grad_sums):
+            if sums is None:
+                continue
+            for p, total in zip(self.params[d], sums):
+                p.grad = total / self.grad_counts[d]
+        apply_update()
+        self.grad_sums = [None] * len(self.model)
+        self.grad_counts = [0] * len(self.model)
+        # retained graphs saved the old weights; rebuild them before their next use
+        self.stale = [step is not None for step in self.current]
+        return 1
