@@ -1,0 +1,34 @@
+# Set-up is two commands: `make demo` and `make test`; both create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned here for a reproducible venv; pyproject.toml declares ranges so users keep their own builds.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench fidelity clean
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The main job: BP and Sideways on the embedded synthetic dataset, one table.
+demo: $(STAMP)
+	$(BIN)/sideways compare experiments/synthetic.yaml --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory_vs_clip_length.py
+
+fidelity: $(STAMP)
+	$(BIN)/sideways fidelity --video static
+	$(BIN)/sideways fidelity --video shuffled
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

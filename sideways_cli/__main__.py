@@ -1,0 +1,3 @@
+from sideways_cli.cli import main
+
+main()

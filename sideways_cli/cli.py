@@ -1,0 +1,177 @@
+"""The ``sideways`` command line: parse, call, print. User mistakes become one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+
+from sideways_cli.config import MODES, Config, from_dict, load_config
+from sideways_cli.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and compare video networks with backprop (bp) or Sideways.")
+console = Console()
+err_console = Console(stderr=True)
+
+PRESET = Path("experiments") / "synthetic.yaml"
+ConfigArg = Annotated[Optional[Path], typer.Argument(
+    help="YAML config; defaults to experiments/synthetic.yaml, the embedded experiment.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (overrides config 'seed').")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for CI).")]
+
+
+def default_config_path() -> Path | None:
+    """The embedded experiment: ./experiments/synthetic.yaml, else the copy beside the package."""
+    for candidate in (PRESET, Path(__file__).resolve().parents[1] / PRESET):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None) -> Config:
+    overrides = list(sets or [])
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if mode is not None:
+        overrides.append(f"mode={mode}")
+    return load_config(config if config is not None else default_config_path(), overrides)
+
+
+def _log(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: console.print(msg))
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    mode: Annotated[Optional[str], typer.Option(help="bp | sideways (overrides config 'mode').")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config>-<mode>).")] = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train one model; writes config.yaml, metrics.jsonl, checkpoints/last.pt and summary.json."""
+    from sideways_cli.train import train as run_training
+
+    cfg = resolve(config, set_, seed, mode)
+    run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
+    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet))
+    if not quiet:
+        from sideways_cli.report import compare_table
+
+        console.print(compare_table([summary], title=f"run {run_dir}"))
+
+
+@app.command("eval")
+def evaluate_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'sideways train'.")],
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a trained run's last checkpoint on its validation split."""
+    from sideways_cli.data.catalog import resolve_dataset
+    from sideways_cli.evaluate import evaluate
+    from sideways_cli.report import eval_table, write_json
+    from sideways_cli.train import build_network, data_loaders, resolve_device
+
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path} not found; train first with 'sideways train --out {run_dir}'")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = from_dict(ckpt["config"], str(path))
+    device = resolve_device(cfg.device)
+    data = resolve_dataset(cfg.data, progress=not quiet)
+    model = build_network(cfg, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    _, val_loader = data_loaders(cfg, data)
+    result = {"run": str(run_dir), "mode": cfg.mode,
+              **evaluate(model.to(device), val_loader, len(data.val), len(data.classes), device)}
+    if json_path:
+        write_json(json_path, result)
+    console.print(eval_table({k: v for k, v in result.items() if k not in ("run", "mode")},
+                             title=f"{run_dir} ({cfg.mode}), {cfg.eval.clips_per_video} clips/video"))
+
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated modes to train.")] = "bp,sideways",
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/compare-<config>).")] = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train each mode with the same seed, data and initial weights; print one table."""
+    from sideways_cli.report import compare_table, write_json
+    from sideways_cli.train import train as run_training
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    for m in mode_list:
+        if m not in MODES:
+            raise UserError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
+    summaries = []
+    for m in mode_list:
+        cfg = resolve(config, set_, seed, m)
+        summaries.append(run_training(cfg, out_dir / m, quiet=quiet, log=_log(quiet)))
+    write_json(out_dir / "compare.json", summaries)
+    console.print(compare_table(summaries))
+    console.print(f"wrote {out_dir / 'compare.json'}")
+
+
+@app.command()
+def fidelity(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    video: Annotated[str, typer.Option(help="natural | static | shuffled")] = "natural",
+    run: Annotated[Optional[Path], typer.Option(help="Use this run's trained weights.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Cosine similarity between each module's Sideways pseudo-gradient and its BP gradient."""
+    from sideways_cli.data.catalog import resolve_dataset
+    from sideways_cli.fidelity import VIDEO_KINDS, gradient_fidelity, make_video
+    from sideways_cli.report import fidelity_table, write_json
+    from sideways_cli.train import build_network, data_loaders
+
+    if video not in VIDEO_KINDS:
+        raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
+    cfg = resolve(config, set_, seed)
+    data = resolve_dataset(cfg.data, progress=not quiet)
+    model = build_network(cfg, len(data.classes))
+    if run is not None:
+        path = run / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise UserError(f"{path} not found; --run takes a run directory written by 'sideways train'")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    _, val_loader = data_loaders(cfg, data)
+    batch = next(iter(val_loader))
+    clips = make_video(batch["clip"][: cfg.data.batch_size], video, seed=cfg.seed)
+    rows = gradient_fidelity(model, clips, batch["label"][: cfg.data.batch_size])
+    result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
+              "clip_len": cfg.data.clip_len, "modules": rows}
+    if json_path:
+        write_json(json_path, result)
+    console.print(fidelity_table(rows, title=f"gradient fidelity, {video} video, "
+                                             f"{cfg.model.name}, stride {cfg.data.frame_stride}"))
+
+
+def main() -> None:
+    from sideways_cli.data.decode import DecodeError
+
+    try:
+        app()
+    except (UserError, DecodeError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

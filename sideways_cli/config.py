@@ -1,0 +1,217 @@
+"""Typed configuration: defaults here, then a YAML file, then ``--set key=value`` overrides.
+
+Unknown keys and values of the wrong type are refused with the list of valid keys, so a typo can
+never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sideways_cli.errors import UserError
+
+MODES = ("bp", "sideways")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "c3d"  # vgg | c3d | resnet18
+    temporal_kernel: int = 3  # k of every module but the head; 1 = per-frame 2D network
+    width: int | None = None  # channels of the first layer; None = the model's own default
+    dropout: float = 0.0  # before the classifier
+
+
+@dataclass
+class SyntheticConfig:
+    train_per_class: int = 40
+    val_per_class: int = 10
+    num_frames: int = 64
+    seed: int = 0  # the dataset's own seed, independent of the run's
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str = "data"  # datasets live (and the synthetic one is generated) under this folder
+    clip_len: int = 16
+    frame_stride: int = 1  # smoothness knob: frames skipped between consecutive clip frames
+    shuffle_frames: bool = False  # smoothness knob: destroy temporal order inside each clip
+    batch_size: int = 16
+    num_workers: int = 2
+    size: int = 32  # frame side in pixels
+    decoder: str = "auto"  # auto | decord | pyav
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps for BP and update: clip (one per batch)
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 10
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate once, at the end
+
+
+@dataclass
+class EvalConfig:
+    clips_per_video: int = 2  # uniformly spaced clips; video prediction = mean over them
+    batch_size: int = 32
+
+
+@dataclass
+class SidewaysEngineConfig:
+    pipeline: str = "reset"  # reset: fill and drain every clip | continuous: a live stream
+    update: str = "clip"  # clip: step once per batch | "every N ticks": step every N ticks
+    chunk: int = 8  # ticks batched per module; an execution detail, the numbers are the same
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    mode: str = "bp"  # bp | sideways
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sideways: SidewaysEngineConfig = field(default_factory=SidewaysEngineConfig)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += valid_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints are accepted where floats are expected."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and type(value) is t:
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise UserError(f"config key {key!r} expects {names}, got {value!r}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
+    hints = _hints(type(obj))
+    for name, value in values.items():
+        key = prefix + name
+        if name not in hints:
+            raise UserError(f"unknown config key {key!r} in {source}; valid keys: "
+                            + ", ".join(valid_keys()))
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {key!r} in {source} is a section; give it a mapping")
+            _apply(getattr(obj, name), value, key + ".", source)
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> {"a": {"b": value}}, the value parsed as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing YAML file "
+                            "(the presets are in experiments/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must hold a mapping of config keys")
+        _apply(cfg, data, "", str(path))
+    for text in overrides or []:
+        _apply(cfg, parse_override(text), "", f"--set {text}")
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
+    from sideways_cli.models import ZOO
+
+    _choice("mode", cfg.mode, MODES)
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("model.name", cfg.model.name, tuple(ZOO))
+    _choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw"))
+    _choice("train.schedule", cfg.train.schedule, ("cosine", "constant"))
+    _choice("data.decoder", cfg.data.decoder, ("auto", "decord", "pyav"))
+    _choice("sideways.pipeline", cfg.sideways.pipeline, PIPELINE_MODES)
+    try:
+        parse_update(cfg.sideways.update)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    positive = {"model.temporal_kernel": cfg.model.temporal_kernel, "data.clip_len": cfg.data.clip_len,
+                "data.frame_stride": cfg.data.frame_stride, "data.batch_size": cfg.data.batch_size,
+                "data.size": cfg.data.size, "train.steps": cfg.train.steps,
+                "eval.clips_per_video": cfg.eval.clips_per_video, "sideways.chunk": cfg.sideways.chunk}
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config key {key!r} must be >= 1, got {value}")
+    if cfg.data.size < 16 or cfg.data.size % 2:
+        raise UserError(f"config key 'data.size' must be an even number >= 16 (H.264 frames), "
+                        f"got {cfg.data.size}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], source: str) -> Config:
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,184 @@
+"""The training loop: data, optimizer, schedule, evaluation, checkpoint, metrics.
+
+It knows nothing of how gradients are made: the rule fills ``param.grad`` and calls back
+``apply_update`` whenever its schedule says the weights change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from sideways_cli.config import Config, TrainConfig, save_config, to_dict
+from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
+from sideways_cli.data.datasets import ClipDataset, build_loader
+from sideways_cli.engine import make_rule
+from sideways_cli.errors import UserError
+from sideways_cli.evaluate import evaluate
+from sideways_cli.memory import PeakMemory
+from sideways_cli.models import FrameStack, build_model
+
+Log = Callable[[str], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA device is available; "
+                        "use --set device=cpu (or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_network(cfg: Config, num_classes: int) -> FrameStack:
+    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal."""
+    options: dict[str, Any] = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
+    if cfg.model.width is not None:
+        options["width"] = cfg.model.width
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model.name, num_classes, **options)
+
+
+def make_optimizer(cfg: TrainConfig, model: FrameStack) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[DataLoader, DataLoader]:
+    d = cfg.data
+    train_set = ClipDataset(data.train, clip_len=d.clip_len, frame_stride=d.frame_stride,
+                            shuffle_frames=d.shuffle_frames, train=True, seed=cfg.seed,
+                            decoder_backend=d.decoder)
+    val_set = ClipDataset(data.val, clip_len=d.clip_len, frame_stride=d.frame_stride,
+                          shuffle_frames=d.shuffle_frames, train=False,
+                          clips_per_video=cfg.eval.clips_per_video, seed=cfg.seed,
+                          decoder_backend=d.decoder)
+    if len(train_set) < d.batch_size:
+        raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
+                        "training videos; lower data.batch_size")
+    train = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
+                         seed=cfg.seed, drop_last=True)
+    val = build_loader(val_set, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
+                       seed=cfg.seed, drop_last=False)
+    return train, val
+
+
+def forever(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def progress_bar(quiet: bool) -> Progress | nullcontext:
+    if quiet:
+        return nullcontext()
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+
+
+def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir``; returns (and writes) the run's summary."""
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    device = resolve_device(cfg.device)
+    data = resolve_dataset(cfg.data, progress=not quiet)
+    model = build_network(cfg, len(data.classes)).to(device)
+    rule = make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update, cfg.sideways.chunk)
+    optimizer = make_optimizer(cfg.train, model)
+    schedule = make_schedule(cfg.train, optimizer)
+    train_loader, val_loader = data_loaders(cfg, data)
+    seed_everything(cfg.seed)
+
+    def apply_update() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    recent: list[float] = []
+    frames_seen = updates = 0
+    compute_s = wait_s = 0.0
+    val: dict[str, float] = {}
+    batches = forever(train_loader)
+    with metrics_path.open("w") as metrics, progress_bar(quiet) as bar, PeakMemory(device) as memory:
+        task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps, info="") if bar else None
+        for step in range(1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            clips, labels = batch["clip"].to(device), batch["label"].to(device)
+            t1 = time.perf_counter()
+            stats = rule.train_batch(clips, labels, apply_update)
+            t2 = time.perf_counter()
+            schedule.step()
+            wait_s, compute_s = wait_s + t1 - t0, compute_s + t2 - t1
+            frames_seen += stats.frames
+            updates += stats.updates
+            recent = (recent + [stats.loss])[-cfg.train.log_every:]
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = {"step": step, "loss": sum(recent) / len(recent),
+                          "lr": optimizer.param_groups[0]["lr"], "frames_seen": frames_seen,
+                          "frames_per_s": frames_seen / compute_s,
+                          "data_wait_share": wait_s / (wait_s + compute_s),
+                          "peak_mem_mb": memory.read(), "wall_s": time.perf_counter() - started}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                val = evaluate(model, val_loader, len(data.val), len(data.classes), device)
+                log(f"step {step}: val clip top-1 {val['val_clip_top1']:.3f}, "
+                    f"video top-1 {val['val_video_top1']:.3f}")
+            if bar:
+                bar.update(task, advance=1, info=f"loss {sum(recent) / len(recent):.3f}")
+    val = evaluate(model, val_loader, len(data.val), len(data.classes), device)
+    summary = {
+        "mode": cfg.mode, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
+        "steps": cfg.train.steps, "updates": updates, "frames_seen": frames_seen,
+        "train_loss": sum(recent) / len(recent), **val,
+        "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
+        "peak_mem_mb": memory.peak_mb, "wall_s": time.perf_counter() - started,
+    }
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "step": cfg.train.steps,
+                 "config": to_dict(cfg), "classes": data.classes, "summary": summary},
+                out_dir / "checkpoints" / "last.pt")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"{cfg.mode}: val clip top-1 {val['val_clip_top1']:.3f}, video top-1 "
+        f"{val['val_video_top1']:.3f}, {summary['frames_per_s']:.0f} frames/s")
+    return summary

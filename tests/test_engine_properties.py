@@ -1,0 +1,166 @@
+"""The properties SIDEWAYS.md says the engine must satisfy, on every model of the zoo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sideways_cli.engine import BackpropRule, SidewaysRule
+from sideways_cli.engine.losses import clip_loss, frame_loss
+from sideways_cli.engine.pipeline import Pipeline, clip_tokens, pipelined_forward
+from sideways_cli.fidelity import gradient_fidelity, make_video, module_gradients
+from sideways_cli.models import ZOO, build_model
+
+ZOO_NAMES = sorted(ZOO)
+
+
+def tiny(name: str, k: int = 1, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(name, 5, width=4, temporal_kernel=k).to(dtype)
+
+
+def random_clip(t: int, b: int = 2, size: int = 16, dtype=torch.float64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, t, size, size, generator=g, dtype=dtype), torch.tensor([1, 3][:b])
+
+
+def smooth_clip(t: int, stride: int = 1, b: int = 2, size: int = 16, dtype=torch.float64):
+    """A textured pattern translating half a pixel per frame (sub-pixel shifts via interpolation)."""
+    g = torch.Generator().manual_seed(7)
+    texture = F.avg_pool2d(torch.randn(b, 3, 4 * size, 4 * size, generator=g), 5, 1, 2)
+    frames = []
+    for i in range(t):
+        shift = 0.5 * i * stride
+        theta = torch.tensor([[1, 0, shift / (2 * size)], [0, 1, shift / (4 * size)]]).expand(b, 2, 3)
+        grid = F.affine_grid(theta.float(), (b, 3, size, size), align_corners=False)
+        frames.append(F.grid_sample(texture, grid * 0.25, align_corners=False))
+    return torch.stack(frames, dim=2).to(dtype), torch.tensor([1, 3][:b])
+
+
+# -- property 1: the pipelined forward is the causal network over the whole clip -----------------
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_pipelined_forward_equals_whole_clip(name, k):
+    model = tiny(name, k, dtype=torch.float32)
+    clip, _ = random_clip(7, dtype=torch.float32)
+    whole = model(clip)
+    assert whole.shape == (2, 5, 7)
+    torch.testing.assert_close(pipelined_forward(model, clip), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_causality_future_frames_do_not_change_past_outputs():
+    model = tiny("c3d", 3)
+    clip, _ = random_clip(6)
+    changed = clip.clone()
+    changed[:, :, 4:] = torch.randn_like(changed[:, :, 4:])
+    torch.testing.assert_close(model(changed)[..., :4], model(clip)[..., :4])
+    assert not torch.allclose(model(changed)[..., 4:], model(clip)[..., 4:])
+
+
+# -- property 2: BP is exact --------------------------------------------------------------------
+
+def bp_grads(model, clip, labels):
+    model.zero_grad(set_to_none=True)
+    BackpropRule(model).train_batch(clip, labels, apply_update=lambda: None)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_bp_equals_autograd_through_the_unrolled_pipeline(name):
+    """BP's whole-clip gradient equals differentiating the tick-by-tick computation itself."""
+    model = tiny(name, 3)
+    clip, labels = random_clip(5)
+    expected = bp_grads(model, clip, labels)
+    model.zero_grad(set_to_none=True)
+    pipeline = Pipeline(model)
+    tokens = clip_tokens(clip, labels)
+    # differentiate through the registers: keep their values attached to the graph
+    losses = []
+    for tick in range(len(tokens) + len(model) - 1):
+        frame = tokens[tick] if tick < len(tokens) else None
+        for step in pipeline.forward_tick(frame, with_graph=True):
+            step.token.value = step.output  # re-attach so the next module's window has a graph
+            if step.index == len(model) - 1:
+                losses.append(frame_loss(step.output, labels))
+    torch.stack(losses).mean().backward()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_bp_matches_finite_differences():
+    torch.manual_seed(0)
+    model = build_model("vgg", 5, width=2, temporal_kernel=2).double()
+    clip, labels = random_clip(3, b=2, size=8)
+    grads = bp_grads(model, clip, labels)
+    eps = 1e-6
+    for p, g in list(zip(model.parameters(), grads))[::3]:
+        for i in torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[:3].tolist():
+            flat = p.data.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = clip_loss(model(clip), labels).item()
+            flat[i] = orig - eps
+            down = clip_loss(model(clip), labels).item()
+            flat[i] = orig
+            assert math.isclose(g.view(-1)[i].item(), (up - down) / (2 * eps), rel_tol=1e-5, abs_tol=1e-8)
+
+
+# -- property 3: on a static video Sideways is BP -----------------------------------------------
+
+def per_module(model, rule_cls, clip, labels):
+    rule = rule_cls(model) if rule_cls is BackpropRule else rule_cls(model, pipeline="reset", update="clip")
+    return module_gradients(model, rule, clip, labels)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_static_video_sideways_equals_bp_for_per_frame_modules(name):
+    model = tiny(name, 1)
+    clip = make_video(random_clip(6)[0], "static")
+    labels = torch.tensor([1, 3])
+    bp = per_module(model, BackpropRule, clip, labels)
+    sw = per_module(model, SidewaysRule, clip, labels)
+    for d, (a, b) in enumerate(zip(bp, sw)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10, msg=f"module {d}")
+
+
+@pytest.mark.parametrize("name", ["vgg", "c3d"])
+def test_static_video_with_temporal_windows_is_close_on_a_long_clip(name):
+    model = tiny(name, 3)
+    clip = make_video(random_clip(64)[0], "static")
+    rows = gradient_fidelity(model, clip, torch.tensor([1, 3]))
+    assert min(r["cosine"] for r in rows) > 0.99
+
+
+# -- property 4: the top module's gradient is exact on any video -------------------------------
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_module_is_exact_on_any_video(name, k):
+    model = tiny(name, k)
+    assert model.windows[-1] == 1
+    clip, labels = random_clip(6)
+    bp = per_module(model, BackpropRule, clip, labels)
+    sw = per_module(model, SidewaysRule, clip, labels)
+    torch.testing.assert_close(sw[-1], bp[-1], rtol=1e-10, atol=1e-12)
+    # and lower modules really are approximations on a random video
+    assert F.cosine_similarity(sw[0], bp[0], dim=0) < 0.999
+
+
+# -- property 5: fidelity falls as frames grow less alike ---------------------------------------
+
+def test_fidelity_falls_with_frame_distance():
+    model = tiny("vgg", 1)
+    bottom = {}
+    for label, (clip, labels) in {"static": (make_video(smooth_clip(24)[0], "static"), torch.tensor([1, 3])),
+                                  "stride1": smooth_clip(24, stride=1),
+                                  "stride8": smooth_clip(24, stride=8)}.items():
+        bottom[label] = gradient_fidelity(model, clip, labels)[0]["cosine"]
+    shuffled = make_video(smooth_clip(24, stride=1)[0], "shuffled")
+    bottom["shuffled"] = gradient_fidelity(model, shuffled, torch.tensor([1, 3]))[0]["cosine"]
+    assert bottom["static"] > 0.9999
+    assert bottom["static"] > bottom["stride1"] > bottom["stride8"]
+    assert bottom["stride1"] > bottom["shuffled"]
