@@ -1,0 +1,115 @@
+"""The CLI end to end on a tiny synthetic config: files written, numbers consistent, errors clean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from sideways_cli.cli import app
+
+SUMMARY_KEYS = {"mode", "model", "dataset", "steps", "frames_seen", "train_loss", "val_clip_top1",
+                "val_video_top1", "frames_per_s", "peak_mem_mb", "wall_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    cfg = {
+        "seed": 3,
+        "model": {"name": "vgg", "temporal_kernel": 1, "width": 4},
+        "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
+                 "synthetic": {"train_per_class": 1, "val_per_class": 1, "num_frames": 12}},
+        "train": {"steps": 3, "log_every": 1, "warmup_steps": 0},
+        "eval": {"clips_per_video": 2, "batch_size": 8},
+        "sideways": {"chunk": 1},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "sideways", "--out", run, "--quiet")
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["mode"] == "sideways" and summary["steps"] == 3
+    assert summary["frames_seen"] == 3 * 4 * 6
+    assert 0.0 <= summary["val_clip_top1"] <= 1.0 and summary["frames_per_s"] > 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["mode"] == "sideways" and resolved["seed"] == 3
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["classes"][0] == "move_left" and ckpt["config"]["mode"] == "sideways"
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_eval_reproduces_the_final_evaluation(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "bp", "--out", run, "--quiet")
+    invoke("eval", run, "--json", tmp_path / "eval.json")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5"):
+        assert result[key] == pytest.approx(summary[key])
+
+
+def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path):
+    # with a zero learning rate nothing moves, so equal initial weights mean equal evaluations
+    out = tmp_path / "cmp"
+    result = invoke("compare", tiny_config, "--set", "train.lr=0", "--out", out, "--quiet")
+    assert "BP vs Sideways" in result.output
+    summaries = json.loads((out / "compare.json").read_text())
+    assert [s["mode"] for s in summaries] == ["bp", "sideways"]
+    assert summaries[0]["val_clip_top1"] == summaries[1]["val_clip_top1"]
+    w_bp = torch.load(out / "bp" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    w_sw = torch.load(out / "sideways" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key in w_bp:
+        torch.testing.assert_close(w_bp[key], w_sw[key])
+
+
+def test_fidelity_static_is_exact_and_shuffled_degrades_at_the_bottom(tiny_config, tmp_path):
+    cosines = {}
+    for video in ("static", "shuffled"):
+        path = tmp_path / f"{video}.json"
+        invoke("fidelity", tiny_config, "--video", video, "--json", path, "--quiet")
+        modules = json.loads(path.read_text())["modules"]
+        assert [m["index"] for m in modules] == list(range(len(modules)))
+        cosines[video] = [m["cosine"] for m in modules]
+    assert min(cosines["static"]) >= 0.9999
+    assert cosines["shuffled"][0] < cosines["shuffled"][-1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sideways_cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train", "--set", "train.steps=many"], "expects int"),
+    (["train", "--mode", "sgd"], "must be one of bp, sideways"),
+    (["train", "nope.yaml"], "nope.yaml does not exist"),
+    (["eval", "no-such-run"], "train first"),
+    (["compare", "--modes", "bp,magic"], "unknown mode 'magic'"),
+])
+def test_user_mistakes_are_one_clean_line(args, message, tmp_path):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 3  # one logical line, possibly wrapped
