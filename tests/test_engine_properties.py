@@ -27,16 +27,16 @@ def random_clip(t: int, b: int = 2, size: int = 16, dtype=torch.float64, seed: i
     return torch.randn(b, 3, t, size, size, generator=g, dtype=dtype), torch.tensor([1, 3][:b])
 
 
-def smooth_clip(t: int, stride: int = 1, b: int = 2, size: int = 16, dtype=torch.float64):
-    """A textured pattern translating half a pixel per frame (sub-pixel shifts via interpolation)."""
+def smooth_clip(t: int, stride: float = 1.0, b: int = 2, size: int = 16, dtype=torch.float64):
+    """A smooth texture translating ``stride`` pixels per frame to the right (and half that down)."""
     g = torch.Generator().manual_seed(7)
     texture = F.avg_pool2d(torch.randn(b, 3, 4 * size, 4 * size, generator=g), 5, 1, 2)
     frames = []
     for i in range(t):
-        shift = 0.5 * i * stride
-        theta = torch.tensor([[1, 0, shift / (2 * size)], [0, 1, shift / (4 * size)]]).expand(b, 2, 3)
-        grid = F.affine_grid(theta.float(), (b, 3, size, size), align_corners=False)
-        frames.append(F.grid_sample(texture, grid * 0.25, align_corners=False))
+        shift = i * stride  # in output pixels; the texture is sampled one texel per pixel
+        theta = torch.tensor([[0.25, 0, shift / (2 * size)], [0, 0.25, shift / (4 * size)]])
+        grid = F.affine_grid(theta.expand(b, 2, 3), (b, 3, size, size), align_corners=False)
+        frames.append(F.grid_sample(texture, grid, align_corners=False, padding_mode="reflection"))
     return torch.stack(frames, dim=2).to(dtype), torch.tensor([1, 3][:b])
 
 
@@ -127,10 +127,12 @@ def test_static_video_sideways_equals_bp_for_per_frame_modules(name):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10, msg=f"module {d}")
 
 
-@pytest.mark.parametrize("name", ["vgg", "c3d"])
-def test_static_video_with_temporal_windows_is_close_on_a_long_clip(name):
-    model = tiny(name, 3)
-    clip = make_video(random_clip(64)[0], "static")
+@pytest.mark.parametrize("name, options", [("vgg", {}), ("c3d", {"depth": 4})])
+def test_static_video_with_temporal_windows_is_close_on_a_long_clip(name, options):
+    # the mismatch is confined to the 2(D-1) fill/drain ticks, so it vanishes as T grows
+    torch.manual_seed(0)
+    model = build_model(name, 5, width=4, temporal_kernel=3, **options).double()
+    clip = make_video(random_clip(96)[0], "static")
     rows = gradient_fidelity(model, clip, torch.tensor([1, 3]))
     assert min(r["cosine"] for r in rows) > 0.99
 
@@ -153,14 +155,13 @@ def test_top_module_is_exact_on_any_video(name, k):
 # -- property 5: fidelity falls as frames grow less alike ---------------------------------------
 
 def test_fidelity_falls_with_frame_distance():
+    # In reset mode module 1 pairs a gradient with an activation 2(D-1) frames newer; shuffling
+    # pairs frames about T/3 apart, so it only hurts more than natural order when T >> 6(D-1).
     model = tiny("vgg", 1)
-    bottom = {}
-    for label, (clip, labels) in {"static": (make_video(smooth_clip(24)[0], "static"), torch.tensor([1, 3])),
-                                  "stride1": smooth_clip(24, stride=1),
-                                  "stride8": smooth_clip(24, stride=8)}.items():
-        bottom[label] = gradient_fidelity(model, clip, labels)[0]["cosine"]
-    shuffled = make_video(smooth_clip(24, stride=1)[0], "shuffled")
-    bottom["shuffled"] = gradient_fidelity(model, shuffled, torch.tensor([1, 3]))[0]["cosine"]
+    natural, labels = smooth_clip(64, stride=0.1)
+    clips = {"static": make_video(natural, "static"), "natural": natural,
+             "stride8": smooth_clip(64, stride=0.8)[0], "shuffled": make_video(natural, "shuffled")}
+    bottom = {kind: gradient_fidelity(model, clip, labels)[0]["cosine"] for kind, clip in clips.items()}
     assert bottom["static"] > 0.9999
-    assert bottom["static"] > bottom["stride1"] > bottom["stride8"]
-    assert bottom["stride1"] > bottom["shuffled"]
+    assert bottom["static"] > bottom["natural"] > bottom["stride8"]
+    assert bottom["natural"] > bottom["shuffled"]
