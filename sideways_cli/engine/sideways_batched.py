@@ -1,0 +1,266 @@
+"""Sideways run a macro tick at a time: the rule of ``sideways.py``, executed in larger batches.
+
+This is a second execution strategy of :class:`~sideways_cli.engine.sideways.SidewaysRule`, not a
+variant of the rule: it gives the same pseudo-gradients, losses and update, to float64 round-off,
+and the same message at every tick (only the drain's, see below, are formed as their sum).
+``tests/test_sideways_batched.py`` checks this for every model of the zoo, several chunk sizes,
+clip lengths and both pipeline modes. Read ``sideways.py`` first: it is the definition.
+
+Why it may batch: with ``update: clip`` the weights are fixed for the whole batch, so module d's
+work at tick t depends only on module d-1's outputs at earlier ticks (forward) and on the message
+module d+1 sent at tick t-1 (backward). Over a macro tick of ``chunk`` ticks [t0, t1) therefore:
+
+1. forward, bottom-up: each module computes the windows of all its inputs arriving in [t0, t1) in
+   one call, one batch entry per (tick, clip);
+2. the losses of the frames that reached the top in [t0, t1) give the top module's messages;
+3. backward, top-down: each module takes one vector-Jacobian product over the windows its messages
+   of [t0, t1) meet, again one batch entry per tick, so that every tick sends its own message to
+   the module below (feeding the ticks as one time sequence would mix them).
+
+Per-tick convolutions at batch B are small; C ticks at once make them C times larger, which is what
+CPU kernels need. What crosses a macro-tick boundary (a module's newest output, its newest message)
+waits in a queue, as on the wire between two pipeline stages. Memory is O(D x chunk) windows and
+graphs, independent of the clip length.
+
+The drain (``pipeline: reset``, the ticks after a module's last input) is where the tick rule
+repeats itself: each tick the module meets a new message with the same last window, and all that
+its drain messages feed is draining too (windows fixed), so linear in them. One VJP with the sum of
+a module's drain messages therefore gives the same pseudo-gradient as one per tick, and sends the
+module below the sum of the messages it would have sent: one window's work instead of up to 2(D-1).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from sideways_cli.engine.losses import frame_loss
+from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
+from sideways_cli.models import FrameStack
+
+DEFAULT_CHUNK = 16
+
+
+@dataclass
+class Graph:
+    """A module's forward at the windows that messages meet, one batch entry per window and tick."""
+
+    windows: torch.Tensor  # [n*B, C, k, ...] tick-major, a leaf requiring grad above module 1
+    output: torch.Tensor  # [n*B, C', ...] attached to the graph
+    filled: list[int]  # per tick: how many of the window's newest slots hold a value
+
+
+class TickBatchedSideways:
+    """:class:`SidewaysRule` with ``update: clip``, each module doing ``chunk`` ticks per call.
+
+    ``chunk`` trades memory (O(D x chunk) activations) for larger, more efficient kernels; every
+    chunk >= 1 gives the same numbers. ``update: every N ticks`` changes the weights inside a macro
+    tick and is refused with ValueError: :class:`SidewaysRule` runs it.
+    """
+
+    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
+                 chunk: int = DEFAULT_CHUNK):
+        if pipeline not in PIPELINE_MODES:
+            raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
+        if parse_update(update) is not None:
+            raise ValueError(f"tick batching needs weights fixed within a batch (update: clip), "
+                             f"got {update!r}; SidewaysRule runs it")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model = model
+        self.mode = pipeline
+        self.chunk = chunk
+        self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
+        self.grad_sums: list[list[torch.Tensor] | None] = [None] * len(model)
+        self.grad_counts = [0] * len(model)
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the pipeline: no activation or message survives into the next clip."""
+        depth = len(self.model)
+        self.registers = [WindowRegister(k) for k in self.model.windows]
+        # inbox[d]: inputs module d has not consumed yet (inbox[0] holds the clip's frames, inbox[D]
+        # the logits on their way to the loss); mailbox[d]: messages module d has not used yet
+        self.inbox: list[deque[Token]] = [deque() for _ in range(depth + 1)]
+        self.mailbox: list[deque[torch.Tensor]] = [deque() for _ in range(depth)]
+        self.clock = 0  # ticks since the pipeline started empty
+        self.fed = 0  # frames fed since then
+
+    def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
+                    apply_update: ApplyUpdate) -> BatchStats:
+        """Same ticks, losses and update as :meth:`SidewaysRule.train_batch`, ``chunk`` at a time."""
+        if self.mode == "reset":
+            self.reset()
+        self.inbox[0].extend(clip_tokens(clips, labels, first_frame=self.fed))
+        self.fed += clips.shape[2]
+        # macro ticks run while some module still gets a new input; the top's last comes D-1
+        # ticks after the last frame entered, and the drain that follows in reset mode is linear
+        end = self.fed + (len(self.model) - 1 if self.mode == "reset" else 0)
+        loss_sum, losses = 0.0, 0
+        for t0 in range(self.clock, end, self.chunk):
+            macro_sum, macro_losses = self.macro_tick(t0, min(t0 + self.chunk, end))
+            loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
+        self.clock = end
+        if self.mode == "reset":
+            self.drain()
+        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
+                          frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
+
+    def macro_tick(self, t0: int, t1: int) -> tuple[float, int]:
+        """Ticks [t0, t1) of every module; returns sum and count of the losses computed."""
+        split = [self.split_inputs(d, t0, t1) for d in range(len(self.model))]
+        graphs = [self.forward_module(d, quiet, busy) for d, (quiet, busy) in enumerate(split)]
+        losses = self.frame_losses()
+        for d in reversed(range(len(self.model))):
+            self.backward_module(d, split[d][1], graphs[d])
+        return losses
+
+    def split_inputs(self, d: int, t0: int, t1: int) -> tuple[int, int]:
+        """How many of module d's inputs arriving in [t0, t1) meet no message (quiet), and one.
+
+        Frame f enters module d (0-based, of D) at tick f + d and its gradient comes back to module
+        d at tick f + 2(D-1) - d, so module d has inputs during [d, d + fed) and messages from
+        tick 2(D-1) - d on: until then the gradients have not come down this far.
+        """
+        first_message = 2 * (len(self.model) - 1) - d
+        arriving = range(max(t0, d), min(t1, d + self.fed))
+        quiet = len(range(arriving.start, min(arriving.stop, first_message)))
+        return quiet, len(arriving) - quiet
+
+    def forward_module(self, d: int, quiet: int, busy: int) -> Graph | None:
+        """Module d's outputs for its new inputs, sent up; the graph at the ``busy`` windows."""
+        arrivals = [self.inbox[d].popleft() for _ in range(quiet + busy)]
+        if not arrivals:
+            return None
+        windows, filled = advance(self.registers[d], arrivals)
+        batch = len(windows) // len(arrivals)
+        quiet_windows, busy_windows = windows.split([quiet * batch, busy * batch])
+        outputs = []
+        if quiet:
+            with torch.no_grad():  # no message will meet these windows: keep no graph
+                outputs.append(self.model[d].forward_window(quiet_windows))
+        graph = None
+        if busy:
+            graph = self.graph(d, busy_windows, filled[quiet:])
+            outputs.append(graph.output.detach())
+        values = [value for output in outputs for value in output.split(batch)]
+        self.inbox[d + 1].extend(Token(v, a.frame, a.target) for v, a in zip(values, arrivals))
+        return graph
+
+    def graph(self, d: int, windows: torch.Tensor, filled: list[int]) -> Graph:
+        """Module d's forward at ``windows`` with the graph its VJP needs (module 1: weights only)."""
+        windows = windows.detach().requires_grad_(d > 0)
+        return Graph(windows, self.model[d].forward_window(windows), filled)
+
+    def frame_losses(self) -> tuple[float, int]:
+        """Sum and count of the losses of the frames that reached the top in this macro tick.
+
+        Their gradients are the top module's messages. ``frame_loss`` is a mean over the batch, so
+        over n ticks stacked into one batch it is the mean of their n losses: times n, their sum,
+        whose gradient at each tick's logits is that tick's own, in one call instead of n.
+        """
+        tokens = list(self.inbox[-1])
+        self.inbox[-1].clear()
+        if not tokens:
+            return 0.0, 0
+        # a graph of its own: the top module's graph is used once, by its backward
+        logits = torch.cat([token.value for token in tokens]).requires_grad_(True)
+        total = frame_loss(logits, torch.cat([token.target for token in tokens])) * len(tokens)
+        (grads,) = torch.autograd.grad(total, logits)
+        self.mailbox[-1].extend(grads.split(len(tokens[0].value)))
+        return total.item(), len(tokens)
+
+    def backward_module(self, d: int, busy: int, graph: Graph | None) -> None:
+        """Module d's messages at its busy ticks, in one VJP; the module below gets one per tick."""
+        if not busy:
+            return
+        messages = [self.mailbox[d].popleft() for _ in range(busy)]
+        below = self.vjp(d, graph, torch.cat(messages), count=busy)
+        if d > 0:
+            self.mailbox[d - 1].extend(below.split(messages[0].shape[0]))
+
+    def drain(self) -> None:
+        """The ticks after the last input reached each module (reset mode), top-down.
+
+        A draining module meets every message with its last window, and the module below is then
+        draining too; so one VJP with the sum of the messages stands for all of them.
+        """
+        carried: torch.Tensor | None = None  # the sum of the drain messages sent from above
+        for d in reversed(range(len(self.model))):
+            messages = list(self.mailbox[d]) + ([] if carried is None else [carried])
+            self.mailbox[d].clear()
+            if not messages:
+                continue
+            register = self.registers[d]
+            graph = self.graph(d, register.tensor(), [register.filled])
+            drain_ticks = min(self.fed, 2 * (len(self.model) - 1 - d))
+            carried = self.vjp(d, graph, torch.stack(messages).sum(dim=0), count=drain_ticks)
+
+    def vjp(self, d: int, graph: Graph, messages: torch.Tensor, count: int) -> torch.Tensor | None:
+        """Accumulate g_d += (df_d/dtheta_d)^T m over the batch entries of ``graph``.
+
+        Returns the messages for the module below, one per entry: the window gradient summed over
+        the filled slots, which under smoothness all stand for "the same" input (None for module 1).
+        """
+        params = self.params[d]
+        inputs = params + ([graph.windows] if d > 0 else [])
+        grads = torch.autograd.grad(graph.output, inputs, grad_outputs=messages, allow_unused=True)
+        self.accumulate(d, grads[:len(params)], count)
+        if d == 0:
+            return None
+        return sum_filled_slots(grads[-1], graph.filled)
+
+    def accumulate(self, d: int, grads: tuple[torch.Tensor | None, ...], count: int) -> None:
+        """Add module d's pseudo-gradient for ``count`` messages to its running sum."""
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params[d], grads)]
+        if self.grad_sums[d] is None:
+            self.grad_sums[d] = grads
+        else:
+            for total, g in zip(self.grad_sums[d], grads):
+                total.add_(g)
+        self.grad_counts[d] += count
+
+    def flush(self, apply_update: ApplyUpdate) -> int:
+        """As :meth:`SidewaysRule.flush`: the mean pseudo-gradient per message into ``.grad``, step."""
+        if not any(self.grad_counts):
+            return 0
+        for d, sums in enumerate(self.grad_sums):
+            if sums is None:
+                continue
+            for p, total in zip(self.params[d], sums):
+                p.grad = total / self.grad_counts[d]
+        apply_update()
+        self.grad_sums = [None] * len(self.model)
+        self.grad_counts = [0] * len(self.model)
+        return 1
+
+
+def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:
+    """Push ``arrivals`` into ``register``; return the window each of them completed.
+
+    The windows are stacked tick-major, [n*B, C, k, ...], each a batch entry of its own, with how
+    many of each window's newest slots hold a value (the others are zeros, as in the register).
+    """
+    k = register.k
+    history = list(register.slots)[max(0, register.filled - (k - 1)):]  # the newest k-1 inputs
+    values = [token.value for token in history + arrivals]
+    padding = [torch.zeros_like(values[0])] * (k - 1 - len(history))
+    sequence = torch.stack(padding + values)  # [k-1+n, B, C, ...]
+    windows = sequence.unfold(0, k, 1).movedim(-1, 3)  # [n, B, C, k, ...]
+    for token in arrivals:
+        register.push(token)
+    filled = [min(k, len(history) + i + 1) for i in range(len(arrivals))]
+    return windows.flatten(0, 1), filled
+
+
+def sum_filled_slots(grads: torch.Tensor, filled: list[int]) -> torch.Tensor:
+    """[n*B, C, k, ...] window gradients -> [n*B, C, ...]: each window's filled slots summed."""
+    k = grads.shape[2]
+    if all(f == k for f in filled):
+        return grads.sum(dim=2)
+    batch = len(grads) // len(filled)
+    return torch.cat([g[:, :, k - f:].sum(dim=2) for g, f in zip(grads.split(batch), filled)])
