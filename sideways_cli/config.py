@@ -73,7 +73,7 @@ class EvalConfig:
 class SidewaysEngineConfig:
     pipeline: str = "reset"  # reset: fill and drain every clip | continuous: a live stream
     update: str = "clip"  # clip: step once per batch | "every N ticks": step every N ticks
-    chunk: int = 8  # ticks batched per module; an execution detail, the numbers are the same
+    chunk: int = 1  # >1: ticks batched per module, same numbers, faster; memory not yet flat in T
 
 
 @dataclass
