@@ -1,6 +1,6 @@
 """Frames/s of BP, tick-by-tick Sideways and tick-batched Sideways at several chunk sizes (CPU).
 
-    python benchmarks/sideways_chunk.py [--json PATH] [--pipeline reset|continuous] [--threads N]
+    python benchmarks/sideways_chunk.py [--json PATH] [--pipelines reset,continuous] [--threads N]
 
 All rules are timed in one process, interleaved run by run, so that a change in machine load hits
 every rule alike; each entry is the median of ``--runs`` batches after one warm-up batch. Each rule
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -27,21 +28,23 @@ from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.models import FrameStack, build_model
 
 MODELS: dict[str, Callable[[], FrameStack]] = {
-    "c3d w8 d6": lambda: build_model("c3d", 10, width=8, depth=6),
-    "vgg w16 k3": lambda: build_model("vgg", 10, width=16, temporal_kernel=3),
+    "c3d-w8-d6": lambda: build_model("c3d", 10, width=8, depth=6),
+    "vgg-w16-k3": lambda: build_model("vgg", 10, width=16, temporal_kernel=3),
 }
-CHUNKS = (1, 4, 8, 16)
 
 
-def make_rules(model: FrameStack, pipeline: str) -> dict[str, tuple[GradientRule, FrameStack]]:
-    """Every rule with its own copy of the model, so their updates do not interfere."""
-    rules: dict[str, tuple[GradientRule, FrameStack]] = {}
-    copies = {"bp": copy.deepcopy(model), "tick": copy.deepcopy(model)}
-    rules["bp"] = (BackpropRule(copies["bp"]), copies["bp"])
-    rules["tick"] = (SidewaysRule(copies["tick"], pipeline=pipeline), copies["tick"])
-    for chunk in CHUNKS:
-        m = copy.deepcopy(model)
-        rules[f"chunk {chunk}"] = (TickBatchedSideways(m, pipeline=pipeline, chunk=chunk), m)
+def make_rules(model: FrameStack, pipeline: str,
+               chunks: list[int]) -> dict[str, tuple[GradientRule, FrameStack]]:
+    """Every rule with its own copy of the model, so that their updates do not interfere."""
+    makers: dict[str, Callable[[FrameStack], GradientRule]] = {
+        "bp": BackpropRule, "tick": functools.partial(SidewaysRule, pipeline=pipeline)}
+    for chunk in chunks:
+        makers[f"chunk {chunk}"] = functools.partial(TickBatchedSideways, pipeline=pipeline,
+                                                     chunk=chunk)
+    rules = {}
+    for key, make in makers.items():
+        own = copy.deepcopy(model)
+        rules[key] = (make(own), own)
     return rules
 
 
@@ -58,21 +61,22 @@ def time_batch(rule: GradientRule, model: FrameStack, clips: torch.Tensor,
     return time.perf_counter() - start
 
 
-def benchmark(name: str, args: argparse.Namespace) -> list[dict]:
+def benchmark(name: str, pipeline: str, args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     model = MODELS[name]()
     clips = torch.randn(args.batch, 3, args.frames, args.size, args.size)
     labels = torch.randint(0, 10, (args.batch,))
-    rules = make_rules(model, args.pipeline)
+    rules = make_rules(model, pipeline, args.chunks)
     seconds: dict[str, list[float]] = {key: [] for key in rules}
     for run in range(args.runs + 1):  # run 0 is the warm-up
-        for key, (rule, copy_) in rules.items():
-            elapsed = time_batch(rule, copy_, clips, labels)
+        for key, (rule, own) in rules.items():
+            elapsed = time_batch(rule, own, clips, labels)
             if run:
                 seconds[key].append(elapsed)
     frames = args.batch * args.frames
     bp = frames / statistics.median(seconds["bp"])
-    return [{"model": name, "rule": key, "frames_per_s": frames / statistics.median(times),
+    return [{"model": name, "pipeline": pipeline, "rule": key,
+             "frames_per_s": frames / statistics.median(times),
              "vs_bp": frames / statistics.median(times) / bp, "seconds": times}
             for key, times in seconds.items()]
 
@@ -80,24 +84,31 @@ def benchmark(name: str, args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/sideways_chunk.json"))
-    parser.add_argument("--pipeline", choices=("reset", "continuous"), default="reset")
+    parser.add_argument("--pipelines", type=lambda text: text.split(","),
+                        default=["reset", "continuous"], help="comma-separated pipeline modes")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--chunks", type=lambda text: [int(c) for c in text.split(",")],
+                        default=[1, 4, 8, 16], help="comma-separated chunk sizes")
+    parser.add_argument("--models", type=lambda text: text.split(","), default=list(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads (default: torch's, one per core)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
-    rows = [row for name in MODELS for row in benchmark(name, args)]
+    rows = [row for pipeline in args.pipelines for name in args.models
+            for row in benchmark(name, pipeline, args)]
     load = [load_before, os.getloadavg()[0]]
-    print(f"pipeline {args.pipeline}, B={args.batch} T={args.frames} {args.size}x{args.size} "
+    print(f"B={args.batch} T={args.frames} {args.size}x{args.size} "
           f"float32, {torch.get_num_threads()} threads, median of {args.runs}, "
           f"load average {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"{'model':<12} {'rule':<9} {'frames/s':>9} {'vs BP':>6}")
+    print(f"{'pipeline':<11} {'model':<11} {'rule':<9} {'frames/s':>9} {'vs BP':>6}")
     for row in rows:
-        print(f"{row['model']:<12} {row['rule']:<9} {row['frames_per_s']:>9.1f} {row['vs_bp']:>6.2f}")
+        print(f"{row['pipeline']:<11} {row['model']:<11} {row['rule']:<9} "
+              f"{row['frames_per_s']:>9.1f} {row['vs_bp']:>6.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "json"}
     config["load_average"] = load

@@ -1,4 +1,4 @@
-"""TickBatchedSideways is SidewaysRule run a macro tick at a time: the same numbers, for any chunk."""
+"""TickBatchedSideways is SidewaysRule run a macro tick at a time: same numbers, for any chunk."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def one_thread():
 
 def tiny(name: str, k: int) -> FrameStack:
     torch.manual_seed(0)
-    options = {"depth": 3} if name == "c3d" else {}  # D = 4: T = 7 > 2(D-1) has busy ticks everywhere
+    # c3d: D = 4, so that T = 7 > 2(D-1) gives every module ticks that meet a message
+    options = {"depth": 3} if name == "c3d" else {}
     return build_model(name, 5, width=4, temporal_kernel=k, **options).double()
 
 
@@ -75,7 +76,8 @@ def assert_same(actual: Record, expected: Record) -> None:
                     continue
                 # the batched kernels sum over ticks in another order: entries where many terms
                 # cancel carry round-off of the tensor's scale, hence the (tiny) absolute term
-                torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+                scale = want.abs().max().item()
+                torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("mode", ["reset", "continuous"])
@@ -96,14 +98,14 @@ def test_long_clip_with_every_phase_in_every_module():
 
 
 def test_queues_do_not_grow_with_the_clip():
-    """Between macro ticks each module holds O(1) pending activations and messages (+ its window)."""
+    """Between macro ticks each module holds O(1) pending activations and messages."""
     model = tiny("vgg", 3)
     rule = TickBatchedSideways(model, chunk=4)
     sizes = []
     macro_tick = rule.macro_tick
 
-    def recording(t0: int, t1: int) -> tuple[float, int]:
-        result = macro_tick(t0, t1)
+    def recording(t0: int, t1: int, drain: bool) -> tuple[float, int]:
+        result = macro_tick(t0, t1, drain)
         sizes.append(max(len(q) for q in rule.inbox[1:] + rule.mailbox))
         return result
 
