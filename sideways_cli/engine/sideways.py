@@ -36,6 +36,39 @@ def parse_update(update: str) -> int | None:
     return int(match.group(1))
 
 
+class PseudoGradients:
+    """Per-module running sums of pseudo-gradients and how many messages each one is over."""
+
+    def __init__(self, params: list[list[torch.Tensor]]):
+        self.params = params
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: list[list[torch.Tensor] | None] = [None] * len(self.params)
+        self.counts = [0] * len(self.params)
+
+    def add(self, d: int, grads, count: int = 1) -> None:
+        """Add module d's pseudo-gradient for ``count`` messages (None = parameter unused)."""
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params[d], grads)]
+        if self.sums[d] is None:
+            self.sums[d] = grads
+        else:
+            for total, g in zip(self.sums[d], grads):
+                total.add_(g)
+        self.counts[d] += count
+
+    def write_mean(self) -> bool:
+        """Set ``.grad`` to the mean over contributing messages and clear; False if there were none."""
+        if not any(self.counts):
+            return False
+        for params, sums, count in zip(self.params, self.sums, self.counts):
+            if sums is not None:
+                for p, total in zip(params, sums):
+                    p.grad = total / count
+        self.clear()
+        return True
+
+
 class SidewaysRule:
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip"):
         if pipeline not in PIPELINE_MODES:
@@ -49,8 +82,7 @@ class SidewaysRule:
         self.current: list[ModuleStep | None] = [None] * depth  # graph of each module's newest window
         self.stale = [False] * depth  # weights changed since that graph was built
         self.messages: list[torch.Tensor | None] = [None] * depth  # gradient registers
-        self.grad_sums: list[list[torch.Tensor] | None] = [None] * depth
-        self.grad_counts = [0] * depth
+        self.pseudo = PseudoGradients(self.params)
         self.ticks_since_update = 0
 
     def reset(self) -> None:
@@ -116,13 +148,7 @@ class SidewaysRule:
         inputs = self.params[d] + ([step.window] if wants_input else [])
         grads = torch.autograd.grad(step.output, inputs, grad_outputs=message,
                                     retain_graph=True, allow_unused=True)
-        param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params[d], grads)]
-        if self.grad_sums[d] is None:
-            self.grad_sums[d] = param_grads
-        else:
-            for total, g in zip(self.grad_sums[d], param_grads):
-                total.add_(g)
-        self.grad_counts[d] += 1
+        self.pseudo.add(d, grads[:len(self.params[d])])
         if not wants_input:
             return None
         # every filled slot stands for "the same" input under smoothness: sum their gradients
@@ -140,16 +166,9 @@ class SidewaysRule:
     def flush(self, apply_update: ApplyUpdate) -> int:
         """Turn accumulated pseudo-gradients into ``.grad`` (mean over contributing losses) and step."""
         self.ticks_since_update = 0
-        if not any(self.grad_counts):
+        if not self.pseudo.write_mean():
             return 0
-        for d, sums in enumerate(self.grad_sums):
-            if sums is None:
-                continue
-            for p, total in zip(self.params[d], sums):
-                p.grad = total / self.grad_counts[d]
         apply_update()
-        self.grad_sums = [None] * len(self.model)
-        self.grad_counts = [0] * len(self.model)
         # retained graphs saved the old weights; rebuild them before their next use
         self.stale = [step is not None for step in self.current]
         return 1

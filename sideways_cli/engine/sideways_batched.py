@@ -40,7 +40,7 @@ import torch
 from sideways_cli.engine.losses import frame_loss
 from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats
-from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
+from sideways_cli.engine.sideways import PIPELINE_MODES, PseudoGradients, parse_update
 from sideways_cli.models import FrameStack
 
 # 8 already beats BP on CPU (reset mode); 16 is faster still but holds twice the graphs
@@ -79,8 +79,7 @@ class TickBatchedSideways:
         self.mode = pipeline
         self.chunk = chunk
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
-        self.grad_sums: list[list[torch.Tensor] | None] = [None] * len(model)
-        self.grad_counts = [0] * len(model)
+        self.pseudo = PseudoGradients(self.params)
         self.reset()
 
     def reset(self) -> None:
@@ -213,33 +212,16 @@ class TickBatchedSideways:
         params = self.params[d]
         inputs = params + ([graph.windows] if d > 0 else [])
         grads = torch.autograd.grad(graph.output, inputs, grad_outputs=messages, allow_unused=True)
-        self.accumulate(d, grads[:len(params)], count)
+        self.pseudo.add(d, grads[:len(params)], count)
         if d == 0:
             return None
         return sum_filled_slots(grads[-1], graph.filled)
 
-    def accumulate(self, d: int, grads: tuple[torch.Tensor | None, ...], count: int) -> None:
-        """Add module d's pseudo-gradient for ``count`` messages to its running sum."""
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params[d], grads)]
-        if self.grad_sums[d] is None:
-            self.grad_sums[d] = grads
-        else:
-            for total, g in zip(self.grad_sums[d], grads):
-                total.add_(g)
-        self.grad_counts[d] += count
-
     def flush(self, apply_update: ApplyUpdate) -> int:
         """As :meth:`SidewaysRule.flush`: mean pseudo-gradient per message into ``.grad``, step."""
-        if not any(self.grad_counts):
+        if not self.pseudo.write_mean():
             return 0
-        for d, sums in enumerate(self.grad_sums):
-            if sums is None:
-                continue
-            for p, total in zip(self.params[d], sums):
-                p.grad = total / self.grad_counts[d]
         apply_update()
-        self.grad_sums = [None] * len(self.model)
-        self.grad_counts = [0] * len(self.model)
         return 1
 
 
