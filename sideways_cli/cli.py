@@ -109,18 +109,19 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """Train each mode with the same seed, data and initial weights; print one table."""
+    from sideways_cli.data.catalog import resolve_dataset
+    from sideways_cli.isolated import train_isolated
     from sideways_cli.report import compare_table, write_json
-    from sideways_cli.train import train as run_training
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     for m in mode_list:
         if m not in MODES:
             raise UserError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
     out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
-    summaries = []
-    for m in mode_list:
-        cfg = resolve(config, set_, seed, m)
-        summaries.append(run_training(cfg, out_dir / m, quiet=quiet, log=_log(quiet)))
+    configs = [resolve(config, set_, seed, m) for m in mode_list]
+    resolve_dataset(configs[0].data, progress=not quiet)  # prepare (e.g. generate) the data once
+    # each mode in its own process, so peak memory and speed are measured from the same start
+    summaries = [train_isolated(cfg, out_dir / cfg.mode, quiet=quiet) for cfg in configs]
     write_json(out_dir / "compare.json", summaries)
     console.print(compare_table(summaries))
     console.print(f"wrote {out_dir / 'compare.json'}")

@@ -25,6 +25,7 @@ class ModelConfig:
     name: str = "c3d"  # vgg | c3d | resnet18
     temporal_kernel: int = 3  # k of every module but the head; 1 = per-frame 2D network
     width: int | None = None  # channels of the first layer; None = the model's own default
+    depth: int | None = None  # modules below the head (the first ones); None = the whole network
     dropout: float = 0.0  # before the classifier
 
 
@@ -32,7 +33,7 @@ class ModelConfig:
 class SyntheticConfig:
     train_per_class: int = 40
     val_per_class: int = 10
-    num_frames: int = 64
+    num_frames: int = 32
     seed: int = 0  # the dataset's own seed, independent of the run's
 
 
@@ -177,7 +178,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
-    from sideways_cli.models import ZOO
+    from sideways_cli.models import FULL_DEPTH, ZOO
 
     _choice("mode", cfg.mode, MODES)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -197,6 +198,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key {key!r} must be >= 1, got {value}")
+    full = FULL_DEPTH[cfg.model.name]
+    if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
+        raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
+                        f"{cfg.model.name}, got {cfg.model.depth}")
     if cfg.data.size < 16 or cfg.data.size % 2:
         raise UserError(f"config key 'data.size' must be an even number >= 16 (H.264 frames), "
                         f"got {cfg.data.size}")

@@ -50,6 +50,8 @@ def build_network(cfg: Config, num_classes: int) -> FrameStack:
     options: dict[str, Any] = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
     if cfg.model.width is not None:
         options["width"] = cfg.model.width
+    if cfg.model.depth is not None:
+        options["depth"] = cfg.model.depth
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model.name, num_classes, **options)
 

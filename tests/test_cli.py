@@ -103,6 +103,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
     (["train", "--set", "train.steps=many"], "expects int"),
     (["train", "--mode", "sgd"], "must be one of bp, sideways"),
+    (["train", "--set", "model.depth=9"], "between 1 and 8 for c3d"),
     (["train", "nope.yaml"], "nope.yaml does not exist"),
     (["eval", "no-such-run"], "train first"),
     (["compare", "--modes", "bp,magic"], "unknown mode 'magic'"),

@@ -41,7 +41,7 @@ SYNTHETIC_CLASSES: list[str] = [
 ]
 
 # Bump whenever rendering or encoding changes, so cached datasets are regenerated.
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3
 _SPLITS = {"train": 0, "val": 1}
 _CRF = "20"
 
@@ -150,11 +150,11 @@ def _background(
     freqs = rng.integers(-3, 4, size=(6, 2))
     freqs[(freqs == 0).all(axis=1)] = (1, 2)
     amps = rng.uniform(0.5, 1.0, size=6) / np.linalg.norm(freqs, axis=1)
-    amps *= 0.16 / amps.sum()
+    amps *= 0.10 / amps.sum()
     phases = rng.uniform(0, 2 * np.pi, size=6)
     gains = rng.uniform(0.6, 1.0, size=3)
     heading = rng.uniform(0, 2 * np.pi)
-    drift = rng.uniform(0.05, 0.25) * k * np.array([np.cos(heading), np.sin(heading)])
+    drift = rng.uniform(0.0, 0.1) * k * np.array([np.cos(heading), np.sin(heading)])
 
     # cos(a + b) = cos a cos b - sin a sin b separates x from y: one batched matmul per video
     # instead of a cosine per pixel, frame and component.
@@ -187,18 +187,18 @@ def _main_track(name: str, rng: np.random.Generator, num_frames: int, size: int,
     # after it) does not depend on the class.
     shape = _SHAPES[_SHAPE_NAMES[rng.integers(len(_SHAPE_NAMES))]]
     colour = _random_colour(rng)
-    radius = size * rng.uniform(0.17, 0.24)
+    radius = size * rng.uniform(0.28, 0.36)
     start = rng.uniform(0, size, size=2)
     angle0 = rng.uniform(0, 2 * np.pi)
     # Static classes get a size and opacity inside the ranges the grow/shrink and fade
     # classes sweep through, so neither reveals the class on its own.
-    static_scale, static_alpha = rng.uniform(0.55, 1.1), rng.uniform(0.35, 1.0)
-    speed = rng.uniform(0.3, 1.0) * k
+    static_scale, static_alpha = rng.uniform(0.8, 1.1), rng.uniform(0.7, 1.0)
+    speed = rng.uniform(1.0, 2.0) * k
     heading_jitter = rng.uniform(-np.pi / 12, np.pi / 12)
-    spin = rng.uniform(0.3, 1.0) * k / radius  # rad/frame: the shape's tips move 0.3-1 px/frame
-    scale_small, scale_large = rng.uniform(0.5, 0.65), rng.uniform(1.0, 1.15)
+    spin = rng.uniform(1.0, 2.0) * k / radius  # rad/frame: the shape's tips move 1-2 px/frame
+    scale_small, scale_large = rng.uniform(0.6, 0.7), rng.uniform(1.1, 1.2)
     alpha_low, alpha_high = rng.uniform(0.1, 0.3), rng.uniform(0.85, 1.0)
-    wobble = _smooth_walk(rng, num_frames, speed_std=0.08 * k)
+    wobble = _smooth_walk(rng, num_frames, speed_std=0.04 * k)
 
     t = np.arange(num_frames, dtype=np.float64)
     ramp = t / max(num_frames - 1, 1)
@@ -240,10 +240,10 @@ def _draw_track(canvas: np.ndarray, track: _Track, size: int) -> None:
 
 def _draw_distractors(canvas: np.ndarray, rng: np.random.Generator, size: int, k: float) -> None:
     num_frames = canvas.shape[0]
-    for _ in range(rng.integers(1, 4)):
-        radius, colour = rng.uniform(0.05, 0.09) * size, _random_colour(rng)
+    for _ in range(rng.integers(0, 3)):
+        radius, colour = rng.uniform(0.04, 0.07) * size, _random_colour(rng)
         is_box = rng.integers(2)
-        path = rng.uniform(0, size, size=2) + _smooth_walk(rng, num_frames, speed_std=0.45 * k)
+        path = rng.uniform(0, size, size=2) + _smooth_walk(rng, num_frames, speed_std=0.2 * k)
         dx, dy = _offsets(path, size)
         distance = np.maximum(np.abs(dx), np.abs(dy)) if is_box else np.hypot(dx, dy)
         _blend(canvas, _coverage(distance - radius), colour)

@@ -14,8 +14,11 @@ _LAYERS = [("conv1", 1, True), ("conv2", 2, True), ("conv3a", 4, False), ("conv3
            ("conv4a", 8, False), ("conv4b", 8, True), ("conv5a", 8, False), ("conv5b", 8, False)]
 
 
+C3D_DEPTH = len(_LAYERS)
+
+
 def c3d(num_classes: int, width: int = 8, temporal_kernel: int = 3, in_channels: int = 3,
-        depth: int = len(_LAYERS), dropout: float = 0.0) -> FrameStack:
+        depth: int = C3D_DEPTH, dropout: float = 0.0) -> FrameStack:
     """``depth`` keeps the first layers only, for small inputs (each pool halves the frame)."""
     modules, names, cin = [], [], in_channels
     for name, mult, pool in _LAYERS[:depth]:
