@@ -26,9 +26,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory_vs_clip_length.py
 
+# Static video with per-frame modules: Sideways == BP (cosine 1); shuffled frames: the bottom falls.
 fidelity: $(STAMP)
-	$(BIN)/sideways fidelity --video static
-	$(BIN)/sideways fidelity --video shuffled
+	$(BIN)/sideways fidelity --set model.temporal_kernel=1 --video static
+	$(BIN)/sideways fidelity --set model.temporal_kernel=1 --video shuffled
+	$(BIN)/sideways fidelity --video natural
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -2,8 +2,9 @@
 
     python benchmarks/memory_vs_clip_length.py [--lengths 16,64,128] [--repeats 3]
 
-Each point runs in a fresh process: a freed allocation stays in the allocator's heap, so a second
-measurement in the same process would hide growth. The peak is the resident memory above what the
+Each point runs in a fresh process (with a fixed glibc mmap threshold, see
+``sideways_cli.memory.fresh_process_env``): a freed allocation stays in the allocator's heap, so a
+second measurement in the same process would hide growth. The peak is the resident memory above what the
 process held just before the training step (the model and the input clip already allocated).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import RULES, default_setup, emit, median, random_batch, rule_for
-from sideways_cli.memory import PeakMemory
+from sideways_cli.memory import PeakMemory, fresh_process_env
 
 
 def measure_one(rule_name: str, clip_len: int) -> float:
@@ -28,6 +29,12 @@ def measure_one(rule_name: str, clip_len: int) -> float:
     with PeakMemory(torch.device("cpu")) as peak:
         rule.train_batch(clips, labels, apply_update=lambda: None)
     return peak.peak_mb
+
+
+def peak_in_fresh_process(rule_name: str, clip_len: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--one", rule_name, str(clip_len)], check=True,
+                         capture_output=True, text=True, env=fresh_process_env(), timeout=600)
+    return float(out.stdout)
 
 
 def main() -> None:
@@ -48,10 +55,7 @@ def main() -> None:
     peaks: dict[str, dict[int, float]] = {r: {} for r in rules}
     for rule in rules:
         for t in lengths:
-            runs = [float(subprocess.run([sys.executable, __file__, "--one", rule, str(t)], check=True,
-                                         capture_output=True, text=True).stdout)
-                    for _ in range(args.repeats)]
-            peaks[rule][t] = median(runs)
+            peaks[rule][t] = median([peak_in_fresh_process(rule, t) for _ in range(args.repeats)])
     first, last = lengths[0], lengths[-1]
     rows = [[r] + [peaks[r][t] for t in lengths] + [peaks[r][last] / peaks[r][first],
                                                     peaks[r][last] / peaks["bp"][last]] for r in rules]

@@ -74,7 +74,7 @@ class EvalConfig:
 class SidewaysEngineConfig:
     pipeline: str = "reset"  # reset: fill and drain every clip | continuous: a live stream
     update: str = "clip"  # clip: step once per batch | "every N ticks": step every N ticks
-    chunk: int = 1  # >1: ticks batched per module, same numbers, faster; memory not yet flat in T
+    chunk: int = 8  # ticks per module per call: same numbers; 1 = the tick rule, least memory
 
 
 @dataclass

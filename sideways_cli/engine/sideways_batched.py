@@ -32,6 +32,7 @@ of the module's last busy window (the last window), so the drain costs almost no
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -49,11 +50,20 @@ DEFAULT_CHUNK = 8
 
 @dataclass
 class Graph:
-    """A module's forward at the windows that messages meet, one batch entry per window and tick."""
+    """A module's forward at the n windows that messages meet (ticks in order), for its VJP.
 
-    windows: torch.Tensor  # [n*B, C, k, ...] tick-major, a leaf requiring grad above module 1
-    output: torch.Tensor  # [n*B, C', ...] attached to the graph
+    Generic modules: one batch entry per window, ``windows`` [n*B, C, k, ...] tick-major (a leaf
+    requiring grad above module 1) and ``output`` [n*B, C', ...]. Modules whose only temporal mixing
+    is a first convolution (:meth:`FrameModule.first_conv`) run it over the time sequence instead,
+    without copying each window: ``conv_out`` [B, C', n, ...] and ``newest`` [B, C, n, ...] (the
+    windows' newest inputs, a leaf above module 1) feed ``output`` [B, C', n, ...].
+    """
+
+    output: torch.Tensor
     filled: list[int]  # per tick: how many of the window's newest slots hold a value
+    windows: torch.Tensor | None = None
+    conv_out: torch.Tensor | None = None
+    newest: torch.Tensor | None = None
 
 
 class TickBatchedSideways:
@@ -139,25 +149,34 @@ class TickBatchedSideways:
         arrivals = [self.inbox[d].popleft() for _ in range(quiet + busy)]
         if not arrivals:
             return None
-        windows, filled = advance(self.registers[d], arrivals)
-        batch = len(windows) // len(arrivals)
-        quiet_windows, busy_windows = windows.split([quiet * batch, busy * batch])
-        outputs = []
+        sequence, filled = advance(self.registers[d], arrivals)
+        k = self.model[d].window
+        values: list[torch.Tensor] = []
         if quiet:
             with torch.no_grad():  # no message will meet these windows: keep no graph
-                outputs.append(self.model[d].forward_window(quiet_windows))
+                # a causal module over a time sequence computes exactly its windows' outputs
+                values += self.model[d].valid(sequence[:k - 1 + quiet].movedim(0, 2)).unbind(2)
         graph = None
         if busy:
-            graph = self.graph(d, busy_windows, filled[quiet:])
-            outputs.append(graph.output.detach())
-        values = [value for output in outputs for value in output.split(batch)]
+            graph = self.graph(d, sequence[quiet:], filled[quiet:])
+            output = graph.output.detach()
+            values += output.unbind(2) if graph.windows is None else output.split(len(output) // busy)
         self.inbox[d + 1].extend(Token(v, a.frame, a.target) for v, a in zip(values, arrivals))
         return graph
 
-    def graph(self, d: int, windows: torch.Tensor, filled: list[int]) -> Graph:
-        """Module d's forward at ``windows``, with the graph its VJP needs (module 1: weights)."""
+    def graph(self, d: int, sequence: torch.Tensor, filled: list[int]) -> Graph:
+        """Module d's forward at the windows of ``sequence`` ([k-1+n, B, C, ...], time first), with
+        the graph its VJP needs (module 1: weights only)."""
+        module = self.model[d]
+        k, conv = module.window, module.first_conv()
+        if k > 1 and conv is not None:
+            frames = sequence.detach().movedim(0, 2)
+            newest = frames[:, :, k - 1:].detach().requires_grad_(d > 0)
+            conv_out = conv(frames)
+            return Graph(module.after_conv(conv_out, newest), filled, conv_out=conv_out, newest=newest)
+        windows = sequence.unfold(0, k, 1).movedim(-1, 3).flatten(0, 1)  # [n*B, C, k, ...]
         windows = windows.detach().requires_grad_(d > 0)
-        return Graph(windows, self.model[d].forward_window(windows), filled)
+        return Graph(module.forward_window(windows), filled, windows=windows)
 
     def frame_losses(self) -> tuple[float, int]:
         """Sum and count of the losses of the frames that reached the top in this macro tick.
@@ -193,29 +212,51 @@ class TickBatchedSideways:
             count += min(self.fed, 2 * (len(self.model) - 1 - d))  # ticks after the last input
             if graph is None:
                 register = self.registers[d]
-                graph = self.graph(d, register.tensor(), [register.filled])
+                graph = self.graph(d, register.tensor().movedim(2, 0), [register.filled])
                 messages = [drained]
             else:
                 messages[-1] = messages[-1] + drained
         if not messages:
             return
-        below = self.vjp(d, graph, torch.cat(messages), count)
-        if d > 0:  # messages sent into the drain below are left in its mailbox, to be summed
-            self.mailbox[d - 1].extend(below.split(messages[0].shape[0]))
+        below = self.vjp(d, graph, messages, count)
+        if below is not None:  # messages sent into the drain below stay in its mailbox, to be summed
+            self.mailbox[d - 1].extend(below)
 
-    def vjp(self, d: int, graph: Graph, messages: torch.Tensor, count: int) -> torch.Tensor | None:
-        """Accumulate g_d += (df_d/dtheta_d)^T m over the batch entries of ``graph``.
+    def vjp(self, d: int, graph: Graph, messages: list[torch.Tensor],
+            count: int) -> list[torch.Tensor] | None:
+        """Accumulate g_d += (df_d/dtheta_d)^T m over the windows of ``graph``, one message each.
 
-        Returns the messages for the module below, one per entry: the window gradient summed over
-        the filled slots, which under smoothness all stand for "the same" input (None for module 1).
+        Returns the messages for the module below, one per window: the window's input gradient
+        summed over its filled slots, which under smoothness all stand for "the same" input
+        (None for module 1).
         """
         params = self.params[d]
-        inputs = params + ([graph.windows] if d > 0 else [])
-        grads = torch.autograd.grad(graph.output, inputs, grad_outputs=messages, allow_unused=True)
+        if graph.windows is not None:
+            inputs = params + ([graph.windows] if d > 0 else [])
+            grads = torch.autograd.grad(graph.output, inputs, grad_outputs=torch.cat(messages),
+                                        allow_unused=True)
+            self.pseudo.add(d, grads[:len(params)], count)
+            return sum_filled_slots(grads[-1], graph.filled).split(len(messages[0])) if d else None
+        inputs = params + ([graph.conv_out, graph.newest] if d > 0 else [])
+        grads = torch.autograd.grad(graph.output, inputs, grad_outputs=torch.stack(messages, dim=2),
+                                    allow_unused=True)
         self.pseudo.add(d, grads[:len(params)], count)
         if d == 0:
             return None
-        return sum_filled_slots(grads[-1], graph.filled)
+        grad_conv_out, grad_newest = (g.movedim(2, 0) if g is not None else None
+                                      for g in grads[len(params):])  # tick first
+        conv = self.model[d].first_conv()
+        frame = graph.newest[:, :, 0].shape
+        below: list[torch.Tensor] = []
+        # ticks grouped into runs of equal filled slots: one 2D pass per run (almost always one)
+        for filled, run in itertools.groupby(range(len(graph.filled)), key=graph.filled.__getitem__):
+            ticks = list(run)
+            grad = grad_conv_out[ticks[0]:ticks[-1] + 1].flatten(0, 1)  # [n*B, C', ...]
+            size = torch.Size([len(grad), *frame[1:]])
+            below += conv.slot_summed_input_grad(grad, size, filled).split(frame[0])
+        if grad_newest is not None:
+            below = [message + g for message, g in zip(below, grad_newest)]
+        return below
 
     def flush(self, apply_update: ApplyUpdate) -> int:
         """As :meth:`SidewaysRule.flush`: mean pseudo-gradient per message into ``.grad``, step."""
@@ -226,21 +267,20 @@ class TickBatchedSideways:
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:
-    """Push ``arrivals`` into ``register``; return the window each of them completed.
+    """Push ``arrivals`` into ``register``; return the time sequence their windows slide over.
 
-    The windows are stacked tick-major, [n*B, C, k, ...], each a batch entry of its own, with how
-    many of each window's newest slots hold a value (the others are zeros, as in the register).
+    The sequence [k-1+n, B, C, ...] is the register's newest k-1 inputs (zeros where it holds none)
+    followed by the n arrivals, so its k-frame windows are the ones the arrivals completed; with it,
+    how many of each window's newest slots hold a value.
     """
     k = register.k
     history = list(register.slots)[max(0, register.filled - (k - 1)):]  # the newest k-1 inputs
     values = [token.value for token in history + arrivals]
     padding = [torch.zeros_like(values[0])] * (k - 1 - len(history))
-    sequence = torch.stack(padding + values)  # [k-1+n, B, C, ...]
-    windows = sequence.unfold(0, k, 1).movedim(-1, 3)  # [n, B, C, k, ...]
     for token in arrivals:
         register.push(token)
     filled = [min(k, len(history) + i + 1) for i in range(len(arrivals))]
-    return windows.flatten(0, 1), filled
+    return torch.stack(padding + values), filled
 
 
 def sum_filled_slots(grads: torch.Tensor, filled: list[int]) -> torch.Tensor:

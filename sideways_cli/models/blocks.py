@@ -59,6 +59,19 @@ class FrameModule(nn.Module):
         """Tick path: a [B, C, window, ...] register window -> one output frame [B, C', ...]."""
         return self.valid(window).select(2, 0)
 
+    def first_conv(self) -> CausalConv | None:
+        """The module's temporal convolution when it is the only thing that mixes frames and comes
+        first, so that ``valid(x) == after_conv(first_conv()(x), x[:, :, window-1:])``; else None.
+
+        An executor can then form Sideways' message (the input gradient summed over the window's
+        slots) from the conv's output gradient in one 2D pass: the conv is linear in each slot.
+        """
+        return None
+
+    def after_conv(self, z: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """The per-frame rest of the module: conv output ``z`` and the windows' newest inputs."""
+        raise NotImplementedError
+
 
 def standardize(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each output filter rescaled to zero mean and unit variance over its fan-in."""
@@ -93,6 +106,17 @@ class CausalConv(nn.Module):
             return batch_to_frames(y, x.shape[2])
         return F.conv3d(x, weight, None, self.conv.stride, self.conv.padding)
 
+    def slot_summed_input_grad(self, grad_out: torch.Tensor, input_size: torch.Size,
+                               filled: int) -> torch.Tensor:
+        """Input gradient [N, C, H, W] summed over the newest ``filled`` temporal slots, for output
+        gradients [N, C', H', W'] of N windows: the convolution is linear in each slot, so this is
+        one 2D transposed convolution with those slots' kernels summed."""
+        weight = standardize(self.conv.weight.detach())
+        if self.k > 1:
+            weight = weight[:, :, self.k - filled:].sum(dim=2)
+        return torch.nn.grad.conv2d_input(input_size, weight, grad_out, stride=self.conv.stride[-1],
+                                          padding=self.conv.padding[-1])
+
 
 class PerFrame(nn.Module):
     """Applies a 2D layer (norm, activation, pooling) to every frame independently."""
@@ -118,7 +142,13 @@ class ConvUnit(FrameModule):
         self.post = PerFrame(*post)
 
     def valid(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(self.conv(x))
+        return self.after_conv(self.conv(x), x[:, :, self.window - 1:])
+
+    def first_conv(self) -> CausalConv:
+        return self.conv
+
+    def after_conv(self, z: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        return self.post(z)
 
 
 class ResidualBlock(FrameModule):
@@ -137,9 +167,14 @@ class ResidualBlock(FrameModule):
                                           PerFrame(group_norm(cout)))
 
     def valid(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm2(self.conv2(self.mid(self.conv1(x))))
+        return self.after_conv(self.conv1(x), x[:, :, self.window - 1:])
+
+    def first_conv(self) -> CausalConv:
+        return self.conv1
+
+    def after_conv(self, z: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
         # the residual path carries the newest frame of each window
-        return F.relu(out + self.shortcut(x[:, :, self.window - 1:]))
+        return F.relu(self.norm2(self.conv2(self.mid(z))) + self.shortcut(newest))
 
 
 class ClassifierHead(FrameModule):
