@@ -54,9 +54,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps for BP and update: clip (one per batch)
-    lr: float = 0.05
-    optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9
+    lr: float = 0.001
+    optimizer: str = "adamw"  # adamw | sgd (SGD wants a larger lr, e.g. 0.05)
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 10
