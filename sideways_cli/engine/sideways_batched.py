@@ -11,11 +11,16 @@ work at tick t depends only on module d-1's outputs at earlier ticks (forward) a
 module d+1 sent at tick t-1 (backward). Over a macro tick of ``chunk`` ticks [t0, t1) therefore:
 
 1. forward, bottom-up: each module computes the windows of all its inputs arriving in [t0, t1) in
-   one call, one batch entry per (tick, clip);
+   one call, over the time sequence they slide along (a causal module's outputs over a sequence
+   are exactly its windows' outputs);
 2. the losses of the frames that reached the top in [t0, t1) give the top module's messages;
 3. backward, top-down: each module takes one vector-Jacobian product over the windows its messages
-   of [t0, t1) meet, again one batch entry per tick, so that every tick sends its own message to
-   the module below (feeding the ticks as one time sequence would mix them).
+   of [t0, t1) meet, so that every tick sends its own message to the module below. The parameter
+   gradient may sum over ticks, the messages may not (a sequence VJP would mix them): generic
+   modules take one batch entry per window; a module whose only temporal mixing is a first
+   convolution takes the sequence VJP down to that convolution's output, and each tick's message is
+   then one 2D transposed convolution with the kernel's temporal taps summed (the sum over the
+   window's slots that the rule asks for), k times cheaper than BP's exact input gradient.
 
 Per-tick convolutions at batch B are small; C ticks at once make them C times larger, which is what
 CPU kernels need. What crosses a macro-tick boundary (a module's newest output, its newest message)
