@@ -165,6 +165,29 @@ def fidelity(
                                              f"{cfg.model.name}, stride {cfg.data.frame_stride}"))
 
 
+@app.command()
+def download(
+    dataset: Annotated[str, typer.Argument(help="ucf101 | hmdb51 | synthetic")],
+    root: Annotated[Path, typer.Option(help="Data root; the dataset lands in ROOT/<dataset>/.")] = Path("data"),
+    mirror: Annotated[Optional[str], typer.Option(
+        help="Fetch each archive from MIRROR/<file name> instead of the official address.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download, verify and extract a dataset, then index it; re-running only does what is left."""
+    from sideways_cli.data.download import DOWNLOADABLE, download_dataset
+
+    if dataset not in DOWNLOADABLE:
+        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DOWNLOADABLE)}")
+    if dataset == "synthetic" and mirror:
+        raise UserError("--mirror does not apply to synthetic, which is generated here; drop it")
+    folder = download_dataset(dataset, root, mirror=mirror, progress=not quiet)
+    if dataset != "synthetic":  # the synthetic generator writes its own index
+        from sideways_cli.data.catalog import index_dataset
+
+        index_dataset(dataset, root, progress=not quiet)
+    _log(quiet)(f"{dataset} is ready in {folder}")
+
+
 def main() -> None:
     from sideways_cli.data.decode import DecodeError
 

@@ -18,6 +18,8 @@ import yaml
 from sideways_cli.errors import UserError
 
 MODES = ("bp", "sideways")
+DATASETS = ("synthetic", "ucf101", "hmdb51", "list", "folder")
+MULTI_FOLD = ("ucf101", "hmdb51")  # the others have a single train/val split
 
 
 @dataclass
@@ -38,17 +40,32 @@ class SyntheticConfig:
 
 
 @dataclass
+class ListConfig:
+    """``data.dataset: list``: text files of ``relative/path label`` lines (paths relative to
+    ``data.root``) and a labels file with one class name per line."""
+
+    train: str | None = None
+    val: str | None = None
+    labels: str | None = None
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "synthetic"
+    dataset: str = "synthetic"  # synthetic | ucf101 | hmdb51 | list | folder (data/README.md)
     root: str = "data"  # datasets live (and the synthetic one is generated) under this folder
+    fold: int = 1  # official split of ucf101 / hmdb51 (1-3); the other datasets have one split
+    max_bad_fraction: float = 0.01  # stop if more of a split's videos are unreadable
     clip_len: int = 16
     frame_stride: int = 1  # smoothness knob: frames skipped between consecutive clip frames
     shuffle_frames: bool = False  # smoothness knob: destroy temporal order inside each clip
     batch_size: int = 16
     num_workers: int = 2
-    size: int = 32  # frame side in pixels
+    size: int = 32  # frame side in pixels: the square crop the network sees
+    resize: int | None = None  # short side before cropping; None: 128 for real data, synthetic as is
+    flip: bool | None = None  # random horizontal flip; None: on for real data; never for synthetic
     decoder: str = "auto"  # auto | decord | pyav
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    list: ListConfig = field(default_factory=ListConfig)
 
 
 @dataclass
@@ -186,6 +203,7 @@ def validate(cfg: Config) -> None:
     _choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw"))
     _choice("train.schedule", cfg.train.schedule, ("cosine", "constant"))
     _choice("data.decoder", cfg.data.decoder, ("auto", "decord", "pyav"))
+    _choice("data.dataset", cfg.data.dataset, DATASETS)
     _choice("sideways.pipeline", cfg.sideways.pipeline, PIPELINE_MODES)
     try:
         parse_update(cfg.sideways.update)
@@ -205,6 +223,30 @@ def validate(cfg: Config) -> None:
     if cfg.data.size < 16 or cfg.data.size % 2:
         raise UserError(f"config key 'data.size' must be an even number >= 16 (H.264 frames), "
                         f"got {cfg.data.size}")
+    _validate_data(cfg.data)
+
+
+def _validate_data(d: DataConfig) -> None:
+    if not 1 <= d.fold <= 3:
+        raise UserError(f"config key 'data.fold' must be 1, 2 or 3, got {d.fold}")
+    if d.fold != 1 and d.dataset not in MULTI_FOLD:
+        raise UserError(f"config key 'data.fold' must be 1 for data.dataset={d.dataset} (it has a "
+                        f"single split; only {' and '.join(MULTI_FOLD)} have folds), got {d.fold}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise UserError(f"config key 'data.max_bad_fraction' must be between 0 and 1, "
+                        f"got {d.max_bad_fraction}")
+    if d.resize is not None and d.resize < d.size:
+        raise UserError(f"config key 'data.resize' ({d.resize}) must be >= data.size ({d.size}): "
+                        "frames are resized to it, then cropped to data.size")
+    if d.dataset == "synthetic" and d.flip:
+        # The synthetic classes come in mirror pairs: a flip turns move_left into move_right.
+        raise UserError("config key 'data.flip' cannot be true for the synthetic dataset: a flip "
+                        "turns move_left into move_right; remove it")
+    if d.dataset == "list":
+        unset = [f"data.list.{k}" for k in ("train", "val", "labels") if not getattr(d.list, k)]
+        if unset:
+            raise UserError(f"data.dataset=list needs {', '.join(unset)}: text files of "
+                            "'relative/path label' lines and a file of class names (data/README.md)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

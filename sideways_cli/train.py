@@ -13,15 +13,15 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
 
 from sideways_cli.config import Config, TrainConfig, save_config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
-from sideways_cli.data.datasets import ClipDataset, build_loader
+from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
+from sideways_cli.data.transforms import ClipTransform, default_flip, default_resize
 from sideways_cli.engine import make_rule
 from sideways_cli.errors import UserError
 from sideways_cli.evaluate import evaluate
@@ -76,26 +76,35 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[DataLoader, DataLoader]:
+def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[GuardedLoader, GuardedLoader]:
+    """Train and val loaders; each reports videos that fail to decode and stops the run when a
+    split has more than data.max_bad_fraction of them (counting those found at indexing)."""
     d = cfg.data
+    resize = default_resize(d.dataset, d.resize)
+    train_tf = ClipTransform(size=d.size, resize=resize, flip=default_flip(d.dataset, d.flip))
+    val_tf = ClipTransform(size=d.size, resize=resize, flip=False)
     train_set = ClipDataset(data.train, clip_len=d.clip_len, frame_stride=d.frame_stride,
                             shuffle_frames=d.shuffle_frames, train=True, seed=cfg.seed,
-                            decoder_backend=d.decoder)
+                            decoder_backend=d.decoder, transform=train_tf)
     val_set = ClipDataset(data.val, clip_len=d.clip_len, frame_stride=d.frame_stride,
                           shuffle_frames=d.shuffle_frames, train=False,
                           clips_per_video=cfg.eval.clips_per_video, seed=cfg.seed,
-                          decoder_backend=d.decoder)
+                          decoder_backend=d.decoder, transform=val_tf)
     if len(train_set) < d.batch_size:
         raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
                         "training videos; lower data.batch_size")
-    train = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                         seed=cfg.seed, drop_last=True)
-    val = build_loader(val_set, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
-                       seed=cfg.seed, drop_last=False)
-    return train, val
+    loaders = []
+    for split, dataset, batch_size, shuffle in (("train", train_set, d.batch_size, True),
+                                                ("val", val_set, cfg.eval.batch_size, False)):
+        loader = build_loader(dataset, batch_size, shuffle=shuffle, num_workers=d.num_workers,
+                              seed=cfg.seed, drop_last=shuffle)
+        loaders.append(GuardedLoader(loader, split, listed=data.listed.get(split, len(dataset.entries)),
+                                     bad_at_index=data.bad.get(split, 0),
+                                     max_bad_fraction=d.max_bad_fraction, report=data.bad_files))
+    return loaders[0], loaders[1]
 
 
-def forever(loader: DataLoader) -> Iterator[dict]:
+def forever(loader: Iterable[dict]) -> Iterator[dict]:
     while True:
         yield from loader
 

@@ -1,4 +1,5 @@
-"""Fixed-length clips from an index CSV (`path,label,num_frames,fps`), decoded on demand."""
+"""Fixed-length clips from an index CSV (`path,label,num_frames,fps`), decoded on demand,
+and the loader that reports videos failing to decode at run time."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from rich.console import Console
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .decode import Backend, DecodeError, open_video
+from sideways_cli.errors import UserError
+
+from .decode import Backend, DecodeError, VideoDecodeError, open_video
+from .transforms import ClipTransform
 
 _INDEX_COLUMNS = ("path", "label", "num_frames", "fps")
 
@@ -26,9 +31,11 @@ class VideoEntry:
     fps: float
 
 
-def read_index(csv_path: str | os.PathLike) -> list[VideoEntry]:
-    """Read an index CSV; relative paths are resolved against the CSV's directory."""
+def read_index(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[VideoEntry]:
+    """Read an index CSV; relative paths are resolved against `root`, by default the CSV's
+    directory. Extra columns are allowed and ignored."""
     csv_path = Path(csv_path)
+    base = Path(root) if root is not None else csv_path.parent
     if not csv_path.is_file():
         raise DecodeError(f"index file {csv_path} does not exist")
     with open(csv_path, newline="") as f:
@@ -42,7 +49,7 @@ def read_index(csv_path: str | os.PathLike) -> list[VideoEntry]:
             try:
                 entries.append(
                     VideoEntry(
-                        path=Path(os.path.abspath(csv_path.parent / row["path"])),
+                        path=Path(os.path.abspath(base / row["path"])),
                         label=int(row["label"]),
                         num_frames=int(row["num_frames"]),
                         fps=float(row["fps"]),
@@ -61,13 +68,21 @@ def _seeded(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream) % 2**63)
 
 
+_MAX_REDRAWS = 20  # unreadable videos in a row before a training item gives up
+
+
 class ClipDataset(Dataset):
     """Clips of `clip_len` frames, `frame_stride` apart, as normalised float32 [3, T, H, W].
 
     Train mode yields one random clip per video; eval mode yields `clips_per_video` clips per
-    video at evenly spaced offsets, deterministically. There is deliberately no horizontal flip:
-    it would turn move_left into move_right. Frames past the end of a short video repeat the
-    last frame.
+    video at evenly spaced offsets, deterministically. `transform` resizes and crops (random in
+    train mode, centre in eval mode) and may flip in train mode; the default keeps frames as
+    decoded and never flips (the synthetic classes are mirror pairs). Frames past the end of a
+    short video repeat the last frame.
+
+    A video that fails to decode is never replaced silently: the item lists it under "failed"
+    (path, reason) for the main process to report (`GuardedLoader`). In train mode another video
+    is drawn in its place; in eval mode the item has no "clip" and `collate_clips` drops it.
     """
 
     def __init__(
@@ -83,6 +98,7 @@ class ClipDataset(Dataset):
         std: Sequence[float] = (0.225, 0.225, 0.225),
         seed: int = 0,
         decoder_backend: Backend = "auto",
+        transform: ClipTransform | None = None,
     ) -> None:
         if clip_len < 1 or frame_stride < 1 or clips_per_video < 1:
             raise ValueError("clip_len, frame_stride and clips_per_video must be >= 1")
@@ -92,19 +108,19 @@ class ClipDataset(Dataset):
         self.train = train
         self.shuffle_frames = shuffle_frames
         self.clips_per_video = 1 if train else clips_per_video
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+        self.transform = transform or ClipTransform(mean=tuple(mean), std=tuple(std))
         self.seed = seed
         self.decoder_backend = decoder_backend
         self._generator: torch.Generator | None = None
         self._span: tuple[int, int, torch.Tensor] | None = None  # (video, first frame, frames)
+        self._bad: set[int] = set()  # videos this process failed to decode: not retried
 
     def __len__(self) -> int:
         return len(self.entries) * self.clips_per_video
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned workers: per-process state is rebuilt there.
-        return {**self.__dict__, "_generator": None, "_span": None}
+        return {**self.__dict__, "_generator": None, "_span": None, "_bad": set()}
 
     def reseed(self, worker_seed: int) -> None:
         """Start this process's train-mode random stream; `build_loader` calls it in each worker."""
@@ -114,7 +130,7 @@ class ClipDataset(Dataset):
         """Frame indices of one clip in temporal order: a random clip (train mode, pass a
         generator) or clip number `rng_or_clip_idx` of `clips_per_video` (eval mode)."""
         num_frames = self.entries[video_idx].num_frames
-        max_start = max(num_frames - ((self.clip_len - 1) * self.frame_stride + 1), 0)
+        max_start = max(num_frames - self.span_frames, 0)
         if self.train:
             if not isinstance(rng_or_clip_idx, torch.Generator):
                 raise TypeError("train mode samples clips at random: pass a torch.Generator")
@@ -127,6 +143,11 @@ class ClipDataset(Dataset):
             start = self._eval_start(max_start, rng_or_clip_idx)
         return [min(start + k * self.frame_stride, num_frames - 1) for k in range(self.clip_len)]
 
+    @property
+    def span_frames(self) -> int:
+        """Frames one clip covers; shorter videos are padded with their last frame."""
+        return (self.clip_len - 1) * self.frame_stride + 1
+
     def _eval_start(self, max_start: int, clip_idx: int) -> int:
         if self.clips_per_video == 1:
             return max_start // 2
@@ -135,14 +156,43 @@ class ClipDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         video_idx, clip_idx = divmod(item, self.clips_per_video)
         if self.train:
-            generator = self._train_generator()
-            frames = self._decode(video_idx, self.clip_indices(video_idx, generator))
+            return self._train_item(video_idx)
+        entry = self.entries[video_idx]
+        try:
+            frames = self._eval_frames(video_idx, self.clip_indices(video_idx, clip_idx))
+        except VideoDecodeError as exc:
+            return {"label": entry.label, "video": video_idx, "failed": self._failure(video_idx, exc)}
+        if self.shuffle_frames:
+            frames = frames[torch.randperm(len(frames), generator=_seeded(self.seed, item))]
+        return {"clip": self.transform.normalise(frames), "label": entry.label, "video": video_idx,
+                "failed": []}
+
+    def _train_item(self, video_idx: int) -> dict[str, Any]:
+        generator = self._train_generator()
+        failed: list[tuple[str, str]] = []
+        for _ in range(_MAX_REDRAWS):
+            if video_idx not in self._bad:
+                try:
+                    frames = self._decode(video_idx, self.clip_indices(video_idx, generator))
+                    break
+                except VideoDecodeError as exc:
+                    failed += self._failure(video_idx, exc)
+            video_idx = int(torch.randint(len(self.entries), (1,), generator=generator))
         else:
-            generator = _seeded(self.seed, item)
-            frames = self._decode_from_span(video_idx, self.clip_indices(video_idx, clip_idx))
+            raise DecodeError(f"{_MAX_REDRAWS} videos drawn in a row could not be decoded (last: "
+                              f"{self.entries[video_idx].path}); check the dataset's videos")
+        frames = self.transform.spatial(frames, generator)
         if self.shuffle_frames:
             frames = frames[torch.randperm(len(frames), generator=generator)]
-        return {"clip": self._normalise(frames), "label": self.entries[video_idx].label, "video": video_idx}
+        return {"clip": self.transform.normalise(frames), "label": self.entries[video_idx].label,
+                "video": video_idx, "failed": failed}
+
+    def _failure(self, video_idx: int, exc: VideoDecodeError) -> list[tuple[str, str]]:
+        # Reported once per process; the main process reports each path once overall.
+        if video_idx in self._bad:
+            return []
+        self._bad.add(video_idx)
+        return [(str(self.entries[video_idx].path), exc.reason)]
 
     def _train_generator(self) -> torch.Generator:
         if self._generator is None:
@@ -151,24 +201,75 @@ class ClipDataset(Dataset):
         return self._generator
 
     def _decode(self, video_idx: int, indices: list[int]) -> torch.Tensor:
-        # Opened per item, in whichever process runs __getitem__: decoder handles must never be
-        # shared across a fork, and opening is cheap next to decoding.
-        with closing(open_video(self.entries[video_idx].path, self.decoder_backend)) as decoder:
-            last = decoder.num_frames - 1  # the index may overstate the length
-            return decoder.get([min(i, last) for i in indices])
+        # Opened per item, in whichever process runs __getitem__ (a DataLoader worker): decoder
+        # handles must never be shared across a fork, and opening is cheap next to decoding.
+        # closing() releases the reader (and its threads and buffers) as soon as the clip is out.
+        if video_idx in self._bad:
+            raise VideoDecodeError(self.entries[video_idx].path, "failed before in this process")
+        try:
+            with closing(open_video(self.entries[video_idx].path, self.decoder_backend)) as decoder:
+                last = decoder.num_frames - 1  # the index may overstate the length
+                return decoder.get([min(i, last) for i in indices])
+        except (IndexError, ValueError) as exc:  # a reader that disagrees with itself
+            raise VideoDecodeError(self.entries[video_idx].path, str(exc)) from exc
 
-    def _decode_from_span(self, video_idx: int, indices: list[int]) -> torch.Tensor:
-        # Eval visits a video's clips consecutively, so decode the span they cover once.
+    def _eval_frames(self, video_idx: int, indices: list[int]) -> torch.Tensor:
+        # Eval visits a video's clips consecutively, so decode the one contiguous span they cover
+        # once (sequential decoding, no seeks), transform it once (the centre crop is the same
+        # for every clip) and index into it.
         if self._span is None or self._span[0] != video_idx:
+            self._span = None  # release the previous video's frames before decoding the next
             covered = [i for c in range(self.clips_per_video) for i in self.clip_indices(video_idx, c)]
             first, last = min(covered), max(covered)
-            self._span = (video_idx, first, self._decode(video_idx, list(range(first, last + 1))))
+            frames = self._decode(video_idx, list(range(first, last + 1)))
+            self._span = (video_idx, first, self.transform.spatial(frames, None))
         _, first, frames = self._span
         return frames[[min(i - first, len(frames) - 1) for i in indices]]
 
-    def _normalise(self, frames: torch.Tensor) -> torch.Tensor:
-        clip = frames.permute(3, 0, 1, 2).float().div_(255)
-        return clip.sub_(self.mean).div_(self.std).contiguous()
+
+def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch the items that have a clip; gather every item's decode failures under "failed"."""
+    failed = [f for item in items for f in item.get("failed", ())]
+    kept = [{k: v for k, v in item.items() if k != "failed"} for item in items if "clip" in item]
+    batch = default_collate(kept) if kept else {}
+    batch["failed"] = failed
+    return batch
+
+
+class GuardedLoader:
+    """A DataLoader whose decode failures are reported once by name and counted against the
+    split's `max_bad_fraction` (together with the videos already found bad at indexing)."""
+
+    def __init__(self, loader: DataLoader, split: str, listed: int, bad_at_index: int = 0,
+                 max_bad_fraction: float = 1.0, report: Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.loader = loader
+        self.split, self.listed, self.bad_at_index = split, listed, bad_at_index
+        self.max_bad_fraction, self.report = max_bad_fraction, report
+        self.warn = warn or Console(stderr=True, highlight=False, soft_wrap=True).print
+        self.failed: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.check(batch.pop("failed"))
+            if "clip" in batch:  # an eval batch whose every clip failed has nothing to yield
+                yield batch
+
+    def check(self, failed: list[tuple[str, str]]) -> None:
+        for path, reason in failed:
+            if path not in self.failed:
+                self.failed[path] = reason
+                self.warn(f"warning: skipping unreadable {self.split} video {path}: {reason}")
+        bad = self.bad_at_index + len(self.failed)
+        if failed and bad > self.max_bad_fraction * self.listed:
+            where = f"; the indexing report is {self.report}" if self.report else ""
+            raise UserError(f"{bad} of the {self.listed} {self.split} videos are unreadable, more "
+                            f"than data.max_bad_fraction={self.max_bad_fraction:g} (the "
+                            f"{len(self.failed)} found during this run are named above{where}); "
+                            "repair or remove them, or raise data.max_bad_fraction")
 
 
 def _init_worker(worker_id: int) -> None:
@@ -209,6 +310,7 @@ def build_loader(
         shuffle=shuffle,
         num_workers=workers,
         drop_last=drop_last,
+        collate_fn=collate_clips,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         **extra,

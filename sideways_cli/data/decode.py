@@ -73,6 +73,9 @@ class DecordDecoder:
             frames = self._reader.get_batch(unique).asnumpy()
         except Exception as exc:
             raise VideoDecodeError(self.path, f"decord failed to decode frames ({_first_line(exc)})") from exc
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            # Seen with decord 0.6 on some frame sizes (e.g. 48x48 H.264): 4-channel buffers.
+            raise VideoDecodeError(self.path, f"decord returned frames of shape {frames.shape[1:]}")
         pos = {frame: i for i, frame in enumerate(unique)}
         return torch.from_numpy(frames[[pos[i] for i in idx]])
 
@@ -135,6 +138,35 @@ class PyAVDecoder:
         self._container.close()
 
 
+class _FallbackDecoder:
+    """decord, switching to PyAV for good if decord opens a file but fails to decode it (decord
+    0.6 mangles some frame sizes that FFmpeg itself decodes fine)."""
+
+    def __init__(self, decoder: DecordDecoder, num_threads: int) -> None:
+        self._decoder: VideoDecoder = decoder
+        self._num_threads = num_threads
+        self.path, self.num_frames, self.fps = decoder.path, decoder.num_frames, decoder.fps
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        try:
+            return self._decoder.get(indices)
+        except VideoDecodeError as decord_error:
+            if not isinstance(self._decoder, DecordDecoder):
+                raise
+            self._decoder.close()
+            try:
+                self._decoder = PyAVDecoder(self.path, self._num_threads)
+            except VideoDecodeError as pyav_error:
+                reason = f"{decord_error.reason}; {pyav_error.reason}"
+                raise VideoDecodeError(self.path, reason) from pyav_error
+            # PyAV's count is the stream's own; clamp to what decord promised the caller
+            last = self._decoder.num_frames - 1
+            return self._decoder.get([min(int(i), last) for i in indices])
+
+    def close(self) -> None:
+        self._decoder.close()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -153,7 +185,7 @@ def open_video(path: str | os.PathLike, backend: Backend = "auto", num_threads: 
     if backend != "auto":
         raise ValueError(f"unknown decoder backend {backend!r} (expected 'auto', 'decord' or 'pyav')")
     try:
-        return DecordDecoder(path, num_threads)
+        return _FallbackDecoder(DecordDecoder(path, num_threads), num_threads)
     except VideoDecodeError as decord_error:
         try:
             return PyAVDecoder(path, num_threads)
