@@ -17,11 +17,11 @@ from pathlib import Path
 from common import PRESET, emit, median, rule_for
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.train import build_network, data_loaders
+from sideways_cli.train import build_network, data_loaders, forever
 
 
 def loader_frames_per_s(loader, batches: int) -> float:
-    iterator = iter(loader)
+    iterator = forever(loader)  # epochs end; the benchmark keeps going
     next(iterator)  # workers start and open their first videos
     frames, start = 0, time.perf_counter()
     for _ in range(batches):

@@ -95,17 +95,29 @@ class PyAVDecoder:
             self._container = av.open(str(self.path))
         except Exception as exc:
             raise VideoDecodeError(self.path, f"PyAV could not open it ({_first_line(exc)})") from exc
-        if not self._container.streams.video:
+        try:
+            self._setup(num_threads)
+        except VideoDecodeError:
             self._container.close()
+            raise
+        except Exception as exc:  # e.g. a demuxing error while counting packets
+            self._container.close()
+            raise VideoDecodeError(self.path, f"PyAV could not read it ({_first_line(exc)})") from exc
+
+    def _setup(self, num_threads: int) -> None:
+        if not self._container.streams.video:
             raise VideoDecodeError(self.path, "it has no video stream")
         self._stream = self._container.streams.video[0]
+        if self._stream.codec_context is None:
+            # A codec FFmpeg has no decoder for (or an unknown codec tag): PyAV opens the
+            # container but gives the stream no codec context.
+            raise VideoDecodeError(self.path, "PyAV has no decoder for its video codec")
         self._stream.thread_type = "AUTO"
         self._stream.codec_context.thread_count = _bounded_threads(num_threads)
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         self.num_frames = self._stream.frames or self._count_packets()
         if self.num_frames == 0:
-            self._container.close()
             raise VideoDecodeError(self.path, "it contains no video frames")
 
     def _count_packets(self) -> int:
@@ -159,9 +171,12 @@ class _FallbackDecoder:
             except VideoDecodeError as pyav_error:
                 reason = f"{decord_error.reason}; {pyav_error.reason}"
                 raise VideoDecodeError(self.path, reason) from pyav_error
-            # PyAV's count is the stream's own; clamp to what decord promised the caller
-            last = self._decoder.num_frames - 1
-            return self._decoder.get([min(int(i), last) for i in indices])
+            # The caller's indices were checked against decord's count, which comes from demuxing
+            # the whole file; PyAV's may be a header's claim, smaller or larger. PyAV decodes
+            # sequentially and raises if the stream ends before a requested frame, so letting it
+            # reach decord's count is safe; clamping indices would return substituted frames.
+            self._decoder.num_frames = max(self._decoder.num_frames, self.num_frames)
+            return self._decoder.get(indices)
 
     def close(self) -> None:
         self._decoder.close()
