@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sideways_cli.errors import UserError
 
-from .index import Plan
+from .index import Plan, require_layout
 
 NAME = "hmdb51"
 VIDEOS = "videos"
@@ -29,12 +29,8 @@ def fold_files(fold: int) -> str:
 
 
 def plan(dataset_dir: Path) -> Plan:
+    require_layout(dataset_dir, NAME, {VIDEOS: "<class>/*.avi", SPLITS: "<class>_test_split<N>.txt"})
     videos, split_dir = dataset_dir / VIDEOS, dataset_dir / SPLITS
-    for needed in (videos, split_dir):
-        if not needed.is_dir():
-            raise UserError(f"{needed} not found: HMDB51 needs {VIDEOS}/<class>/*.avi and {SPLITS}/ "
-                            f"under {dataset_dir} (run 'sideways download hmdb51' or unpack the "
-                            "official archives there)")
     split_files = {}
     for path in split_dir.iterdir():
         match = _SPLIT_FILE.match(path.name)

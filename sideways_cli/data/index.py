@@ -34,6 +34,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sideways_cli.errors import UserError
+
 from .decode import VideoDecodeError, open_video
 
 INDEX_FORMAT = 1
@@ -82,6 +84,16 @@ class Index:
     bad_files: Path
     bad_total: int  # rows of bad_files.csv
     splits: dict[str, Split]
+
+
+def require_layout(dataset_dir: Path, dataset: str, folders: dict[str, str]) -> None:
+    """Refuse a dataset folder that lacks one of ``folders`` (name -> what it holds)."""
+    for name in folders:
+        if not (dataset_dir / name).is_dir():
+            layout = " and ".join(f"{n}/{what}" for n, what in folders.items())
+            raise UserError(f"{dataset_dir / name} not found: {dataset.upper()} needs {layout} under "
+                            f"{dataset_dir} (run 'sideways download {dataset}' or unpack the "
+                            "official archives there)")
 
 
 def _size(path: Path) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sideways_cli.errors import UserError
 
-from .index import Plan
+from .index import Plan, require_layout
 
 NAME = "ucf101"
 VIDEOS = "UCF-101"
@@ -104,12 +104,8 @@ def _read_list(path: Path, labelled: bool, class_ids: dict[str, int], files: _Fi
 
 
 def plan(dataset_dir: Path) -> Plan:
+    require_layout(dataset_dir, NAME, {VIDEOS: "<Class>/*.avi", LISTS: "classInd.txt and the lists"})
     videos, lists = dataset_dir / VIDEOS, dataset_dir / LISTS
-    for needed in (videos, lists):
-        if not needed.is_dir():
-            raise UserError(f"{needed} not found: UCF101 needs {VIDEOS}/<Class>/*.avi and {LISTS}/ "
-                            f"under {dataset_dir} (run 'sideways download ucf101' or unpack the "
-                            "official archives there)")
     classes = read_class_ind(lists / "classInd.txt")
     class_ids = {name.lower(): i for i, name in enumerate(classes)}
     files, missing = _Files(videos), {}
