@@ -72,15 +72,24 @@ def train(
 @app.command("eval")
 def evaluate_run(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'sideways train'.")],
+    split: Annotated[str, typer.Option(help="val | train")] = "val",
+    clips: Annotated[Optional[int], typer.Option(
+        help="Clips per video (default: the run's eval.clips_per_video).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a trained run's last checkpoint on its validation split."""
+    """Evaluate a run's last checkpoint: clip and video top-1/top-5, mean class accuracy, and a
+    confusion-matrix PNG in the run directory."""
     from sideways_cli.data.catalog import resolve_dataset
-    from sideways_cli.evaluate import evaluate
+    from sideways_cli.evaluate import evaluate_with_confusion
+    from sideways_cli.plots import confusion_png
     from sideways_cli.report import eval_table, write_json
-    from sideways_cli.train import build_network, data_loaders, resolve_device
+    from sideways_cli.train import build_network, eval_loader, resolve_device
 
+    if split not in ("val", "train"):
+        raise UserError(f"--split must be val or train, got {split!r}")
+    if clips is not None and clips < 1:
+        raise UserError(f"--clips must be >= 1, got {clips}")
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         raise UserError(f"{path} not found; train first with 'sideways train --out {run_dir}'")
@@ -90,13 +99,19 @@ def evaluate_run(
     data = resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
-    _, val_loader = data_loaders(cfg, data)
-    result = {"run": str(run_dir), "mode": cfg.mode,
-              **evaluate(model.to(device), val_loader, len(data.val), len(data.classes), device)}
+    views = clips or cfg.eval.clips_per_video
+    videos = data.train if split == "train" else data.val
+    metrics, confusion = evaluate_with_confusion(model.to(device), eval_loader(cfg, data, split, views),
+                                                 len(videos), len(ckpt["classes"]), device, split)
+    figure = run_dir / f"confusion_{split}.png"
+    views_text = f"{views} clips x 1 centre crop per video"
+    confusion_png(confusion, ckpt["classes"], figure, title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
+    result = {"run": str(run_dir), "mode": cfg.mode, "split": split, "clips_per_video": views,
+              **metrics, "confusion_png": str(figure)}
     if json_path:
         write_json(json_path, result)
-    console.print(eval_table({k: v for k, v in result.items() if k not in ("run", "mode")},
-                             title=f"{run_dir} ({cfg.mode}), {cfg.eval.clips_per_video} clips/video"))
+    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {split} split, {views_text}"))
+    _log(quiet)(f"wrote {figure}")
 
 
 @app.command()
@@ -141,7 +156,7 @@ def fidelity(
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.fidelity import VIDEO_KINDS, gradient_fidelity, make_video
     from sideways_cli.report import fidelity_table, write_json
-    from sideways_cli.train import build_network, data_loaders
+    from sideways_cli.train import build_network, eval_loader
 
     if video not in VIDEO_KINDS:
         raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
@@ -153,8 +168,7 @@ def fidelity(
         if not path.is_file():
             raise UserError(f"{path} not found; --run takes a run directory written by 'sideways train'")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-    _, val_loader = data_loaders(cfg, data)
-    batch = next(iter(val_loader))
+    batch = next(iter(eval_loader(cfg, data)))
     clips = make_video(batch["clip"][: cfg.data.batch_size], video, seed=cfg.seed)
     rows = gradient_fidelity(model, clips, batch["label"][: cfg.data.batch_size])
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,

@@ -2,13 +2,15 @@
 
 Both rules evaluate the same way: the causal network over each clip at once (the pipelined forward
 computes the same function), clip prediction = mean of the per-frame softmax, video prediction =
-mean of its clips' predictions.
+mean of its clips' predictions. Mean class accuracy is the mean over classes of the video-level
+recall, which weighs every class alike whatever its number of videos.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
-from torch.utils.data import DataLoader
 
 from sideways_cli.engine.losses import clip_probabilities
 from sideways_cli.models import FrameStack
@@ -19,9 +21,16 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
+def evaluate(model: FrameStack, loader: Iterable[dict], num_videos: int, num_classes: int,
+             device: torch.device, split: str = "val") -> dict[str, float]:
+    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split)[0]
+
+
 @torch.no_grad()
-def evaluate(model: FrameStack, loader: DataLoader, num_videos: int, num_classes: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate_with_confusion(model: FrameStack, loader: Iterable[dict], num_videos: int,
+                            num_classes: int, device: torch.device,
+                            split: str = "val") -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted]."""
     was_training = model.training
     model.eval()
     clip_hits = {1: 0, 5: 0}
@@ -41,11 +50,18 @@ def evaluate(model: FrameStack, loader: DataLoader, num_videos: int, num_classes
     model.train(was_training)
     seen = video_counts > 0
     vprobs, vlabels = video_probs[seen] / video_counts[seen, None], video_labels[seen]
-    return {
-        "val_clip_top1": clip_hits[1] / max(clips, 1),
-        "val_clip_top5": clip_hits[5] / max(clips, 1),
-        "val_video_top1": topk_correct(vprobs, vlabels, 1).float().mean().item(),
-        "val_video_top5": topk_correct(vprobs, vlabels, 5).float().mean().item(),
-        "val_clips": clips,
-        "val_videos": int(seen.sum()),
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((vlabels, vprobs.argmax(dim=1)), torch.ones(len(vlabels), dtype=torch.long),
+                         accumulate=True)
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    present = confusion.sum(dim=1) > 0  # classes without videos in the split do not count
+    metrics = {
+        f"{split}_clip_top1": clip_hits[1] / max(clips, 1),
+        f"{split}_clip_top5": clip_hits[5] / max(clips, 1),
+        f"{split}_video_top1": topk_correct(vprobs, vlabels, 1).float().mean().item(),
+        f"{split}_video_top5": topk_correct(vprobs, vlabels, 5).float().mean().item(),
+        f"{split}_mean_class_acc": per_class[present].mean().item() if present.any() else 0.0,
+        f"{split}_clips": clips,
+        f"{split}_videos": int(seen.sum()),
     }
+    return metrics, confusion

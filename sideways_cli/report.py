@@ -36,7 +36,7 @@ def eval_table(result: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        table.add_row(key, _pct(value) if "top" in key else str(value))
+        table.add_row(key, _pct(value) if "top" in key or key.endswith("_acc") else str(value))
     return table
 
 

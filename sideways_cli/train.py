@@ -80,28 +80,38 @@ def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[GuardedLoader, Guarde
     """Train and val loaders; each reports videos that fail to decode and stops the run when a
     split has more than data.max_bad_fraction of them (counting those found at indexing)."""
     d = cfg.data
-    resize = default_resize(d.dataset, d.resize)
-    train_tf = ClipTransform(size=d.size, resize=resize, flip=default_flip(d.dataset, d.flip))
-    val_tf = ClipTransform(size=d.size, resize=resize, flip=False)
+    train_tf = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
+                             flip=default_flip(d.dataset, d.flip))
     train_set = ClipDataset(data.train, clip_len=d.clip_len, frame_stride=d.frame_stride,
                             shuffle_frames=d.shuffle_frames, train=True, seed=cfg.seed,
                             decoder_backend=d.decoder, transform=train_tf)
-    val_set = ClipDataset(data.val, clip_len=d.clip_len, frame_stride=d.frame_stride,
-                          shuffle_frames=d.shuffle_frames, train=False,
-                          clips_per_video=cfg.eval.clips_per_video, seed=cfg.seed,
-                          decoder_backend=d.decoder, transform=val_tf)
     if len(train_set) < d.batch_size:
         raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
                         "training videos; lower data.batch_size")
-    loaders = []
-    for split, dataset, batch_size, shuffle in (("train", train_set, d.batch_size, True),
-                                                ("val", val_set, cfg.eval.batch_size, False)):
-        loader = build_loader(dataset, batch_size, shuffle=shuffle, num_workers=d.num_workers,
-                              seed=cfg.seed, drop_last=shuffle)
-        loaders.append(GuardedLoader(loader, split, listed=data.listed.get(split, len(dataset.entries)),
-                                     bad_at_index=data.bad.get(split, 0),
-                                     max_bad_fraction=d.max_bad_fraction, report=data.bad_files))
-    return loaders[0], loaders[1]
+    loader = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
+                          seed=cfg.seed, drop_last=True)
+    return _guarded(cfg, data, "train", loader), eval_loader(cfg, data, "val")
+
+
+def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
+                clips_per_video: int | None = None) -> GuardedLoader:
+    """Evaluation clips of ``split``: ``clips_per_video`` (default eval.clips_per_video) evenly
+    spaced clips per video, centre crop, no flip."""
+    d = cfg.data
+    dataset = ClipDataset(data.train if split == "train" else data.val, clip_len=d.clip_len,
+                          frame_stride=d.frame_stride, shuffle_frames=d.shuffle_frames, train=False,
+                          clips_per_video=clips_per_video or cfg.eval.clips_per_video, seed=cfg.seed,
+                          decoder_backend=d.decoder,
+                          transform=ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize)))
+    loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
+                          seed=cfg.seed, drop_last=False)
+    return _guarded(cfg, data, split, loader)
+
+
+def _guarded(cfg: Config, data: DatasetIndex, split: str, loader) -> GuardedLoader:
+    return GuardedLoader(loader, split, listed=data.listed.get(split, len(loader.dataset.entries)),
+                         bad_at_index=data.bad.get(split, 0),
+                         max_bad_fraction=cfg.data.max_bad_fraction, report=data.bad_files)
 
 
 def forever(loader: Iterable[dict]) -> Iterator[dict]:

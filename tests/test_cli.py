@@ -61,11 +61,25 @@ def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
 def test_eval_reproduces_the_final_evaluation(tiny_config, tmp_path):
     run = tmp_path / "run"
     invoke("train", tiny_config, "--mode", "bp", "--out", run, "--quiet")
-    invoke("eval", run, "--json", tmp_path / "eval.json")
+    result = invoke("eval", run, "--json", tmp_path / "eval.json")
+    assert "2 clips x 1 centre crop per video" in " ".join(result.output.split())  # views stated
     result = json.loads((tmp_path / "eval.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5"):
+    for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
+                "val_mean_class_acc"):
         assert result[key] == pytest.approx(summary[key])
+    assert (run / "confusion_val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_other_split_and_views(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "bp", "--out", run, "--quiet")
+    invoke("eval", run, "--split", "train", "--clips", 3, "--json", tmp_path / "eval.json", "--quiet")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["split"] == "train" and result["clips_per_video"] == 3
+    assert result["train_videos"] == 10 and result["train_clips"] == 30  # 1 video per class
+    assert 0.0 <= result["train_mean_class_acc"] <= 1.0
+    assert (run / "confusion_train.png").is_file()
 
 
 def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path):
@@ -106,6 +120,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "--set", "model.depth=9"], "between 1 and 8 for c3d"),
     (["train", "nope.yaml"], "nope.yaml does not exist"),
     (["eval", "no-such-run"], "train first"),
+    (["eval", "no-such-run", "--split", "test"], "--split must be val or train"),
     (["compare", "--modes", "bp,magic"], "unknown mode 'magic'"),
 ])
 def test_user_mistakes_are_one_clean_line(args, message, tmp_path):
