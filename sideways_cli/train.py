@@ -6,6 +6,7 @@ It knows nothing of how gradients are made: the rule fills ``param.grad`` and ca
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -127,6 +128,31 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class Evaluations:
+    """Every evaluation of a run: a row of ``summary.csv`` each, and ``checkpoints/best.pt`` when
+    the video-level top-1 is the best so far (ties keep the earlier, cheaper-to-reach one)."""
+
+    KEYS = ("step", "frames_seen", "wall_s", "train_loss", "val_clip_top1", "val_clip_top5",
+            "val_video_top1", "val_video_top5", "val_mean_class_acc")
+
+    def __init__(self, out_dir: Path, started: float):
+        self.path, self.best_path = out_dir / "summary.csv", out_dir / "checkpoints" / "best.pt"
+        self.started = started
+        self.best = -1.0
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerow(self.KEYS)
+
+    def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
+               state: dict[str, Any]) -> None:
+        row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
+               "wall_s": time.perf_counter() - self.started, **val}
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([row[key] for key in self.KEYS])
+        if val["val_video_top1"] > self.best:
+            self.best = val["val_video_top1"]
+            save_atomic(state, self.best_path)
+
+
 def progress_bar(quiet: bool) -> Progress | nullcontext:
     if quiet:
         return nullcontext()
@@ -153,6 +179,12 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def checkpoint(step: int, **extra: Any) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "step": step, "config": to_dict(cfg),
+                "classes": data.classes, **extra}
+
+    evaluations = Evaluations(out_dir, started)
     metrics_path = out_dir / "metrics.jsonl"
     recent: list[float] = []
     frames_seen = updates = 0
@@ -183,6 +215,7 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
                 metrics.flush()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 val = evaluate(model, val_loader, len(data.val), len(data.classes), device)
+                evaluations.record(step, frames_seen, sum(recent) / len(recent), val, checkpoint(step))
                 log(f"step {step}: val clip top-1 {val['val_clip_top1']:.3f}, "
                     f"video top-1 {val['val_video_top1']:.3f}")
             if bar:
@@ -195,10 +228,9 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
         "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
         "peak_mem_mb": memory.peak_mb, "wall_s": time.perf_counter() - started,
     }
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "step": cfg.train.steps,
-                 "config": to_dict(cfg), "classes": data.classes, "summary": summary},
-                out_dir / "checkpoints" / "last.pt")
+    final = checkpoint(cfg.train.steps, summary=summary)
+    evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val, final)
+    save_atomic(final, out_dir / "checkpoints" / "last.pt")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"{cfg.mode}: val clip top-1 {val['val_clip_top1']:.3f}, video top-1 "
         f"{val['val_video_top1']:.3f}, {summary['frames_per_s']:.0f} frames/s")

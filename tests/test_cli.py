@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -56,6 +57,21 @@ def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["classes"][0] == "move_left" and ckpt["config"]["mode"] == "sideways"
     assert not list(run.rglob("*.tmp"))
+
+
+def test_every_evaluation_is_a_summary_row_and_the_best_is_kept(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "sideways", "--set", "train.eval_every=1", "--out", run,
+           "--quiet")
+    with (run / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    summary = json.loads((run / "summary.json").read_text())
+    assert float(rows[-1]["val_video_top1"]) == pytest.approx(summary["val_video_top1"])
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    scores = [float(r["val_video_top1"]) for r in rows]
+    assert best["step"] == int(rows[scores.index(max(scores))]["step"])
+    assert best["classes"] == torch.load(run / "checkpoints" / "last.pt", weights_only=False)["classes"]
 
 
 def test_eval_reproduces_the_final_evaluation(tiny_config, tmp_path):
