@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from sideways_cli.config import MODES, Config, from_dict, load_config
-from sideways_cli.errors import UserError
+from sideways_cli.errors import UserError, print_user_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and compare video networks with backprop (bp) or Sideways.")
@@ -208,7 +208,7 @@ def main() -> None:
     try:
         app()
     except (UserError, DecodeError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_user_error(exc)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

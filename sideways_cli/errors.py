@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """A bad file, option or value; the message names it and says how to fix it."""
+
+
+def print_user_error(exc: BaseException) -> None:
+    """The one line a user mistake gets, on stderr."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -20,14 +20,14 @@ def _train_child(cfg: Config, run_dir: str, quiet: bool) -> None:
     from rich.console import Console
 
     from sideways_cli.data.decode import DecodeError
-    from sideways_cli.errors import UserError
+    from sideways_cli.errors import UserError, print_user_error
     from sideways_cli.train import train
 
     console = Console()
     try:
         train(cfg, Path(run_dir), quiet=quiet, log=(lambda msg: None) if quiet else console.print)
     except (UserError, DecodeError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_user_error(exc)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
