@@ -100,9 +100,9 @@ def evaluate_run(
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
-    videos = data.train if split == "train" else data.val
     metrics, confusion = evaluate_with_confusion(model.to(device), eval_loader(cfg, data, split, views),
-                                                 len(videos), len(ckpt["classes"]), device, split)
+                                                 len(data.split(split)), len(ckpt["classes"]), device,
+                                                 split)
     figure = run_dir / f"confusion_{split}.png"
     views_text = f"{views} clips x 1 centre crop per video"
     confusion_png(confusion, ckpt["classes"], figure, title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")

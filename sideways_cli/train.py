@@ -99,7 +99,7 @@ def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
     """Evaluation clips of ``split``: ``clips_per_video`` (default eval.clips_per_video) evenly
     spaced clips per video, centre crop, no flip."""
     d = cfg.data
-    dataset = ClipDataset(data.train if split == "train" else data.val, clip_len=d.clip_len,
+    dataset = ClipDataset(data.split(split), clip_len=d.clip_len,
                           frame_stride=d.frame_stride, shuffle_frames=d.shuffle_frames, train=False,
                           clips_per_video=clips_per_video or cfg.eval.clips_per_video, seed=cfg.seed,
                           decoder_backend=d.decoder,

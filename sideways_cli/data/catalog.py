@@ -14,7 +14,7 @@ from rich.console import Console
 
 from sideways_cli.config import DATASETS, DataConfig, ListConfig
 from sideways_cli.data import hmdb51, lists, ucf101
-from sideways_cli.data.datasets import VideoEntry, read_index, read_labels
+from sideways_cli.data.datasets import VideoEntry, clip_span, read_index, read_labels
 from sideways_cli.data.index import Index, Plan, ensure_index
 from sideways_cli.data.synthetic import ensure_synthetic
 from sideways_cli.errors import UserError
@@ -36,6 +36,10 @@ class DatasetIndex:
     # per split: videos shorter than one clip of this run, padded by repeating their last frame
     # (counted here, not in the index: it depends on data.clip_len and data.frame_stride)
     short: dict[str, int] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[VideoEntry]:
+        """The videos of split ``name`` ("train" or "val")."""
+        return self.train if name == "train" else self.val
 
 
 def _locate(name: str, root: Path, list_cfg: ListConfig | None) -> tuple[Path, Path, Plan]:
@@ -70,7 +74,7 @@ def resolve_dataset(cfg: DataConfig, progress: bool = True) -> DatasetIndex:
         raise UserError(f"config key 'data.dataset' must be one of {', '.join(DATASETS)}, "
                         f"got {cfg.dataset!r}")
     data = _synthetic(cfg, progress) if cfg.dataset == "synthetic" else _real(cfg, progress)
-    data.short = {s: short_videos(getattr(data, s), cfg.clip_len, cfg.frame_stride) for s in ("train", "val")}
+    data.short = {s: short_videos(data.split(s), cfg.clip_len, cfg.frame_stride) for s in ("train", "val")}
     if progress:
         _announce(cfg, data)
     return data
@@ -112,9 +116,8 @@ def _announce(cfg: DataConfig, data: DatasetIndex) -> None:
         _console.print(f"{cfg.dataset} fold {cfg.fold}: skipped {bad} unreadable videos (train "
                        f"{data.bad['train']}, val {data.bad['val']}); they are listed in {data.bad_files}")
     if any(data.short.values()):
-        span = (cfg.clip_len - 1) * cfg.frame_stride + 1
         _console.print(f"{cfg.dataset}: {data.short['train']} train and {data.short['val']} val videos "
-                       f"are shorter than a clip ({span} frames) and are padded with their last frame")
+                       f"are shorter than a clip ({clip_span(cfg.clip_len, cfg.frame_stride)} frames) and are padded with their last frame")
 
 
 def _synthetic(cfg: DataConfig, progress: bool) -> DatasetIndex:
@@ -129,5 +132,5 @@ def _synthetic(cfg: DataConfig, progress: bool) -> DatasetIndex:
 
 def short_videos(entries: list[VideoEntry], clip_len: int, frame_stride: int) -> int:
     """How many videos are shorter than one clip (and so padded with their last frame)."""
-    span = (clip_len - 1) * frame_stride + 1
+    span = clip_span(clip_len, frame_stride)
     return sum(e.num_frames < span for e in entries)

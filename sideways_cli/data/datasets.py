@@ -64,6 +64,11 @@ def read_labels(labels_txt: str | os.PathLike) -> list[str]:
     return [line.strip() for line in Path(labels_txt).read_text().splitlines() if line.strip()]
 
 
+def clip_span(clip_len: int, frame_stride: int) -> int:
+    """Frames one clip covers; shorter videos are padded with their last frame."""
+    return (clip_len - 1) * frame_stride + 1
+
+
 def _seeded(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stream) % 2**63)
 
@@ -145,8 +150,7 @@ class ClipDataset(Dataset):
 
     @property
     def span_frames(self) -> int:
-        """Frames one clip covers; shorter videos are padded with their last frame."""
-        return (self.clip_len - 1) * self.frame_stride + 1
+        return clip_span(self.clip_len, self.frame_stride)
 
     def _eval_start(self, max_start: int, clip_idx: int) -> int:
         if self.clips_per_video == 1:
