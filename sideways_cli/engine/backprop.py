@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from sideways_cli.engine.losses import clip_loss
+from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats
 from sideways_cli.models import FrameStack
 
 
 class BackpropRule:
-    def __init__(self, model: FrameStack):
+    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
         self.model = model
+        self.objective = objective
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
-        loss = clip_loss(self.model(clips), labels)
+        loss = self.objective.clip_loss(self.model(clips), clips, labels)
         loss.backward()
         apply_update()
         frames = clips.shape[2]

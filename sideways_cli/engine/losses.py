@@ -1,4 +1,9 @@
-"""Per-frame losses: every frame of a clip has one, in BP and in Sideways alike (SIDEWAYS.md)."""
+"""Per-frame losses: every frame of a clip has one, in BP and in Sideways alike (SIDEWAYS.md).
+
+An objective says what each frame's output is trained to match: the clip's label (``classify``,
+the paper's action recognition) or the frame itself (``reconstruct``, its encoder-decoder task).
+The rules only ever call ``frame_targets``, ``frame_loss`` and ``clip_loss``.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +24,42 @@ def clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def clip_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Clip prediction = mean of the per-frame softmax over the clip: [B, K, T] -> [B, K]."""
     return logits.softmax(dim=1).mean(dim=-1)
+
+
+class Classify:
+    """Every frame's logits [B, K] against its clip's label."""
+
+    name = "classify"
+
+    def frame_targets(self, clips: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return [labels] * clips.shape[2]
+
+    def frame_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return frame_loss(output, target)
+
+    def clip_loss(self, outputs: torch.Tensor, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return clip_loss(outputs, labels)
+
+
+class Reconstruct:
+    """Every frame's output [B, C, H, W] against the frame itself: mean squared error.
+
+    A mean over the batch and pixels of one frame, so the mean of the per-frame losses of a clip
+    is the MSE over the whole clip, as for classification.
+    """
+
+    name = "reconstruct"
+
+    def frame_targets(self, clips: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return list(clips.unbind(2))
+
+    def frame_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output, target)
+
+    def clip_loss(self, outputs: torch.Tensor, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs, clips)
+
+
+Objective = Classify | Reconstruct
+OBJECTIVES: dict[str, Objective] = {"classify": Classify(), "reconstruct": Reconstruct()}
+CLASSIFY = OBJECTIVES["classify"]

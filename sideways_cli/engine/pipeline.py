@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -116,22 +117,28 @@ class Pipeline:
         return steps
 
 
-def clip_tokens(clip: torch.Tensor, target: torch.Tensor, first_frame: int = 0) -> list[Token]:
-    """Split a [B, C, T, H, W] clip into per-tick input tokens (views, no copies)."""
-    return [Token(clip.select(2, t), first_frame + t, target) for t in range(clip.shape[2])]
+def clip_tokens(clip: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor],
+                first_frame: int = 0) -> list[Token]:
+    """Split a [B, C, T, H, W] clip into per-tick input tokens (views, no copies).
+
+    ``targets``: one per frame (an objective's ``frame_targets``), or one tensor for every frame.
+    """
+    if isinstance(targets, torch.Tensor):
+        targets = [targets] * clip.shape[2]
+    return [Token(clip.select(2, t), first_frame + t, targets[t]) for t in range(clip.shape[2])]
 
 
 @torch.no_grad()
 def pipelined_forward(model: FrameStack, clip: torch.Tensor) -> torch.Tensor:
-    """Run a clip through the pipeline tick by tick; returns the top outputs [B, K, T] in frame order.
+    """Run a clip through the pipeline tick by tick; returns the top outputs in frame order, time at dim 2.
 
     Takes T + D - 1 ticks: the top emits frame t at tick t + D - 1.
     """
     pipeline = Pipeline(model)
-    tokens = clip_tokens(clip, target=torch.empty(0))
+    tokens = clip_tokens(clip, torch.empty(0))
     depth = len(model)
     outputs: list[torch.Tensor] = []
     for tick in range(len(tokens) + depth - 1):
         steps = pipeline.forward_tick(tokens[tick] if tick < len(tokens) else None, with_graph=False)
         outputs.extend(step.output for step in steps if step.index == depth - 1)
-    return torch.stack(outputs, dim=-1)
+    return torch.stack(outputs, dim=2)

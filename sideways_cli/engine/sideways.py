@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from sideways_cli.engine.losses import frame_loss
+from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.pipeline import ModuleStep, Pipeline, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats
 from sideways_cli.models import FrameStack
@@ -70,10 +70,12 @@ class PseudoGradients:
 
 
 class SidewaysRule:
-    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip"):
+    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
+                 objective: Objective = CLASSIFY):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         self.model = model
+        self.objective = objective
         self.mode = pipeline
         self.update_every = parse_update(update)
         self.pipeline = Pipeline(model)
@@ -102,7 +104,7 @@ class SidewaysRule:
         """
         if self.mode == "reset":
             self.reset()
-        tokens = clip_tokens(clips, labels, first_frame=0)
+        tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels))
         ticks = len(tokens) + (2 * (len(self.model) - 1) if self.mode == "reset" else 0)
         loss_sum, losses, updates = 0.0, 0, 0
         for tick in range(ticks):
@@ -125,7 +127,7 @@ class SidewaysRule:
         loss_value = None
         head = self.current[top]
         if head is not None and self.pipeline.fresh[top]:
-            loss = frame_loss(head.output, head.token.target)
+            loss = self.objective.frame_loss(head.output, head.token.target)
             (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
             loss_value = loss.item()
         sent: list[torch.Tensor | None] = [None] * len(self.model)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sideways_cli.engine.losses import frame_loss
+from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats
 from sideways_cli.engine.sideways import PIPELINE_MODES, PseudoGradients, parse_update
@@ -82,7 +82,7 @@ class TickBatchedSideways:
     """
 
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-                 chunk: int = DEFAULT_CHUNK):
+                 chunk: int = DEFAULT_CHUNK, objective: Objective = CLASSIFY):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         if parse_update(update) is not None:
@@ -91,6 +91,7 @@ class TickBatchedSideways:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.model = model
+        self.objective = objective
         self.mode = pipeline
         self.chunk = chunk
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
@@ -113,7 +114,8 @@ class TickBatchedSideways:
         """Same ticks, losses, update as :meth:`SidewaysRule.train_batch`, ``chunk`` at a time."""
         if self.mode == "reset":
             self.reset()
-        self.inbox[0].extend(clip_tokens(clips, labels, first_frame=self.fed))
+        self.inbox[0].extend(clip_tokens(clips, self.objective.frame_targets(clips, labels),
+                                         first_frame=self.fed))
         self.fed += clips.shape[2]
         # macro ticks run while some module still gets a new input: the top's last comes D-1 ticks
         # after the last frame; they are counted back from the end so that the last one holds
@@ -186,7 +188,7 @@ class TickBatchedSideways:
     def frame_losses(self) -> tuple[float, int]:
         """Sum and count of the losses of the frames that reached the top in this macro tick.
 
-        Their gradients are the top module's messages. ``frame_loss`` is a mean over the batch, so
+        Their gradients are the top module's messages. A frame loss is a mean over the batch, so
         over n ticks stacked into one batch it is the mean of their n losses: times n, their sum,
         whose gradient at each tick's logits is that tick's own, in one call instead of n.
         """
@@ -196,7 +198,8 @@ class TickBatchedSideways:
             return 0.0, 0
         # a graph of its own: the top module's graph is used once, by its backward
         logits = torch.cat([token.value for token in tokens]).requires_grad_(True)
-        total = frame_loss(logits, torch.cat([token.target for token in tokens])) * len(tokens)
+        targets = torch.cat([token.target for token in tokens])
+        total = self.objective.frame_loss(logits, targets) * len(tokens)
         (grads,) = torch.autograd.grad(total, logits)
         self.mailbox[-1].extend(grads.split(len(tokens[0].value)))
         return total.item(), len(tokens)
