@@ -79,12 +79,12 @@ def evaluate_run(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's last checkpoint: clip and video top-1/top-5, mean class accuracy, and a
-    confusion-matrix PNG in the run directory."""
+    confusion-matrix PNG in the run directory (reconstruction: MSE and PSNR)."""
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.evaluate import evaluate_with_confusion
     from sideways_cli.plots import confusion_png
     from sideways_cli.report import eval_table, write_json
-    from sideways_cli.train import build_network, eval_loader, resolve_device
+    from sideways_cli.train import build_network, eval_loader, evaluate_split, resolve_device
 
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
@@ -100,18 +100,26 @@ def evaluate_run(
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
-    metrics, confusion = evaluate_with_confusion(model.to(device), eval_loader(cfg, data, split, views),
-                                                 len(data.split(split)), len(ckpt["classes"]), device,
-                                                 split)
-    figure = run_dir / f"confusion_{split}.png"
     views_text = f"{views} clips x 1 centre crop per video"
-    confusion_png(confusion, ckpt["classes"], figure, title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
-    result = {"run": str(run_dir), "mode": cfg.mode, "split": split, "clips_per_video": views,
-              **metrics, "confusion_png": str(figure)}
+    loader = eval_loader(cfg, data, split, views)
+    result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
+              "clips_per_video": views}
+    figure = None
+    if cfg.task == "reconstruct":
+        metrics = evaluate_split(cfg, model.to(device), loader, data, device, split)
+    else:
+        metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
+                                                     len(ckpt["classes"]), device, split)
+        figure = run_dir / f"confusion_{split}.png"
+        confusion_png(confusion, ckpt["classes"], figure,
+                      title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
+        result["confusion_png"] = str(figure)
+    result.update(metrics)
     if json_path:
         write_json(json_path, result)
     console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {split} split, {views_text}"))
-    _log(quiet)(f"wrote {figure}")
+    if figure:
+        _log(quiet)(f"wrote {figure}")
 
 
 @app.command()
@@ -154,6 +162,7 @@ def fidelity(
 ) -> None:
     """Cosine similarity between each module's Sideways pseudo-gradient and its BP gradient."""
     from sideways_cli.data.catalog import resolve_dataset
+    from sideways_cli.engine.losses import OBJECTIVES
     from sideways_cli.fidelity import VIDEO_KINDS, gradient_fidelity, make_video
     from sideways_cli.report import fidelity_table, write_json
     from sideways_cli.train import build_network, eval_loader
@@ -170,13 +179,55 @@ def fidelity(
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
     batch = next(iter(eval_loader(cfg, data)))
     clips = make_video(batch["clip"][: cfg.data.batch_size], video, seed=cfg.seed)
-    rows = gradient_fidelity(model, clips, batch["label"][: cfg.data.batch_size])
+    rows = gradient_fidelity(model, clips, batch["label"][: cfg.data.batch_size], OBJECTIVES[cfg.task])
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
               "clip_len": cfg.data.clip_len, "modules": rows}
     if json_path:
         write_json(json_path, result)
     console.print(fidelity_table(rows, title=f"gradient fidelity, {video} video, "
                                              f"{cfg.model.name}, stride {cfg.data.frame_stride}"))
+
+
+@app.command()
+def stream(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="A reconstruction config; defaults to experiments/stream.yaml.")] = None,
+    video: Annotated[Optional[Path], typer.Option(
+        help="Stream this video file (default: synthetic shots cut together).")] = None,
+    frames: Annotated[int, typer.Option(help="Frames in the stream (one per tick).")] = 1024,
+    update_every: Annotated[int, typer.Option(help="Sideways updates the weights every N ticks.")] = 4,
+    set_: SetOpt = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Learn to reconstruct a video as it streams in, one frame per tick: blocking BP drops the
+    frames that arrive while it works; Sideways uses every one. Reports frames used and PSNR."""
+    from sideways_cli.report import stream_table, write_json
+    from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
+    from sideways_cli.train import build_network
+
+    if frames < 2 or update_every < 1:
+        raise UserError("--frames must be >= 2 and --update-every >= 1")
+    cfg = resolve(config or Path("experiments") / "stream.yaml", set_, seed)
+    if cfg.task != "reconstruct":
+        raise UserError("sideways stream trains frame reconstruction: give a config with task: "
+                        "reconstruct (experiments/stream.yaml)")
+    if video is not None:
+        if not video.is_file():
+            raise UserError(f"--video {video} does not exist; give a video file")
+        raw, held_out = video_stream(video, frames, cfg.data.decoder), None
+    else:  # the held-out stream: other objects, colours and backgrounds, the same classes
+        shot = cfg.data.synthetic.num_frames
+        raw = synthetic_stream(frames, cfg.data.size, shot, cfg.seed)
+        held_out = synthetic_stream(frames // 2, cfg.data.size, shot, cfg.seed + 1)
+    results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, held_out)
+    initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size))
+    result = {"video": str(video) if video else "synthetic", "initial_psnr": initial,
+              "update_every": update_every, "learners": as_dicts(results)}
+    if json_path:
+        write_json(json_path, result)
+    console.print(stream_table(result["learners"], title=f"streaming {len(raw)} frames, one per tick "
+                                                         f"(initial weights: PSNR {initial:.2f} dB)"))
 
 
 @app.command()

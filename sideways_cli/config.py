@@ -18,13 +18,14 @@ import yaml
 from sideways_cli.errors import UserError
 
 MODES = ("bp", "sideways")
+TASKS = ("classify", "reconstruct")
 DATASETS = ("synthetic", "ucf101", "hmdb51", "list", "folder")
 MULTI_FOLD = ("ucf101", "hmdb51")  # the others have a single train/val split
 
 
 @dataclass
 class ModelConfig:
-    name: str = "c3d"  # vgg | c3d | resnet18
+    name: str = "c3d"  # vgg | c3d | resnet18 (task: classify) | autoencoder (task: reconstruct)
     temporal_kernel: int = 3  # k of every module but the head; 1 = per-frame 2D network
     width: int | None = None  # channels of the first layer; None = the model's own default
     depth: int | None = None  # modules below the head (the first ones); None = the whole network
@@ -98,6 +99,7 @@ class SidewaysEngineConfig:
 class Config:
     seed: int = 0
     mode: str = "bp"  # bp | sideways
+    task: str = "classify"  # classify: every frame's logits vs the label | reconstruct: the frame
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,11 +197,17 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
-    from sideways_cli.models import FULL_DEPTH, ZOO
+    from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS
 
     _choice("mode", cfg.mode, MODES)
+    _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _choice("model.name", cfg.model.name, tuple(ZOO))
+    _choice("model.name", cfg.model.name, tuple(MODELS))
+    if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
+        wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
+            ", ".join(m for m in MODELS if m not in RECONSTRUCTORS)
+        raise UserError(f"task {cfg.task!r} needs model.name {wanted}, got {cfg.model.name!r} "
+                        "(experiments/reconstruct.yaml is the reconstruction preset)")
     _choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw"))
     _choice("train.schedule", cfg.train.schedule, ("cosine", "constant"))
     _choice("data.decoder", cfg.data.decoder, ("auto", "decord", "pyav"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sideways_cli.engine import BackpropRule, SidewaysRule
+from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.models import FrameStack
 
 VIDEO_KINDS = ("natural", "static", "shuffled")
@@ -39,12 +40,13 @@ def module_gradients(model: FrameStack, rule, clips: torch.Tensor, labels: torch
     return flat
 
 
-def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,
+                      objective: Objective = CLASSIFY) -> list[dict]:
     """[{index, name, cosine}] for every module; Sideways runs its reference tick schedule."""
     was_training = model.training
     model.eval()  # dropout would give the two rules different masks
-    bp = module_gradients(model, BackpropRule(model), clips, labels)
-    sw = module_gradients(model, SidewaysRule(model, pipeline="reset", update="clip"), clips, labels)
+    bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
+    sw = module_gradients(model, SidewaysRule(model, objective=objective), clips, labels)
     model.train(was_training)
     rows = []
     for d, (g_bp, g_sw) in enumerate(zip(bp, sw)):

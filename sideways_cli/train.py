@@ -24,10 +24,12 @@ from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
 from sideways_cli.data.transforms import ClipTransform, default_flip, default_resize
 from sideways_cli.engine import make_rule
+from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.errors import UserError
 from sideways_cli.evaluate import evaluate
 from sideways_cli.memory import PeakMemory
 from sideways_cli.models import FrameStack, build_model
+from sideways_cli.reconstruction import evaluate_reconstruction
 
 Log = Callable[[str], None]
 
@@ -46,15 +48,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+IMAGE_CHANNELS = 3
+
+
 def build_network(cfg: Config, num_classes: int) -> FrameStack:
-    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal."""
+    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal; a
+    reconstructor's outputs are the frames' channels, a classifier's the classes."""
     options: dict[str, Any] = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
     if cfg.model.width is not None:
         options["width"] = cfg.model.width
     if cfg.model.depth is not None:
         options["depth"] = cfg.model.depth
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.name, num_classes, **options)
+    outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
+    return build_model(cfg.model.name, outputs, **options)
 
 
 def make_optimizer(cfg: TrainConfig, model: FrameStack) -> torch.optim.Optimizer:
@@ -109,6 +116,26 @@ def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
     return _guarded(cfg, data, split, loader)
 
 
+# what an evaluation is ranked by (best.pt) and reported with, per task
+PRIMARY_METRIC = {"classify": "val_video_top1", "reconstruct": "val_psnr"}
+
+
+def evaluate_split(cfg: Config, model: FrameStack, loader: GuardedLoader, data: DatasetIndex,
+                   device: torch.device, split: str = "val") -> dict[str, float]:
+    """The task's metrics on ``split``: accuracies for classify, MSE and PSNR for reconstruct."""
+    if cfg.task == "reconstruct":
+        transform = loader.loader.dataset.transform
+        return evaluate_reconstruction(model, loader, device, transform.mean, transform.std, split)
+    return evaluate(model, loader, len(data.split(split)), len(data.classes), device, split)
+
+
+def describe(val: dict[str, float]) -> str:
+    """One readable line of an evaluation's headline numbers."""
+    if "val_psnr" in val:
+        return f"val PSNR {val['val_psnr']:.2f} dB, MSE {val['val_mse']:.4f}"
+    return f"val clip top-1 {val['val_clip_top1']:.3f}, video top-1 {val['val_video_top1']:.3f}"
+
+
 def _guarded(cfg: Config, data: DatasetIndex, split: str, loader) -> GuardedLoader:
     return GuardedLoader(loader, split, listed=data.listed.get(split, len(loader.dataset.entries)),
                          bad_at_index=data.bad.get(split, 0),
@@ -130,26 +157,31 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 class Evaluations:
     """Every evaluation of a run: a row of ``summary.csv`` each, and ``checkpoints/best.pt`` when
-    the video-level top-1 is the best so far (ties keep the earlier, cheaper-to-reach one)."""
+    the task's primary metric (video top-1, PSNR) is the best so far (ties keep the earlier,
+    cheaper-to-reach one)."""
 
-    KEYS = ("step", "frames_seen", "wall_s", "train_loss", "val_clip_top1", "val_clip_top5",
-            "val_video_top1", "val_video_top5", "val_mean_class_acc")
+    RUN_KEYS = ("step", "frames_seen", "wall_s", "train_loss")
+    TASK_KEYS = {"classify": ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
+                              "val_mean_class_acc"),
+                 "reconstruct": ("val_mse", "val_psnr")}
 
-    def __init__(self, out_dir: Path, started: float):
+    def __init__(self, out_dir: Path, started: float, task: str):
         self.path, self.best_path = out_dir / "summary.csv", out_dir / "checkpoints" / "best.pt"
         self.started = started
-        self.best = -1.0
+        self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
+        self.primary = PRIMARY_METRIC[task]
+        self.best = -math.inf
         with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(self.KEYS)
+            csv.writer(f).writerow(self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
                state: dict[str, Any]) -> None:
         row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
                "wall_s": time.perf_counter() - self.started, **val}
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[key] for key in self.KEYS])
-        if val["val_video_top1"] > self.best:
-            self.best = val["val_video_top1"]
+            csv.writer(f).writerow([row[key] for key in self.keys])
+        if val[self.primary] > self.best:
+            self.best = val[self.primary]
             save_atomic(state, self.best_path)
 
 
@@ -169,7 +201,8 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
     device = resolve_device(cfg.device)
     data = resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes)).to(device)
-    rule = make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update, cfg.sideways.chunk)
+    rule = make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update, cfg.sideways.chunk,
+                     OBJECTIVES[cfg.task])
     optimizer = make_optimizer(cfg.train, model)
     schedule = make_schedule(cfg.train, optimizer)
     train_loader, val_loader = data_loaders(cfg, data)
@@ -184,7 +217,7 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
                 "schedule": schedule.state_dict(), "step": step, "config": to_dict(cfg),
                 "classes": data.classes, **extra}
 
-    evaluations = Evaluations(out_dir, started)
+    evaluations = Evaluations(out_dir, started, cfg.task)
     metrics_path = out_dir / "metrics.jsonl"
     recent: list[float] = []
     frames_seen = updates = 0
@@ -214,15 +247,14 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                val = evaluate(model, val_loader, len(data.val), len(data.classes), device)
+                val = evaluate_split(cfg, model, val_loader, data, device)
                 evaluations.record(step, frames_seen, sum(recent) / len(recent), val, checkpoint(step))
-                log(f"step {step}: val clip top-1 {val['val_clip_top1']:.3f}, "
-                    f"video top-1 {val['val_video_top1']:.3f}")
+                log(f"step {step}: {describe(val)}")
             if bar:
                 bar.update(task, advance=1, info=f"loss {sum(recent) / len(recent):.3f}")
-    val = evaluate(model, val_loader, len(data.val), len(data.classes), device)
+    val = evaluate_split(cfg, model, val_loader, data, device)
     summary = {
-        "mode": cfg.mode, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
+        "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "steps": cfg.train.steps, "updates": updates, "frames_seen": frames_seen,
         "train_loss": sum(recent) / len(recent), **val,
         "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
@@ -232,6 +264,5 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
     evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val, final)
     save_atomic(final, out_dir / "checkpoints" / "last.pt")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"{cfg.mode}: val clip top-1 {val['val_clip_top1']:.3f}, video top-1 "
-        f"{val['val_video_top1']:.3f}, {summary['frames_per_s']:.0f} frames/s")
+    log(f"{cfg.mode}: {describe(val)}, {summary['frames_per_s']:.0f} frames/s")
     return summary

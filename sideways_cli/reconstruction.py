@@ -1,0 +1,50 @@
+"""How well frames are reconstructed: mean squared error and PSNR in pixel space.
+
+The network regresses normalised frames; PSNR is taken after undoing the normalisation, on [0, 1]
+pixels with the prediction clipped to that range, per frame, and averaged over frames (the usual
+video PSNR): 10 log10(1 / MSE).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+# a frame reconstructed exactly has infinite PSNR; cap it so means stay finite
+_MIN_MSE = 1e-10
+
+
+def to_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised [B, 3, T, H, W] (channels at dim 1) -> [0, 1] pixels."""
+    shape = (1, len(mean)) + (1,) * (x.dim() - 2)
+    return x * torch.tensor(std, dtype=x.dtype).view(shape) + torch.tensor(mean, dtype=x.dtype).view(shape)
+
+
+def frame_psnr(output: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
+               std: Sequence[float]) -> torch.Tensor:
+    """PSNR (dB) of every frame of normalised [B, C, T, H, W] clips: [B, T]."""
+    predicted = to_pixels(output.float(), mean, std).clamp(0, 1)
+    error = (predicted - to_pixels(target.float(), mean, std)).square().mean(dim=(1, 3, 4))
+    return -10 * torch.log10(error.clamp(min=_MIN_MSE))
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: torch.nn.Module, loader: Iterable[dict], device: torch.device,
+                            mean: Sequence[float], std: Sequence[float],
+                            split: str = "val") -> dict[str, float]:
+    """``<split>_mse`` (normalised units, the training loss) and ``<split>_psnr`` (dB, mean over
+    frames) of every clip the loader yields."""
+    was_training = model.training
+    model.eval()
+    squared, elements, psnr_sum, frames, clips = 0.0, 0, 0.0, 0, 0
+    for batch in loader:
+        x = batch["clip"].to(device)
+        y = model(x)
+        squared += (y.float() - x.float()).square().sum().item()
+        elements += x.numel()
+        psnr = frame_psnr(y, x, mean, std)
+        psnr_sum, frames, clips = psnr_sum + psnr.sum().item(), frames + psnr.numel(), clips + len(x)
+    model.train(was_training)
+    return {f"{split}_mse": squared / max(elements, 1), f"{split}_psnr": psnr_sum / max(frames, 1),
+            f"{split}_clips": clips}

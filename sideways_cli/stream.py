@@ -1,0 +1,140 @@
+"""The streaming claim: a video arrives one frame per tick and a learner trains as it goes.
+
+Sideways takes every frame: each tick a frame enters the pipeline, every module does its forward
+and backward step, and the weights are updated every ``update_every`` ticks. Blocking BP cannot
+overlap: once it takes a frame it needs D ticks to carry it up the network and D more to carry the
+gradient down before it can update and take the next, so the 2D - 1 frames that arrive meanwhile
+are dropped, and its temporal windows see frames 2D apart. Both learners start from the same
+weights with the same optimizer; both are scored by the PSNR of their final weights over every
+frame of the stream they learned from and, when there is one, of a held-out stream.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sideways_cli.config import Config
+from sideways_cli.data.synthetic import SYNTHETIC_CLASSES, render_video
+from sideways_cli.data.transforms import ClipTransform
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.models import FrameStack
+from sideways_cli.reconstruction import frame_psnr
+
+RECONSTRUCT = OBJECTIVES["reconstruct"]
+
+
+@dataclass
+class StreamResult:
+    mode: str
+    frames_arrived: int
+    frames_used: int  # frames the learner trained on
+    updates: int
+    psnr: float  # dB, final weights, mean over every frame of the stream
+    held_out_psnr: float | None  # the same on a stream it never saw
+    wall_s: float
+
+
+def synthetic_stream(frames: int, size: int, segment: int, seed: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3]: synthetic videos of ``segment`` frames, one class after another, cut
+    together like the shots of a real video."""
+    rng = np.random.default_rng(seed)
+    parts, total = [], 0
+    while total < frames:
+        clip = render_video(len(parts) % len(SYNTHETIC_CLASSES), rng, segment, size)
+        parts.append(clip)
+        total += len(clip)
+    return torch.from_numpy(np.concatenate(parts)[:frames])
+
+
+def video_stream(path: Path, frames: int, backend: str) -> torch.Tensor:
+    """uint8 [T, H, W, 3]: the first ``frames`` frames of a video file (all if it is shorter)."""
+    from contextlib import closing
+
+    from sideways_cli.data.decode import open_video
+
+    with closing(open_video(path, backend)) as decoder:
+        return decoder.get(list(range(min(frames, decoder.num_frames))))
+
+
+def prepare(frames: torch.Tensor, size: int) -> tuple[torch.Tensor, ClipTransform]:
+    """uint8 frames -> a normalised [1, 3, T, size, size] stream (centre crop) and its transform."""
+    transform = ClipTransform(size=size, resize=size)
+    return transform.normalise(transform.spatial(frames, None)).unsqueeze(0), transform
+
+
+@torch.no_grad()
+def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransform) -> float:
+    """Mean PSNR over every frame: the causal network over the whole stream (what the pipeline
+    computes tick by tick)."""
+    model.eval()
+    psnr = frame_psnr(model(stream), stream, transform.mean, transform.std).mean().item()
+    model.train()
+    return psnr
+
+
+def _optimizer(cfg: Config, model: FrameStack) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int) -> tuple[int, int]:
+    """Every frame enters the pipeline at its tick; returns (frames used, updates)."""
+    rule = SidewaysRule(model, pipeline="continuous", update=f"every {update_every} ticks",
+                        objective=RECONSTRUCT)
+    optimizer = _optimizer(cfg, model)
+
+    def apply_update() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    no_label = torch.zeros(1, dtype=torch.long)
+    updates = 0
+    for t in range(stream.shape[2]):  # one tick per frame: a one-frame clip continues the stream
+        updates += rule.train_batch(stream[:, :, t:t + 1], no_label, apply_update).updates
+    return stream.shape[2], updates
+
+
+def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor) -> tuple[int, int]:
+    """Take a frame, spend 2D ticks on its forward and backward, update, take the next frame to
+    arrive; returns (frames used, updates). The causal windows see the frames that were taken."""
+    optimizer = _optimizer(cfg, model)
+    busy_ticks = 2 * len(model)
+    context = 1 + sum(k - 1 for k in model.windows)  # frames one output depends on
+    taken_at = range(0, stream.shape[2], busy_ticks)
+    taken: list[torch.Tensor] = []
+    for t in taken_at:
+        taken = (taken + [stream[:, :, t]])[-context:]
+        loss = RECONSTRUCT.frame_loss(model(torch.stack(taken, dim=2))[:, :, -1], stream[:, :, t])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return len(taken_at), len(taken_at)
+
+
+def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: int,
+               held_out: torch.Tensor | None = None) -> list[StreamResult]:
+    """Both learners on the same stream from the same initial weights (``model_factory()``)."""
+    stream, transform = prepare(frames, cfg.data.size)
+    unseen = prepare(held_out, cfg.data.size)[0] if held_out is not None else None
+    results = []
+    for mode in ("bp", "sideways"):
+        model = model_factory()
+        started = time.perf_counter()
+        if mode == "bp":
+            used, updates = learn_blocking_bp(cfg, model, stream)
+        else:
+            used, updates = learn_sideways(cfg, model, stream, update_every)
+        wall = time.perf_counter() - started
+        results.append(StreamResult(
+            mode, stream.shape[2], used, updates, stream_psnr(model, stream, transform),
+            stream_psnr(model, unseen, transform) if unseen is not None else None, wall))
+    return results
+
+
+def as_dicts(results: list[StreamResult]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,70 @@
+"""The reconstruction task and the streaming demo from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sideways_cli.cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny_reconstruct(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reconstruct")
+    cfg = {
+        "seed": 1, "task": "reconstruct",
+        "model": {"name": "autoencoder", "temporal_kernel": 2, "width": 4, "depth": 2},
+        "data": {"root": str(root / "data"), "clip_len": 5, "batch_size": 4, "num_workers": 0,
+                 "size": 16, "synthetic": {"train_per_class": 1, "val_per_class": 1, "num_frames": 12}},
+        "train": {"steps": 2, "log_every": 1, "warmup_steps": 0},
+        "eval": {"clips_per_video": 1, "batch_size": 8},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_both_modes_report_psnr_and_eval_reads_it_back(tiny_reconstruct, tmp_path):
+    invoke("compare", tiny_reconstruct, "--out", tmp_path, "--quiet")
+    for mode in ("bp", "sideways"):
+        summary = json.loads((tmp_path / mode / "summary.json").read_text())
+        assert summary["task"] == "reconstruct" and summary["val_clips"] == 10
+        assert 0 < summary["val_psnr"] < 60 and summary["val_mse"] > 0
+        header = (tmp_path / mode / "summary.csv").read_text().splitlines()[0]
+        assert header.endswith("val_mse,val_psnr")
+    invoke("eval", tmp_path / "sideways", "--json", tmp_path / "eval.json", "--quiet")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["val_psnr"] == pytest.approx(
+        json.loads((tmp_path / "sideways" / "summary.json").read_text())["val_psnr"], rel=1e-5)
+    assert "confusion_png" not in result
+
+
+def test_stream_bp_drops_frames_sideways_uses_every_one(tiny_reconstruct, tmp_path):
+    out = tmp_path / "stream.json"
+    invoke("stream", tiny_reconstruct, "--frames", "30", "--update-every", "2", "--json", out)
+    result = json.loads(out.read_text())
+    bp, sideways = result["learners"]
+    depth = 2 * 2  # modules of a depth-2 autoencoder
+    assert sideways["frames_used"] == sideways["frames_arrived"] == 30
+    assert bp["frames_used"] == len(range(0, 30, 2 * depth)) < 30
+    # every 2 ticks, but the first pair ends before the first loss reaches the top (tick D - 1)
+    assert sideways["updates"] == 14 and bp["updates"] == bp["frames_used"]
+    for learner in (bp, sideways):
+        assert 0 < learner["psnr"] < 60 and 0 < learner["held_out_psnr"] < 60
+
+
+def test_task_and_model_must_agree(tiny_reconstruct):
+    result = CliRunner().invoke(app, ["train", str(tiny_reconstruct), "--set", "model.name=c3d"])
+    assert result.exit_code == 2 or "needs model.name autoencoder" in str(result.exception)
+    result = CliRunner().invoke(app, ["stream", "--set", "task=classify", "--set", "model.name=c3d"])
+    assert "task: reconstruct" in (result.output + str(result.exception))
