@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.console import Console
 
-from sideways_cli.config import MODES, Config, from_dict, load_config
+from sideways_cli.config import Config, from_dict, load_config
 from sideways_cli.errors import UserError, print_user_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,6 +42,18 @@ def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode:
     if mode is not None:
         overrides.append(f"mode={mode}")
     return load_config(config if config is not None else default_config_path(), overrides)
+
+
+def print_whole(renderable) -> None:
+    """A terminal's width is a real limit; a log file's or a pipe's is not, so there a wide table
+    (a sweep adds columns) keeps every value rather than being cut to 80 columns."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    natural = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+    Console(width=max(console.width, natural), file=console.file).print(renderable)
 
 
 def _log(quiet: bool):
@@ -125,29 +137,51 @@ def evaluate_run(
 @app.command()
 def compare(
     config: ConfigArg = None,
-    modes: Annotated[str, typer.Option(help="Comma-separated modes to train.")] = "bp,sideways",
+    modes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated modes to train [default: bp,sideways].")] = None,
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/compare-<config>).")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        help="Train every mode at every value: KEY=V1,V2,... (repeatable: the grid of all).")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option(
+        help="One more run per mode with KEY=V[,KEY2=V2] on top of the config (repeatable).")] = None,
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        "--runs", help="Compare this finished run directory instead of training (repeatable).")] = None,
+    keys: Annotated[Optional[str], typer.Option(
+        help="Config keys compared besides mode and the swept ones, K1,K2: table columns, no warning.")] = None,
+    measure_fidelity: Annotated[bool, typer.Option(
+        "--fidelity", help="Also measure each run's gradient fidelity at its final weights.")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default runs/compare-<config>; runs/compare with --runs).")] = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train each mode with the same seed, data and initial weights; print one table."""
-    from sideways_cli.data.catalog import resolve_dataset
-    from sideways_cli.isolated import train_isolated
-    from sideways_cli.report import compare_table, write_json
+    """Train each mode (at each swept value) with the same seed, data and initial weights, or read
+    finished runs; one table, compare.json, compare.csv, compare.png (and sweep.png)."""
+    from sideways_cli import comparison
 
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    for m in mode_list:
-        if m not in MODES:
-            raise UserError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
-    out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
-    configs = [resolve(config, set_, seed, m) for m in mode_list]
-    resolve_dataset(configs[0].data, progress=not quiet)  # prepare (e.g. generate) the data once
-    # each mode in its own process, so peak memory and speed are measured from the same start
-    summaries = [train_isolated(cfg, out_dir / cfg.mode, quiet=quiet) for cfg in configs]
-    write_json(out_dir / "compare.json", summaries)
-    console.print(compare_table(summaries))
-    console.print(f"wrote {out_dir / 'compare.json'}")
+    key_list = comparison.parse_keys(keys)
+    if runs:
+        comparison.refuse_with_runs({"CONFIG": config, "--modes": modes, "--set": set_,
+                                     "--sweep": sweep, "--variant": variant, "--seed": seed})
+        results, compared = comparison.read_runs(runs, key_list)
+        swept: list[str] = []
+        out_dir = out or Path("runs") / "compare"
+    else:
+        base = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+        out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
+        plan = comparison.plan_training(config if config is not None else default_config_path(), base,
+                                        comparison.parse_modes(modes), sweep or [], variant or [],
+                                        key_list, out_dir)
+        results = comparison.train_all(plan, quiet=quiet, log=console.print)
+        compared, swept = plan.compared, plan.swept
+    if measure_fidelity:
+        comparison.add_fidelity(results, progress=not quiet)
+    diffs = comparison.differences(results, compared)
+    for line in comparison.difference_warnings(diffs):
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    written = comparison.write_outputs(out_dir, results, compared, swept, diffs)
+    print_whole(comparison.table(results, compared, with_fidelity=measure_fidelity))
+    console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
 
 
 @app.command()
@@ -163,9 +197,9 @@ def fidelity(
     """Cosine similarity between each module's Sideways pseudo-gradient and its BP gradient."""
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.engine.losses import OBJECTIVES
-    from sideways_cli.fidelity import VIDEO_KINDS, gradient_fidelity, make_video
+    from sideways_cli.fidelity import VIDEO_KINDS, fidelity_batch, gradient_fidelity
     from sideways_cli.report import fidelity_table, write_json
-    from sideways_cli.train import build_network, eval_loader
+    from sideways_cli.train import build_network
 
     if video not in VIDEO_KINDS:
         raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
@@ -177,9 +211,8 @@ def fidelity(
         if not path.is_file():
             raise UserError(f"{path} not found; --run takes a run directory written by 'sideways train'")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-    batch = next(iter(eval_loader(cfg, data)))
-    clips = make_video(batch["clip"][: cfg.data.batch_size], video, seed=cfg.seed)
-    rows = gradient_fidelity(model, clips, batch["label"][: cfg.data.batch_size], OBJECTIVES[cfg.task])
+    clips, labels = fidelity_batch(cfg, data, video)
+    rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
               "clip_len": cfg.data.clip_len, "modules": rows}
     if json_path:

@@ -7,6 +7,7 @@ never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,15 +154,27 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
 
+# YAML 1.1 reads 1e-3 as text (it wants 1.0e-3); on a command line it can only mean a number.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_scalar(raw: str) -> Any:
+    """A value typed on the command line, read as a YAML scalar: 2 -> int, true -> bool, 1e-3 ->
+    float; text that is not valid YAML stays text."""
+    if _EXPONENT_FLOAT.fullmatch(raw.strip()):
+        return float(raw)
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b=value`` -> {"a": {"b": value}}, the value parsed as a YAML scalar."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set expects KEY=VALUE, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = parse_scalar(raw)
     nested: dict[str, Any] = {}
     node = nested
     parts = key.strip().split(".")
@@ -259,6 +272,20 @@ def _validate_data(d: DataConfig) -> None:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """Every setting under its dotted key ('data.frame_stride': 1), as --set and --sweep name it."""
+    def walk(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name, value in node.items():
+            if isinstance(value, dict):
+                flat.update(walk(value, f"{prefix}{name}."))
+            else:
+                flat[prefix + name] = value
+        return flat
+
+    return walk(to_dict(cfg), "")
 
 
 def from_dict(data: dict[str, Any], source: str) -> Config:

@@ -7,11 +7,17 @@ frames grow less alike (larger frame stride, shuffled frames).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from sideways_cli.config import Config, from_dict
+from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.engine import BackpropRule, SidewaysRule
-from sideways_cli.engine.losses import CLASSIFY, Objective
+from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
+from sideways_cli.errors import UserError
 from sideways_cli.models import FrameStack
+from sideways_cli.train import build_network, eval_loader
 
 VIDEO_KINDS = ("natural", "static", "shuffled")
 
@@ -53,3 +59,32 @@ def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tens
         cosine = torch.nn.functional.cosine_similarity(g_bp.double(), g_sw.double(), dim=0)
         rows.append({"index": d, "name": model.names[d], "cosine": cosine.item()})
     return rows
+
+
+def fidelity_batch(cfg: Config, data: DatasetIndex, video: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips, labels): the first validation batch as ``cfg`` builds it (its clip length, frame
+    stride and frame shuffling apply), at most data.batch_size clips, made into ``video``."""
+    batch = next(iter(eval_loader(cfg, data)))
+    n = cfg.data.batch_size
+    return make_video(batch["clip"][:n], video, seed=cfg.seed), batch["label"][:n]
+
+
+def mean_below_head(rows: list[dict]) -> float:
+    """Mean cosine of the modules below the head: the head's gradient is exact under both rules,
+    so counting it would only pull every run towards 1."""
+    below = rows[:-1] or rows
+    return sum(row["cosine"] for row in below) / len(below)
+
+
+def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
+    """Per-module fidelity at a trained run's final weights, on a batch built from its own config."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path} not found; fidelity needs the run's final weights (train it again)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = from_dict(ckpt["config"], str(path))
+    data = resolve_dataset(cfg.data, progress=progress)
+    model = build_network(cfg, len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    clips, labels = fidelity_batch(cfg, data)
+    return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _pct(x: float) -> str:
@@ -25,18 +33,39 @@ _TASK_COLUMNS = {
 }
 
 
-def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways") -> Table:
-    task_columns = _TASK_COLUMNS[summaries[0].get("task", "classify")]
-    columns = ([("train loss", "train_loss", "{:.3f}".format)] + task_columns
+def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways",
+                  settings: list[dict[str, Any]] | None = None, names: list[str] | None = None,
+                  fidelity: list[float | None] | None = None) -> Table:
+    """One row per run. ``settings`` adds a column per compared key besides mode (swept, variant
+    or --keys), ``names`` a run column, ``fidelity`` a mean-fidelity column; each only if given.
+    The validation columns are the task's (accuracy or PSNR)."""
+    keys = [k for k in (settings[0] if settings else {}) if k != "mode"]
+    leaves = [key.rsplit(".", 1)[-1] for key in keys]  # frame_stride: narrow enough for a terminal
+    metrics = ([("train loss", "train_loss", "{:.3f}".format)]
+               + _TASK_COLUMNS[summaries[0].get("task", "classify")]
                + [("frames/s", "frames_per_s", "{:.0f}".format),
                   ("peak mem (MiB)", "peak_mem_mb", "{:.0f}".format), ("wall (s)", "wall_s", "{:.0f}".format)])
+    text_headers = (["run"] if names else []) + ["mode"]
+    headers = text_headers + [leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves)]
+    headers += [name for name, _, _ in metrics] + (["mean fidelity"] if fidelity else [])
     table = Table(title=title)
-    table.add_column("mode")
-    for name, _, _ in columns:
-        table.add_column(name, justify="right")
-    for s in summaries:
-        table.add_row(s["mode"], *(fmt(s[key]) for _, key, fmt in columns))
+    for j, header in enumerate(headers):
+        table.add_column(header, justify="left" if j < len(text_headers) else "right")
+    for i, s in enumerate(summaries):
+        row = ([names[i]] if names else []) + [s["mode"]]
+        row += [format_value(settings[i][key]) for key in keys] if settings else []
+        row += [fmt(s[key]) for _, key, fmt in metrics]
+        if fidelity:
+            row.append("" if fidelity[i] is None else f"{fidelity[i]:.3f}")
+        table.add_row(*row)
     return table
+
+
+def format_value(value: Any) -> str:
+    """A config value as it would be typed after --set (true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
 
 
 def eval_table(result: dict[str, Any], title: str) -> Table:

@@ -103,7 +103,7 @@ def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path):
     out = tmp_path / "cmp"
     result = invoke("compare", tiny_config, "--set", "train.lr=0", "--out", out, "--quiet")
     assert "BP vs Sideways" in result.output
-    summaries = json.loads((out / "compare.json").read_text())
+    summaries = [run["summary"] for run in json.loads((out / "compare.json").read_text())["runs"]]
     assert [s["mode"] for s in summaries] == ["bp", "sideways"]
     assert summaries[0]["val_clip_top1"] == summaries[1]["val_clip_top1"]
     w_bp = torch.load(out / "bp" / "checkpoints" / "last.pt", weights_only=False)["model"]

@@ -1,0 +1,316 @@
+"""`sideways compare`: which runs to train (modes x sweep grid, plus variants), which finished ones
+to reuse or read, how their configs differ, and their numbers as compare.json and compare.csv.
+
+Everything a user can get wrong is refused while planning, before the first run trains: a typo in
+the last --sweep value must not cost the time the first runs took.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from sideways_cli.config import MODES, Config, flat_dict, from_dict, load_config, valid_keys
+from sideways_cli.errors import UserError
+from sideways_cli.report import format_value, write_json, write_text_atomic
+
+# Settings that cannot change a run's numbers: no reason to warn, nor to retrain.
+IGNORED_KEYS = frozenset({"data.num_workers", "train.log_every", "device"})
+# the classification and the reconstruction metrics: a run leaves the other task's empty
+SUMMARY_COLUMNS = ("train_loss", "val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
+                   "val_mean_class_acc", "val_mse", "val_psnr", "frames_per_s", "peak_mem_mb", "wall_s")
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    run_dir: Path
+    cfg: Config
+    variant: bool  # a --variant run: one setting on top of the base config, not a point of the sweep
+
+
+@dataclass
+class Plan:
+    runs: list[PlannedRun]
+    compared: list[str]  # mode, swept keys, variant keys, --keys
+    swept: list[str]
+
+
+@dataclass
+class RunResult:
+    """A finished run as its directory holds it."""
+
+    name: str
+    run_dir: Path
+    config: dict[str, Any]  # resolved config, dotted keys
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]  # metrics.jsonl: the training-loss curve
+    evaluations: list[dict[str, float]]  # summary.csv: the validation curve
+    variant: bool = False
+    fidelity: list[dict[str, Any]] | None = None  # per-module rows of gradient_fidelity
+    fidelity_mean: float | None = None
+
+
+def parse_modes(text: str | None) -> list[str]:
+    modes = [m.strip() for m in (text or "bp,sideways").split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if not modes or len(set(modes)) < len(modes):
+        raise UserError(f"--modes takes each of {', '.join(MODES)} at most once, got {text!r}")
+    return modes
+
+
+def _check_key(key: str, option: str) -> str:
+    if key == "mode":
+        raise UserError(f"{option}: the mode is chosen with --modes, not {option}")
+    if key not in valid_keys():
+        raise UserError(f"{option}: unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    return key
+
+
+def parse_keys(text: str | None) -> list[str]:
+    """--keys K1,K2: config keys to show as columns and to leave out of the difference warning."""
+    keys = [k.strip() for k in (text or "").split(",") if k.strip()]
+    for key in keys:
+        if key != "mode":  # always compared; naming it is harmless
+            _check_key(key, "--keys")
+    return keys
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """KEY=v1,v2,... -> (KEY, ["KEY=v1", "KEY=v2", ...]), overrides parsed later like --set."""
+    key, sep, values = text.partition("=")
+    raws = [v.strip() for v in values.split(",")]
+    if not sep or not key.strip() or not all(raws):
+        raise UserError(f"--sweep expects KEY=V1,V2,... with no empty value, got {text!r}")
+    key = _check_key(key.strip(), "--sweep")
+    return key, [f"{key}={raw}" for raw in raws]
+
+
+def parse_variant(text: str) -> list[str]:
+    """KEY=V[,KEY2=V2] -> ["KEY=V", "KEY2=V2"]: the settings of one extra run per mode."""
+    overrides, keys = [], []
+    for part in text.split(","):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise UserError(f"--variant expects KEY=V[,KEY2=V2], got {text!r}")
+        keys.append(_check_key(key.strip(), "--variant"))
+        overrides.append(f"{key.strip()}={raw.strip()}")
+    if len(set(keys)) < len(keys):
+        raise UserError(f"--variant {text!r} sets a key twice")
+    return overrides
+
+
+def _key_of(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def run_name(mode: str, settings: dict[str, Any], compared: list[str]) -> str:
+    """mode, then '-leaf=value' per setting ('sideways-frame_stride=2'); the full key where two
+    compared keys share a leaf; characters a folder name should not hold become '_'."""
+    leaves = [k.rsplit(".", 1)[-1] for k in compared]
+    parts = [mode]
+    for key, value in settings.items():
+        leaf = key.rsplit(".", 1)[-1]
+        parts.append(f"{key if leaves.count(leaf) > 1 else leaf}={format_value(value)}")
+    return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
+
+
+def plan_training(config_path: Path | None, base: list[str], modes: list[str], sweeps: list[str],
+                  variants: list[str], keys: list[str], out_dir: Path) -> Plan:
+    """Resolve and validate the config of every run; nothing is trained or written."""
+    axes = [parse_sweep(text) for text in sweeps]
+    swept = [key for key, _ in axes]
+    variant_sets = [parse_variant(text) for text in variants]
+    for key in swept:
+        if swept.count(key) > 1:
+            raise UserError(f"--sweep names {key} twice; give all its values in one --sweep")
+        if key in map(_key_of, base):
+            raise UserError(f"{key} is both swept and fixed by --set/--seed; drop one of them")
+    variant_keys = _unique([_key_of(o) for overrides in variant_sets for o in overrides])
+    compared = _unique(["mode", *swept, *variant_keys, *keys])
+    points = [(list(combo), False) for combo in itertools.product(*(values for _, values in axes))]
+    points += [(overrides, True) for overrides in variant_sets]
+    runs, seen = [], {}
+    for mode in modes:
+        for overrides, variant in points:
+            cfg = load_config(config_path, [*base, f"mode={mode}", *overrides])
+            flat = flat_dict(cfg)
+            name = run_name(mode, {k: flat[k] for k in map(_key_of, overrides)}, compared)
+            if name in seen:
+                raise UserError(f"two runs would share {out_dir / name} ({seen[name]} and "
+                                f"{' '.join(overrides)}); drop the repeated value or variant")
+            seen[name] = " ".join(overrides) or "the base config"
+            runs.append(PlannedRun(name, out_dir / name, cfg, variant))
+    return Plan(runs, compared, swept)
+
+
+def read_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; it was not written by 'sideways train'")
+    return from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in new if k not in IGNORED_KEYS and old.get(k) != new[k]]
+
+
+def is_finished(run: PlannedRun) -> bool:
+    """True when run_dir already holds this run, finished; refuses a finished run of another config
+    (resuming into it would mix two experiments under one name)."""
+    if not (run.run_dir / "summary.json").is_file():
+        return False
+    old, new = flat_dict(read_config(run.run_dir)), flat_dict(run.cfg)
+    changed = _changed(old, new)
+    if changed:
+        what = ", ".join(f"{k}: {format_value(old.get(k))} -> {format_value(new[k])}" for k in changed[:3])
+        raise UserError(f"{run.run_dir} holds a finished run of another config ({what}); "
+                        "compare into a new --out")
+    return True
+
+
+def train_all(plan: Plan, quiet: bool, log: Callable[[str], None]) -> list[RunResult]:
+    """Train each planned run in its own process, reusing those already finished."""
+    from sideways_cli.data.catalog import resolve_dataset
+    from sideways_cli.isolated import train_isolated
+
+    finished = [is_finished(run) for run in plan.runs]  # all refusals before any training
+    prepared: list[Any] = []
+    for run, done in zip(plan.runs, finished):
+        if done:
+            log(f"reusing {run.run_dir}")
+            continue
+        if run.cfg.data not in prepared:  # prepare (e.g. generate) each dataset once, here
+            resolve_dataset(run.cfg.data, progress=not quiet)
+            prepared.append(run.cfg.data)
+        # its own process, so peak memory and speed are measured from the same start
+        train_isolated(run.cfg, run.run_dir, quiet=quiet)
+    return [read_run(run.run_dir, run.name, run.variant) for run in plan.runs]
+
+
+def read_run(run_dir: Path, name: str | None = None, variant: bool = False) -> RunResult:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; --runs takes run directories written by "
+                        "'sideways train' or 'sideways compare'")
+    if not (run_dir / "summary.json").is_file():
+        raise UserError(f"{run_dir} has no summary.json, so its run did not finish; finish it with "
+                        f"'sideways train CONFIG --out {run_dir}' or leave it out")
+    config = flat_dict(read_config(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics_path, evals_path = run_dir / "metrics.jsonl", run_dir / "summary.csv"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()
+               if line.strip()] if metrics_path.is_file() else []
+    evaluations = []
+    if evals_path.is_file():
+        with evals_path.open(newline="") as f:
+            evaluations = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return RunResult(name or run_dir.name, run_dir, config, summary, metrics, evaluations, variant)
+
+
+def refuse_with_runs(options: dict[str, Any]) -> None:
+    """--runs reads finished runs: an option that would shape training means a mix-up."""
+    given = [name for name, value in options.items() if value is not None and value != []]
+    if given:
+        raise UserError(f"--runs compares finished runs and trains nothing; drop {', '.join(given)}")
+
+
+def read_runs(run_dirs: list[Path], keys: list[str]) -> tuple[list[RunResult], list[str]]:
+    """Finished runs, named after their folders (with the parent where two folders share a name)."""
+    if len(set(map(Path.resolve, run_dirs))) < len(run_dirs):
+        raise UserError("--runs names a run directory twice; give each once")
+    names = [d.name for d in run_dirs]
+    runs = [read_run(d, str(d) if names.count(d.name) > 1 else d.name) for d in run_dirs]
+    return runs, _unique(["mode", *keys])
+
+
+def add_fidelity(runs: list[RunResult], progress: bool) -> None:
+    from sideways_cli.fidelity import mean_below_head, run_fidelity
+
+    for run in runs:
+        run.fidelity = run_fidelity(run.run_dir, progress=progress)
+        run.fidelity_mean = mean_below_head(run.fidelity)
+
+
+def differences(runs: list[RunResult], compared: list[str]) -> dict[str, dict[str, Any]]:
+    """{key: {run: value}} for every setting that differs across runs but is not compared."""
+    keys = _unique([k for run in runs for k in run.config])
+    return {key: {run.name: run.config.get(key) for run in runs} for key in keys
+            if key not in compared and key not in IGNORED_KEYS
+            and len({json.dumps(run.config.get(key)) for run in runs}) > 1}
+
+
+def difference_warnings(diffs: dict[str, dict[str, Any]]) -> list[str]:
+    return [f"runs also differ in {key}, which is not compared: "
+            + ", ".join(f"{format_value(v)} in {name}" for name, v in values.items())
+            for key, values in diffs.items()]
+
+
+def write_compare_json(path: Path, runs: list[RunResult], compared: list[str], swept: list[str],
+                       diffs: dict[str, dict[str, Any]]) -> None:
+    entries = []
+    for run in runs:
+        entry = {"name": run.name, "run_dir": str(run.run_dir),
+                 "settings": {k: run.config.get(k) for k in compared}, "summary": run.summary}
+        if run.fidelity is not None:
+            entry.update(fidelity=run.fidelity, fidelity_mean=run.fidelity_mean)
+        entries.append(entry)
+    write_json(path, {"runs": entries, "compared": compared, "swept": swept, "differences": diffs})
+
+
+def write_compare_csv(path: Path, runs: list[RunResult], compared: list[str]) -> None:
+    """One row per run: name, mode, each compared key, the summary metrics, fidelity if measured."""
+    keys = [k for k in compared if k != "mode"]
+    modules = _unique([f"fidelity_{row['name']}" for run in runs for row in run.fidelity or []])
+    fidelity = ["fidelity_mean", *modules] if any(run.fidelity for run in runs) else []
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["run", "mode", *keys, *SUMMARY_COLUMNS, *fidelity])
+    for run in runs:
+        cosines = {f"fidelity_{row['name']}": row["cosine"] for row in run.fidelity or []}
+        cosines["fidelity_mean"] = run.fidelity_mean
+        writer.writerow([run.name, run.summary["mode"], *(format_value(run.config.get(k)) for k in keys),
+                         *(run.summary.get(k, "") for k in SUMMARY_COLUMNS),
+                         *("" if cosines.get(k) is None else cosines[k] for k in fidelity)])
+    write_text_atomic(path, text.getvalue())
+
+
+def write_outputs(out_dir: Path, runs: list[RunResult], compared: list[str], swept: list[str],
+                  diffs: dict[str, dict[str, Any]]) -> list[Path]:
+    """compare.json, compare.csv, compare.png and, with a sweep, sweep.png; returns their paths."""
+    from sideways_cli.plots import compare_png, sweep_png
+
+    paths = [out_dir / name for name in ("compare.json", "compare.csv", "compare.png", "sweep.png")]
+    write_compare_json(paths[0], runs, compared, swept, diffs)
+    write_compare_csv(paths[1], runs, compared)
+    compare_png(runs, paths[2])
+    if not swept:
+        paths[3].unlink(missing_ok=True)  # a stale one would contradict compare.json
+        return paths[:3]
+    sweep_png(runs, swept, paths[3])
+    return paths
+
+
+def table(runs: list[RunResult], compared: list[str], with_fidelity: bool):
+    """The rich table: a column per compared key, a run column only where those settings leave
+    two runs looking alike (e.g. --runs of two bp runs)."""
+    from sideways_cli.report import compare_table
+
+    settings = [{k: run.config.get(k) for k in compared} for run in runs]
+    alike = len({json.dumps(s, sort_keys=True) for s in settings}) < len(runs)
+    return compare_table([run.summary for run in runs], settings=settings,
+                         names=[run.name for run in runs] if alike else None,
+                         fidelity=[run.fidelity_mean for run in runs] if with_fidelity else None)
