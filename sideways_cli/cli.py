@@ -181,6 +181,13 @@ def compare(
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     written = comparison.write_outputs(out_dir, results, compared, swept, diffs)
     print_whole(comparison.table(results, compared, with_fidelity=measure_fidelity))
+    means = comparison.fold_means(results, swept)
+    if means:
+        from sideways_cli.report import compare_table
+
+        folds = ", ".join(map(str, means[0]["folds"]))
+        print_whole(compare_table(means, title=f"mean over folds {folds}",
+                                  settings=[{"mode": m["mode"], **m["settings"]} for m in means]))
     console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
 
 

@@ -259,6 +259,32 @@ def difference_warnings(diffs: dict[str, dict[str, Any]]) -> list[str]:
             for key, values in diffs.items()]
 
 
+FOLD_KEY = "data.fold"
+
+
+def fold_means(runs: list[RunResult], swept: list[str]) -> list[dict[str, Any]]:
+    """With ``data.fold`` swept, the mean over folds of every summary metric, one entry per mode
+    (and per value of the other swept keys): the number papers report for UCF101 and HMDB51."""
+    if FOLD_KEY not in swept:
+        return []
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if not run.variant:
+            others = {k: run.config[k] for k in swept if k != FOLD_KEY}
+            groups.setdefault(json.dumps([run.summary["mode"], others]), []).append(run)
+    means = []
+    for key, members in groups.items():
+        mode, others = json.loads(key)
+        entry: dict[str, Any] = {"mode": mode, "task": members[0].summary.get("task", "classify"),
+                                 "settings": others, "folds": [m.config[FOLD_KEY] for m in members]}
+        for column in SUMMARY_COLUMNS:
+            values = [m.summary[column] for m in members if column in m.summary]
+            if len(values) == len(members):
+                entry[column] = sum(values) / len(values)
+        means.append(entry)
+    return means
+
+
 def write_compare_json(path: Path, runs: list[RunResult], compared: list[str], swept: list[str],
                        diffs: dict[str, dict[str, Any]]) -> None:
     entries = []
@@ -268,7 +294,8 @@ def write_compare_json(path: Path, runs: list[RunResult], compared: list[str], s
         if run.fidelity is not None:
             entry.update(fidelity=run.fidelity, fidelity_mean=run.fidelity_mean)
         entries.append(entry)
-    write_json(path, {"runs": entries, "compared": compared, "swept": swept, "differences": diffs})
+    write_json(path, {"runs": entries, "compared": compared, "swept": swept, "differences": diffs,
+                      "fold_means": fold_means(runs, swept)})
 
 
 def write_compare_csv(path: Path, runs: list[RunResult], compared: list[str]) -> None:

@@ -203,3 +203,19 @@ def test_a_grid_of_sweeps_and_a_variant_are_planned_by_name(tiny_config, tmp_pat
     assert len(names) == 10 and [run.variant for run in plan.runs].count(True) == 2
     assert plan.runs[1].cfg.train.lr == 0.01 and plan.runs[1].run_dir == tmp_path / names[1]
     assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_fold_sweeps_get_a_mean_per_mode():
+    from sideways_cli.comparison import RunResult, fold_means
+
+    def run(mode, fold, top1):
+        summary = {"mode": mode, "train_loss": 1.0, "val_video_top1": top1, "frames_per_s": 10.0}
+        return RunResult(f"{mode}-fold={fold}", Path("."), {"data.fold": fold}, summary, [], [])
+
+    runs = [run("bp", 1, 0.5), run("bp", 2, 0.7), run("bp", 3, 0.6), run("sideways", 1, 0.4),
+            run("sideways", 2, 0.5), run("sideways", 3, 0.6)]
+    means = fold_means(runs, ["data.fold"])
+    assert [(m["mode"], m["folds"]) for m in means] == [("bp", [1, 2, 3]), ("sideways", [1, 2, 3])]
+    assert means[0]["val_video_top1"] == pytest.approx(0.6) and means[1]["val_video_top1"] == pytest.approx(0.5)
+    assert "val_clip_top1" not in means[0]  # not in every run's summary: no mean
+    assert fold_means(runs, ["data.frame_stride"]) == []

@@ -1,0 +1,25 @@
+"""Every preset in experiments/ is a valid config headed by its command, runtime and purpose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sideways_cli.config import load_config
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_the_presets_are_there():
+    names = {p.stem for p in PRESETS}
+    assert {"synthetic", "smoothness", "reconstruct", "stream", "ucf101_vgg", "ucf101_c3d",
+            "hmdb51_vgg", "hmdb51_c3d"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_loads_and_says_how_to_run_it(path):
+    load_config(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "sideways " in text and "Expected on 2 CPU cores" in text and "TODO" not in text
