@@ -5,21 +5,33 @@ Memory grows with T x D: every activation of the clip is kept until the backward
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
 
-from sideways_cli.engine.losses import clip_loss
-from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.engine.losses import at_least_fp32, clip_loss
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
 from sideways_cli.models import FrameStack
 
 
 class BackpropRule:
-    def __init__(self, model: FrameStack):
+    def __init__(self, model: FrameStack, autocast: Autocast = nullcontext):
         self.model = model
+        self.autocast = autocast
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
-        loss = clip_loss(self.model(clips), labels)
+        with self.autocast():
+            logits = self.model(clips)
+        loss = clip_loss(at_least_fp32(logits), labels)
         loss.backward()
         apply_update()
         frames = clips.shape[2]
         return BatchStats(loss=loss.item(), losses=frames, frames=clips.shape[0] * frames, updates=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # every batch starts from nothing but the weights
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
