@@ -21,7 +21,7 @@ from sideways_cli.train import build_network, data_loaders, forever
 
 
 def loader_frames_per_s(loader, batches: int) -> float:
-    iterator = forever(loader)  # epochs end; the benchmark keeps going
+    iterator = forever(loader)  # the training loader is endless; forever() also takes finite ones
     next(iterator)  # workers start and open their first videos
     frames, start = 0, time.perf_counter()
     for _ in range(batches):

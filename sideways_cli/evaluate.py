@@ -8,12 +8,16 @@ recall, which weighs every class alike whatever its number of videos.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
+from rich.progress import Progress
 
-from sideways_cli.engine.losses import clip_probabilities
+from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
 from sideways_cli.models import FrameStack
+from sideways_cli.progress import tracked
+from sideways_cli.runtime import Autocast
 
 
 def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -22,15 +26,18 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
 
 
 def evaluate(model: FrameStack, loader: Iterable[dict], num_videos: int, num_classes: int,
-             device: torch.device, split: str = "val") -> dict[str, float]:
-    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split)[0]
+             device: torch.device, split: str = "val", autocast: Autocast = nullcontext,
+             bar: Progress | None = None) -> dict[str, float]:
+    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split, autocast, bar)[0]
 
 
 @torch.no_grad()
 def evaluate_with_confusion(model: FrameStack, loader: Iterable[dict], num_videos: int,
-                            num_classes: int, device: torch.device,
-                            split: str = "val") -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted]."""
+                            num_classes: int, device: torch.device, split: str = "val",
+                            autocast: Autocast = nullcontext,
+                            bar: Progress | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted].
+    The forward passes run in ``autocast`` (bf16 with AMP); ``bar`` gets a task for the batches."""
     was_training = model.training
     model.eval()
     clip_hits = {1: 0, 5: 0}
@@ -38,8 +45,10 @@ def evaluate_with_confusion(model: FrameStack, loader: Iterable[dict], num_video
     video_probs = torch.zeros(num_videos, num_classes)
     video_counts = torch.zeros(num_videos)
     video_labels = torch.full((num_videos,), -1, dtype=torch.long)
-    for batch in loader:
-        probs = clip_probabilities(model(batch["clip"].to(device))).float().cpu()
+    for batch in tracked(loader, bar, f"eval {split}"):
+        with autocast():
+            logits = model(batch["clip"].to(device))
+        probs = clip_probabilities(at_least_fp32(logits)).float().cpu()
         labels = batch["label"]
         for k in clip_hits:
             clip_hits[k] += int(topk_correct(probs, labels, k).sum())

@@ -13,11 +13,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from sideways_cli.errors import UserError
 
 from .decode import Backend, DecodeError, VideoDecodeError, open_video
+from .sampler import Draw, Position, SeededBatchSampler, item_seed
 from .transforms import ClipTransform
 
 _INDEX_COLUMNS = ("path", "label", "num_frames", "fps")
@@ -79,8 +80,10 @@ _MAX_REDRAWS = 20  # unreadable videos in a row before a training item gives up
 class ClipDataset(Dataset):
     """Clips of `clip_len` frames, `frame_stride` apart, as normalised float32 [3, T, H, W].
 
-    Train mode yields one random clip per video; eval mode yields `clips_per_video` clips per
-    video at evenly spaced offsets, deterministically. `transform` resizes and crops (random in
+    Train mode yields one random clip per video, everything random about it drawn from the item's
+    seed: index it with a :class:`~.sampler.Draw` (video, seed), as `SeededBatchSampler` does,
+    or with a plain video number, which takes the seed of that position of epoch 0. Eval mode
+    yields `clips_per_video` clips per video at evenly spaced offsets, deterministically. `transform` resizes and crops (random in
     train mode, centre in eval mode) and may flip in train mode; the default keeps frames as
     decoded and never flips (the synthetic classes are mirror pairs). Frames past the end of a
     short video repeat the last frame.
@@ -116,7 +119,6 @@ class ClipDataset(Dataset):
         self.transform = transform or ClipTransform(mean=tuple(mean), std=tuple(std))
         self.seed = seed
         self.decoder_backend = decoder_backend
-        self._generator: torch.Generator | None = None
         self._span: tuple[int, int, torch.Tensor] | None = None  # (video, first frame, frames)
         self._bad: set[int] = set()  # videos this process failed to decode: not retried
 
@@ -125,11 +127,7 @@ class ClipDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned workers: per-process state is rebuilt there.
-        return {**self.__dict__, "_generator": None, "_span": None, "_bad": set()}
-
-    def reseed(self, worker_seed: int) -> None:
-        """Start this process's train-mode random stream; `build_loader` calls it in each worker."""
-        self._generator = _seeded(self.seed, worker_seed)
+        return {**self.__dict__, "_span": None, "_bad": set()}
 
     def clip_indices(self, video_idx: int, rng_or_clip_idx: torch.Generator | int) -> list[int]:
         """Frame indices of one clip in temporal order: a random clip (train mode, pass a
@@ -157,10 +155,11 @@ class ClipDataset(Dataset):
             return max_start // 2
         return round(clip_idx * max_start / (self.clips_per_video - 1))
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        video_idx, clip_idx = divmod(item, self.clips_per_video)
+    def __getitem__(self, item: int | Draw) -> dict[str, Any]:
         if self.train:
-            return self._train_item(video_idx)
+            draw = item if isinstance(item, Draw) else Draw(item, item_seed(self.seed, 0, item))
+            return self._train_item(draw.video, torch.Generator().manual_seed(draw.seed))
+        video_idx, clip_idx = divmod(item, self.clips_per_video)
         entry = self.entries[video_idx]
         try:
             frames = self._eval_frames(video_idx, self.clip_indices(video_idx, clip_idx))
@@ -171,13 +170,15 @@ class ClipDataset(Dataset):
         return {"clip": self.transform.normalise(frames), "label": entry.label, "video": video_idx,
                 "failed": []}
 
-    def _train_item(self, video_idx: int) -> dict[str, Any]:
-        generator = self._train_generator()
+    def _train_item(self, video_idx: int, generator: torch.Generator) -> dict[str, Any]:
         failed: list[tuple[str, str]] = []
         for _ in range(_MAX_REDRAWS):
+            # drawn whether or not the video is known bad here, so every process (whatever it
+            # has seen fail before) consumes the generator alike and ends on the same clip
+            indices = self.clip_indices(video_idx, generator)
             if video_idx not in self._bad:
                 try:
-                    frames = self._decode(video_idx, self.clip_indices(video_idx, generator))
+                    frames = self._decode(video_idx, indices)
                     break
                 except VideoDecodeError as exc:
                     failed += self._failure(video_idx, exc)
@@ -197,12 +198,6 @@ class ClipDataset(Dataset):
             return []
         self._bad.add(video_idx)
         return [(str(self.entries[video_idx].path), exc.reason)]
-
-    def _train_generator(self) -> torch.Generator:
-        if self._generator is None:
-            info = get_worker_info()
-            self.reseed(info.seed if info is not None else 0)
-        return self._generator
 
     def _decode(self, video_idx: int, indices: list[int]) -> torch.Tensor:
         # Opened per item, in whichever process runs __getitem__ (a DataLoader worker): decoder
@@ -276,15 +271,6 @@ class GuardedLoader:
                             "repair or remove them, or raise data.max_bad_fraction")
 
 
-def _init_worker(worker_id: int) -> None:
-    # A forked worker inherits the parent's generator state; without a reseed every worker
-    # would draw the same clips.
-    info = get_worker_info()
-    reseed = getattr(info.dataset, "reseed", None)
-    if reseed is not None:
-        reseed(info.seed)
-
-
 def _worker_context() -> str:
     # Fork is cheap and safe on Linux: workers only decode and normalise on the CPU, and each
     # opens its own readers. macOS system libraries are not fork-safe.
@@ -300,21 +286,29 @@ def build_loader(
     drop_last: bool = False,
     *,
     pin_memory: bool = False,
+    start: Position = (0, 0),
 ) -> DataLoader:
-    """A DataLoader whose order and per-worker randomness depend only on `seed`."""
+    """A DataLoader whose batches depend only on `seed`, never on `num_workers`.
+
+    `shuffle` (training): an endless stream of batches, epoch after epoch, from (epoch, position)
+    `start` (:class:`SeededBatchSampler`; each item a :class:`Draw`). Otherwise one pass over the
+    dataset in its order.
+    """
     workers = max(0, num_workers)
     extra: dict[str, Any] = {}
     if workers:
-        extra = dict(
-            worker_init_fn=_init_worker, persistent_workers=True, multiprocessing_context=_worker_context()
-        )
+        extra = dict(persistent_workers=True, multiprocessing_context=_worker_context())
+    if shuffle:
+        sampler = SeededBatchSampler(len(dataset), batch_size, seed, drop_last=drop_last, start=start)
+        extra["batch_sampler"] = sampler
+    else:
+        extra.update(batch_size=batch_size, drop_last=drop_last)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=workers,
-        drop_last=drop_last,
         collate_fn=collate_clips,
+        # the loader draws its workers' base seed at every iteration: from its own generator,
+        # not the global one, so how often it is iterated cannot shift the run's dropout masks
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         **extra,

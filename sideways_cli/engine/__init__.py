@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.losses import CLASSIFY, Objective
-from sideways_cli.engine.rule import BatchStats, GradientRule
+from sideways_cli.engine.rule import Autocast, BatchStats, GradientRule
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 
 
 def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-              chunk: int = 1, objective: Objective = CLASSIFY) -> GradientRule:
-    """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module."""
+              chunk: int = 1, objective: Objective = CLASSIFY,
+              autocast: Autocast = nullcontext) -> GradientRule:
+    """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module.
+    ``autocast`` is the context its forward passes run in (bf16 with AMP)."""
     if mode == "bp":
-        return BackpropRule(model, objective)
+        return BackpropRule(model, objective, autocast)
     if mode != "sideways":
         raise ValueError(f"unknown mode {mode!r}")
     if update == "clip" and chunk > 1:
         from sideways_cli.engine.sideways_batched import TickBatchedSideways
 
-        return TickBatchedSideways(model, pipeline=pipeline, chunk=chunk, objective=objective)
-    return SidewaysRule(model, pipeline=pipeline, update=update, objective=objective)
+        return TickBatchedSideways(model, pipeline=pipeline, chunk=chunk, objective=objective,
+                                   autocast=autocast)
+    return SidewaysRule(model, pipeline=pipeline, update=update, objective=objective, autocast=autocast)
 
 
 __all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "make_rule"]

@@ -5,22 +5,35 @@ Memory grows with T x D: every activation of the clip is kept until the backward
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
 
-from sideways_cli.engine.losses import CLASSIFY, Objective
-from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
 from sideways_cli.models import FrameStack
 
 
 class BackpropRule:
-    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
+    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY,
+                 autocast: Autocast = nullcontext):
         self.model = model
         self.objective = objective
+        self.autocast = autocast
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
-        loss = self.objective.clip_loss(self.model(clips), clips, labels)
+        with self.autocast():
+            outputs = self.model(clips)
+        loss = self.objective.clip_loss(at_least_fp32(outputs), clips, labels)
         loss.backward()
         apply_update()
         frames = clips.shape[2]
         return BatchStats(loss=loss.item(), losses=frames, frames=clips.shape[0] * frames, updates=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # every batch starts from nothing but the weights
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits that AMP left in bf16, in fp32 for the loss and softmax; fp32 and fp64 as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def frame_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of one frame's logits [B, K] against the clip labels [B], mean over the batch."""
     return F.cross_entropy(logits, labels)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -29,6 +29,22 @@ class Token:
     frame: int  # position of the frame in the stream fed to the pipeline
     target: torch.Tensor  # what the frame's loss compares its output with
 
+    def state(self) -> dict[str, Any]:
+        # a copy: an input frame is a view, which would take its whole clip into a checkpoint
+        return {"value": self.value.detach().clone(), "frame": self.frame, "target": self.target}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Token:
+        return cls(state["value"], state["frame"], state["target"])
+
+
+def optional_token_state(token: Token | None) -> dict[str, Any] | None:
+    return None if token is None else token.state()
+
+
+def optional_token(state: dict[str, Any] | None) -> Token | None:
+    return None if state is None else Token.from_state(state)
+
 
 class WindowRegister:
     """A module's last k inputs, oldest first; slots that never received a value read as zeros."""
@@ -42,6 +58,12 @@ class WindowRegister:
 
     def push(self, token: Token) -> None:
         self.slots.append(token)
+
+    def state(self) -> list[dict[str, Any]]:
+        return [token.state() for token in self.slots]
+
+    def load_state(self, state: list[dict[str, Any]]) -> None:
+        self.slots = deque((Token.from_state(s) for s in state), maxlen=self.k)
 
     @property
     def filled(self) -> int:
@@ -87,6 +109,16 @@ class Pipeline:
             window.clear()
         self.outputs = [None] * len(self.model)
         self.fresh = [False] * len(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": [w.state() for w in self.windows],
+                "outputs": [optional_token_state(t) for t in self.outputs], "fresh": list(self.fresh)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for window, saved in zip(self.windows, state["windows"], strict=True):
+            window.load_state(saved)
+        self.outputs = [optional_token(t) for t in state["outputs"]]
+        self.fresh = list(state["fresh"])
 
     def forward_tick(self, frame: Token | None, with_graph: bool) -> list[ModuleStep]:
         """Advance one tick; ``frame`` is the new input to module 1 (None while draining).

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 ApplyUpdate = Callable[[], None]
+Autocast = Callable[[], AbstractContextManager]  # the context forward passes run in (bf16 AMP)
 
 
 @dataclass
@@ -28,3 +30,9 @@ class GradientRule(Protocol):
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the rule carries from one batch to the next (detached tensors), for a checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

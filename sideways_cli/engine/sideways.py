@@ -14,12 +14,14 @@ register per module, whatever the clip length.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
-from sideways_cli.engine.losses import CLASSIFY, Objective
-from sideways_cli.engine.pipeline import ModuleStep, Pipeline, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
+from sideways_cli.engine.pipeline import ModuleStep, Pipeline, Token, clip_tokens
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
 from sideways_cli.models import FrameStack
 
 PIPELINE_MODES = ("reset", "continuous")
@@ -57,6 +59,14 @@ class PseudoGradients:
                 total.add_(g)
         self.counts[d] += count
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": [None if s is None else [t.detach() for t in s] for s in self.sums],
+                "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = [None if s is None else list(s) for s in state["sums"]]
+        self.counts = list(state["counts"])
+
     def write_mean(self) -> bool:
         """Set ``.grad`` to the mean over contributing messages and clear; False if there were none."""
         if not any(self.counts):
@@ -71,13 +81,14 @@ class PseudoGradients:
 
 class SidewaysRule:
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-                 objective: Objective = CLASSIFY):
+                 objective: Objective = CLASSIFY, autocast: Autocast = nullcontext):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         self.model = model
         self.objective = objective
         self.mode = pipeline
         self.update_every = parse_update(update)
+        self.autocast = autocast
         self.pipeline = Pipeline(model)
         depth = len(model)
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
@@ -121,13 +132,15 @@ class SidewaysRule:
     def tick(self, frame) -> float | None:
         """One clock tick of every module; returns the loss of the frame at the top, if any."""
         top = len(self.model) - 1
-        for step in self.pipeline.forward_tick(frame, with_graph=True):
+        with self.autocast():
+            steps = self.pipeline.forward_tick(frame, with_graph=True)
+        for step in steps:
             self.current[step.index] = step
             self.stale[step.index] = False
         loss_value = None
         head = self.current[top]
         if head is not None and self.pipeline.fresh[top]:
-            loss = self.objective.frame_loss(head.output, head.token.target)
+            loss = self.objective.frame_loss(at_least_fp32(head.output), head.token.target)
             (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
             loss_value = loss.item()
         sent: list[torch.Tensor | None] = [None] * len(self.model)
@@ -160,7 +173,8 @@ class SidewaysRule:
         """Recompute module d's graph at its current window after its weights were updated."""
         old = self.current[d]
         window = old.window.detach().requires_grad_(d > 0)
-        output = self.model[d].forward_window(window)
+        with self.autocast():
+            output = self.model[d].forward_window(window)
         self.current[d] = ModuleStep(d, window, old.filled, output, old.token)
         self.stale[d] = False
         return self.current[d]
@@ -174,3 +188,23 @@ class SidewaysRule:
         # retained graphs saved the old weights; rebuild them before their next use
         self.stale = [step is not None for step in self.current]
         return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Registers, windows, messages and pseudo-gradient sums: what ``continuous`` (and
+        ``update: every N ticks``) carry into the next batch. Graphs are not saved: each module's
+        is rebuilt from its saved window when next used, as after a weight update."""
+        current = [None if step is None else {"window": step.window.detach(), "filled": step.filled,
+                                              "token": step.token.state()} for step in self.current]
+        return {"pipeline": self.pipeline.state_dict(), "current": current,
+                "messages": [None if m is None else m.detach() for m in self.messages],
+                "pseudo": self.pseudo.state_dict(), "ticks_since_update": self.ticks_since_update}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pipeline.load_state_dict(state["pipeline"])
+        self.current = [None if s is None else
+                        ModuleStep(d, s["window"], s["filled"], None, Token.from_state(s["token"]))
+                        for d, s in enumerate(state["current"])]
+        self.stale = [step is not None for step in self.current]  # no graph yet: rebuild on use
+        self.messages = list(state["messages"])
+        self.pseudo.load_state_dict(state["pseudo"])
+        self.ticks_since_update = state["ticks_since_update"]

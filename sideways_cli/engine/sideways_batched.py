@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from sideways_cli.engine.losses import CLASSIFY, Objective
+from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
 from sideways_cli.engine.sideways import PIPELINE_MODES, PseudoGradients, parse_update
 from sideways_cli.models import FrameStack
 
@@ -82,7 +84,8 @@ class TickBatchedSideways:
     """
 
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-                 chunk: int = DEFAULT_CHUNK, objective: Objective = CLASSIFY):
+                 chunk: int = DEFAULT_CHUNK, objective: Objective = CLASSIFY,
+                 autocast: Autocast = nullcontext):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         if parse_update(update) is not None:
@@ -94,6 +97,7 @@ class TickBatchedSideways:
         self.objective = objective
         self.mode = pipeline
         self.chunk = chunk
+        self.autocast = autocast
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.pseudo = PseudoGradients(self.params)
         self.reset()
@@ -160,7 +164,7 @@ class TickBatchedSideways:
         k = self.model[d].window
         values: list[torch.Tensor] = []
         if quiet:
-            with torch.no_grad():  # no message will meet these windows: keep no graph
+            with torch.no_grad(), self.autocast():  # no message will meet these windows: no graph
                 # a causal module over a time sequence computes exactly its windows' outputs
                 values += self.model[d].valid(sequence[:k - 1 + quiet].movedim(0, 2)).unbind(2)
         graph = None
@@ -179,11 +183,15 @@ class TickBatchedSideways:
         if k > 1 and conv is not None:
             frames = sequence.detach().movedim(0, 2)
             newest = frames[:, :, k - 1:].detach().requires_grad_(d > 0)
-            conv_out = conv(frames)
-            return Graph(module.after_conv(conv_out, newest), filled, conv_out=conv_out, newest=newest)
+            with self.autocast():
+                conv_out = conv(frames)
+                output = module.after_conv(conv_out, newest)
+            return Graph(output, filled, conv_out=conv_out, newest=newest)
         windows = sequence.unfold(0, k, 1).movedim(-1, 3).flatten(0, 1)  # [n*B, C, k, ...]
         windows = windows.detach().requires_grad_(d > 0)
-        return Graph(module.forward_window(windows), filled, windows=windows)
+        with self.autocast():
+            output = module.forward_window(windows)
+        return Graph(output, filled, windows=windows)
 
     def frame_losses(self) -> tuple[float, int]:
         """Sum and count of the losses of the frames that reached the top in this macro tick.
@@ -199,7 +207,8 @@ class TickBatchedSideways:
         # a graph of its own: the top module's graph is used once, by its backward
         logits = torch.cat([token.value for token in tokens]).requires_grad_(True)
         targets = torch.cat([token.target for token in tokens])
-        total = self.objective.frame_loss(logits, targets) * len(tokens)
+        # the gradient comes back in the logits' own dtype (bf16 under AMP)
+        total = self.objective.frame_loss(at_least_fp32(logits), targets) * len(tokens)
         (grads,) = torch.autograd.grad(total, logits)
         self.mailbox[-1].extend(grads.split(len(tokens[0].value)))
         return total.item(), len(tokens)
@@ -272,6 +281,22 @@ class TickBatchedSideways:
             return 0
         apply_update()
         return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Registers, queued inputs and messages, clocks and pseudo-gradient sums: what
+        ``pipeline: continuous`` carries into the next batch (detached tensors)."""
+        return {"registers": [r.state() for r in self.registers],
+                "inbox": [[token.state() for token in queue] for queue in self.inbox],
+                "mailbox": [[m.detach() for m in queue] for queue in self.mailbox],
+                "clock": self.clock, "fed": self.fed, "pseudo": self.pseudo.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for register, saved in zip(self.registers, state["registers"], strict=True):
+            register.load_state(saved)
+        self.inbox = [deque(Token.from_state(s) for s in queue) for queue in state["inbox"]]
+        self.mailbox = [deque(queue) for queue in state["mailbox"]]
+        self.clock, self.fed = state["clock"], state["fed"]
+        self.pseudo.load_state_dict(state["pseudo"])
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:

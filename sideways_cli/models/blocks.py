@@ -114,6 +114,9 @@ class CausalConv(nn.Module):
         weight = standardize(self.conv.weight.detach())
         if self.k > 1:
             weight = weight[:, :, self.k - filled:].sum(dim=2)
+        # under AMP the gradients are bf16 and this op is outside autocast's casting lists: the
+        # fp32 weights must meet them in their dtype (the master weights stay fp32)
+        weight = weight.to(grad_out.dtype)
         return torch.nn.grad.conv2d_input(input_size, weight, grad_out, stride=self.conv.stride[-1],
                                           padding=self.conv.padding[-1])
 
