@@ -239,12 +239,13 @@ def stream(
     set_: SetOpt = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
     seed: SeedOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Learn to reconstruct a video as it streams in, one frame per tick: blocking BP drops the
     frames that arrive while it works; Sideways uses every one. Reports frames used and PSNR."""
     from sideways_cli.report import stream_table, write_json
     from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-    from sideways_cli.train import build_network
+    from sideways_cli.train import build_network, progress_bar
 
     if frames < 2 or update_every < 1:
         raise UserError("--frames must be >= 2 and --update-every >= 1")
@@ -260,7 +261,12 @@ def stream(
         shot = cfg.data.synthetic.num_frames
         raw = synthetic_stream(frames, cfg.data.size, shot, cfg.seed)
         held_out = synthetic_stream(frames // 2, cfg.data.size, shot, cfg.seed + 1)
-    results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, held_out)
+    with progress_bar(quiet) as bar:
+        def ticks(mode: str):
+            task = bar.add_task(f"stream {mode}", total=len(raw), info="ticks") if bar else None
+            return (lambda n: bar.advance(task, n)) if bar else (lambda n: None)
+
+        results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, held_out, ticks)
     initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size))
     result = {"video": str(video) if video else "synthetic", "initial_psnr": initial,
               "update_every": update_every, "learners": as_dicts(results)}

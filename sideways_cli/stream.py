@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from sideways_cli.models import FrameStack
 from sideways_cli.reconstruction import frame_psnr
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
+Tick = Callable[[int], None]  # told how many ticks (arrived frames) a learner got through
 
 
 @dataclass
@@ -82,7 +84,8 @@ def _optimizer(cfg: Config, model: FrameStack) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int) -> tuple[int, int]:
+def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int,
+                   on_ticks: Tick = lambda n: None) -> tuple[int, int]:
     """Every frame enters the pipeline at its tick; returns (frames used, updates)."""
     rule = SidewaysRule(model, pipeline="continuous", update=f"every {update_every} ticks",
                         objective=RECONSTRUCT)
@@ -96,10 +99,12 @@ def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_
     updates = 0
     for t in range(stream.shape[2]):  # one tick per frame: a one-frame clip continues the stream
         updates += rule.train_batch(stream[:, :, t:t + 1], no_label, apply_update).updates
+        on_ticks(1)
     return stream.shape[2], updates
 
 
-def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor) -> tuple[int, int]:
+def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor,
+                      on_ticks: Tick = lambda n: None) -> tuple[int, int]:
     """Take a frame, spend 2D ticks on its forward and backward, update, take the next frame to
     arrive; returns (frames used, updates). The causal windows see the frames that were taken."""
     optimizer = _optimizer(cfg, model)
@@ -113,12 +118,15 @@ def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor) -> t
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        on_ticks(min(busy_ticks, stream.shape[2] - t))
     return len(taken_at), len(taken_at)
 
 
 def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: int,
-               held_out: torch.Tensor | None = None) -> list[StreamResult]:
-    """Both learners on the same stream from the same initial weights (``model_factory()``)."""
+               held_out: torch.Tensor | None = None,
+               progress: Callable[[str], Tick] = lambda mode: lambda n: None) -> list[StreamResult]:
+    """Both learners on the same stream from the same initial weights (``model_factory()``);
+    ``progress(mode)`` gives the callback that learner reports its ticks to."""
     stream, transform = prepare(frames, cfg.data.size)
     unseen = prepare(held_out, cfg.data.size)[0] if held_out is not None else None
     results = []
@@ -126,9 +134,9 @@ def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: i
         model = model_factory()
         started = time.perf_counter()
         if mode == "bp":
-            used, updates = learn_blocking_bp(cfg, model, stream)
+            used, updates = learn_blocking_bp(cfg, model, stream, progress(mode))
         else:
-            used, updates = learn_sideways(cfg, model, stream, update_every)
+            used, updates = learn_sideways(cfg, model, stream, update_every, progress(mode))
         wall = time.perf_counter() - started
         results.append(StreamResult(
             mode, stream.shape[2], used, updates, stream_psnr(model, stream, transform),
