@@ -25,6 +25,14 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (overrides config 'seed').")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for CI).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda (overrides config 'device').")]
+DeterministicOpt = Annotated[Optional[bool], typer.Option(
+    "--deterministic/--no-deterministic",
+    help="Deterministic algorithms only: the same numbers every run (config 'deterministic').")]
+AmpOpt = Annotated[Optional[bool], typer.Option(
+    "--amp/--no-amp", help="bf16 autocast for the forward passes (config 'amp').")]
+RestartOpt = Annotated[bool, typer.Option(
+    "--restart", help="Discard what the run directory holds and train from scratch.")]
 
 
 def default_config_path() -> Path | None:
@@ -35,12 +43,14 @@ def default_config_path() -> Path | None:
     return None
 
 
-def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None) -> Config:
+def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None,
+            device: str | None = None, deterministic: bool | None = None,
+            amp: bool | None = None) -> Config:
+    """The config file, then --set, then the dedicated flags (None: not given)."""
     overrides = list(sets or [])
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    if mode is not None:
-        overrides.append(f"mode={mode}")
+    flags = {"seed": seed, "mode": mode, "device": device, "deterministic": deterministic, "amp": amp}
+    overrides += [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                  for key, value in flags.items() if value is not None]
     return load_config(config if config is not None else default_config_path(), overrides)
 
 
@@ -53,19 +63,28 @@ def train(
     config: ConfigArg = None,
     mode: Annotated[Optional[str], typer.Option(help="bp | sideways (overrides config 'mode').")] = None,
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config>-<mode>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run directory (default runs/<config>-<mode>); if it holds an unfinished run of the "
+             "same config, training resumes from its last checkpoint.")] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    deterministic: DeterministicOpt = None,
+    amp: AmpOpt = None,
+    restart: RestartOpt = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary here.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train one model; writes config.yaml, metrics.jsonl, checkpoints/last.pt and summary.json."""
+    """Train one model; writes config.yaml, metrics.jsonl, summary.csv, checkpoints/last.pt (every
+    train.checkpoint_every steps, resumable) and summary.json."""
+    from sideways_cli.report import compare_table, write_json
     from sideways_cli.train import train as run_training
 
-    cfg = resolve(config, set_, seed, mode)
+    cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
     run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
-    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet))
+    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
+    if json_path:
+        write_json(json_path, summary)
     if not quiet:
-        from sideways_cli.report import compare_table
-
         console.print(compare_table([summary], title=f"run {run_dir}"))
 
 
@@ -83,8 +102,10 @@ def evaluate_run(
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.evaluate import evaluate_with_confusion
     from sideways_cli.plots import confusion_png
+    from sideways_cli.progress import progress_bar
     from sideways_cli.report import eval_table, write_json
-    from sideways_cli.train import build_network, eval_loader, resolve_device
+    from sideways_cli.runtime import forward_autocast, resolve_device
+    from sideways_cli.train import build_network, eval_loader
 
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
@@ -96,13 +117,15 @@ def evaluate_run(
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = from_dict(ckpt["config"], str(path))
     device = resolve_device(cfg.device)
+    autocast = forward_autocast(device, cfg.amp)  # evaluated as the run was trained
     data = resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
-    metrics, confusion = evaluate_with_confusion(model.to(device), eval_loader(cfg, data, split, views),
-                                                 len(data.split(split)), len(ckpt["classes"]), device,
-                                                 split)
+    with progress_bar(quiet) as bar:
+        metrics, confusion = evaluate_with_confusion(model.to(device), eval_loader(cfg, data, split, views),
+                                                     len(data.split(split)), len(ckpt["classes"]),
+                                                     device, split, autocast, bar)
     figure = run_dir / f"confusion_{split}.png"
     views_text = f"{views} clips x 1 centre crop per video"
     confusion_png(confusion, ckpt["classes"], figure, title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
@@ -119,8 +142,14 @@ def compare(
     config: ConfigArg = None,
     modes: Annotated[str, typer.Option(help="Comma-separated modes to train.")] = "bp,sideways",
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/compare-<config>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default runs/compare-<config>); a run already there of the same config "
+             "resumes, or is reused when finished.")] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    deterministic: DeterministicOpt = None,
+    amp: AmpOpt = None,
+    restart: RestartOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train each mode with the same seed, data and initial weights; print one table."""
@@ -133,10 +162,10 @@ def compare(
         if m not in MODES:
             raise UserError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
     out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
-    configs = [resolve(config, set_, seed, m) for m in mode_list]
+    configs = [resolve(config, set_, seed, m, device, deterministic, amp) for m in mode_list]
     resolve_dataset(configs[0].data, progress=not quiet)  # prepare (e.g. generate) the data once
     # each mode in its own process, so peak memory and speed are measured from the same start
-    summaries = [train_isolated(cfg, out_dir / cfg.mode, quiet=quiet) for cfg in configs]
+    summaries = [train_isolated(cfg, out_dir / cfg.mode, quiet=quiet, restart=restart) for cfg in configs]
     write_json(out_dir / "compare.json", summaries)
     console.print(compare_table(summaries))
     console.print(f"wrote {out_dir / 'compare.json'}")

@@ -8,10 +8,11 @@ from typing import Any
 
 from rich.table import Table
 
+from sideways_cli.atomic import write_text_atomic
+
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _pct(x: float) -> str:
