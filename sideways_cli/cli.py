@@ -25,6 +25,14 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (overrides config 'seed').")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for CI).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda (overrides config 'device').")]
+DeterministicOpt = Annotated[Optional[bool], typer.Option(
+    "--deterministic/--no-deterministic",
+    help="Deterministic algorithms only: the same numbers every run (config 'deterministic').")]
+AmpOpt = Annotated[Optional[bool], typer.Option(
+    "--amp/--no-amp", help="bf16 autocast for the forward passes (config 'amp').")]
+RestartOpt = Annotated[bool, typer.Option(
+    "--restart", help="Discard what the run directory holds and train from scratch.")]
 
 
 def default_config_path() -> Path | None:
@@ -35,12 +43,14 @@ def default_config_path() -> Path | None:
     return None
 
 
-def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None) -> Config:
+def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None,
+            device: str | None = None, deterministic: bool | None = None,
+            amp: bool | None = None) -> Config:
+    """The config file, then --set, then the dedicated flags (None: not given)."""
     overrides = list(sets or [])
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    if mode is not None:
-        overrides.append(f"mode={mode}")
+    flags = {"seed": seed, "mode": mode, "device": device, "deterministic": deterministic, "amp": amp}
+    overrides += [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                  for key, value in flags.items() if value is not None]
     return load_config(config if config is not None else default_config_path(), overrides)
 
 
@@ -65,19 +75,28 @@ def train(
     config: ConfigArg = None,
     mode: Annotated[Optional[str], typer.Option(help="bp | sideways (overrides config 'mode').")] = None,
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config>-<mode>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run directory (default runs/<config>-<mode>); if it holds an unfinished run of the "
+             "same config, training resumes from its last checkpoint.")] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    deterministic: DeterministicOpt = None,
+    amp: AmpOpt = None,
+    restart: RestartOpt = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary here.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train one model; writes config.yaml, metrics.jsonl, checkpoints/last.pt and summary.json."""
+    """Train one model; writes config.yaml, metrics.jsonl, summary.csv, checkpoints/last.pt (every
+    train.checkpoint_every steps, resumable) and summary.json."""
+    from sideways_cli.report import compare_table, write_json
     from sideways_cli.train import train as run_training
 
-    cfg = resolve(config, set_, seed, mode)
+    cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
     run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
-    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet))
+    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
+    if json_path:
+        write_json(json_path, summary)
     if not quiet:
-        from sideways_cli.report import compare_table
-
         console.print(compare_table([summary], title=f"run {run_dir}"))
 
 
@@ -95,8 +114,10 @@ def evaluate_run(
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.evaluate import evaluate_with_confusion
     from sideways_cli.plots import confusion_png
+    from sideways_cli.progress import progress_bar
     from sideways_cli.report import eval_table, write_json
-    from sideways_cli.train import build_network, eval_loader, evaluate_split, resolve_device
+    from sideways_cli.runtime import forward_autocast, resolve_device
+    from sideways_cli.train import build_network, eval_loader, evaluate_split
 
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
@@ -108,6 +129,7 @@ def evaluate_run(
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = from_dict(ckpt["config"], str(path))
     device = resolve_device(cfg.device)
+    autocast = forward_autocast(device, cfg.amp)  # evaluated as the run was trained
     data = resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
@@ -117,12 +139,14 @@ def evaluate_run(
     result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
               "clips_per_video": views}
     figure = None
-    if cfg.task == "reconstruct":
-        metrics = evaluate_split(cfg, model.to(device), loader, data, device, split)
-    else:
-        metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
-                                                     len(ckpt["classes"]), device, split)
-        figure = run_dir / f"confusion_{split}.png"
+    with progress_bar(quiet) as bar:
+        if cfg.task == "reconstruct":
+            metrics = evaluate_split(cfg, model.to(device), loader, data, device, split, autocast, bar)
+        else:
+            metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
+                                                         len(ckpt["classes"]), device, split, autocast, bar)
+            figure = run_dir / f"confusion_{split}.png"
+    if figure:
         confusion_png(confusion, ckpt["classes"], figure,
                       title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
         result["confusion_png"] = str(figure)
@@ -151,8 +175,13 @@ def compare(
     measure_fidelity: Annotated[bool, typer.Option(
         "--fidelity", help="Also measure each run's gradient fidelity at its final weights.")] = False,
     out: Annotated[Optional[Path], typer.Option(
-        help="Output folder (default runs/compare-<config>; runs/compare with --runs).")] = None,
+        help="Output folder (default runs/compare-<config>; runs/compare with --runs); a run already "
+             "there of the same config resumes, or is reused when finished.")] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    deterministic: DeterministicOpt = None,
+    amp: AmpOpt = None,
+    restart: RestartOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train each mode (at each swept value) with the same seed, data and initial weights, or read
@@ -162,17 +191,21 @@ def compare(
     key_list = comparison.parse_keys(keys)
     if runs:
         comparison.refuse_with_runs({"CONFIG": config, "--modes": modes, "--set": set_,
-                                     "--sweep": sweep, "--variant": variant, "--seed": seed})
+                                     "--sweep": sweep, "--variant": variant, "--seed": seed,
+                                     "--device": device, "--deterministic": deterministic,
+                                     "--amp": amp, "--restart": restart or None})
         results, compared = comparison.read_runs(runs, key_list)
         swept: list[str] = []
         out_dir = out or Path("runs") / "compare"
     else:
-        base = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+        flags = {"seed": seed, "device": device, "deterministic": deterministic, "amp": amp}
+        base = list(set_ or []) + [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                                   for key, value in flags.items() if value is not None]
         out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
         plan = comparison.plan_training(config if config is not None else default_config_path(), base,
                                         comparison.parse_modes(modes), sweep or [], variant or [],
                                         key_list, out_dir)
-        results = comparison.train_all(plan, quiet=quiet, log=console.print)
+        results = comparison.train_all(plan, quiet=quiet, log=console.print, restart=restart)
         compared, swept = plan.compared, plan.swept
     if measure_fidelity:
         comparison.add_fidelity(results, progress=not quiet)
@@ -245,7 +278,8 @@ def stream(
     frames that arrive while it works; Sideways uses every one. Reports frames used and PSNR."""
     from sideways_cli.report import stream_table, write_json
     from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-    from sideways_cli.train import build_network, progress_bar
+    from sideways_cli.progress import progress_bar
+    from sideways_cli.train import build_network
 
     if frames < 2 or update_every < 1:
         raise UserError("--frames must be >= 2 and --update-every >= 1")

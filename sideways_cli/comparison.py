@@ -183,12 +183,15 @@ def is_finished(run: PlannedRun) -> bool:
     return True
 
 
-def train_all(plan: Plan, quiet: bool, log: Callable[[str], None]) -> list[RunResult]:
-    """Train each planned run in its own process, reusing those already finished."""
+def train_all(plan: Plan, quiet: bool, log: Callable[[str], None],
+              restart: bool = False) -> list[RunResult]:
+    """Train each planned run in its own process, reusing those already finished (``restart``:
+    none; each is trained from scratch). An unfinished run resumes from its last checkpoint."""
     from sideways_cli.data.catalog import resolve_dataset
     from sideways_cli.isolated import train_isolated
 
-    finished = [is_finished(run) for run in plan.runs]  # all refusals before any training
+    # all refusals before any training
+    finished = [False] * len(plan.runs) if restart else [is_finished(run) for run in plan.runs]
     prepared: list[Any] = []
     for run, done in zip(plan.runs, finished):
         if done:
@@ -198,7 +201,7 @@ def train_all(plan: Plan, quiet: bool, log: Callable[[str], None]) -> list[RunRe
             resolve_dataset(run.cfg.data, progress=not quiet)
             prepared.append(run.cfg.data)
         # its own process, so peak memory and speed are measured from the same start
-        train_isolated(run.cfg, run.run_dir, quiet=quiet)
+        train_isolated(run.cfg, run.run_dir, quiet=quiet, restart=restart)
     return [read_run(run.run_dir, run.name, run.variant) for run in plan.runs]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from sideways_cli.atomic import write_text_atomic
 from sideways_cli.errors import UserError
 
 MODES = ("bp", "sideways")
@@ -81,6 +82,7 @@ class TrainConfig:
     warmup_steps: int = 10
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate once, at the end
+    checkpoint_every: int = 100  # steps between resumable checkpoints/last.pt; 0: only at the end
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Config:
     mode: str = "bp"  # bp | sideways
     task: str = "classify"  # classify: every frame's logits vs the label | reconstruct: the frame
     device: str = "auto"  # auto | cpu | cuda
+    deterministic: bool = False  # deterministic algorithms only: the same numbers every run
+    amp: bool = False  # bf16 autocast for the forward passes; weights and optimizer stay fp32
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -237,6 +241,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key {key!r} must be >= 1, got {value}")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(cfg.train, key) < 0:
+            raise UserError(f"config key 'train.{key}' must be >= 0 (0: only at the end), "
+                            f"got {getattr(cfg.train, key)}")
     full = FULL_DEPTH[cfg.model.name]
     if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
         raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
@@ -296,4 +304,4 @@ def from_dict(data: dict[str, Any], source: str) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

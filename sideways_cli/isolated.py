@@ -16,7 +16,7 @@ from typing import Any
 from sideways_cli.config import Config
 
 
-def _train_child(cfg: Config, run_dir: str, quiet: bool) -> None:
+def _train_child(cfg: Config, run_dir: str, quiet: bool, restart: bool) -> None:
     from rich.console import Console
 
     from sideways_cli.data.decode import DecodeError
@@ -25,7 +25,8 @@ def _train_child(cfg: Config, run_dir: str, quiet: bool) -> None:
 
     console = Console()
     try:
-        train(cfg, Path(run_dir), quiet=quiet, log=(lambda msg: None) if quiet else console.print)
+        train(cfg, Path(run_dir), quiet=quiet, log=(lambda msg: None) if quiet else console.print,
+              restart=restart)
     except (UserError, DecodeError) as exc:
         print_user_error(exc)
         sys.exit(2)
@@ -33,10 +34,10 @@ def _train_child(cfg: Config, run_dir: str, quiet: bool) -> None:
         sys.exit(130)
 
 
-def train_isolated(cfg: Config, run_dir: Path, quiet: bool = False) -> dict[str, Any]:
+def train_isolated(cfg: Config, run_dir: Path, quiet: bool = False, restart: bool = False) -> dict[str, Any]:
     """Run `train` in a spawned child and return its summary; exits with the child's status if it
     fails (the child has already printed why)."""
-    child = mp.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), quiet))
+    child = mp.get_context("spawn").Process(target=_train_child, args=(cfg, str(run_dir), quiet, restart))
     child.start()
     try:
         child.join()

@@ -7,9 +7,15 @@ video PSNR): 10 log10(1 / MSE).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterable, Sequence
 
 import torch
+from rich.progress import Progress
+
+from sideways_cli.engine.losses import at_least_fp32
+from sideways_cli.progress import tracked
+from sideways_cli.runtime import Autocast
 
 # a frame reconstructed exactly has infinite PSNR; cap it so means stay finite
 _MIN_MSE = 1e-10
@@ -31,16 +37,18 @@ def frame_psnr(output: torch.Tensor, target: torch.Tensor, mean: Sequence[float]
 
 @torch.no_grad()
 def evaluate_reconstruction(model: torch.nn.Module, loader: Iterable[dict], device: torch.device,
-                            mean: Sequence[float], std: Sequence[float],
-                            split: str = "val") -> dict[str, float]:
+                            mean: Sequence[float], std: Sequence[float], split: str = "val",
+                            autocast: Autocast = nullcontext,
+                            bar: Progress | None = None) -> dict[str, float]:
     """``<split>_mse`` (normalised units, the training loss) and ``<split>_psnr`` (dB, mean over
-    frames) of every clip the loader yields."""
+    frames) of every clip the loader yields; forward passes in ``autocast``, a task on ``bar``."""
     was_training = model.training
     model.eval()
     squared, elements, psnr_sum, frames, clips = 0.0, 0, 0.0, 0, 0
-    for batch in loader:
+    for batch in tracked(loader, bar, f"eval {split}"):
         x = batch["clip"].to(device)
-        y = model(x)
+        with autocast():
+            y = at_least_fp32(model(x))
         squared += (y.float() - x.float()).square().sum().item()
         elements += x.numel()
         psnr = frame_psnr(y, x, mean, std)

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from sideways_cli.atomic import write_text_atomic
 
 
 def write_json(path: Path, obj: Any) -> None:

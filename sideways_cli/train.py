@@ -1,7 +1,8 @@
 """The training loop: data, optimizer, schedule, evaluation, checkpoint, metrics.
 
 It knows nothing of how gradients are made: the rule fills ``param.grad`` and calls back
-``apply_update`` whenever its schedule says the weights change.
+``apply_update`` whenever its schedule says the weights change. A run directory with a resumable
+``checkpoints/last.pt`` is continued from it (``resume.py``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from sideways_cli.config import Config, TrainConfig, save_config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
+from sideways_cli.data.sampler import Position
 from sideways_cli.data.transforms import ClipTransform, default_flip, default_resize
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
@@ -29,7 +30,12 @@ from sideways_cli.errors import UserError
 from sideways_cli.evaluate import evaluate
 from sideways_cli.memory import PeakMemory
 from sideways_cli.models import FrameStack, build_model
+from sideways_cli.progress import progress_bar
 from sideways_cli.reconstruction import evaluate_reconstruction
+from sideways_cli.report import write_json
+from sideways_cli.resume import (PreviousRun, discard_run, find_previous_run, last_checkpoint,
+                                 restore_rng, rng_state, trim_csv, trim_jsonl)
+from sideways_cli.runtime import Autocast, forward_autocast, resolve_device, set_deterministic
 
 Log = Callable[[str], None]
 
@@ -37,15 +43,6 @@ Log = Callable[[str], None]
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA device is available; "
-                        "use --set device=cpu (or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 IMAGE_CHANNELS = 3
@@ -84,9 +81,11 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[GuardedLoader, GuardedLoader]:
+def data_loaders(cfg: Config, data: DatasetIndex,
+                 start: Position = (0, 0)) -> tuple[GuardedLoader, GuardedLoader]:
     """Train and val loaders; each reports videos that fail to decode and stops the run when a
-    split has more than data.max_bad_fraction of them (counting those found at indexing)."""
+    split has more than data.max_bad_fraction of them (counting those found at indexing). The
+    training batches start at (epoch, position) ``start``."""
     d = cfg.data
     train_tf = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
                              flip=default_flip(d.dataset, d.flip))
@@ -97,7 +96,7 @@ def data_loaders(cfg: Config, data: DatasetIndex) -> tuple[GuardedLoader, Guarde
         raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
                         "training videos; lower data.batch_size")
     loader = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                          seed=cfg.seed, drop_last=True)
+                          seed=cfg.seed, drop_last=True, start=start)
     return _guarded(cfg, data, "train", loader), eval_loader(cfg, data, "val")
 
 
@@ -121,19 +120,16 @@ PRIMARY_METRIC = {"classify": "val_video_top1", "reconstruct": "val_psnr"}
 
 
 def evaluate_split(cfg: Config, model: FrameStack, loader: GuardedLoader, data: DatasetIndex,
-                   device: torch.device, split: str = "val") -> dict[str, float]:
+                   device: torch.device, split: str = "val", autocast: Autocast | None = None,
+                   bar: Progress | None = None) -> dict[str, float]:
     """The task's metrics on ``split``: accuracies for classify, MSE and PSNR for reconstruct."""
+    autocast = autocast or forward_autocast(device, cfg.amp)
     if cfg.task == "reconstruct":
         transform = loader.loader.dataset.transform
-        return evaluate_reconstruction(model, loader, device, transform.mean, transform.std, split)
-    return evaluate(model, loader, len(data.split(split)), len(data.classes), device, split)
-
-
-def describe(val: dict[str, float]) -> str:
-    """One readable line of an evaluation's headline numbers."""
-    if "val_psnr" in val:
-        return f"val PSNR {val['val_psnr']:.2f} dB, MSE {val['val_mse']:.4f}"
-    return f"val clip top-1 {val['val_clip_top1']:.3f}, video top-1 {val['val_video_top1']:.3f}"
+        return evaluate_reconstruction(model, loader, device, transform.mean, transform.std, split,
+                                       autocast, bar)
+    return evaluate(model, loader, len(data.split(split)), len(data.classes), device, split,
+                    autocast, bar)
 
 
 def _guarded(cfg: Config, data: DatasetIndex, split: str, loader) -> GuardedLoader:
@@ -165,14 +161,22 @@ class Evaluations:
                               "val_mean_class_acc"),
                  "reconstruct": ("val_mse", "val_psnr")}
 
-    def __init__(self, out_dir: Path, started: float, task: str):
+    def __init__(self, out_dir: Path, started: float, task: str,
+                 resumed: dict[str, Any] | None = None, steps: int = 0):
+        """``resumed``: a checkpoint to continue from; the rows it does not account for are
+        dropped: those past its step, and the final evaluation's if it is the one before it."""
         self.path, self.best_path = out_dir / "summary.csv", out_dir / "checkpoints" / "best.pt"
         self.started = started
         self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
         self.primary = PRIMARY_METRIC[task]
         self.best = -math.inf
-        with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(self.keys)
+        if resumed is None:
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.keys)
+        else:
+            self.best = resumed["resume"]["best"]
+            final = resumed["step"] >= steps  # saved before the final evaluation, redone now
+            trim_csv(self.path, resumed["step"] - final, self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
                state: dict[str, Any]) -> None:
@@ -185,28 +189,49 @@ class Evaluations:
             save_atomic(state, self.best_path)
 
 
-def progress_bar(quiet: bool) -> Progress | nullcontext:
-    if quiet:
-        return nullcontext()
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
+          restart: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir``; returns (and writes) the run's summary.
 
-
-def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir``; returns (and writes) the run's summary."""
-    started = time.perf_counter()
+    If ``out_dir`` holds a resumable ``checkpoints/last.pt`` of this config, the run continues from
+    it and ends exactly where an uninterrupted one would; a finished run only returns its summary.
+    ``restart`` discards what ``out_dir`` holds first.
+    """
+    set_deterministic(cfg.deterministic)  # before anything touches CUDA
+    device = resolve_device(cfg.device)
+    autocast = forward_autocast(device, cfg.amp)  # refuses AMP where it cannot run
+    if restart:
+        discard_run(out_dir)
+    previous: PreviousRun | None = find_previous_run(out_dir, cfg, device)
+    if previous is not None and previous.summary is not None:
+        log(f"{out_dir} has finished its {previous.step} steps; not training it again "
+            "(--restart discards it)")
+        return previous.summary
+    resumed = previous.checkpoint if previous is not None else None
+    run: dict[str, Any] = resumed["resume"] if resumed else {
+        "data_position": (0, 0), "recent": [], "frames_seen": 0, "updates": 0, "compute_s": 0.0,
+        "wait_s": 0.0, "wall_s": 0.0, "peak_mem_mb": 0.0}
+    started = time.perf_counter() - run["wall_s"]  # wall_s: time spent on the run, over every start
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    device = resolve_device(cfg.device)
     data = resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes)).to(device)
     rule = make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update, cfg.sideways.chunk,
-                     OBJECTIVES[cfg.task])
+                     OBJECTIVES[cfg.task], autocast)
     optimizer = make_optimizer(cfg.train, model)
     schedule = make_schedule(cfg.train, optimizer)
-    train_loader, val_loader = data_loaders(cfg, data)
+    train_loader, val_loader = data_loaders(cfg, data, start=tuple(run["data_position"]))
     seed_everything(cfg.seed)
+    first_step = 1
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        rule.load_state_dict(run["rule"])
+        restore_rng(run["rng"])
+        train_loader.failed.update(run["unreadable"])  # reported once, counted once, over every start
+        first_step = resumed["step"] + 1
+        log(f"resuming {out_dir} from step {resumed['step']}")
 
     def apply_update() -> None:
         optimizer.step()
@@ -217,18 +242,36 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
                 "schedule": schedule.state_dict(), "step": step, "config": to_dict(cfg),
                 "classes": data.classes, **extra}
 
-    evaluations = Evaluations(out_dir, started, cfg.task)
+    def resume_state() -> dict[str, Any]:
+        """What a restart needs besides the weights to continue as if never stopped."""
+        return {"rng": rng_state(device), "data_position": position, "recent": list(recent),
+                "frames_seen": frames_seen, "updates": updates, "compute_s": compute_s,
+                "wait_s": wait_s, "wall_s": time.perf_counter() - started, "peak_mem_mb": peak_mb(),
+                "best": evaluations.best, "rule": rule.state_dict(), "device": device.type,
+                "unreadable": dict(train_loader.failed)}
+
+    def peak_mb() -> float:
+        return max(run["peak_mem_mb"], memory.read())
+
+    evaluations = Evaluations(out_dir, started, cfg.task, resumed, cfg.train.steps)
     metrics_path = out_dir / "metrics.jsonl"
-    recent: list[float] = []
-    frames_seen = updates = 0
-    compute_s = wait_s = 0.0
+    if resumed:  # a kill after the checkpoint may have logged steps the resumed run will redo
+        trim_jsonl(metrics_path, resumed["step"])
+    recent: list[float] = list(run["recent"])
+    frames_seen, updates = run["frames_seen"], run["updates"]
+    compute_s, wait_s = run["compute_s"], run["wait_s"]
+    position: Position = tuple(run["data_position"])
+    sampler = train_loader.loader.batch_sampler
     val: dict[str, float] = {}
     batches = forever(train_loader)
-    with metrics_path.open("w") as metrics, progress_bar(quiet) as bar, PeakMemory(device) as memory:
-        task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps, info="") if bar else None
-        for step in range(1, cfg.train.steps + 1):
+    with metrics_path.open("a" if resumed else "w") as metrics, progress_bar(quiet) as bar, \
+            PeakMemory(device) as memory:
+        task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps, completed=first_step - 1,
+                            info="") if bar else None
+        for step in range(first_step, cfg.train.steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
+            position = sampler.advance(position)
             clips, labels = batch["clip"].to(device), batch["label"].to(device)
             t1 = time.perf_counter()
             stats = rule.train_batch(clips, labels, apply_update)
@@ -243,26 +286,45 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print) -> 
                           "lr": optimizer.param_groups[0]["lr"], "frames_seen": frames_seen,
                           "frames_per_s": frames_seen / compute_s,
                           "data_wait_share": wait_s / (wait_s + compute_s),
-                          "peak_mem_mb": memory.read(), "wall_s": time.perf_counter() - started}
+                          "peak_mem_mb": peak_mb(), "wall_s": time.perf_counter() - started}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                val = evaluate_split(cfg, model, val_loader, data, device)
+                val = evaluate_split(cfg, model, val_loader, data, device, "val", autocast, bar)
                 evaluations.record(step, frames_seen, sum(recent) / len(recent), val, checkpoint(step))
-                log(f"step {step}: {describe(val)}")
+                log(evaluation_line(step, cfg.train.steps, val, time.perf_counter() - started))
             if bar:
                 bar.update(task, advance=1, info=f"loss {sum(recent) / len(recent):.3f}")
-    val = evaluate_split(cfg, model, val_loader, data, device)
+            every = cfg.train.checkpoint_every
+            if every and step % every == 0 and step < cfg.train.steps:
+                save_atomic(checkpoint(step, resume=resume_state()), last_checkpoint(out_dir))
+    if first_step <= cfg.train.steps:  # a kill during a long final evaluation keeps the training
+        save_atomic(checkpoint(cfg.train.steps, resume=resume_state()), last_checkpoint(out_dir))
+    with progress_bar(quiet) as bar:
+        val = evaluate_split(cfg, model, val_loader, data, device, "val", autocast, bar)
     summary = {
         "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "steps": cfg.train.steps, "updates": updates, "frames_seen": frames_seen,
         "train_loss": sum(recent) / len(recent), **val,
         "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
-        "peak_mem_mb": memory.peak_mb, "wall_s": time.perf_counter() - started,
+        "peak_mem_mb": max(run["peak_mem_mb"], memory.peak_mb), "wall_s": time.perf_counter() - started,
     }
     final = checkpoint(cfg.train.steps, summary=summary)
     evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val, final)
-    save_atomic(final, out_dir / "checkpoints" / "last.pt")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"{cfg.mode}: {describe(val)}, {summary['frames_per_s']:.0f} frames/s")
+    save_atomic({**final, "resume": resume_state()}, last_checkpoint(out_dir))
+    write_json(out_dir / "summary.json", summary)
+    log(evaluation_line(cfg.train.steps, cfg.train.steps, val, summary["wall_s"], cfg.mode)
+        + f", {summary['frames_per_s']:.0f} frames/s")
     return summary
+
+
+def evaluation_line(step: int, steps: int, val: dict[str, float], elapsed_s: float,
+                    prefix: str = "") -> str:
+    """The one line an evaluation prints: where, how good, how long the run has taken so far."""
+    minutes, seconds = divmod(round(elapsed_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    if "val_psnr" in val:
+        headline = f"val PSNR {val['val_psnr']:.2f} dB, MSE {val['val_mse']:.4f}"
+    else:
+        headline = f"val clip top-1 {val['val_clip_top1']:.3f}, video top-1 {val['val_video_top1']:.3f}"
+    return f"{prefix + ' ' if prefix else ''}step {step}/{steps}: {headline}, elapsed {hours}:{minutes:02d}:{seconds:02d}"

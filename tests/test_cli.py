@@ -59,6 +59,24 @@ def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
+def test_train_flags_amp_device_json_and_progress(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", tiny_config, "--mode", "sideways", "--amp", "--device", "cpu", "--seed", 4,
+                    "--set", "train.eval_every=2", "--out", run, "--json", tmp_path / "summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert summary["seed"] == 4 and 0.0 < summary["train_loss"] < 10.0  # finite under bf16
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["amp"] is True and resolved["device"] == "cpu" and resolved["deterministic"] is False
+    text = " ".join(result.output.split())
+    assert "step 2/3: val clip top-1" in text and "sideways step 3/3: val clip top-1" in text
+    assert text.count(", elapsed 0:00:") == 2  # each evaluation line states the time so far
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
+    invoke("eval", run, "--json", tmp_path / "eval.json")  # evaluates under the run's AMP too
+    assert json.loads((tmp_path / "eval.json").read_text())["val_clip_top1"] == summary["val_clip_top1"]
+
+
 def test_every_evaluation_is_a_summary_row_and_the_best_is_kept(tiny_config, tmp_path):
     run = tmp_path / "run"
     invoke("train", tiny_config, "--mode", "sideways", "--set", "train.eval_every=1", "--out", run,
@@ -134,6 +152,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "--set", "train.steps=many"], "expects int"),
     (["train", "--mode", "sgd"], "must be one of bp, sideways"),
     (["train", "--set", "model.depth=9"], "between 1 and 8 for c3d"),
+    (["train", "--device", "tpu"], "'device' must be one of auto, cpu, cuda"),
+    (["train", "--set", "train.checkpoint_every=-1"], "'train.checkpoint_every' must be >= 0"),
+    (["compare", "--set", "amp=maybe"], "'amp' expects bool"),
     (["train", "nope.yaml"], "nope.yaml does not exist"),
     (["eval", "no-such-run"], "train first"),
     (["eval", "no-such-run", "--split", "test"], "--split must be val or train"),

@@ -95,8 +95,8 @@ def train_in_process(monkeypatch):
     costs seconds of importing torch on a 2-core machine."""
     from sideways_cli.train import train
 
-    def train_here(cfg, run_dir, quiet=False):
-        return train(cfg, run_dir, quiet=quiet, log=lambda msg: None)
+    def train_here(cfg, run_dir, quiet=False, restart=False):
+        return train(cfg, run_dir, quiet=quiet, log=lambda msg: None, restart=restart)
 
     monkeypatch.setattr("sideways_cli.isolated.train_isolated", train_here)
 

@@ -1,0 +1,207 @@
+"""A run killed mid-way and started again ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from sideways_cli.cli import app
+from sideways_cli.config import load_config
+from sideways_cli.data.catalog import resolve_dataset
+from sideways_cli.errors import UserError
+
+STEPS, EVERY = 10, 3
+CASES = {
+    "bp": ["--mode", "bp"],
+    "sideways": ["--mode", "sideways"],  # the default chunked executor
+    "continuous": ["--mode", "sideways", "--set", "sideways.pipeline=continuous"],
+}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    cfg = {
+        "seed": 5,
+        # causal 3D convolutions (the chunked executor's sequence path) and dropout (the global RNG)
+        "model": {"name": "c3d", "temporal_kernel": 3, "width": 4, "depth": 2, "dropout": 0.3},
+        "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
+                 "synthetic": {"train_per_class": 2, "val_per_class": 1, "num_frames": 12}},
+        # 20 videos, 5 batches an epoch: the run crosses epochs and resumes mid-epoch
+        "train": {"steps": STEPS, "log_every": 2, "warmup_steps": 2, "eval_every": 5,
+                  "checkpoint_every": EVERY},
+        "eval": {"clips_per_video": 2, "batch_size": 8},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    resolve_dataset(load_config(path).data, progress=False)  # generated once, before any run
+    return path
+
+
+@pytest.fixture(autouse=True)
+def restore_determinism():
+    """In-process runs with --deterministic switch a process-wide flag; put it back."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
+
+
+def start(config: Path, out: Path, *extra: str, quiet: bool = True) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out),
+            "--deterministic", *extra] + (["--quiet"] if quiet else [])
+    # a session of its own, so that killing its group takes its loader workers too
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 0, err
+    return out
+
+
+def kill_after_first_checkpoint(running: dict[str, subprocess.Popen],
+                                run_dirs: dict[str, Path]) -> dict[str, int]:
+    """SIGKILL each run's process group as soon as its first checkpoint exists; the steps saved."""
+    steps: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while len(steps) < len(running):
+        for case, process in running.items():
+            last = run_dirs[case] / "checkpoints" / "last.pt"
+            if case in steps:
+                continue
+            if not last.is_file():
+                assert process.poll() is None, process.communicate()[1]
+                continue
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            steps[case] = torch.load(last, weights_only=False)["step"]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    return steps
+
+
+def load(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in tensors(item)]
+    return []
+
+
+def logged(run: Path) -> tuple[list[tuple], list[list[str]]]:
+    """metrics.jsonl without its timings, and summary.csv without its wall times."""
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with (run / "summary.csv").open() as f:
+        rows = [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(f)]
+    return [(m["step"], m["loss"], m["lr"], m["frames_seen"]) for m in metrics], rows
+
+
+def test_killed_runs_resume_to_the_same_weights(config, tmp_path):
+    """Each case is killed after its first checkpoint and started again, all three side by side
+    (a process spends most of its few seconds importing torch), then compared with the same run
+    made uninterrupted in this process. The continuous case runs with loader workers (the
+    reference has none), so the same numbers also show the data does not depend on them."""
+    workers = {case: ["--set", "data.num_workers=2"] if case == "continuous" else [] for case in CASES}
+    killed = {case: tmp_path / case for case in CASES}
+    running = {case: start(config, killed[case], *CASES[case], *workers[case]) for case in CASES}
+    steps = kill_after_first_checkpoint(running, killed)
+    assert all(0 < step < STEPS for step in steps.values()), steps
+    resumed = {case: start(config, killed[case], *CASES[case], *workers[case], quiet=False)
+               for case in CASES}
+    for case in CASES:  # meanwhile, the uninterrupted runs
+        invoke_ok("train", config, *CASES[case], "--out", tmp_path / f"{case}-straight",
+                  "--deterministic", "--quiet")
+    for case, process in resumed.items():
+        out = finish(process)
+        assert unwrapped(f"resuming {killed[case]} from step {steps[case]}") in unwrapped(out), case
+
+    for case in CASES:
+        straight = tmp_path / f"{case}-straight"
+        a, b = load(straight), load(killed[case])
+        for key in ("train_loss", "frames_seen", "updates", "val_clip_top1", "val_video_top1"):
+            assert a["summary"][key] == b["summary"][key], (case, key)
+        for part in ("model", "optimizer"):
+            expected, actual = tensors(a[part]), tensors(b[part])
+            assert len(expected) == len(actual) > 0
+            assert all(torch.equal(x, y) for x, y in zip(expected, actual)), (case, part)
+        assert logged(straight) == logged(killed[case]), case  # no step logged twice, none missing
+        assert [r["step"] for r in logged(killed[case])[1]] == ["5", "10"]
+        assert not list(killed[case].rglob("*.tmp"))
+
+
+def unwrapped(text: str) -> str:
+    """Without whitespace: rich wraps long lines (and long paths) at the console's width."""
+    return "".join(text.split())
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def invoke_ok(*args) -> object:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_finished_run_is_reported_not_retrained(config, tmp_path):
+    run = tmp_path / "run"
+    first = invoke("train", config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=2")
+    assert first.exit_code == 0, first.output
+    stamp = (run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = invoke("train", config, "--mode", "bp", "--out", run, "--json", tmp_path / "s.json",
+                   "--set", "train.steps=2", "--set", "data.num_workers=1")  # workers may differ
+    assert again.exit_code == 0, again.output
+    assert unwrapped(f"{run} has finished its 2 steps") in unwrapped(again.output)
+    assert (run / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads((run / "summary.json").read_text())
+
+
+def test_another_config_is_refused_and_restart_starts_over(config, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=2").exit_code == 0
+    refused = invoke("train", config, "--mode", "bp", "--out", run, "--set", "train.steps=2",
+                     "--set", "train.lr=0.5", "--seed", 1)
+    assert isinstance(refused.exception, UserError)  # the CLI's main prints it as one line, exit 2
+    assert "another config (seed 5 -> 1, train.lr 0.001 -> 0.5)" in str(refused.exception)
+    restarted = invoke("train", config, "--mode", "bp", "--out", run, "--set", "train.steps=2",
+                       "--set", "train.lr=0.5", "--seed", 1, "--restart", "--quiet")
+    assert restarted.exit_code == 0, restarted.output
+    assert load(run)["config"]["seed"] == 1
+    assert len(logged(run)[1]) == 1  # the old run's evaluation rows are gone
+
+
+def test_a_kill_during_the_final_evaluation_only_evaluates_again(config, tmp_path):
+    run = tmp_path / "run"
+    invoke_ok("train", config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=2")
+    finished = json.loads((run / "summary.json").read_text())
+    # what a kill leaves after the final evaluation's row but before the final checkpoint
+    ckpt = load(run)
+    del ckpt["summary"]
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    (run / "summary.json").unlink()
+    result = invoke_ok("train", config, "--mode", "bp", "--out", run, "--set", "train.steps=2")
+    assert unwrapped(f"resuming {run} from step 2") in unwrapped(result.output)
+    again = json.loads((run / "summary.json").read_text())
+    timings = ("wall_s", "peak_mem_mb")
+    assert {k: v for k, v in again.items() if k not in timings} == \
+        {k: v for k, v in finished.items() if k not in timings}
+    assert [row["step"] for row in logged(run)[1]] == ["2"]  # the final row once
