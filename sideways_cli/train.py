@@ -162,21 +162,20 @@ class Evaluations:
                  "reconstruct": ("val_mse", "val_psnr")}
 
     def __init__(self, out_dir: Path, started: float, task: str,
-                 resumed: dict[str, Any] | None = None, steps: int = 0):
-        """``resumed``: a checkpoint to continue from; the rows it does not account for are
-        dropped: those past its step, and the final evaluation's if it is the one before it."""
+                 continued: tuple[int, float] | None = None):
+        """``continued``: (the last step whose rows stand, the best primary metric so far) when a
+        run resumes; the rows after that step are dropped."""
         self.path, self.best_path = out_dir / "summary.csv", out_dir / "checkpoints" / "best.pt"
         self.started = started
         self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
         self.primary = PRIMARY_METRIC[task]
         self.best = -math.inf
-        if resumed is None:
+        if continued is None:
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.keys)
         else:
-            self.best = resumed["resume"]["best"]
-            final = resumed["step"] >= steps  # saved before the final evaluation, redone now
-            trim_csv(self.path, resumed["step"] - final, self.keys)
+            kept, self.best = continued
+            trim_csv(self.path, kept, self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
                state: dict[str, Any]) -> None:
@@ -253,10 +252,14 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     def peak_mb() -> float:
         return max(run["peak_mem_mb"], memory.read())
 
-    evaluations = Evaluations(out_dir, started, cfg.task, resumed, cfg.train.steps)
     metrics_path = out_dir / "metrics.jsonl"
+    continued = None
     if resumed:  # a kill after the checkpoint may have logged steps the resumed run will redo
         trim_jsonl(metrics_path, resumed["step"])
+        # the checkpoint at the last step comes before the final evaluation, which is redone
+        final = resumed["step"] >= cfg.train.steps
+        continued = (resumed["step"] - final, run["best"])
+    evaluations = Evaluations(out_dir, started, cfg.task, continued)
     recent: list[float] = list(run["recent"])
     frames_seen, updates = run["frames_seen"], run["updates"]
     compute_s, wait_s = run["compute_s"], run["wait_s"]

@@ -23,7 +23,17 @@ def frame_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of the per-frame losses of whole clips: logits [B, K, T], labels [B]."""
+    if logits.is_cuda:
+        return flat_clip_loss(logits, labels)
     return F.cross_entropy(logits, labels[:, None].expand(-1, logits.shape[-1]))
+
+
+def flat_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_loss` with the frames folded into the batch: the same mean, summed in another
+    order. On CUDA the [B, K, T] form runs nll_loss2d, which has no deterministic kernel and stops
+    a --deterministic run; on CPU the original form is kept, so its numbers do not move."""
+    k, t = logits.shape[1], logits.shape[2]
+    return F.cross_entropy(logits.transpose(1, 2).reshape(-1, k), labels.repeat_interleave(t))
 
 
 def clip_probabilities(logits: torch.Tensor) -> torch.Tensor:
