@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sideways_cli.atomic import write_text_atomic
-from sideways_cli.config import Config, from_dict, to_dict
+from sideways_cli.config import Config, flat_dict, from_dict
 from sideways_cli.errors import UserError
 
 # how the work is spread or logged, never what is computed
@@ -82,19 +82,10 @@ def find_previous_run(out_dir: Path, cfg: Config, device: torch.device) -> Previ
 
 def config_differences(saved: Config, current: Config) -> list[str]:
     """Dotted keys whose values differ, except MAY_DIFFER and ``device`` (compared once resolved)."""
-    old, new = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    old, new = flat_dict(saved), flat_dict(current)
     return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if key not in MAY_DIFFER and key != "device" and old.get(key) != new.get(key)]
 
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from sideways_cli.cli import app
+from cli_helpers import invoke, write_config
 
 SUMMARY_KEYS = {"mode", "model", "dataset", "steps", "frames_seen", "train_loss", "val_clip_top1",
                 "val_video_top1", "frames_per_s", "peak_mem_mb", "wall_s"}
@@ -31,15 +30,8 @@ def tiny_config(tmp_path_factory) -> Path:
         "eval": {"clips_per_video": 2, "batch_size": 8},
         "sideways": {"chunk": 1},
     }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(root, cfg)
 
-
-def invoke(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):

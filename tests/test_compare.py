@@ -11,9 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from sideways_cli.cli import app, main
+from sideways_cli.cli import main
 from sideways_cli.comparison import SUMMARY_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,15 +30,8 @@ def tiny_config(tmp_path_factory) -> Path:
         "eval": {"clips_per_video": 2, "batch_size": 8},
         "sideways": {"chunk": 1},
     }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(root, cfg)
 
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli_helpers import invoke, write_config
 from sideways_cli.cli import app
 
 
@@ -23,15 +24,8 @@ def tiny_reconstruct(tmp_path_factory) -> Path:
         "train": {"steps": 2, "log_every": 1, "warmup_steps": 0},
         "eval": {"clips_per_video": 1, "batch_size": 8},
     }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(root, cfg)
 
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_both_modes_report_psnr_and_eval_reads_it_back(tiny_reconstruct, tmp_path):
