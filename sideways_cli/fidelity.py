@@ -13,6 +13,7 @@ import torch
 
 from sideways_cli.config import Config, from_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
+from sideways_cli.data.datasets import collate_clips
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
 from sideways_cli.errors import UserError
@@ -61,12 +62,22 @@ def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tens
     return rows
 
 
-def fidelity_batch(cfg: Config, data: DatasetIndex, video: str = "natural") -> tuple[torch.Tensor, torch.Tensor]:
-    """(clips, labels): the first validation batch as ``cfg`` builds it (its clip length, frame
-    stride and frame shuffling apply), at most data.batch_size clips, made into ``video``."""
-    batch = next(iter(eval_loader(cfg, data)))
-    n = cfg.data.batch_size
-    return make_video(batch["clip"][:n], video, seed=cfg.seed), batch["label"][:n]
+FIDELITY_CLIPS = 64  # one cosine per module over this many clips: a single batch's is noisy
+
+
+def fidelity_batch(cfg: Config, data: DatasetIndex, video: str = "natural",
+                   clips: int = FIDELITY_CLIPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips, labels): up to ``clips`` validation clips (the centre clip of videos spread evenly
+    over the split, so every class counts even where the split is ordered by class), built as
+    ``cfg`` builds them (its clip length, frame stride and frame shuffling apply), made into
+    ``video``. Videos that fail to decode are left out."""
+    dataset = eval_loader(cfg, data, clips_per_video=1).loader.dataset
+    picks = torch.linspace(0, len(dataset) - 1, min(clips, len(dataset))).round().long().unique()
+    batch = collate_clips([dataset[i] for i in picks.tolist()])
+    if "clip" not in batch:
+        raise UserError(f"none of the {len(picks)} validation videos picked for fidelity could be "
+                        "decoded; check the dataset's videos")
+    return make_video(batch["clip"], video, seed=cfg.seed), batch["label"]
 
 
 def mean_below_head(rows: list[dict]) -> float:
