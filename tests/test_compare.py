@@ -12,6 +12,7 @@ import matplotlib.image
 import pytest
 import yaml
 
+from cli_helpers import invoke, write_config
 from sideways_cli.cli import main
 from sideways_cli.comparison import SUMMARY_COLUMNS
 
