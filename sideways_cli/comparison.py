@@ -57,6 +57,7 @@ class RunResult:
     variant: bool = False
     fidelity: list[dict[str, Any]] | None = None  # per-module rows of gradient_fidelity
     fidelity_mean: float | None = None
+    tick_fidelity_mean: float | None = None  # the mean of the modules' tick_cosine below the head
 
 
 def parse_modes(text: str | None) -> list[str]:
@@ -246,6 +247,7 @@ def add_fidelity(runs: list[RunResult], progress: bool) -> None:
     for run in runs:
         run.fidelity = run_fidelity(run.run_dir, progress=progress)
         run.fidelity_mean = mean_below_head(run.fidelity)
+        run.tick_fidelity_mean = mean_below_head(run.fidelity, "tick_cosine")
 
 
 def differences(runs: list[RunResult], compared: list[str]) -> dict[str, dict[str, Any]]:
@@ -295,7 +297,8 @@ def write_compare_json(path: Path, runs: list[RunResult], compared: list[str], s
         entry = {"name": run.name, "run_dir": str(run.run_dir),
                  "settings": {k: run.config.get(k) for k in compared}, "summary": run.summary}
         if run.fidelity is not None:
-            entry.update(fidelity=run.fidelity, fidelity_mean=run.fidelity_mean)
+            entry.update(fidelity=run.fidelity, fidelity_mean=run.fidelity_mean,
+                         tick_fidelity_mean=run.tick_fidelity_mean)
         entries.append(entry)
     write_json(path, {"runs": entries, "compared": compared, "swept": swept, "differences": diffs,
                       "fold_means": fold_means(runs, swept)})
@@ -305,13 +308,14 @@ def write_compare_csv(path: Path, runs: list[RunResult], compared: list[str]) ->
     """One row per run: name, mode, each compared key, the summary metrics, fidelity if measured."""
     keys = [k for k in compared if k != "mode"]
     modules = _unique([f"fidelity_{row['name']}" for run in runs for row in run.fidelity or []])
-    fidelity = ["fidelity_mean", *modules] if any(run.fidelity for run in runs) else []
+    fidelity = ["fidelity_mean", "tick_fidelity_mean", *modules] if any(run.fidelity for run in runs) else []
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["run", "mode", *keys, *SUMMARY_COLUMNS, *fidelity])
     for run in runs:
         cosines = {f"fidelity_{row['name']}": row["cosine"] for row in run.fidelity or []}
         cosines["fidelity_mean"] = run.fidelity_mean
+        cosines["tick_fidelity_mean"] = run.tick_fidelity_mean
         writer.writerow([run.name, run.summary["mode"], *(format_value(run.config.get(k)) for k in keys),
                          *(run.summary.get(k, "") for k in SUMMARY_COLUMNS),
                          *("" if cosines.get(k) is None else cosines[k] for k in fidelity)])
@@ -343,4 +347,5 @@ def table(runs: list[RunResult], compared: list[str], with_fidelity: bool):
     alike = len({json.dumps(s, sort_keys=True) for s in settings}) < len(runs)
     return compare_table([run.summary for run in runs], settings=settings,
                          names=[run.name for run in runs] if alike else None,
-                         fidelity=[run.fidelity_mean for run in runs] if with_fidelity else None)
+                         fidelity=[(run.fidelity_mean, run.tick_fidelity_mean) for run in runs]
+                         if with_fidelity else None)

@@ -3,6 +3,13 @@
 From the same weights and the same batch, both rules compute their gradients without stepping; the
 cosine similarity per module is 1 on a static video with per-frame modules and falls as consecutive
 frames grow less alike (larger frame stride, shuffled frames).
+
+Two measures per module. ``cosine``: the whole batch's Sideways gradient against BP's. Summed over
+a clip whose frames share one label, it re-pairs much the same messages and activations in any
+frame order, so on short clips it moves little with smoothness. ``tick_cosine``: the mean over ticks
+of the cosine between what a message gives at the window it meets (Sideways) and at the window that
+produced its frame, 2(D-d) frames older (what exact credit assignment would use): the mismatch
+that smoothness is meant to make small, isolated.
 """
 
 from __future__ import annotations
@@ -47,18 +54,69 @@ def module_gradients(model: FrameStack, rule, clips: torch.Tensor, labels: torch
     return flat
 
 
+class TickMatchedSideways(SidewaysRule):
+    """The reference tick rule (``pipeline: reset``) that also takes each message's parameter VJP at
+    the window that produced the message's frame, and records per module the cosine between that
+    and the VJP at the window the message meets."""
+
+    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
+        super().__init__(model, pipeline="reset", objective=objective)
+        self.tick_cosines: list[list[float]] = [[] for _ in model.stack]
+        self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
+        self.clock = 0
+        forward = self.pipeline.forward_tick
+
+        def recording(frame, with_graph):
+            steps = forward(frame, with_graph)
+            for step in steps:
+                self.windows[step.index][step.token.frame] = step.window.detach()
+            return steps
+
+        self.pipeline.forward_tick = recording
+
+    def reset(self) -> None:
+        super().reset()
+        self.clock = 0
+        for windows in self.windows:
+            windows.clear()
+
+    def tick(self, frame) -> float | None:
+        loss = super().tick(frame)
+        self.clock += 1
+        return loss
+
+    def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
+        # the message reaching module d at tick t comes from the loss of frame t - 2(D-1) + d
+        depth = len(self.model)
+        produced = self.windows[d][self.clock - 2 * (depth - 1) + d]
+        met, matched = (self._param_vjp(d, w, message) for w in (self.current[d].window.detach(), produced))
+        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0).item())
+        return super().backward_module(d, message)
+
+    def _param_vjp(self, d: int, window: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
+        params = self.params[d]
+        grads = torch.autograd.grad(self.model[d].forward_window(window), params, grad_outputs=message,
+                                    allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
+                          for p, g in zip(params, grads)])
+
+
 def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,
                       objective: Objective = CLASSIFY) -> list[dict]:
-    """[{index, name, cosine}] for every module; Sideways runs its reference tick schedule."""
+    """[{index, name, cosine, tick_cosine}] for every module; Sideways runs its reference tick
+    schedule."""
     was_training = model.training
     model.eval()  # dropout would give the two rules different masks
     bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
-    sw = module_gradients(model, SidewaysRule(model, objective=objective), clips, labels)
+    sideways = TickMatchedSideways(model, objective)
+    sw = module_gradients(model, sideways, clips, labels)
     model.train(was_training)
     rows = []
     for d, (g_bp, g_sw) in enumerate(zip(bp, sw)):
         cosine = torch.nn.functional.cosine_similarity(g_bp.double(), g_sw.double(), dim=0)
-        rows.append({"index": d, "name": model.names[d], "cosine": cosine.item()})
+        ticks = sideways.tick_cosines[d]
+        rows.append({"index": d, "name": model.names[d], "cosine": cosine.item(),
+                     "tick_cosine": sum(ticks) / len(ticks) if ticks else 1.0})
     return rows
 
 
@@ -80,11 +138,11 @@ def fidelity_batch(cfg: Config, data: DatasetIndex, video: str = "natural",
     return make_video(batch["clip"], video, seed=cfg.seed), batch["label"]
 
 
-def mean_below_head(rows: list[dict]) -> float:
-    """Mean cosine of the modules below the head: the head's gradient is exact under both rules,
+def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
+    """Mean ``key`` of the modules below the head: the head's gradient is exact under both rules,
     so counting it would only pull every run towards 1."""
     below = rows[:-1] or rows
-    return sum(row["cosine"] for row in below) / len(below)
+    return sum(row[key] for row in below) / len(below)
 
 
 def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:

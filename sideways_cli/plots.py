@@ -108,8 +108,8 @@ def compare_png(runs: list[RunResult], path: Path) -> None:
 
 
 def _metric(run: RunResult, metric: str) -> float | None:
-    if metric == "fidelity_mean":
-        return run.fidelity_mean
+    if metric in ("fidelity_mean", "tick_fidelity_mean"):
+        return getattr(run, metric)
     key, _, scale = _validation(run)
     return scale * run.summary[key]
 
@@ -122,7 +122,8 @@ def sweep_png(runs: list[RunResult], swept: list[str], path: Path) -> None:
     plt = _pyplot()
     rows = [("validation", _validation(runs[0])[1])]
     if any(run.fidelity_mean is not None for run in runs):
-        rows.append(("fidelity_mean", "gradient fidelity (mean below head)"))
+        rows += [("fidelity_mean", "gradient fidelity (mean below head)"),
+                 ("tick_fidelity_mean", "per-tick fidelity (mean below head)")]
     fig, axes = plt.subplots(len(rows), len(swept), squeeze=False,
                              figsize=(6 * len(swept), 4.2 * len(rows)))
     points, variants = [r for r in runs if not r.variant], [r for r in runs if r.variant]

@@ -28,9 +28,10 @@ _TASK_COLUMNS = {
 
 def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways",
                   settings: list[dict[str, Any]] | None = None, names: list[str] | None = None,
-                  fidelity: list[float | None] | None = None) -> Table:
+                  fidelity: list[tuple[float | None, float | None]] | None = None) -> Table:
     """One row per run. ``settings`` adds a column per compared key besides mode (swept, variant
-    or --keys), ``names`` a run column, ``fidelity`` a mean-fidelity column; each only if given.
+    or --keys), ``names`` a run column, ``fidelity`` the mean whole-batch and per-tick fidelity
+    columns; each only if given.
     The validation columns are the task's (accuracy or PSNR)."""
     keys = [k for k in (settings[0] if settings else {}) if k != "mode"]
     leaves = [key.rsplit(".", 1)[-1] for key in keys]  # frame_stride: narrow enough for a terminal
@@ -40,7 +41,7 @@ def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways"
                   ("peak mem (MiB)", "peak_mem_mb", "{:.0f}".format), ("wall (s)", "wall_s", "{:.0f}".format)])
     text_headers = (["run"] if names else []) + ["mode"]
     headers = text_headers + [leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves)]
-    headers += [name for name, _, _ in metrics] + (["mean fidelity"] if fidelity else [])
+    headers += [name for name, _, _ in metrics] + (["fidelity", "tick fidelity"] if fidelity else [])
     table = Table(title=title)
     for j, header in enumerate(headers):
         table.add_column(header, justify="left" if j < len(text_headers) else "right")
@@ -49,7 +50,7 @@ def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways"
         row += [format_value(settings[i][key]) for key in keys] if settings else []
         row += [fmt(s[key]) for _, key, fmt in metrics]
         if fidelity:
-            row.append("" if fidelity[i] is None else f"{fidelity[i]:.3f}")
+            row += ["" if value is None else f"{value:.3f}" for value in fidelity[i]]
         table.add_row(*row)
     return table
 
@@ -75,8 +76,9 @@ def fidelity_table(rows: list[dict[str, Any]], title: str) -> Table:
     table.add_column("#", justify="right")
     table.add_column("module")
     table.add_column("cosine(Sideways, BP)", justify="right")
+    table.add_column("per-tick cosine", justify="right")
     for row in rows:
-        table.add_row(str(row["index"]), row["name"], f"{row['cosine']:.5f}")
+        table.add_row(str(row["index"]), row["name"], f"{row['cosine']:.5f}", f"{row['tick_cosine']:.5f}")
     return table
 
 

@@ -112,7 +112,9 @@ def test_sweep_variant_and_fidelity(tiny_config, tmp_path, train_in_process):
         assert -1.0 <= entry["fidelity_mean"] <= 1.0
         assert entry["fidelity"][-1]["cosine"] == pytest.approx(1.0)  # the head is exact
         assert float(row["fidelity_mean"]) == pytest.approx(entry["fidelity_mean"])
-    assert "mean fidelity" in result.output
+        assert -1.0 <= entry["tick_fidelity_mean"] <= 1.0
+        assert float(row["tick_fidelity_mean"]) == pytest.approx(entry["tick_fidelity_mean"])
+    assert "tick fidelity" in result.output
     assert_png(out / "compare.png")
     assert_png(out / "sweep.png")
 

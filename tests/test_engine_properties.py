@@ -161,7 +161,15 @@ def test_fidelity_falls_with_frame_distance():
     natural, labels = smooth_clip(64, stride=0.1)
     clips = {"static": make_video(natural, "static"), "natural": natural,
              "stride8": smooth_clip(64, stride=0.8)[0], "shuffled": make_video(natural, "shuffled")}
-    bottom = {kind: gradient_fidelity(model, clip, labels)[0]["cosine"] for kind, clip in clips.items()}
+    rows = {kind: gradient_fidelity(model, clip, labels) for kind, clip in clips.items()}
+    bottom = {kind: r[0]["cosine"] for kind, r in rows.items()}
     assert bottom["static"] > 0.9999
     assert bottom["static"] > bottom["natural"] > bottom["stride8"]
     assert bottom["natural"] > bottom["shuffled"]
+    # per tick: a message at the window it meets vs the window its frame produced
+    for d in range(len(model) - 1):
+        tick = {kind: r[d]["tick_cosine"] for kind, r in rows.items()}
+        assert tick["static"] > 0.9999, d
+        assert tick["natural"] > tick["stride8"] and tick["natural"] > tick["shuffled"], (d, tick)
+    assert all(r[-1]["tick_cosine"] == pytest.approx(1.0) for r in rows.values())  # the top is exact
+
