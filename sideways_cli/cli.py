@@ -279,6 +279,7 @@ def stream(
     from sideways_cli.report import stream_table, write_json
     from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
     from sideways_cli.progress import progress_bar
+    from sideways_cli.runtime import resolve_device
     from sideways_cli.train import build_network
 
     if frames < 2 or update_every < 1:
@@ -300,7 +301,8 @@ def stream(
             task = bar.add_task(f"stream {mode}", total=len(raw), info="ticks") if bar else None
             return (lambda n: bar.advance(task, n)) if bar else (lambda n: None)
 
-        results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, held_out, ticks)
+        results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, resolve_device(cfg.device),
+                             held_out, ticks)
     initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size))
     result = {"video": str(video) if video else "synthetic", "initial_psnr": initial,
               "update_every": update_every, "learners": as_dicts(results)}

@@ -24,7 +24,10 @@ _MIN_MSE = 1e-10
 def to_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised [B, 3, T, H, W] (channels at dim 1) -> [0, 1] pixels."""
     shape = (1, len(mean)) + (1,) * (x.dim() - 2)
-    return x * torch.tensor(std, dtype=x.dtype).view(shape) + torch.tensor(mean, dtype=x.dtype).view(shape)
+    def column(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=x.dtype, device=x.device).view(shape)
+
+    return x * column(std) + column(mean)
 
 
 def frame_psnr(output: torch.Tensor, target: torch.Tensor, mean: Sequence[float],

@@ -95,7 +95,7 @@ def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    no_label = torch.zeros(1, dtype=torch.long)
+    no_label = torch.zeros(1, dtype=torch.long, device=stream.device)
     updates = 0
     for t in range(stream.shape[2]):  # one tick per frame: a one-frame clip continues the stream
         updates += rule.train_batch(stream[:, :, t:t + 1], no_label, apply_update).updates
@@ -122,16 +122,17 @@ def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor,
     return len(taken_at), len(taken_at)
 
 
-def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: int,
+def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: int, device: torch.device,
                held_out: torch.Tensor | None = None,
                progress: Callable[[str], Tick] = lambda mode: lambda n: None) -> list[StreamResult]:
     """Both learners on the same stream from the same initial weights (``model_factory()``);
     ``progress(mode)`` gives the callback that learner reports its ticks to."""
     stream, transform = prepare(frames, cfg.data.size)
-    unseen = prepare(held_out, cfg.data.size)[0] if held_out is not None else None
+    stream = stream.to(device)
+    unseen = prepare(held_out, cfg.data.size)[0].to(device) if held_out is not None else None
     results = []
     for mode in ("bp", "sideways"):
-        model = model_factory()
+        model = model_factory().to(device)
         started = time.perf_counter()
         if mode == "bp":
             used, updates = learn_blocking_bp(cfg, model, stream, progress(mode))
