@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from sideways_cli.atomic import replace_atomically
 
 if TYPE_CHECKING:
     from sideways_cli.comparison import RunResult
@@ -23,11 +24,8 @@ def _pyplot():
 
 def _save(fig, path: Path, dpi: int = 120) -> None:
     """Render to a temporary file and rename, so a reader never sees half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".tmp.png")
     _pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:

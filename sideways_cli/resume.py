@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sideways_cli.atomic import write_text_atomic
+from sideways_cli.atomic import replace_atomically, write_text_atomic
 from sideways_cli.config import Config, flat_dict, from_dict
 from sideways_cli.errors import UserError
 
@@ -123,7 +122,8 @@ def trim_csv(path: Path, step: int, header: tuple[str, ...]) -> None:
         with path.open(newline="") as f:
             rows = [row for row in csv.reader(f)][1:]
     kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows([list(header), *kept])
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([list(header), *kept])
+
+    replace_atomically(path, write)

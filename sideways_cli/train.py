@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from rich.progress import Progress
 
+from sideways_cli.atomic import replace_atomically
 from sideways_cli.config import Config, TrainConfig, save_config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
@@ -145,10 +145,7 @@ def forever(loader: Iterable[dict]) -> Iterator[dict]:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Evaluations:
