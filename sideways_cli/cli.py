@@ -43,15 +43,19 @@ def default_config_path() -> Path | None:
     return None
 
 
+def overrides(sets: list[str] | None, **flags) -> list[str]:
+    """--set, then the dedicated flags (None: not given) as the --set they stand for."""
+    return list(sets or []) + [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                               for key, value in flags.items() if value is not None]
+
+
 def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None,
             device: str | None = None, deterministic: bool | None = None,
             amp: bool | None = None) -> Config:
-    """The config file, then --set, then the dedicated flags (None: not given)."""
-    overrides = list(sets or [])
-    flags = {"seed": seed, "mode": mode, "device": device, "deterministic": deterministic, "amp": amp}
-    overrides += [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                  for key, value in flags.items() if value is not None]
-    return load_config(config if config is not None else default_config_path(), overrides)
+    """The config file, then --set, then the dedicated flags."""
+    return load_config(config if config is not None else default_config_path(),
+                       overrides(sets, seed=seed, mode=mode, device=device,
+                                 deterministic=deterministic, amp=amp))
 
 
 def print_whole(renderable) -> None:
@@ -198,9 +202,7 @@ def compare(
         swept: list[str] = []
         out_dir = out or Path("runs") / "compare"
     else:
-        flags = {"seed": seed, "device": device, "deterministic": deterministic, "amp": amp}
-        base = list(set_ or []) + [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                                   for key, value in flags.items() if value is not None]
+        base = overrides(set_, seed=seed, device=device, deterministic=deterministic, amp=amp)
         out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
         plan = comparison.plan_training(config if config is not None else default_config_path(), base,
                                         comparison.parse_modes(modes), sweep or [], variant or [],

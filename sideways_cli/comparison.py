@@ -18,12 +18,15 @@ from typing import Any, Callable
 
 import yaml
 
+from sideways_cli.atomic import write_text_atomic
 from sideways_cli.config import MODES, Config, flat_dict, from_dict, load_config, valid_keys
 from sideways_cli.errors import UserError
-from sideways_cli.report import format_value, write_json, write_text_atomic
+from sideways_cli.report import format_value, write_json
+from sideways_cli.resume import MAY_DIFFER, config_differences
 
-# Settings that cannot change a run's numbers: no reason to warn, nor to retrain.
-IGNORED_KEYS = frozenset({"data.num_workers", "train.log_every", "device"})
+# Settings not warned about: those that cannot change a run's numbers, and the device (resuming
+# compares it once resolved; runs on different devices are a comparison worth making).
+IGNORED_KEYS = frozenset(MAY_DIFFER) | {"device"}
 # the classification and the reconstruction metrics: a run leaves the other task's empty
 SUMMARY_COLUMNS = ("train_loss", "val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
                    "val_mean_class_acc", "val_mse", "val_psnr", "frames_per_s", "peak_mem_mb", "wall_s")
@@ -166,21 +169,15 @@ def read_config(run_dir: Path) -> Config:
     return from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in new if k not in IGNORED_KEYS and old.get(k) != new[k]]
-
-
 def is_finished(run: PlannedRun) -> bool:
     """True when run_dir already holds this run, finished; refuses a finished run of another config
     (resuming into it would mix two experiments under one name)."""
     if not (run.run_dir / "summary.json").is_file():
         return False
-    old, new = flat_dict(read_config(run.run_dir)), flat_dict(run.cfg)
-    changed = _changed(old, new)
+    changed = config_differences(read_config(run.run_dir), run.cfg)  # what train would refuse
     if changed:
-        what = ", ".join(f"{k}: {format_value(old.get(k))} -> {format_value(new[k])}" for k in changed[:3])
-        raise UserError(f"{run.run_dir} holds a finished run of another config ({what}); "
-                        "compare into a new --out")
+        raise UserError(f"{run.run_dir} holds a finished run of another config "
+                        f"({', '.join(changed[:3])}); compare into a new --out")
     return True
 
 

@@ -86,7 +86,6 @@ def config_differences(saved: Config, current: Config) -> list[str]:
             if key not in MAY_DIFFER and key != "device" and old.get(key) != new.get(key)]
 
 
-
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every random stream the training process draws from (dropout, any torch.rand)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -122,6 +121,7 @@ def trim_csv(path: Path, step: int, header: tuple[str, ...]) -> None:
         with path.open(newline="") as f:
             rows = [row for row in csv.reader(f)][1:]
     kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             csv.writer(f).writerows([list(header), *kept])

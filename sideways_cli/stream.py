@@ -26,6 +26,7 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 from sideways_cli.reconstruction import frame_psnr
+from sideways_cli.train import make_optimizer
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
 Tick = Callable[[int], None]  # told how many ticks (arrived frames) a learner got through
@@ -80,16 +81,12 @@ def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransfor
     return psnr
 
 
-def _optimizer(cfg: Config, model: FrameStack) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
 def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int,
                    on_ticks: Tick = lambda n: None) -> tuple[int, int]:
     """Every frame enters the pipeline at its tick; returns (frames used, updates)."""
     rule = SidewaysRule(model, pipeline="continuous", update=f"every {update_every} ticks",
                         objective=RECONSTRUCT)
-    optimizer = _optimizer(cfg, model)
+    optimizer = make_optimizer(cfg.train, model)
 
     def apply_update() -> None:
         optimizer.step()
@@ -107,7 +104,7 @@ def learn_blocking_bp(cfg: Config, model: FrameStack, stream: torch.Tensor,
                       on_ticks: Tick = lambda n: None) -> tuple[int, int]:
     """Take a frame, spend 2D ticks on its forward and backward, update, take the next frame to
     arrive; returns (frames used, updates). The causal windows see the frames that were taken."""
-    optimizer = _optimizer(cfg, model)
+    optimizer = make_optimizer(cfg.train, model)
     busy_ticks = 2 * len(model)
     context = 1 + sum(k - 1 for k in model.windows)  # frames one output depends on
     taken_at = range(0, stream.shape[2], busy_ticks)
