@@ -99,6 +99,20 @@ class SidewaysEngineConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Depth parallelism: the module stack split into contiguous stages, one process each
+    (README, "Depth-parallel training"). None of these keys changes the numbers."""
+
+    stages: int = 1  # processes (one device each on GPUs); 1 = the single-process engine
+    balance: str | list[int] = "auto"  # auto: by measured per-module cost | modules per stage
+    schedule: str = "gpipe"  # mode bp across stages: torch.distributed.pipelining's gpipe | 1f1b
+    microbatches: int = 4  # mode bp across stages: clips of a batch split into this many
+    threads: int | None = None  # CPU threads per stage process; None: the cores shared out
+    timeout_s: float = 30.0  # a stage silent for this long is taken as hung: the job stops
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
 class Config:
     seed: int = 0
     mode: str = "bp"  # bp | sideways
@@ -111,6 +125,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sideways: SidewaysEngineConfig = field(default_factory=SidewaysEngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -133,13 +148,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        if typing.get_origin(t) is list and isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", item, typing.get_args(t)[0]) for i, item in enumerate(value)]
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and type(value) is t:
             return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    names = " or ".join(str(t) if typing.get_origin(t) else getattr(t, "__name__", str(t))
+                        for t in allowed)
     raise UserError(f"config key {key!r} expects {names}, got {value!r}")
 
 
@@ -253,6 +271,29 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'data.size' must be an even number >= 16 (H.264 frames), "
                         f"got {cfg.data.size}")
     _validate_data(cfg.data)
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    _choice("parallel.schedule", p.schedule, ("gpipe", "1f1b"))
+    _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    for key in ("stages", "microbatches"):
+        if getattr(p, key) < 1:
+            raise UserError(f"config key 'parallel.{key}' must be >= 1, got {getattr(p, key)}")
+    if p.threads is not None and p.threads < 1:
+        raise UserError(f"config key 'parallel.threads' must be >= 1, got {p.threads}")
+    if p.timeout_s <= 0:
+        raise UserError(f"config key 'parallel.timeout_s' must be > 0, got {p.timeout_s}")
+    if isinstance(p.balance, str) and p.balance != "auto":
+        raise UserError(f"config key 'parallel.balance' must be auto or a list of modules per "
+                        f"stage such as [2, 3], got {p.balance!r}")
+    if isinstance(p.balance, list) and (len(p.balance) != p.stages or min(p.balance) < 1):
+        raise UserError(f"config key 'parallel.balance' must list parallel.stages={p.stages} "
+                        f"module counts, each >= 1, got {p.balance}")
+    if cfg.mode == "bp" and p.stages > 1 and cfg.data.batch_size % p.microbatches:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of "
+                        f"parallel.microbatches={p.microbatches} for pipelined BP")
 
 
 def _validate_data(d: DataConfig) -> None:

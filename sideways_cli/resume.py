@@ -21,7 +21,9 @@ from sideways_cli.config import Config, flat_dict, from_dict
 from sideways_cli.errors import UserError
 
 # how the work is spread or logged, never what is computed
-MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every")
+MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "parallel.stages",
+              "parallel.balance", "parallel.schedule", "parallel.microbatches", "parallel.threads",
+              "parallel.timeout_s", "parallel.backend")
 # what a run directory holds about its training; --restart removes exactly these
 RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "summary.json", "summary.csv", "metrics.jsonl")
 
