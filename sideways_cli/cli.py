@@ -96,8 +96,17 @@ def train(
     from sideways_cli.train import train as run_training
 
     cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
+    if cfg.parallel.stages > 1:
+        from sideways_cli.distributed.context import launched
+        from sideways_cli.distributed.launch import launch_stages
+
+        if not launched():  # start one process per stage; each runs this command again
+            launch_stages(cfg.parallel.stages, sys.argv[1:])
+            return
     run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
     summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
+    if summary is None:  # a stage other than the first: stage 0 reports
+        return
     if json_path:
         write_json(json_path, summary)
     if not quiet:
@@ -339,12 +348,16 @@ def download(
 
 def main() -> None:
     from sideways_cli.data.decode import DecodeError
+    from sideways_cli.distributed.links import StageFailure
 
     try:
         app()
     except (UserError, DecodeError) as exc:
         print_user_error(exc)
         sys.exit(2)
+    except StageFailure as exc:  # another stage died or hung; the launcher stops the rest
+        print_user_error(exc)
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

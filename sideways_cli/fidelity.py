@@ -63,7 +63,6 @@ class TickMatchedSideways(SidewaysRule):
         super().__init__(model, pipeline="reset", objective=objective)
         self.tick_cosines: list[list[float]] = [[] for _ in model.stack]
         self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
-        self.clock = 0
         forward = self.pipeline.forward_tick
 
         def recording(frame, with_graph):
@@ -76,14 +75,8 @@ class TickMatchedSideways(SidewaysRule):
 
     def reset(self) -> None:
         super().reset()
-        self.clock = 0
         for windows in self.windows:
             windows.clear()
-
-    def tick(self, frame) -> float | None:
-        loss = super().tick(frame)
-        self.clock += 1
-        return loss
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
         # the message reaching module d at tick t comes from the loss of frame t - 2(D-1) + d

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from rich.progress import Progress
@@ -24,8 +24,9 @@ from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
 from sideways_cli.data.sampler import Position
 from sideways_cli.data.transforms import ClipTransform, default_flip, default_resize
-from sideways_cli.engine import make_rule
+from sideways_cli.engine import SidewaysRule, make_rule
 from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.rule import BatchStats
 from sideways_cli.errors import UserError
 from sideways_cli.evaluate import evaluate
 from sideways_cli.memory import PeakMemory
@@ -36,6 +37,9 @@ from sideways_cli.report import write_json
 from sideways_cli.resume import (PreviousRun, discard_run, find_previous_run, last_checkpoint,
                                  restore_rng, rng_state, trim_csv, trim_jsonl)
 from sideways_cli.runtime import Autocast, forward_autocast, resolve_device, set_deterministic
+
+if TYPE_CHECKING:
+    from sideways_cli.distributed.context import StageContext
 
 Log = Callable[[str], None]
 
@@ -79,6 +83,64 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LocalLearner:
+    """The network, its rule, optimizer and schedule in this process. A P-stage run's first stage
+    has a ``distributed.runner.DistributedLearner`` instead, with the same interface."""
+
+    def __init__(self, cfg: Config, num_classes: int, device: torch.device, autocast: Autocast):
+        self.cfg = cfg
+        self.model = build_network(cfg, num_classes).to(device)
+        self.rule = make_rule(cfg.mode, self.model, cfg.sideways.pipeline, cfg.sideways.update,
+                              cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast)
+        self.optimizer = make_optimizer(cfg.train, self.model)
+        self.schedule = make_schedule(cfg.train, self.optimizer)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def apply_update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_batch(self, clips: torch.Tensor, labels: torch.Tensor) -> BatchStats:
+        stats = self.rule.train_batch(clips, labels, self.apply_update)
+        self.schedule.step()
+        return stats
+
+    def save(self, path: Path, payload: dict[str, Any]) -> None:
+        """The checkpoint: weights, optimizer, schedule, ``payload``; a ``resume`` entry in it
+        gets the rule's state too."""
+        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), **payload}
+        if "resume" in payload:
+            ckpt["resume"] = {**payload["resume"], "rule": self.rule.state_dict()}
+        save_atomic(ckpt, path)
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        load_rule_state(self.rule, ckpt["resume"]["rule"], self.cfg)
+
+    def close(self) -> None:
+        pass
+
+
+def load_rule_state(rule, state: dict[str, Any], cfg: Config) -> None:
+    """Registers carried over from the checkpoint. The chunked executor keeps them in another
+    layout than the tick rule (which P-stage runs reassemble into): with ``pipeline: reset`` and
+    ``update: clip`` nothing survives a batch, so either layout starts the next one alike."""
+    layout = "pipeline" if isinstance(rule, SidewaysRule) else "registers"
+    if not state or layout in state or cfg.mode == "bp":
+        rule.load_state_dict(state)
+    elif cfg.sideways.pipeline != "reset" or cfg.sideways.update != "clip":
+        raise UserError(f"this checkpoint holds the pipeline of a run with another sideways.chunk "
+                        f"or parallel.stages; with pipeline {cfg.sideways.pipeline!r} and update "
+                        f"{cfg.sideways.update!r} resume it with the settings it was trained with "
+                        "(sideways.chunk=1 reads a P-stage run's)")
 
 
 def data_loaders(cfg: Config, data: DatasetIndex,
@@ -175,26 +237,62 @@ class Evaluations:
             trim_csv(self.path, kept, self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
-               state: dict[str, Any]) -> None:
+               save_best: Callable[[Path], None]) -> None:
         row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
                "wall_s": time.perf_counter() - self.started, **val}
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row[key] for key in self.keys])
         if val[self.primary] > self.best:
             self.best = val[self.primary]
-            save_atomic(state, self.best_path)
+            save_best(self.best_path)
+
+
+def make_learner(cfg: Config, num_classes: int, device: torch.device, autocast: Autocast,
+                 out_dir: Path, resume: Path | None, stage: StageContext | None):
+    """This process's learner: the whole network, or (``stage`` set) stage 0 of a P-stage job."""
+    if stage is None:
+        return LocalLearner(cfg, num_classes, device, autocast)
+    from sideways_cli.distributed.runner import DistributedLearner, stage_sizes
+
+    sizes = stage_sizes(cfg, build_network(cfg, num_classes), device, autocast)
+    return DistributedLearner(cfg, stage, num_classes, sizes, out_dir, resume)
 
 
 def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
-          restart: bool = False) -> dict[str, Any]:
+          restart: bool = False) -> dict[str, Any] | None:
     """Train ``cfg`` into ``out_dir``; returns (and writes) the run's summary.
 
     If ``out_dir`` holds a resumable ``checkpoints/last.pt`` of this config, the run continues from
     it and ends exactly where an uninterrupted one would; a finished run only returns its summary.
     ``restart`` discards what ``out_dir`` holds first.
+
+    With ``parallel.stages`` > 1 this process is one stage of a job started by torchrun (or by
+    ``sideways train``, through the same launcher): the first stage runs this loop, the others
+    follow its commands and return None.
     """
     set_deterministic(cfg.deterministic)  # before anything touches CUDA
-    device = resolve_device(cfg.device)
+    stage = None
+    if cfg.parallel.stages > 1:
+        from sideways_cli.distributed.context import join, leave
+        from sideways_cli.distributed.runner import follow
+
+        stage = join(cfg)
+        if not stage.is_first:
+            try:
+                follow(cfg, stage)
+            finally:
+                leave()
+            return None
+    try:
+        return _train(cfg, out_dir, quiet, log, restart, stage)
+    finally:
+        if stage is not None:
+            leave()
+
+
+def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
+           stage: StageContext | None) -> dict[str, Any]:
+    device = stage.device if stage is not None else resolve_device(cfg.device)
     autocast = forward_autocast(device, cfg.amp)  # refuses AMP where it cannot run
     if restart:
         discard_run(out_dir)
@@ -202,6 +300,10 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     if previous is not None and previous.summary is not None:
         log(f"{out_dir} has finished its {previous.step} steps; not training it again "
             "(--restart discards it)")
+        if stage is not None:
+            from sideways_cli.distributed.runner import start
+
+            start(stage, {"finished": True})
         return previous.summary
     resumed = previous.checkpoint if previous is not None else None
     run: dict[str, Any] = resumed["resume"] if resumed else {
@@ -211,39 +313,28 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     data = resolve_dataset(cfg.data, progress=not quiet)
-    model = build_network(cfg, len(data.classes)).to(device)
-    rule = make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update, cfg.sideways.chunk,
-                     OBJECTIVES[cfg.task], autocast)
-    optimizer = make_optimizer(cfg.train, model)
-    schedule = make_schedule(cfg.train, optimizer)
+    learner = make_learner(cfg, len(data.classes), device, autocast, out_dir,
+                           last_checkpoint(out_dir) if resumed else None, stage)
     train_loader, val_loader = data_loaders(cfg, data, start=tuple(run["data_position"]))
     seed_everything(cfg.seed)
     first_step = 1
     if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        rule.load_state_dict(run["rule"])
+        learner.load(resumed)
         restore_rng(run["rng"])
         train_loader.failed.update(run["unreadable"])  # reported once, counted once, over every start
         first_step = resumed["step"] + 1
         log(f"resuming {out_dir} from step {resumed['step']}")
 
-    def apply_update() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def checkpoint(step: int, **extra: Any) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "step": step, "config": to_dict(cfg),
-                "classes": data.classes, **extra}
+    def save(path: Path, step: int, **extra: Any) -> None:
+        learner.save(path, {"step": step, "config": to_dict(cfg), "classes": data.classes, **extra})
 
     def resume_state() -> dict[str, Any]:
-        """What a restart needs besides the weights to continue as if never stopped."""
+        """What a restart needs besides the weights to continue as if never stopped (the
+        learner adds its rule's registers)."""
         return {"rng": rng_state(device), "data_position": position, "recent": list(recent),
                 "frames_seen": frames_seen, "updates": updates, "compute_s": compute_s,
                 "wait_s": wait_s, "wall_s": time.perf_counter() - started, "peak_mem_mb": peak_mb(),
-                "best": evaluations.best, "rule": rule.state_dict(), "device": device.type,
+                "best": evaluations.best, "device": device.type,
                 "unreadable": dict(train_loader.failed)}
 
     def peak_mb() -> float:
@@ -274,34 +365,34 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
             position = sampler.advance(position)
             clips, labels = batch["clip"].to(device), batch["label"].to(device)
             t1 = time.perf_counter()
-            stats = rule.train_batch(clips, labels, apply_update)
+            stats = learner.train_batch(clips, labels)
             t2 = time.perf_counter()
-            schedule.step()
             wait_s, compute_s = wait_s + t1 - t0, compute_s + t2 - t1
             frames_seen += stats.frames
             updates += stats.updates
             recent = (recent + [stats.loss])[-cfg.train.log_every:]
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 record = {"step": step, "loss": sum(recent) / len(recent),
-                          "lr": optimizer.param_groups[0]["lr"], "frames_seen": frames_seen,
+                          "lr": learner.lr, "frames_seen": frames_seen,
                           "frames_per_s": frames_seen / compute_s,
                           "data_wait_share": wait_s / (wait_s + compute_s),
                           "peak_mem_mb": peak_mb(), "wall_s": time.perf_counter() - started}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                val = evaluate_split(cfg, model, val_loader, data, device, "val", autocast, bar)
-                evaluations.record(step, frames_seen, sum(recent) / len(recent), val, checkpoint(step))
+                val = evaluate_split(cfg, learner.model, val_loader, data, device, "val", autocast, bar)
+                evaluations.record(step, frames_seen, sum(recent) / len(recent), val,
+                                   lambda path: save(path, step))
                 log(evaluation_line(step, cfg.train.steps, val, time.perf_counter() - started))
             if bar:
                 bar.update(task, advance=1, info=f"loss {sum(recent) / len(recent):.3f}")
             every = cfg.train.checkpoint_every
             if every and step % every == 0 and step < cfg.train.steps:
-                save_atomic(checkpoint(step, resume=resume_state()), last_checkpoint(out_dir))
+                save(last_checkpoint(out_dir), step, resume=resume_state())
     if first_step <= cfg.train.steps:  # a kill during a long final evaluation keeps the training
-        save_atomic(checkpoint(cfg.train.steps, resume=resume_state()), last_checkpoint(out_dir))
+        save(last_checkpoint(out_dir), cfg.train.steps, resume=resume_state())
     with progress_bar(quiet) as bar:
-        val = evaluate_split(cfg, model, val_loader, data, device, "val", autocast, bar)
+        val = evaluate_split(cfg, learner.model, val_loader, data, device, "val", autocast, bar)
     summary = {
         "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "steps": cfg.train.steps, "updates": updates, "frames_seen": frames_seen,
@@ -309,9 +400,10 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
         "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
         "peak_mem_mb": max(run["peak_mem_mb"], memory.peak_mb), "wall_s": time.perf_counter() - started,
     }
-    final = checkpoint(cfg.train.steps, summary=summary)
-    evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val, final)
-    save_atomic({**final, "resume": resume_state()}, last_checkpoint(out_dir))
+    evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val,
+                       lambda path: save(path, cfg.train.steps, summary=summary))
+    save(last_checkpoint(out_dir), cfg.train.steps, summary=summary, resume=resume_state())
+    learner.close()
     write_json(out_dir / "summary.json", summary)
     log(evaluation_line(cfg.train.steps, cfg.train.steps, val, summary["wall_s"], cfg.mode)
         + f", {summary['frames_per_s']:.0f} frames/s")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import torch
+
+from sideways_cli.engine.rule import Autocast
 from sideways_cli.models import FrameStack
 
 
@@ -17,3 +22,20 @@ def stage_ranges(sizes: list[int]) -> list[range]:
 def stage_stack(model: FrameStack, modules: range) -> FrameStack:
     """The modules of one stage as a stack of their own, sharing the model's parameters."""
     return FrameStack([model[d] for d in modules], [model.names[d] for d in modules])
+
+
+Spec = tuple[tuple[int, ...], torch.dtype]  # one clip's frame at a module's output: shape, dtype
+
+
+@torch.no_grad()
+def output_specs(model: FrameStack, frame: tuple[int, ...], autocast: Autocast = nullcontext,
+                 device: torch.device | str = "cpu") -> list[Spec]:
+    """Each module's output frame for one clip, from a zero input frame of shape ``frame`` [C, H, W]
+    run through the modules' tick path under ``autocast`` (which sets the dtypes on the wire)."""
+    x = torch.zeros(1, *frame, device=device)
+    specs = []
+    for module in model.stack:
+        with autocast():
+            x = module.forward_window(x.unsqueeze(2).expand(-1, -1, module.window, *x.shape[2:]))
+        specs.append((tuple(x.shape[1:]), x.dtype))
+    return specs

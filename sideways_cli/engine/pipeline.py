@@ -97,8 +97,11 @@ class ModuleStep:
 class Pipeline:
     """Registers of a D-module stack and the forward half of a tick."""
 
-    def __init__(self, model: FrameStack):
+    def __init__(self, model: FrameStack, first: int = 0):
+        """``first``: the network index of ``model``'s first module when it is one stage of a
+        network split across processes (module 0 of the network gets data, the others activations)."""
         self.model = model
+        self.first = first
         self.windows = [WindowRegister(k) for k in model.windows]
         self.outputs: list[Token | None] = [None] * len(model)
         self.fresh = [False] * len(model)  # out_d was written at the last tick
@@ -139,7 +142,7 @@ class Pipeline:
             register = self.windows[d]
             register.push(token)
             window = register.tensor()
-            if with_graph and d > 0:
+            if with_graph and self.first + d > 0:
                 window.requires_grad_(True)
             with torch.set_grad_enabled(with_graph):
                 output = self.model[d].forward_window(window)

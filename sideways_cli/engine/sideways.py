@@ -80,8 +80,19 @@ class PseudoGradients:
 
 
 class SidewaysRule:
+    """The tick rule over a stack of modules: the whole network, or one stage of it.
+
+    A stage (``first``, ``depth``: the network index of its first module and the network's module
+    count) is what one process runs when the network is split across processes
+    (``sideways_cli/distributed``): its bottom module gets the activation the stage below sent
+    (``tick(frame=...)``), its top module the message the stage above sent (``tick(message=...)``)
+    unless it is the network's head, whose message is its frame's loss gradient; each tick leaves
+    the stage's outgoing activation in :meth:`sent_up` and message in ``sent_down``.
+    """
+
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-                 objective: Objective = CLASSIFY, autocast: Autocast = nullcontext):
+                 objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
+                 first: int = 0, depth: int | None = None):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         self.model = model
@@ -89,20 +100,27 @@ class SidewaysRule:
         self.mode = pipeline
         self.update_every = parse_update(update)
         self.autocast = autocast
-        self.pipeline = Pipeline(model)
-        depth = len(model)
+        self.first = first
+        self.depth = depth if depth is not None else len(model)
+        self.has_head = first + len(model) == self.depth
+        self.pipeline = Pipeline(model, first)
+        size = len(model)
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
-        self.current: list[ModuleStep | None] = [None] * depth  # graph of each module's newest window
-        self.stale = [False] * depth  # weights changed since that graph was built
-        self.messages: list[torch.Tensor | None] = [None] * depth  # gradient registers
+        self.current: list[ModuleStep | None] = [None] * size  # graph of each module's newest window
+        self.stale = [False] * size  # weights changed since that graph was built
+        self.messages: list[torch.Tensor | None] = [None] * size  # gradient registers
+        self.sent_down: torch.Tensor | None = None  # the bottom module's message of the last tick
         self.pseudo = PseudoGradients(self.params)
         self.ticks_since_update = 0
+        self.clock = 0  # ticks since the pipeline started empty
+        self.fed = 0  # frames fed since then
 
     def reset(self) -> None:
         """Empty the pipeline: no activation, graph or message survives into the next clip."""
         self.pipeline.reset()
         self.current = [None] * len(self.model)
         self.messages = [None] * len(self.model)
+        self.clock = self.fed = 0
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
@@ -115,8 +133,9 @@ class SidewaysRule:
         """
         if self.mode == "reset":
             self.reset()
-        tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels))
-        ticks = len(tokens) + (2 * (len(self.model) - 1) if self.mode == "reset" else 0)
+        tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels), self.fed)
+        self.fed += len(tokens)
+        ticks = len(tokens) + (2 * (self.depth - 1) if self.mode == "reset" else 0)
         loss_sum, losses, updates = 0.0, 0, 0
         for tick in range(ticks):
             loss = self.tick(tokens[tick] if tick < len(tokens) else None)
@@ -129,9 +148,15 @@ class SidewaysRule:
         return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
                           frames=clips.shape[0] * clips.shape[2], updates=updates)
 
-    def tick(self, frame) -> float | None:
-        """One clock tick of every module; returns the loss of the frame at the top, if any."""
+    def tick(self, frame: Token | None, message: torch.Tensor | None = None) -> float | None:
+        """One clock tick of every module; returns the loss of the frame at the top, if any.
+
+        ``frame``: the new input of the bottom module (None while draining); ``message``: for a
+        stage below the head, the message the module above it sent at the previous tick.
+        """
         top = len(self.model) - 1
+        if not self.has_head:
+            self.messages[top] = message
         with self.autocast():
             steps = self.pipeline.forward_tick(frame, with_graph=True)
         for step in steps:
@@ -139,27 +164,35 @@ class SidewaysRule:
             self.stale[step.index] = False
         loss_value = None
         head = self.current[top]
-        if head is not None and self.pipeline.fresh[top]:
+        if self.has_head and head is not None and self.pipeline.fresh[top]:
             loss = self.objective.frame_loss(at_least_fp32(head.output), head.token.target)
             (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
             loss_value = loss.item()
         sent: list[torch.Tensor | None] = [None] * len(self.model)
+        self.sent_down = None
         for d, message in enumerate(self.messages):
             if message is not None:
                 below = self.backward_module(d, message)
                 if d > 0:
                     sent[d - 1] = below
+                else:
+                    self.sent_down = below
         # messages travel one module down per tick; the top's is replaced by the next loss
         self.messages = sent[:top] + [None]
         self.ticks_since_update += 1
+        self.clock += 1
         return loss_value
+
+    def sent_up(self) -> Token | None:
+        """The top module's output of the last tick, if it computed one: the next stage's input."""
+        return self.pipeline.outputs[-1] if self.pipeline.fresh[-1] else None
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
         """VJP of module d at its current window; accumulates g_d, returns the message below."""
         step = self.current[d]
         if self.stale[d]:
             step = self.rebuild(d)
-        wants_input = d > 0
+        wants_input = self.first + d > 0
         inputs = self.params[d] + ([step.window] if wants_input else [])
         grads = torch.autograd.grad(step.output, inputs, grad_outputs=message,
                                     retain_graph=True, allow_unused=True)
@@ -172,7 +205,7 @@ class SidewaysRule:
     def rebuild(self, d: int) -> ModuleStep:
         """Recompute module d's graph at its current window after its weights were updated."""
         old = self.current[d]
-        window = old.window.detach().requires_grad_(d > 0)
+        window = old.window.detach().requires_grad_(self.first + d > 0)
         with self.autocast():
             output = self.model[d].forward_window(window)
         self.current[d] = ModuleStep(d, window, old.filled, output, old.token)
@@ -197,7 +230,8 @@ class SidewaysRule:
                                               "token": step.token.state()} for step in self.current]
         return {"pipeline": self.pipeline.state_dict(), "current": current,
                 "messages": [None if m is None else m.detach() for m in self.messages],
-                "pseudo": self.pseudo.state_dict(), "ticks_since_update": self.ticks_since_update}
+                "pseudo": self.pseudo.state_dict(), "ticks_since_update": self.ticks_since_update,
+                "clock": self.clock, "fed": self.fed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pipeline.load_state_dict(state["pipeline"])
@@ -208,3 +242,4 @@ class SidewaysRule:
         self.messages = list(state["messages"])
         self.pseudo.load_state_dict(state["pseudo"])
         self.ticks_since_update = state["ticks_since_update"]
+        self.clock, self.fed = state["clock"], state["fed"]

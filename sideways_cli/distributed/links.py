@@ -1,0 +1,98 @@
+"""Point-to-point traffic between stages over torch.distributed, with every wait bounded.
+
+A stage that dies closes its sockets; one that hangs sends nothing. Either way its neighbour's
+wait ends, within ``timeout_s`` at the latest, in a :class:`StageFailure` naming the stage, so the
+launcher stops the whole job instead of leaving it blocked for c10d's default half hour.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_HEADER = 10  # int64 slots of a header: dtype, ndim, then up to 8 sizes
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
+
+
+class StageFailure(RuntimeError):
+    """Another stage died or stopped answering; the message names it."""
+
+
+class Links:
+    """This stage's sends and receives; ``device`` is where tensors live for the backend."""
+
+    def __init__(self, rank: int, stages: int, timeout_s: float, device: torch.device):
+        self.rank, self.stages = rank, stages
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = device
+        self.in_flight: list[tuple[dist.Work, torch.Tensor, int]] = []  # sends not yet complete
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        """Start sending ``tensor`` to stage ``dst``; it stays referenced until :meth:`settle`.
+        ``tag`` keeps apart traffic that shares a pair of stages (ticks, targets, evaluation)."""
+        tensor = tensor.detach().contiguous()
+        self.in_flight.append((dist.isend(tensor, dst, tag=tag), tensor, dst))
+
+    def receive(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int,
+                what: str, tag: int) -> PendingReceive:
+        """Post a receive from stage ``src`` now (so it overlaps compute); ``.wait()`` it later."""
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        return PendingReceive(self, dist.irecv(buffer, src, tag=tag), buffer, src, what)
+
+    def settle(self) -> None:
+        """Wait until every send has left: a neighbour that stopped reading is found here too."""
+        for work, _, dst in self.in_flight:
+            self.wait(work, dst, "sending to it")
+        self.in_flight.clear()
+
+    def send_sized(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        """Send a tensor whose shape and dtype the receiver does not know: a header first."""
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+        header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
+        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        self.send(header, dst, tag)
+        self.send(tensor, dst, tag)
+
+    def receive_sized(self, src: int, what: str, tag: int) -> torch.Tensor:
+        header = self.receive((_HEADER,), torch.int64, src, what, tag).wait().tolist()
+        shape = tuple(header[2:2 + header[1]])
+        return self.receive(shape, _DTYPES[header[0]], src, what, tag).wait()
+
+    def all_reduce(self, tensor: torch.Tensor, doing: str) -> None:
+        """Sum ``tensor`` over the stages in place."""
+        try:
+            work = dist.all_reduce(tensor, async_op=True)
+        except RuntimeError as exc:
+            raise self.failure(None, doing, exc) from None
+        self.wait(work, None, doing)
+
+    def wait(self, work: dist.Work, peer: int | None, doing: str) -> None:
+        try:
+            completed = work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise self.failure(peer, doing, exc) from None
+        if completed is False:  # some backends report a timeout by returning False
+            raise self.failure(peer, doing, None)
+
+    def failure(self, peer: int | None, doing: str, exc: BaseException | None) -> StageFailure:
+        """``peer`` None: a collective, whose failing member the backend does not name."""
+        text = str(exc).lower() if exc is not None else "timed out"
+        who = f"stage {peer}" if peer is not None else "another stage"
+        seconds = self.timeout.total_seconds()
+        if "timed out" in text or "timeout" in text:
+            why = (f"{who} sent nothing for {seconds:.0f} s: it hung or is far slower than this "
+                   f"stage (raise parallel.timeout_s if it is only slow)")
+        else:
+            why = f"{who} closed its connection: it died ({str(exc).splitlines()[0]})"
+        return StageFailure(f"stage {self.rank}, {doing}: {why}")
+
+
+class PendingReceive:
+    def __init__(self, links: Links, work: dist.Work, buffer: torch.Tensor, src: int, what: str):
+        self.links, self.work, self.buffer, self.src, self.what = links, work, buffer, src, what
+
+    def wait(self) -> torch.Tensor:
+        self.links.wait(self.work, self.src, f"waiting for {self.what}")
+        return self.buffer

@@ -1,0 +1,160 @@
+"""Sideways across processes: each stage runs the tick rule on its modules and, every tick, sends
+its top activation up and its bottom message down (SIDEWAYS.md, "Depth parallelism").
+
+Within a tick no module depends on another: module d reads what module d-1 wrote and what module
+d+1 sent at the previous tick. So the stages work at once, and what crosses a boundary at tick t
+is needed only at tick t+1: its receive is posted before the tick's compute and waited after it,
+so the transfer overlaps the compute. Both ends of a link know from the clock alone which ticks
+carry a value (module d has a new input at ticks [d, d + fed) and a message at ticks
+[2(D-1) - d, 2(D-1) - d + fed), counted from when the pipeline started empty), so nothing but the
+tensors themselves is sent. The numbers are those of the single-process :class:`SidewaysRule`: the
+same operations on the same values, only spread over processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sideways_cli.distributed.links import Links, PendingReceive
+from sideways_cli.engine.losses import Objective
+from sideways_cli.engine.pipeline import Token, clip_tokens
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.models import FrameStack
+
+TICK_TAG = 0
+
+
+class StagedSideways:
+    """The tick rule for one stage (``modules`` of a ``depth``-module network) and its links.
+
+    ``boundary`` is the per-clip shape [C, H, W] and dtype of the activation (and message) at
+    this stage's lower and upper boundaries, known before any data flows.
+    """
+
+    def __init__(self, stack: FrameStack, modules: range, depth: int, stage: int, stages: int,
+                 links: Links, below: tuple[tuple[int, ...], torch.dtype] | None,
+                 above: tuple[tuple[int, ...], torch.dtype] | None, pipeline: str, update: str,
+                 objective: Objective, autocast: Autocast):
+        self.rule = SidewaysRule(stack, pipeline, update, objective, autocast,
+                                 first=modules.start, depth=depth)
+        self.modules, self.depth = modules, depth
+        self.stage, self.stages, self.links = stage, stages, links
+        self.below, self.above = below, above
+        self.objective = objective
+        self.targets: dict[int, torch.Tensor] = {}  # the last stage's: frame -> its loss's target
+        self.pending_up: Token | None = None  # what the stage below sent at the last tick
+        self.pending_message: torch.Tensor | None = None  # what the stage above sent then
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    # which ticks a link carries a value, from the clock (ticks since the pipeline started empty)
+    def _has_input(self, d: int, tick: int) -> bool:
+        return d <= tick < d + self.rule.fed
+
+    def _has_message(self, d: int, tick: int) -> bool:
+        first = 2 * (self.depth - 1) - d
+        return first <= tick < first + self.rule.fed
+
+    def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
+                    apply_update: ApplyUpdate, shape: torch.Size) -> BatchStats:
+        """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
+        the last the labels (and, for reconstruction, the clips: its targets)."""
+        rule = self.rule
+        if rule.mode == "reset":
+            rule.reset()
+            self.pending_up = self.pending_message = None
+        frames = shape[2]
+        first_frame = rule.fed
+        rule.fed += frames
+        tokens = clip_tokens(clips, [None] * frames, first_frame) if self.is_first else []
+        if self.is_last:
+            self._keep_targets(clips if clips is not None else torch.empty(shape, device="meta"),
+                               labels, first_frame)
+        ticks = frames + (2 * (self.depth - 1) if rule.mode == "reset" else 0)
+        loss_sum, losses, flushes = 0.0, 0, []
+        for i in range(ticks):
+            tick = rule.clock
+            up, down = self._post_receives(tick + 1, shape[0])
+            frame = tokens[i] if self.is_first and i < frames else self.pending_up
+            loss = rule.tick(frame, self.pending_message)
+            if loss is not None:
+                loss_sum, losses = loss_sum + loss, losses + 1
+            self._send(tick)
+            if rule.update_every and rule.ticks_since_update >= rule.update_every:
+                flushes.append(rule.flush(apply_update))
+            self._take(up, down, tick + 1)
+        if rule.update_every is None:
+            flushes.append(rule.flush(apply_update))
+        self.links.settle()
+        return self._reduce(loss_sum, losses, flushes, shape[0] * frames)
+
+    def _post_receives(self, tick: int, batch: int) -> tuple[PendingReceive | None, PendingReceive | None]:
+        up = down = None
+        if not self.is_first and self._has_input(self.modules.start, tick):
+            size, dtype = self.below
+            up = self.links.receive((batch, *size), dtype, self.stage - 1, "an activation", TICK_TAG)
+        if not self.is_last and self._has_message(self.modules.stop - 1, tick):
+            size, dtype = self.above
+            down = self.links.receive((batch, *size), dtype, self.stage + 1, "a gradient message",
+                                      TICK_TAG)
+        return up, down
+
+    def _send(self, tick: int) -> None:
+        """This tick's outgoing activation and message; the schedule says exactly which exist."""
+        up, down = self.rule.sent_up(), self.rule.sent_down
+        if not self.is_last:
+            self._check("activation", up is not None, self._has_input(self.modules.stop, tick + 1))
+            if up is not None:
+                self.links.send(up.value, self.stage + 1, TICK_TAG)
+        if not self.is_first:
+            self._check("message", down is not None, self._has_message(self.modules.start - 1, tick + 1))
+            if down is not None:
+                self.links.send(down, self.stage - 1, TICK_TAG)
+
+    def _check(self, what: str, sent: bool, scheduled: bool) -> None:
+        if sent != scheduled:  # a bug, not a user error: the neighbour would wait forever
+            raise RuntimeError(f"stage {self.stage} at tick {self.rule.clock}: {what} "
+                               f"{'sent' if sent else 'missing'} against the tick schedule")
+
+    def _take(self, up: PendingReceive | None, down: PendingReceive | None, tick: int) -> None:
+        self.pending_up = None
+        if up is not None:
+            frame = tick - self.modules.start  # frame f reaches module d at tick f + d
+            self.pending_up = Token(up.wait(), frame, self.targets.get(frame))
+        self.pending_message = down.wait() if down is not None else None
+
+    def _keep_targets(self, clips: torch.Tensor, labels: torch.Tensor, first_frame: int) -> None:
+        """The last stage's targets by frame; frames of earlier clips may still be on their way up."""
+        oldest = self.rule.clock - self.depth  # every older frame has reached the top
+        self.targets = {f: t for f, t in self.targets.items() if f >= oldest}
+        for t, target in enumerate(self.objective.frame_targets(clips, labels)):
+            self.targets[first_frame + t] = target
+
+    def _reduce(self, loss_sum: float, losses: int, flushes: list[bool], frames: int) -> BatchStats:
+        """Losses live on the last stage; an update happened when any stage stepped."""
+        totals = torch.tensor([loss_sum, losses, *flushes], dtype=torch.float64, device=self.links.device)
+        self.links.all_reduce(totals, "summing the batch's losses")
+        loss_sum, losses = totals[0].item(), int(totals[1].item())
+        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses, frames=frames,
+                          updates=int((totals[2:] > 0).sum().item()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule.state_dict(), "targets": dict(self.targets),
+                "pending_up": None if self.pending_up is None else self.pending_up.state(),
+                "pending_message": self.pending_message}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.targets = dict(state["targets"])
+        self.pending_up = None if state["pending_up"] is None else Token.from_state(state["pending_up"])
+        self.pending_message = state["pending_message"]
+
