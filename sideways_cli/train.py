@@ -278,16 +278,13 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
 
         stage = join(cfg)
         if not stage.is_first:
-            try:
-                follow(cfg, stage)
-            finally:
-                leave()
-            return None
-    try:
-        return _train(cfg, out_dir, quiet, log, restart, stage)
-    finally:
-        if stage is not None:
+            follow(cfg, stage)
             leave()
+            return None
+    summary = _train(cfg, out_dir, quiet, log, restart, stage)
+    if stage is not None:  # not after a failure: tearing down a group with a dead member may hang
+        leave()
+    return summary
 
 
 def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
