@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -357,7 +358,11 @@ def main() -> None:
         sys.exit(2)
     except StageFailure as exc:  # another stage died or hung; the launcher stops the rest
         print_user_error(exc)
-        sys.exit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # no interpreter shutdown: it would tear down a process group whose peer is gone and
+        # join data-loader workers, either of which can block; the launcher reaps what is left
+        os._exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -108,7 +108,7 @@ class ParallelConfig:
     schedule: str = "gpipe"  # mode bp across stages: torch.distributed.pipelining's gpipe | 1f1b
     microbatches: int = 4  # mode bp across stages: clips of a batch split into this many
     threads: int | None = None  # CPU threads per stage process; None: the cores shared out
-    timeout_s: float = 30.0  # a stage silent for this long is taken as hung: the job stops
+    timeout_s: float = 20.0  # a stage silent this long is taken as hung and the job stops (< 60 s)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 

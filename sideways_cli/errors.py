@@ -8,5 +8,7 @@ class UserError(Exception):
 def print_user_error(exc: BaseException) -> None:
     """The one line a user mistake gets, on stderr."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                               soft_wrap=True)

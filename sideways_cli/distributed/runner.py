@@ -298,12 +298,10 @@ class DistributedLearner:
 
 def stage_sizes(cfg: Config, model: nn.Module, device: torch.device, autocast) -> list[int]:
     """Modules per stage: ``parallel.balance`` as given, or split by measured per-module cost."""
-    if isinstance(cfg.parallel.balance, list):  # TEMP until balance.py lands
-        return cfg.parallel.balance
     from sideways_cli.distributed.balance import measure_module_costs, resolve_balance
 
     costs = None
     if cfg.parallel.balance == "auto":
         frame = (cfg.data.batch_size, 3, cfg.data.size, cfg.data.size)
-        costs = measure_module_costs(model.to(device), frame, device=device, autocast=autocast).total
-    return resolve_balance(cfg.parallel.balance, cfg.parallel.stages, len(model), costs)
+        costs = measure_module_costs(model.to(device), frame, device=device, autocast=autocast).total_s
+    return resolve_balance(cfg.parallel.balance, cfg.parallel.stages, len(model), costs, model.names)
