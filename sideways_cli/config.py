@@ -288,7 +288,8 @@ def _validate_parallel(cfg: Config) -> None:
     if isinstance(p.balance, str) and p.balance != "auto":
         raise UserError(f"config key 'parallel.balance' must be auto or a list of modules per "
                         f"stage such as [2, 3], got {p.balance!r}")
-    if isinstance(p.balance, list) and (len(p.balance) != p.stages or min(p.balance) < 1):
+    if isinstance(p.balance, list) and p.stages > 1 and (len(p.balance) != p.stages
+                                                         or min(p.balance) < 1):
         raise UserError(f"config key 'parallel.balance' must list parallel.stages={p.stages} "
                         f"module counts, each >= 1, got {p.balance}")
     if cfg.mode == "bp" and p.stages > 1 and cfg.data.batch_size % p.microbatches:

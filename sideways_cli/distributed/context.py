@@ -7,7 +7,10 @@ rank r runs stage r.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,6 +23,7 @@ from sideways_cli.errors import UserError
 
 # waiting for rank 0 to finish its set-up (indexing a dataset can take minutes) is not a hang
 STARTUP_TIMEOUT = timedelta(minutes=30)
+PR_SET_PDEATHSIG = 1
 
 
 def launched() -> bool:
@@ -43,8 +47,20 @@ class StageContext:
         return self.stage == self.stages - 1
 
 
+def die_with_launcher() -> None:
+    """Linux: end this stage when its launcher ends, even by SIGKILL, which gives the launcher no
+    chance to stop its stages (they run in sessions of their own)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher was gone before the line above
+        os._exit(1)
+
+
 def join(cfg: Config) -> StageContext:
     """Join the job's process group as the stage of this process's rank."""
+    die_with_launcher()
     stages = int(os.environ["WORLD_SIZE"])
     if stages != cfg.parallel.stages:
         raise UserError(f"the launcher started {stages} processes but parallel.stages is "

@@ -1,0 +1,253 @@
+"""Sideways across processes gives the single-process engine's numbers; a P-stage run's checkpoints
+are ordinary ones; a stage that dies or hangs ends the job, naming it, with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from sideways_cli.config import load_config
+from sideways_cli.data.catalog import resolve_dataset
+from sideways_cli.distributed.launch import free_port
+from sideways_cli.distributed.links import Links
+from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.models import build_model
+
+# -- the engine: a 2-stage StagedSideways against SidewaysRule -------------------------------------
+
+CASES = {  # name -> (pipeline, update, task, modules per stage)
+    "reset": ("reset", "clip", "classify", [2, 2]),
+    "continuous": ("continuous", "clip", "classify", [2, 2]),
+    "every 3 ticks": ("reset", "every 3 ticks", "classify", [1, 3]),
+    "continuous every 2 ticks": ("continuous", "every 2 ticks", "classify", [3, 1]),
+    "reconstruct": ("continuous", "clip", "reconstruct", [2, 2]),
+}
+
+
+def network(task: str):
+    torch.manual_seed(0)
+    if task == "reconstruct":
+        return build_model("autoencoder", 3, width=4, depth=2)
+    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 3, 7, 16, 16, generator=g), torch.tensor([1, 3])) for _ in range(3)]
+
+
+def optimizer_step(params):
+    optimizer = torch.optim.AdamW(params, lr=0.01)
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def stage_process(rank: int, port: int, case: str, out: str) -> None:
+    pipeline, update, task, sizes = CASES[case]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=len(sizes))
+    model = network(task)
+    modules = stage_ranges(sizes)[rank]
+    stack = stage_stack(model, modules)
+    specs = output_specs(model, (3, 16, 16))
+    last = rank == len(sizes) - 1
+    rule = StagedSideways(stack, modules, len(model), rank, len(sizes),
+                          Links(rank, len(sizes), 30, torch.device("cpu")),
+                          specs[modules.start - 1] if rank else None,
+                          specs[modules.stop - 1] if not last else None,
+                          pipeline, update, OBJECTIVES[task], nullcontext)
+    step = optimizer_step(stack.parameters())
+    stats = []
+    for clips, labels in batches():
+        mine = clips if rank == 0 or (last and task == "reconstruct") else None
+        s = rule.train_batch(mine, labels if last else None, step, clips.shape)
+        stats.append((s.loss, s.losses, s.updates))
+    torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
+               f"{out}/stage{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_stages_give_the_single_process_numbers(case, tmp_path, one_thread):
+    pipeline, update, task, sizes = CASES[case]
+    model = network(task)
+    rule = SidewaysRule(model, pipeline, update, OBJECTIVES[task])
+    step = optimizer_step(model.parameters())
+    expected = []
+    for clips, labels in batches():
+        s = rule.train_batch(clips, labels, step)
+        expected.append((s.loss, s.losses, s.updates))
+
+    mp.spawn(stage_process, args=(free_port(), case, str(tmp_path)), nprocs=len(sizes))
+    results = [torch.load(tmp_path / f"stage{r}.pt") for r in range(len(sizes))]
+    for stats in (results[0]["stats"], results[-1]["stats"]):  # every stage reports the batch
+        assert [(n, u) for _, n, u in stats] == [(n, u) for _, n, u in expected]
+        torch.testing.assert_close([loss for loss, _, _ in stats], [loss for loss, _, _ in expected],
+                                   rtol=1e-5, atol=0)
+    weights = [w for result in results for w in result["weights"]]
+    assert len(weights) == len(list(model.parameters()))
+    for got, want in zip(weights, model.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(weights[0], next(network(task).parameters()))  # they did train
+
+
+# -- the command line: sideways train --set parallel.stages=2 ---------------------------------------
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parallel")
+    cfg = {"seed": 3, "mode": "sideways",
+           "model": {"name": "c3d", "temporal_kernel": 3, "width": 4, "depth": 2},
+           "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
+                    "size": 16, "synthetic": {"train_per_class": 2, "val_per_class": 1,
+                                              "num_frames": 12}},
+           "train": {"steps": STEPS, "log_every": 1, "warmup_steps": 2, "checkpoint_every": 3},
+           "eval": {"clips_per_video": 1, "batch_size": 8},
+           "sideways": {"pipeline": "continuous", "chunk": 1},
+           "parallel": {"balance": [2, 1], "threads": 1, "timeout_s": 5}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    resolve_dataset(load_config(path).data, progress=False)  # generated once, before any run
+    return path
+
+
+def start(config: Path, out: Path, *sets: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the single-process reference at one thread too
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    torch.testing.assert_close(losses(a), losses(b), rtol=1e-5, atol=0)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for child in children for c in [child, *descendants(int(child))]]
+
+
+def stage_pids(process: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the stage processes the launcher started (each in a session of its own)."""
+    pids = {}
+    for pid in descendants(process.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            pids[int(rank[0][5:])] = pid
+    return pids
+
+
+def kill_after_checkpoint(process: subprocess.Popen, run: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    stages = stage_pids(process)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher: its stages die with it
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in stages.values()):
+        assert time.monotonic() < deadline, "a stage outlived its launcher"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def single(config, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("single") / "run"
+    finish(start(config, run, "parallel.stages=1"))
+    return run
+
+
+def test_a_two_stage_run_resumes_and_matches_one_process(config, single, tmp_path):
+    run = tmp_path / "two"
+    kill_after_checkpoint(start(config, run, "parallel.stages=2"), run)
+    finish(start(config, run, "parallel.stages=2"))
+    assert_same_run(run, single)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["updates"] == STEPS
+
+
+def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path):
+    run = tmp_path / "handover"
+    kill_after_checkpoint(start(config, run, "parallel.stages=2"), run)
+    finish(start(config, run, "parallel.stages=1"))
+    assert_same_run(run, single)
+
+
+def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
+    run = tmp_path / "killed"
+    process = start(config, run, "parallel.stages=2", "train.steps=100000")
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    pids = stage_pids(process)
+    killed = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+    assert process.returncode != 0
+    assert "stage 1 was killed by SIGKILL" in err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())  # none left behind
+
+
+def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
+    run = tmp_path / "hung"
+    process = start(config, run, "parallel.stages=2", "train.steps=100000")
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    pids = stage_pids(process)
+    stopped = time.monotonic()
+    os.kill(pids[1], signal.SIGSTOP)  # alive, holding its sockets, doing nothing
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 60
+    assert process.returncode != 0
+    assert "stage 1 sent nothing for 5 s" in err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())
