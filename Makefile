@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory_vs_clip_length.py
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/depth_parallel.py
 
 # Static video with per-frame modules: Sideways == BP (cosine 1); shuffled frames: the bottom falls.
 fidelity: $(STAMP)

@@ -97,16 +97,9 @@ def train(
     from sideways_cli.train import train as run_training
 
     cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
-    if cfg.parallel.stages > 1:
-        from sideways_cli.distributed.context import launched
-        from sideways_cli.distributed.launch import launch_stages
-
-        if not launched():  # start one process per stage; each runs this command again
-            launch_stages(cfg.parallel.stages, sys.argv[1:])
-            return
     run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
     summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
-    if summary is None:  # a stage other than the first: stage 0 reports
+    if summary is None:  # a stage of a job this command's own launcher started: it reports
         return
     if json_path:
         write_json(json_path, summary)

@@ -273,9 +273,12 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     set_deterministic(cfg.deterministic)  # before anything touches CUDA
     stage = None
     if cfg.parallel.stages > 1:
-        from sideways_cli.distributed.context import join, leave
+        from sideways_cli.distributed.context import join, launched, leave
+        from sideways_cli.distributed.launch import run_as_stages
         from sideways_cli.distributed.runner import follow
 
+        if not launched():  # start one process per stage, each training this config
+            return run_as_stages(cfg, out_dir, quiet, restart)
         stage = join(cfg)
         if not stage.is_first:
             follow(cfg, stage)
@@ -284,7 +287,7 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     summary = _train(cfg, out_dir, quiet, log, restart, stage)
     if stage is not None:  # not after a failure: tearing down a group with a dead member may hang
         leave()
-    return summary
+    return None if stage is not None and stage.reports_to_parent else summary
 
 
 def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,

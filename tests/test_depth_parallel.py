@@ -60,34 +60,41 @@ def optimizer_step(params):
     return step
 
 
-def stage_process(rank: int, port: int, case: str, out: str) -> None:
-    pipeline, update, task, sizes = CASES[case]
+def stage_process(rank: int, port: int, out: str) -> None:
+    """Stage ``rank`` of every case in turn, in one process group (spawning is the slow part)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=len(sizes))
-    model = network(task)
-    modules = stage_ranges(sizes)[rank]
-    stack = stage_stack(model, modules)
-    specs = output_specs(model, (3, 16, 16))
-    last = rank == len(sizes) - 1
-    rule = StagedSideways(stack, modules, len(model), rank, len(sizes),
-                          Links(rank, len(sizes), 30, torch.device("cpu")),
-                          specs[modules.start - 1] if rank else None,
-                          specs[modules.stop - 1] if not last else None,
-                          pipeline, update, OBJECTIVES[task], nullcontext)
-    step = optimizer_step(stack.parameters())
-    stats = []
-    for clips, labels in batches():
-        mine = clips if rank == 0 or (last and task == "reconstruct") else None
-        s = rule.train_batch(mine, labels if last else None, step, clips.shape)
-        stats.append((s.loss, s.losses, s.updates))
-    torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
-               f"{out}/stage{rank}.pt")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for case, (pipeline, update, task, sizes) in CASES.items():
+        model = network(task)
+        modules = stage_ranges(sizes)[rank]
+        stack = stage_stack(model, modules)
+        specs = output_specs(model, (3, 16, 16))
+        last = rank == len(sizes) - 1
+        rule = StagedSideways(stack, modules, len(model), rank, len(sizes),
+                              Links(rank, len(sizes), 30, torch.device("cpu")),
+                              specs[modules.start - 1] if rank else None,
+                              specs[modules.stop - 1] if not last else None,
+                              pipeline, update, OBJECTIVES[task], nullcontext)
+        step = optimizer_step(stack.parameters())
+        stats = []
+        for clips, labels in batches():
+            mine = clips if rank == 0 or (last and task == "reconstruct") else None
+            s = rule.train_batch(mine, labels if last else None, step, clips.shape)
+            stats.append((s.loss, s.losses, s.updates))
+        torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
+                   f"{out}/{case}-stage{rank}.pt")
     dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("staged")
+    mp.spawn(stage_process, args=(free_port(), str(out)), nprocs=2)
+    return out
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_stages_give_the_single_process_numbers(case, tmp_path, one_thread):
+def test_two_stages_give_the_single_process_numbers(case, staged, one_thread):
     pipeline, update, task, sizes = CASES[case]
     model = network(task)
     rule = SidewaysRule(model, pipeline, update, OBJECTIVES[task])
@@ -97,8 +104,7 @@ def test_two_stages_give_the_single_process_numbers(case, tmp_path, one_thread):
         s = rule.train_batch(clips, labels, step)
         expected.append((s.loss, s.losses, s.updates))
 
-    mp.spawn(stage_process, args=(free_port(), case, str(tmp_path)), nprocs=len(sizes))
-    results = [torch.load(tmp_path / f"stage{r}.pt") for r in range(len(sizes))]
+    results = [torch.load(staged / f"{case}-stage{r}.pt") for r in range(len(sizes))]
     for stats in (results[0]["stats"], results[-1]["stats"]):  # every stage reports the batch
         assert [(n, u) for _, n, u in stats] == [(n, u) for _, n, u in expected]
         torch.testing.assert_close([loss for loss, _, _ in stats], [loss for loss, _, _ in expected],

@@ -24,6 +24,7 @@ from sideways_cli.errors import UserError
 # waiting for rank 0 to finish its set-up (indexing a dataset can take minutes) is not a hang
 STARTUP_TIMEOUT = timedelta(minutes=30)
 PR_SET_PDEATHSIG = 1
+STARTED_BY_SIDEWAYS = "SIDEWAYS_STAGE_OF_LAUNCHER"  # set for the stages launch.py starts
 
 
 def launched() -> bool:
@@ -37,6 +38,11 @@ class StageContext:
     stages: int
     device: torch.device
     links: Links
+
+    @property
+    def reports_to_parent(self) -> bool:
+        """Started by ``sideways train``'s own launcher, which prints the summary itself."""
+        return os.environ.get(STARTED_BY_SIDEWAYS) == "1"
 
     @property
     def is_first(self) -> bool:

@@ -1,6 +1,6 @@
-"""``sideways train --set parallel.stages=P`` on one machine: the same command, started P times by
-torch's elastic agent, as ``torchrun --standalone --nproc-per-node P -m sideways_cli train ...``
-would; rank r becomes stage r.
+"""``sideways train --set parallel.stages=P`` on one machine: ``sideways train`` on the resolved
+config, started P times by torch's elastic agent, as ``torchrun --standalone --nproc-per-node P -m
+sideways_cli train ...`` would; rank r becomes stage r.
 
 When a stage fails the agent stops every other one (SIGTERM, then SIGKILL after
 ``SHUTDOWN_S``), so no process is left behind; this reports which stage failed and how.
@@ -8,10 +8,14 @@ When a stage fails the agent stops every other one (SIGTERM, then SIGKILL after
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import sys
 import uuid
+from pathlib import Path
+from typing import Any
 
 from sideways_cli.errors import UserError
 
@@ -23,6 +27,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_as_stages(cfg, out_dir: Path, quiet: bool, restart: bool) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` as ``parallel.stages`` processes; returns the run's summary.
+    The stages read the config from the run directory, so any caller (``train``, ``compare``'s
+    runs) can start them."""
+    from sideways_cli.config import save_config
+    from sideways_cli.distributed.context import STARTED_BY_SIDEWAYS
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = out_dir / "launch.yaml"
+    save_config(cfg, config)
+    argv = ["train", str(config), "--out", str(out_dir)] + (["--quiet"] if quiet else []) \
+        + (["--restart"] if restart else [])
+    os.environ[STARTED_BY_SIDEWAYS] = "1"  # the stages inherit it: stage 0 leaves the table to us
+    try:
+        launch_stages(cfg.parallel.stages, argv)
+    finally:
+        del os.environ[STARTED_BY_SIDEWAYS]
+        config.unlink(missing_ok=True)
+    return json.loads((out_dir / "summary.json").read_text())
 
 
 def launch_stages(stages: int, argv: list[str]) -> None:

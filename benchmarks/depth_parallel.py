@@ -1,0 +1,201 @@
+"""Depth parallelism on this machine: Sideways with P = 1 and 2 stages against BP, in one run.
+
+    python benchmarks/depth_parallel.py [--repeats 3] [--batches 4] [--set KEY=VALUE ...]
+
+Two stage processes (gloo, one thread each) are spawned once; every repeat then runs each setting
+in turn, interleaved, so that machine noise hits all alike; the table gives the median over
+repeats of each setting's frames/s (random clips, the preset's model, AdamW, no data loading):
+
+* Sideways, the tick rule: P = 1 (one thread), P = 2 (one thread per stage), and P = 1 with two
+  threads in one process (intra-op parallelism instead of stages); ``pipeline: reset`` and
+  ``continuous`` (the gap is the fill and drain of each clip);
+* BP: one process (one and two threads), and pipelined over the same 2 stages with
+  torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
+
+The throughput model (``sideways_cli/distributed/throughput_model.py``) predicts the Sideways
+rows from per-module costs and a measured link; its P = 1..64 sweep is plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common import PRESET, emit
+from sideways_cli.config import load_config
+from sideways_cli.distributed.balance import measure_module_costs, partition
+from sideways_cli.distributed.launch import free_port
+from sideways_cli.distributed.links import Links
+from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
+from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli.distributed.throughput_model import (measure_link, plot_model, predict,
+                                                       repeat_stack, sweep)
+from sideways_cli.engine.backprop import BackpropRule
+from sideways_cli.engine.losses import CLASSIFY
+from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.train import build_network, make_optimizer
+
+RESULTS = Path(__file__).parent / "results"
+# name -> (rule, stages, threads, pipeline)
+SETTINGS = {
+    "sideways P=1": ("sideways", 1, 1, "reset"),
+    "sideways P=2": ("sideways", 2, 1, "reset"),
+    "sideways P=1, 2 threads": ("sideways", 1, 2, "reset"),
+    "sideways P=1 continuous": ("sideways", 1, 1, "continuous"),
+    "sideways P=2 continuous": ("sideways", 2, 1, "continuous"),
+    "bp": ("bp", 1, 1, None),
+    "bp, 2 threads": ("bp", 1, 2, None),
+    "gpipe-bp P=2": ("gpipe", 2, 1, None),
+    "1f1b-bp P=2": ("1f1b", 2, 1, None),
+}
+
+
+def build(cfg, rank: int, setting: str, sizes: list[int]):
+    """A fresh network (same seed for all), this rank's stage of it, its optimizer and rule."""
+    kind, stages, _, pipeline = SETTINGS[setting]
+    model = build_network(cfg, 10)
+    if stages == 1:
+        optimizer = make_optimizer(cfg.train, model)
+        rule = (SidewaysRule(model, pipeline) if kind == "sideways" else BackpropRule(model))
+        return rule, optimizer
+    modules = stage_ranges(sizes)[rank]
+    stack = stage_stack(model, modules)
+    optimizer = make_optimizer(cfg.train, stack)
+    if kind == "sideways":
+        specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
+        rule = StagedSideways(stack, modules, len(model), rank, stages,
+                              Links(rank, stages, 120, torch.device("cpu")),
+                              specs[modules.start - 1] if rank else None,
+                              specs[modules.stop - 1] if rank < stages - 1 else None,
+                              pipeline, "clip", CLASSIFY, nullcontext)
+    else:
+        rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,
+                                 torch.device("cpu"))
+    return rule, optimizer
+
+
+def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) -> float | None:
+    """frames/s of ``setting`` on rank 0 (None elsewhere); rank 1 idles through P = 1 settings."""
+    kind, stages, threads, _ = SETTINGS[setting]
+    dist.barrier()
+    if stages == 1 and rank > 0:
+        dist.barrier()
+        return None
+    torch.set_num_threads(threads)
+    rule, optimizer = build(cfg, rank, setting, sizes)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.data.batch_size, 3, cfg.data.clip_len, cfg.data.size, cfg.data.size)
+    clips, labels = torch.randn(shape, generator=g), torch.randint(0, 10, (shape[0],), generator=g)
+
+    def apply_update() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def one_batch() -> None:
+        if stages == 1:
+            rule.train_batch(clips, labels, apply_update)
+        elif kind == "sideways":
+            rule.train_batch(clips, labels, apply_update, clips.shape)
+        else:
+            rule.train_batch(clips, labels, apply_update)
+
+    one_batch()  # warm-up: allocators, kernels, pipelining's shape inference
+    if stages > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(batches):
+        one_batch()
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(1)
+    if stages == 1:
+        dist.barrier()
+    return shape[0] * shape[2] * batches / elapsed if rank == 0 else None
+
+
+def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats: int,
+           batches: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = load_config(PRESET, overrides)
+    fps: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for _ in range(repeats):
+        for name in SETTINGS:
+            value = run_setting(cfg, rank, name, sizes, batches)
+            if value is not None:
+                fps[name].append(value)
+    if rank == 0:
+        torch.save(fps, out)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per setting and repeat")
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--json", type=Path, default=RESULTS / "depth_parallel.json")
+    args = parser.parse_args()
+
+    cfg = load_config(PRESET, args.set)
+    torch.set_num_threads(1)
+    frame = (cfg.data.batch_size, 3, cfg.data.size, cfg.data.size)
+    costs = measure_module_costs(build_network(cfg, 10), frame, repeats=9)
+    sizes = partition(costs.total_s, 2)
+    link = measure_link()
+    out = RESULTS / "depth_parallel_raw.pt"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    mp.spawn(worker, args=(free_port(), args.set, sizes, args.repeats, args.batches, str(out)),
+             nprocs=2)
+    runs = torch.load(out)
+    out.unlink()
+    fps = {name: statistics.median(values) for name, values in runs.items()}
+
+    b, t = cfg.data.batch_size, cfg.data.clip_len
+    predicted = {}
+    for name, (kind, stages, threads, pipeline) in SETTINGS.items():
+        if kind == "sideways" and threads == 1:
+            predicted[name] = predict(costs, stages, link, b, t, pipeline, cores=2).frames_per_s
+    base = fps["sideways P=1"]
+    rows = [[name, fps[name], fps[name] / base, predicted.get(name, "")] for name in SETTINGS]
+    targets = {
+        "sideways P=2 / sideways P=1 (target >= 1.8)": fps["sideways P=2"] / base,
+        "sideways P=2 / gpipe-bp P=2 (target >= 1.2)": fps["sideways P=2"] / fps["gpipe-bp P=2"],
+        "continuous, P=2 / P=1": fps["sideways P=2 continuous"] / fps["sideways P=1 continuous"],
+        "fill and drain, P=2: reset / continuous": fps["sideways P=2"] / fps["sideways P=2 continuous"],
+    }
+    agreement = {name: predicted[name] / fps[name] for name in predicted}
+    deep = repeat_stack(costs, 64)
+    curves = {f"{cfg.model.name} D={len(costs.names)}, {p}": sweep(costs, link, b, t, p)
+              for p in ("reset", "continuous")}
+    curves.update({f"64-module stack, {p}": sweep(deep, link, b, t, p) for p in ("reset", "continuous")})
+    measured = {f"{cfg.model.name} D={len(costs.names)}, {p}":
+                [(1, fps["sideways P=1" + suffix]), (2, fps["sideways P=2" + suffix])]
+                for p, suffix in (("reset", ""), ("continuous", " continuous"))}
+    plot_model(RESULTS / "depth_parallel_model.png", curves, measured)
+    payload = {"model": cfg.model.name, "width": cfg.model.width, "depth": len(costs.names),
+               "batch": b, "clip_len": t, "size": cfg.data.size, "stage_sizes": sizes,
+               "microbatches": cfg.parallel.microbatches, "repeats": args.repeats,
+               "batches": args.batches, "frames_per_s": fps, "runs": runs, "ratios": targets,
+               "predicted_frames_per_s": predicted, "predicted_over_measured": agreement,
+               "link": {"alpha_s": link.alpha, "beta_bytes_per_s": link.beta},
+               "module_costs_s": dict(zip(costs.names, costs.total_s)),
+               "sweep": {label: [[p.stages, p.frames_per_s] for p in curve]
+                         for label, curve in curves.items()}}
+    emit(f"depth-parallel training, {cfg.model.name}, B={b}, T={t}, {cfg.data.size}px, stages "
+         f"{sizes}, medians of {args.repeats}", ["setting", "frames/s", "x sideways P=1",
+                                                 "model frames/s"], rows, payload, args.json)
+    for name, value in {**targets, **{f"model / measured, {k}": v for k, v in agreement.items()}}.items():
+        print(f"{name}: {value:.2f}")
+    print(f"wrote {RESULTS / 'depth_parallel_model.png'}")
+
+
+if __name__ == "__main__":
+    main()
