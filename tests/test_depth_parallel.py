@@ -225,13 +225,19 @@ def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path)
     assert_same_run(run, single)
 
 
-def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
-    run = tmp_path / "killed"
+def training(config: Path, run: Path) -> subprocess.Popen:
+    """A long 2-stage run, returned once it has logged its first step."""
     process = start(config, run, "parallel.stages=2", "train.steps=100000")
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+    return process
+
+
+def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
+    run = tmp_path / "killed"
+    process = training(config, run)
     pids = stage_pids(process)
     killed = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
@@ -244,11 +250,7 @@ def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
 
 def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
     run = tmp_path / "hung"
-    process = start(config, run, "parallel.stages=2", "train.steps=100000")
-    deadline = time.monotonic() + 120
-    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
+    process = training(config, run)
     pids = stage_pids(process)
     stopped = time.monotonic()
     os.kill(pids[1], signal.SIGSTOP)  # alive, holding its sockets, doing nothing
