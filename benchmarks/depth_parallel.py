@@ -32,6 +32,7 @@ from common import PRESET, emit
 from sideways_cli.config import load_config
 from sideways_cli.distributed.balance import measure_module_costs, partition
 from sideways_cli.distributed.launch import free_port
+from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
@@ -70,11 +71,10 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
     stack = stage_stack(model, modules)
     optimizer = make_optimizer(cfg.train, stack)
     if kind == "sideways":
-        specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
-        rule = StagedSideways(stack, modules, len(model), rank, stages,
-                              Links(rank, stages, 120, torch.device("cpu")),
-                              specs[modules.start - 1] if rank else None,
-                              specs[modules.stop - 1] if rank < stages - 1 else None,
+        cpu = torch.device("cpu")
+        ctx = StageContext(rank, stages, cpu, Links(rank, stages, 120, cpu))
+        rule = StagedSideways(stack, modules, len(model), ctx,
+                              output_specs(model, (3, cfg.data.size, cfg.data.size)),
                               pipeline, "clip", CLASSIFY, nullcontext)
     else:
         rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,

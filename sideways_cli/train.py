@@ -123,24 +123,28 @@ class LocalLearner:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
-        load_rule_state(self.rule, ckpt["resume"]["rule"], self.cfg)
+        layout = "pipeline" if isinstance(self.rule, SidewaysRule) else "registers"
+        state = carried_rule_state(ckpt["resume"]["rule"], layout, self.cfg)
+        if state is not None:
+            self.rule.load_state_dict(state)
 
     def close(self) -> None:
         pass
 
 
-def load_rule_state(rule, state: dict[str, Any], cfg: Config) -> None:
-    """Registers carried over from the checkpoint. The chunked executor keeps them in another
-    layout than the tick rule (which P-stage runs reassemble into): with ``pipeline: reset`` and
-    ``update: clip`` nothing survives a batch, so either layout starts the next one alike."""
-    layout = "pipeline" if isinstance(rule, SidewaysRule) else "registers"
-    if not state or layout in state or cfg.mode == "bp":
-        rule.load_state_dict(state)
-    elif cfg.sideways.pipeline != "reset" or cfg.sideways.update != "clip":
-        raise UserError(f"this checkpoint holds the pipeline of a run with another sideways.chunk "
-                        f"or parallel.stages; with pipeline {cfg.sideways.pipeline!r} and update "
-                        f"{cfg.sideways.update!r} resume it with the settings it was trained with "
-                        "(sideways.chunk=1 reads a P-stage run's)")
+def carried_rule_state(state: dict[str, Any], layout: str, cfg: Config) -> dict[str, Any] | None:
+    """The rule's registers from a checkpoint, for an executor that keeps them under ``layout``
+    ("pipeline": the tick rule, which P-stage runs reassemble into; "registers": the chunked
+    executor); None when there is nothing to carry. With ``pipeline: reset`` and ``update: clip``
+    nothing survives a batch, so a checkpoint in the other layout starts the next one alike."""
+    if cfg.mode == "bp" or not state or layout in state:
+        return state
+    if cfg.sideways.pipeline == "reset" and cfg.sideways.update == "clip":
+        return None
+    raise UserError(f"this checkpoint holds the pipeline of a run with another sideways.chunk "
+                    f"or parallel.stages; with pipeline {cfg.sideways.pipeline!r} and update "
+                    f"{cfg.sideways.update!r} resume it with the settings it was trained with "
+                    "(sideways.chunk=1 reads a P-stage run's)")
 
 
 def data_loaders(cfg: Config, data: DatasetIndex,

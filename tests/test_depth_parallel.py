@@ -20,6 +20,7 @@ import yaml
 
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
+from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
@@ -68,12 +69,10 @@ def stage_process(rank: int, port: int, out: str) -> None:
         model = network(task)
         modules = stage_ranges(sizes)[rank]
         stack = stage_stack(model, modules)
-        specs = output_specs(model, (3, 16, 16))
-        last = rank == len(sizes) - 1
-        rule = StagedSideways(stack, modules, len(model), rank, len(sizes),
-                              Links(rank, len(sizes), 30, torch.device("cpu")),
-                              specs[modules.start - 1] if rank else None,
-                              specs[modules.stop - 1] if not last else None,
+        cpu = torch.device("cpu")
+        ctx = StageContext(rank, len(sizes), cpu, Links(rank, len(sizes), 30, cpu))
+        last = ctx.is_last
+        rule = StagedSideways(stack, modules, len(model), ctx, output_specs(model, (3, 16, 16)),
                               pipeline, update, OBJECTIVES[task], nullcontext)
         step = optimizer_step(stack.parameters())
         stats = []

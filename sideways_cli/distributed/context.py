@@ -20,6 +20,7 @@ import torch.distributed as dist
 from sideways_cli.config import Config
 from sideways_cli.distributed.links import Links
 from sideways_cli.errors import UserError
+from sideways_cli.runtime import resolve_device
 
 # waiting for rank 0 to finish its set-up (indexing a dataset can take minutes) is not a hang
 STARTUP_TIMEOUT = timedelta(minutes=30)
@@ -89,16 +90,14 @@ def join(cfg: Config) -> StageContext:
 
 def stage_device(name: str, local_rank: int) -> torch.device:
     """One device per stage process on a GPU machine (the local rank's), the CPU otherwise."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA device is available; "
-                        "use --device cpu (or auto)")
-    if name in ("cuda", "auto") and torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"stage with local rank {local_rank} has no GPU of its own "
-                            f"({torch.cuda.device_count()} visible); launch at most that many "
-                            "stages per node")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"stage with local rank {local_rank} has no GPU of its own "
+                        f"({torch.cuda.device_count()} visible); launch at most that many "
+                        "stages per node")
+    return torch.device("cuda", local_rank)
 
 
 def leave() -> None:

@@ -68,19 +68,23 @@ class Links:
             raise self.failure(None, doing, exc) from None
         self.wait(work, None, doing)
 
-    def wait(self, work: dist.Work, peer: int | None, doing: str) -> None:
+    def wait(self, work: dist.Work, peer: int | None, doing: str,
+             timeout: timedelta | None = None) -> None:
+        """Wait ``timeout`` (default ``parallel.timeout_s``) for ``work``, else StageFailure."""
+        timeout = timeout or self.timeout
         try:
-            completed = work.wait(self.timeout)
+            completed = work.wait(timeout)
         except RuntimeError as exc:
-            raise self.failure(peer, doing, exc) from None
+            raise self.failure(peer, doing, exc, timeout) from None
         if completed is False:  # some backends report a timeout by returning False
-            raise self.failure(peer, doing, None)
+            raise self.failure(peer, doing, None, timeout)
 
-    def failure(self, peer: int | None, doing: str, exc: BaseException | None) -> StageFailure:
+    def failure(self, peer: int | None, doing: str, exc: BaseException | None,
+                timeout: timedelta | None = None) -> StageFailure:
         """``peer`` None: a collective, whose failing member the backend does not name."""
         text = str(exc).lower() if exc is not None else "timed out"
         who = f"stage {peer}" if peer is not None else "another stage"
-        seconds = self.timeout.total_seconds()
+        seconds = (timeout or self.timeout).total_seconds()
         if "timed out" in text or "timeout" in text:
             why = (f"{who} sent nothing for {seconds:.0f} s: it hung or is far slower than this "
                    f"stage (raise parallel.timeout_s if it is only slow)")

@@ -65,10 +65,7 @@ class StageWorker:
         self.objective = OBJECTIVES[cfg.task]
         if cfg.mode == "sideways":
             specs = output_specs(model, (3, cfg.data.size, cfg.data.size), self.autocast, "cpu")
-            below = specs[self.modules.start - 1] if not ctx.is_first else None
-            above = specs[self.modules.stop - 1] if not ctx.is_last else None
-            self.rule: Any = StagedSideways(self.stack, self.modules, len(model), ctx.stage,
-                                            ctx.stages, ctx.links, below, above,
+            self.rule: Any = StagedSideways(self.stack, self.modules, len(model), ctx, specs,
                                             cfg.sideways.pipeline, cfg.sideways.update,
                                             self.objective, self.autocast)
         else:
@@ -138,10 +135,13 @@ class StageWorker:
         self.stack.load_state_dict(model_state_for_stage(ckpt["model"], self.modules))
         self.optimizer.load_state_dict(optimizer_for_stage(ckpt["optimizer"], self.counts, self.ctx.stage))
         self.schedule.load_state_dict(ckpt["schedule"])
-        rule = ckpt["resume"]["rule"]
-        if self.cfg.mode == "sideways":
-            rule = sideways_for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
-        self.rule.load_state_dict(rule)
+        from sideways_cli.train import carried_rule_state
+
+        rule = carried_rule_state(ckpt["resume"]["rule"], "pipeline", self.cfg)
+        if rule is not None:
+            if self.cfg.mode == "sideways":
+                rule = sideways_for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
+            self.rule.load_state_dict(rule)
         stage_rng = ckpt["resume"].get("stage_rng")
         if stage_rng is not None and not self.ctx.is_first:
             torch.set_rng_state(stage_rng[self.ctx.stage].cpu())
@@ -184,15 +184,9 @@ class Commands:
             work = dist.broadcast(command, src=0, async_op=True)
         except RuntimeError as exc:
             raise links.failure(0, doing, exc) from None
-        if self.first_wait:  # stage 0 may still be loading its first batch
-            self.first_wait = False
-            saved, links.timeout = links.timeout, STARTUP_TIMEOUT
-            try:
-                links.wait(work, 0, doing)
-            finally:
-                links.timeout = saved
-        else:
-            links.wait(work, 0, doing)
+        # the first command may wait for stage 0 to load its first batch
+        links.wait(work, 0, doing, STARTUP_TIMEOUT if self.first_wait else None)
+        self.first_wait = False
 
 
 def start(ctx: StageContext, setup: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from sideways_cli.distributed.links import Links, PendingReceive
+from sideways_cli.distributed.context import StageContext
+from sideways_cli.distributed.links import PendingReceive
+from sideways_cli.distributed.stages import Spec
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
@@ -30,31 +32,23 @@ TICK_TAG = 0
 class StagedSideways:
     """The tick rule for one stage (``modules`` of a ``depth``-module network) and its links.
 
-    ``boundary`` is the per-clip shape [C, H, W] and dtype of the activation (and message) at
-    this stage's lower and upper boundaries, known before any data flows.
+    ``specs``: every module's per-clip output frame (shape, dtype), from which this stage knows
+    what arrives at its lower and upper boundaries before any data flows.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, depth: int, stage: int, stages: int,
-                 links: Links, below: tuple[tuple[int, ...], torch.dtype] | None,
-                 above: tuple[tuple[int, ...], torch.dtype] | None, pipeline: str, update: str,
-                 objective: Objective, autocast: Autocast):
+    def __init__(self, stack: FrameStack, modules: range, depth: int, ctx: StageContext,
+                 specs: list[Spec], pipeline: str, update: str, objective: Objective,
+                 autocast: Autocast):
         self.rule = SidewaysRule(stack, pipeline, update, objective, autocast,
                                  first=modules.start, depth=depth)
         self.modules, self.depth = modules, depth
-        self.stage, self.stages, self.links = stage, stages, links
-        self.below, self.above = below, above
+        self.ctx, self.links = ctx, ctx.links
+        self.below = specs[modules.start - 1] if not ctx.is_first else None
+        self.above = specs[modules.stop - 1] if not ctx.is_last else None
         self.objective = objective
         self.targets: dict[int, torch.Tensor] = {}  # the last stage's: frame -> its loss's target
         self.pending_up: Token | None = None  # what the stage below sent at the last tick
         self.pending_message: torch.Tensor | None = None  # what the stage above sent then
-
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.stages - 1
 
     # which ticks a link carries a value, from the clock (ticks since the pipeline started empty)
     def _has_input(self, d: int, tick: int) -> bool:
@@ -75,8 +69,8 @@ class StagedSideways:
         frames = shape[2]
         first_frame = rule.fed
         rule.fed += frames
-        tokens = clip_tokens(clips, [None] * frames, first_frame) if self.is_first else []
-        if self.is_last:
+        tokens = clip_tokens(clips, [None] * frames, first_frame) if self.ctx.is_first else []
+        if self.ctx.is_last:
             self._keep_targets(clips if clips is not None else torch.empty(shape, device="meta"),
                                labels, first_frame)
         ticks = frames + (2 * (self.depth - 1) if rule.mode == "reset" else 0)
@@ -84,7 +78,7 @@ class StagedSideways:
         for i in range(ticks):
             tick = rule.clock
             up, down = self._post_receives(tick + 1, shape[0])
-            frame = tokens[i] if self.is_first and i < frames else self.pending_up
+            frame = tokens[i] if self.ctx.is_first and i < frames else self.pending_up
             loss = rule.tick(frame, self.pending_message)
             if loss is not None:
                 loss_sum, losses = loss_sum + loss, losses + 1
@@ -99,30 +93,30 @@ class StagedSideways:
 
     def _post_receives(self, tick: int, batch: int) -> tuple[PendingReceive | None, PendingReceive | None]:
         up = down = None
-        if not self.is_first and self._has_input(self.modules.start, tick):
+        if not self.ctx.is_first and self._has_input(self.modules.start, tick):
             size, dtype = self.below
-            up = self.links.receive((batch, *size), dtype, self.stage - 1, "an activation", TICK_TAG)
-        if not self.is_last and self._has_message(self.modules.stop - 1, tick):
+            up = self.links.receive((batch, *size), dtype, self.ctx.stage - 1, "an activation", TICK_TAG)
+        if not self.ctx.is_last and self._has_message(self.modules.stop - 1, tick):
             size, dtype = self.above
-            down = self.links.receive((batch, *size), dtype, self.stage + 1, "a gradient message",
+            down = self.links.receive((batch, *size), dtype, self.ctx.stage + 1, "a gradient message",
                                       TICK_TAG)
         return up, down
 
     def _send(self, tick: int) -> None:
         """This tick's outgoing activation and message; the schedule says exactly which exist."""
         up, down = self.rule.sent_up(), self.rule.sent_down
-        if not self.is_last:
+        if not self.ctx.is_last:
             self._check("activation", up is not None, self._has_input(self.modules.stop, tick + 1))
             if up is not None:
-                self.links.send(up.value, self.stage + 1, TICK_TAG)
-        if not self.is_first:
+                self.links.send(up.value, self.ctx.stage + 1, TICK_TAG)
+        if not self.ctx.is_first:
             self._check("message", down is not None, self._has_message(self.modules.start - 1, tick + 1))
             if down is not None:
-                self.links.send(down, self.stage - 1, TICK_TAG)
+                self.links.send(down, self.ctx.stage - 1, TICK_TAG)
 
     def _check(self, what: str, sent: bool, scheduled: bool) -> None:
         if sent != scheduled:  # a bug, not a user error: the neighbour would wait forever
-            raise RuntimeError(f"stage {self.stage} at tick {self.rule.clock}: {what} "
+            raise RuntimeError(f"stage {self.ctx.stage} at tick {self.rule.clock}: {what} "
                                f"{'sent' if sent else 'missing'} against the tick schedule")
 
     def _take(self, up: PendingReceive | None, down: PendingReceive | None, tick: int) -> None:
