@@ -24,19 +24,28 @@ from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import build_model
 
-# -- the engine: a 2-stage StagedSideways against SidewaysRule -------------------------------------
+# -- the engine: P stages against the single-process engine with the same settings ------------------
 
-CASES = {  # name -> (pipeline, update, task, modules per stage)
-    "reset": ("reset", "clip", "classify", [2, 2]),
-    "continuous": ("continuous", "clip", "classify", [2, 2]),
-    "every 3 ticks": ("reset", "every 3 ticks", "classify", [1, 3]),
-    "continuous every 2 ticks": ("continuous", "every 2 ticks", "classify", [3, 1]),
-    "reconstruct": ("continuous", "clip", "reconstruct", [2, 2]),
+CASES = {  # name -> (pipeline, update, chunk, task, modules per stage)
+    "reset": ("reset", "clip", 1, "classify", [2, 2]),
+    "continuous": ("continuous", "clip", 1, "classify", [2, 2]),
+    "every 3 ticks": ("reset", "every 3 ticks", 1, "classify", [1, 3]),
+    "continuous every 2 ticks": ("continuous", "every 2 ticks", 1, "classify", [3, 1]),
+    "reconstruct": ("continuous", "clip", 1, "reconstruct", [2, 2]),
+    # the chunked executor, 1F1B over macro ticks
+    "reset chunk 3": ("reset", "clip", 3, "classify", [2, 2]),
+    "continuous chunk 2": ("continuous", "clip", 2, "classify", [1, 3]),
+    "reconstruct chunk 4": ("continuous", "clip", 4, "reconstruct", [2, 2]),
+}
+THREE_STAGE_CASES = {  # a middle stage runs one forward ahead of the last
+    "3 stages, reset chunk 2": ("reset", "clip", 2, "classify", [1, 2, 1]),
+    "3 stages, continuous chunk 3": ("continuous", "clip", 3, "classify", [2, 1, 1]),
 }
 
 
@@ -61,19 +70,25 @@ def optimizer_step(params):
     return step
 
 
-def stage_process(rank: int, port: int, out: str) -> None:
+def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> None:
     """Stage ``rank`` of every case in turn, in one process group (spawning is the slow part)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    for case, (pipeline, update, task, sizes) in CASES.items():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=stages)
+    for case, (pipeline, update, chunk, task, sizes) in cases.items():
         model = network(task)
         modules = stage_ranges(sizes)[rank]
         stack = stage_stack(model, modules)
         cpu = torch.device("cpu")
         ctx = StageContext(rank, len(sizes), cpu, Links(rank, len(sizes), 30, cpu))
         last = ctx.is_last
-        rule = StagedSideways(stack, modules, len(model), ctx, output_specs(model, (3, 16, 16)),
-                              pipeline, update, OBJECTIVES[task], nullcontext)
+        specs = output_specs(model, (3, 16, 16))
+        if chunk > 1:
+            rule = StagedTickBatched(stack, modules, len(model), ctx, specs, pipeline, chunk,
+                                     OBJECTIVES[task], nullcontext)
+        else:
+            rule = StagedSideways(stack, modules, len(model), ctx, specs, pipeline, update,
+                                  OBJECTIVES[task], nullcontext)
         step = optimizer_step(stack.parameters())
         stats = []
         for clips, labels in batches():
@@ -88,15 +103,16 @@ def stage_process(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("staged")
-    mp.spawn(stage_process, args=(free_port(), str(out)), nprocs=2)
+    mp.spawn(stage_process, args=(free_port(), str(out), CASES, 2), nprocs=2)
+    mp.spawn(stage_process, args=(free_port(), str(out), THREE_STAGE_CASES, 3), nprocs=3)
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_stages_give_the_single_process_numbers(case, staged, one_thread):
-    pipeline, update, task, sizes = CASES[case]
+@pytest.mark.parametrize("case", list(CASES) + list(THREE_STAGE_CASES))
+def test_stages_give_the_single_process_numbers(case, staged, one_thread):
+    pipeline, update, chunk, task, sizes = {**CASES, **THREE_STAGE_CASES}[case]
     model = network(task)
-    rule = SidewaysRule(model, pipeline, update, OBJECTIVES[task])
+    rule = make_rule("sideways", model, pipeline, update, chunk, OBJECTIVES[task])
     step = optimizer_step(model.parameters())
     expected = []
     for clips, labels in batches():
@@ -208,19 +224,21 @@ def single(config, tmp_path_factory) -> Path:
     return run
 
 
-def test_a_two_stage_run_resumes_and_matches_one_process(config, single, tmp_path):
+@pytest.mark.parametrize("chunk", [1, 3])  # the tick protocol; the chunked executor, 1F1B
+def test_a_two_stage_run_resumes_and_matches_one_process(chunk, config, single, tmp_path):
     run = tmp_path / "two"
-    kill_after_checkpoint(start(config, run, "parallel.stages=2"), run)
-    finish(start(config, run, "parallel.stages=2"))
-    assert_same_run(run, single)
+    kill_after_checkpoint(start(config, run, "parallel.stages=2", f"sideways.chunk={chunk}"), run)
+    finish(start(config, run, "parallel.stages=2", f"sideways.chunk={chunk}"))
+    assert_same_run(run, single)  # every chunk gives the tick rule's numbers
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["updates"] == STEPS
 
 
 def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path):
+    """The stages' chunked registers reassemble into the single-process executor's."""
     run = tmp_path / "handover"
-    kill_after_checkpoint(start(config, run, "parallel.stages=2"), run)
-    finish(start(config, run, "parallel.stages=1"))
+    kill_after_checkpoint(start(config, run, "parallel.stages=2", "sideways.chunk=3"), run)
+    finish(start(config, run, "parallel.stages=1", "sideways.chunk=3"))
     assert_same_run(run, single)
 
 

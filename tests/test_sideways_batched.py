@@ -96,14 +96,13 @@ def test_queues_do_not_grow_with_the_clip():
     model = tiny("vgg", 3)
     rule = TickBatchedSideways(model, chunk=4)
     sizes = []
-    macro_tick = rule.macro_tick
+    backward_macro = rule.backward_macro
 
-    def recording(t0: int, t1: int, drain: bool) -> tuple[float, int]:
-        result = macro_tick(t0, t1, drain)
+    def recording(macro, graphs) -> None:
+        backward_macro(macro, graphs)
         sizes.append(max(len(q) for q in rule.inbox[1:] + rule.mailbox))
-        return result
 
-    rule.macro_tick = recording
+    rule.backward_macro = recording
     (batch, labels), = clips(40, 1)
     rule.train_batch(batch, labels, apply_update=lambda: None)
     assert len(sizes) == 12 and max(sizes) <= 2

@@ -20,10 +20,12 @@ from torch import nn
 
 from sideways_cli.config import Config
 from sideways_cli.distributed.context import STARTUP_TIMEOUT, StageContext
-from sideways_cli.distributed.shards import (merge_optimizers, merge_sideways, model_state_for_stage,
+from sideways_cli.distributed.shards import (batched_for_stage, merge_batched, merge_optimizers,
+                                             merge_sideways, model_state_for_stage,
                                              model_state_to_network, optimizer_for_stage,
                                              sideways_for_stage)
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
@@ -65,9 +67,12 @@ class StageWorker:
         self.objective = OBJECTIVES[cfg.task]
         if cfg.mode == "sideways":
             specs = output_specs(model, (3, cfg.data.size, cfg.data.size), self.autocast, "cpu")
-            self.rule: Any = StagedSideways(self.stack, self.modules, len(model), ctx, specs,
-                                            cfg.sideways.pipeline, cfg.sideways.update,
-                                            self.objective, self.autocast)
+            stage = (self.stack, self.modules, len(model), ctx, specs, cfg.sideways.pipeline)
+            if batches_ticks(cfg):
+                self.rule: Any = StagedTickBatched(*stage, cfg.sideways.chunk, self.objective,
+                                                   self.autocast)
+            else:
+                self.rule = StagedSideways(*stage, cfg.sideways.update, self.objective, self.autocast)
         else:
             from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 
@@ -137,25 +142,34 @@ class StageWorker:
         self.schedule.load_state_dict(ckpt["schedule"])
         from sideways_cli.train import carried_rule_state
 
-        rule = carried_rule_state(ckpt["resume"]["rule"], "pipeline", self.cfg)
+        layout = "registers" if batches_ticks(self.cfg) else "pipeline"
+        rule = carried_rule_state(ckpt["resume"]["rule"], layout, self.cfg)
         if rule is not None:
             if self.cfg.mode == "sideways":
-                rule = sideways_for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
+                for_stage = batched_for_stage if layout == "registers" else sideways_for_stage
+                rule = for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
             self.rule.load_state_dict(rule)
         stage_rng = ckpt["resume"].get("stage_rng")
         if stage_rng is not None and not self.ctx.is_first:
             torch.set_rng_state(stage_rng[self.ctx.stage].cpu())
 
 
-def reassemble(shards: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+def batches_ticks(cfg: Config) -> bool:
+    """Whether Sideways stages run the chunked executor (as one process would: ``make_rule``)."""
+    return cfg.mode == "sideways" and cfg.sideways.update == "clip" and cfg.sideways.chunk > 1
+
+
+def reassemble(shards: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     """The ordinary checkpoint's learner part from the stages' shards, bottom stage first."""
     model: dict[str, Any] = {}
     for shard in shards:
         model.update(shard["model"])
     rules = [shard["rule"] for shard in shards]
+    rule: dict[str, Any] = {}
+    if cfg.mode == "sideways":
+        rule = merge_batched(rules) if batches_ticks(cfg) else merge_sideways(rules)
     return {"model": model, "optimizer": merge_optimizers([s["optimizer"] for s in shards]),
-            "schedule": shards[0]["schedule"],
-            "rule": merge_sideways(rules) if mode == "sideways" else {},
+            "schedule": shards[0]["schedule"], "rule": rule,
             "stage_rng": [shard["rng"] for shard in shards]}
 
 
@@ -272,7 +286,7 @@ class DistributedLearner:
         save_shard(self.worker, self.out_dir, which)
         paths = [shard_path(self.out_dir, which, s) for s in range(self.ctx.stages)]
         shards = [torch.load(p, map_location=self.ctx.device, weights_only=False) for p in paths]
-        learner = reassemble(shards, self.cfg.mode)
+        learner = reassemble(shards, self.cfg)
         ckpt = {"model": learner["model"], "optimizer": learner["optimizer"],
                 "schedule": learner["schedule"], **payload}
         if "resume" in payload:

@@ -112,6 +112,43 @@ def sideways_for_stage(state: dict[str, Any], modules: range, stage: int,
             "pending_message": pending_message}
 
 
+def merge_batched(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage states of :class:`StagedTickBatched` as the one :class:`TickBatchedSideways` state.
+
+    Between batches nothing is on the wire: a stage's outputs wait in the inbox of the stage
+    above's bottom module, its messages in the mailbox of the stage below's top module; only the
+    network's top module has an inbox of its own (the logits on their way to the loss).
+    """
+    rules = [stage["rule"] for stage in stages]
+    merged = {**rules[0], "registers": [], "inbox": [], "mailbox": [],
+              "pseudo": {"sums": [], "counts": []}}
+    for rule in rules:
+        for key in ("registers", "mailbox"):
+            merged[key] += rule[key]
+        merged["inbox"] += rule["inbox"][:-1]
+        for key in ("sums", "counts"):
+            merged["pseudo"][key] += rule["pseudo"][key]
+    merged["inbox"].append(rules[-1]["inbox"][-1])
+    targets = stages[-1]["targets"]
+    tokens = [token for queue in merged["registers"] + merged["inbox"] for token in queue]
+    for token in tokens:
+        if token["target"] is None:
+            token["target"] = targets.get(token["frame"])
+    return merged
+
+
+def batched_for_stage(state: dict[str, Any], modules: range, stage: int,
+                      stages: int) -> dict[str, Any]:
+    """The network's :class:`TickBatchedSideways` state cut down to one stage's."""
+    own = slice(modules.start, modules.stop)
+    last = stage == stages - 1
+    rule = {**state, "registers": state["registers"][own], "mailbox": state["mailbox"][own],
+            "inbox": state["inbox"][own] + [state["inbox"][-1] if last else []],
+            "pseudo": {key: state["pseudo"][key][own] for key in ("sums", "counts")}}
+    tokens = [token for queue in state["registers"] + state["inbox"] for token in queue]
+    return {"rule": rule, "targets": {token["frame"]: token["target"] for token in tokens} if last else {}}
+
+
 def _tokens(state: dict[str, Any]) -> list[dict[str, Any]]:
     """Every token a SidewaysRule state holds: window slots, output registers, graphs' tokens."""
     tokens = [token for window in state["pipeline"]["windows"] for token in window]

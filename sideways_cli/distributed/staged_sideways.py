@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sideways_cli.distributed.context import StageContext
-from sideways_cli.distributed.links import PendingReceive
+from sideways_cli.distributed.links import Links, PendingReceive
 from sideways_cli.distributed.stages import Spec
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
@@ -45,8 +45,7 @@ class StagedSideways:
         self.ctx, self.links = ctx, ctx.links
         self.below = specs[modules.start - 1] if not ctx.is_first else None
         self.above = specs[modules.stop - 1] if not ctx.is_last else None
-        self.objective = objective
-        self.targets: dict[int, torch.Tensor] = {}  # the last stage's: frame -> its loss's target
+        self.targets = FrameTargets(objective, depth)
         self.pending_up: Token | None = None  # what the stage below sent at the last tick
         self.pending_message: torch.Tensor | None = None  # what the stage above sent then
 
@@ -71,8 +70,7 @@ class StagedSideways:
         rule.fed += frames
         tokens = clip_tokens(clips, [None] * frames, first_frame) if self.ctx.is_first else []
         if self.ctx.is_last:
-            self._keep_targets(clips if clips is not None else torch.empty(shape, device="meta"),
-                               labels, first_frame)
+            self.targets.keep(clips, labels, shape, first_frame, rule.clock)
         ticks = frames + (2 * (self.depth - 1) if rule.mode == "reset" else 0)
         loss_sum, losses, flushes = 0.0, 0, []
         for i in range(ticks):
@@ -89,7 +87,7 @@ class StagedSideways:
         if rule.update_every is None:
             flushes.append(rule.flush(apply_update))
         self.links.settle()
-        return self._reduce(loss_sum, losses, flushes, shape[0] * frames)
+        return reduce_batch(self.links, loss_sum, losses, flushes, shape[0] * frames)
 
     def _post_receives(self, tick: int, batch: int) -> tuple[PendingReceive | None, PendingReceive | None]:
         up = down = None
@@ -123,32 +121,53 @@ class StagedSideways:
         self.pending_up = None
         if up is not None:
             frame = tick - self.modules.start  # frame f reaches module d at tick f + d
-            self.pending_up = Token(up.wait(), frame, self.targets.get(frame))
+            self.pending_up = Token(up.wait(), frame, self.targets.of(frame))
         self.pending_message = down.wait() if down is not None else None
 
-    def _keep_targets(self, clips: torch.Tensor, labels: torch.Tensor, first_frame: int) -> None:
-        """The last stage's targets by frame; frames of earlier clips may still be on their way up."""
-        oldest = self.rule.clock - self.depth  # every older frame has reached the top
-        self.targets = {f: t for f, t in self.targets.items() if f >= oldest}
-        for t, target in enumerate(self.objective.frame_targets(clips, labels)):
-            self.targets[first_frame + t] = target
-
-    def _reduce(self, loss_sum: float, losses: int, flushes: list[bool], frames: int) -> BatchStats:
-        """Losses live on the last stage; an update happened when any stage stepped."""
-        totals = torch.tensor([loss_sum, losses, *flushes], dtype=torch.float64, device=self.links.device)
-        self.links.all_reduce(totals, "summing the batch's losses")
-        loss_sum, losses = totals[0].item(), int(totals[1].item())
-        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses, frames=frames,
-                          updates=int((totals[2:] > 0).sum().item()))
-
     def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule.state_dict(), "targets": dict(self.targets),
+        return {"rule": self.rule.state_dict(), "targets": self.targets.state_dict(),
                 "pending_up": None if self.pending_up is None else self.pending_up.state(),
                 "pending_message": self.pending_message}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state["rule"])
-        self.targets = dict(state["targets"])
+        self.targets.load_state_dict(state["targets"])
         self.pending_up = None if state["pending_up"] is None else Token.from_state(state["pending_up"])
         self.pending_message = state["pending_message"]
 
+
+
+class FrameTargets:
+    """The last stage's targets by frame: frames of earlier clips may still be on their way up."""
+
+    def __init__(self, objective: Objective, depth: int):
+        self.objective, self.depth = objective, depth
+        self.by_frame: dict[int, torch.Tensor] = {}
+
+    def keep(self, clips: torch.Tensor | None, labels: torch.Tensor, shape: torch.Size,
+             first_frame: int, clock: int) -> None:
+        """The batch's targets; ``clock``: the tick the batch starts at (older frames are done)."""
+        oldest = clock - self.depth  # every older frame has reached the top
+        self.by_frame = {f: t for f, t in self.by_frame.items() if f >= oldest}
+        clips = clips if clips is not None else torch.empty(shape, device="meta")
+        for t, target in enumerate(self.objective.frame_targets(clips, labels)):
+            self.by_frame[first_frame + t] = target
+
+    def of(self, frame: int) -> torch.Tensor | None:
+        return self.by_frame.get(frame)
+
+    def state_dict(self) -> dict[int, torch.Tensor]:
+        return dict(self.by_frame)
+
+    def load_state_dict(self, state: dict[int, torch.Tensor]) -> None:
+        self.by_frame = dict(state)
+
+
+def reduce_batch(links: Links, loss_sum: float, losses: int, flushes: list[bool],
+                 frames: int) -> BatchStats:
+    """Losses live on the last stage; an update happened when any stage stepped."""
+    totals = torch.tensor([loss_sum, losses, *flushes], dtype=torch.float64, device=links.device)
+    links.all_reduce(totals, "summing the batch's losses")
+    loss_sum, losses = totals[0].item(), int(totals[1].item())
+    return BatchStats(loss=loss_sum / max(losses, 1), losses=losses, frames=frames,
+                      updates=int((totals[2:] > 0).sum().item()))

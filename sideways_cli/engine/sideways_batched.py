@@ -55,6 +55,15 @@ from sideways_cli.models import FrameStack
 DEFAULT_CHUNK = 8
 
 
+@dataclass(frozen=True)
+class MacroTick:
+    """Ticks [t0, t1); ``drain``: the last macro tick of a ``reset`` batch, which takes the drain."""
+
+    t0: int
+    t1: int
+    drain: bool
+
+
 @dataclass
 class Graph:
     """A module's forward at the n windows that messages meet (ticks in order), for its VJP.
@@ -81,11 +90,17 @@ class TickBatchedSideways:
     once clips are longer than about 2(D-1) + chunk frames and never exceeds it, whatever the clip
     length. Every chunk >= 1 gives the same numbers. ``update: every N ticks`` changes the weights
     inside a macro tick and is refused with ValueError: :class:`SidewaysRule` runs it.
+
+    As :class:`SidewaysRule`, it may run one stage of a network split across processes (``first``,
+    ``depth``: the network index of its first module and the network's module count): its bottom
+    module's inputs then come from the stage below (``inbox[0]``), its top's messages from the stage
+    above (``mailbox[-1]``); its top module's outputs wait in ``inbox[-1]`` and its bottom module's
+    messages in ``sent_down`` for the links to carry (``distributed/staged_batched.py``).
     """
 
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
                  chunk: int = DEFAULT_CHUNK, objective: Objective = CLASSIFY,
-                 autocast: Autocast = nullcontext):
+                 autocast: Autocast = nullcontext, first: int = 0, depth: int | None = None):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         if parse_update(update) is not None:
@@ -98,6 +113,9 @@ class TickBatchedSideways:
         self.mode = pipeline
         self.chunk = chunk
         self.autocast = autocast
+        self.first = first
+        self.depth = depth if depth is not None else len(model)
+        self.has_head = first + len(model) == self.depth
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.pseudo = PseudoGradients(self.params)
         self.reset()
@@ -110,48 +128,70 @@ class TickBatchedSideways:
         # the logits on their way to the loss); mailbox[d]: messages module d has not used yet
         self.inbox: list[deque[Token]] = [deque() for _ in range(depth + 1)]
         self.mailbox: list[deque[torch.Tensor]] = [deque() for _ in range(depth)]
+        self.sent_down: list[torch.Tensor] = []  # a stage's bottom messages, for the stage below
         self.clock = 0  # ticks since the pipeline started empty
         self.fed = 0  # frames fed since then
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
         """Same ticks, losses, update as :meth:`SidewaysRule.train_batch`, ``chunk`` at a time."""
-        if self.mode == "reset":
-            self.reset()
+        macros = self.start_batch(clips.shape[2])
         self.inbox[0].extend(clip_tokens(clips, self.objective.frame_targets(clips, labels),
-                                         first_frame=self.fed))
-        self.fed += clips.shape[2]
-        # macro ticks run while some module still gets a new input: the top's last comes D-1 ticks
-        # after the last frame; they are counted back from the end so that the last one holds
-        # every module's last input when chunk >= D, and the drain folds into it (backward_module)
-        end = self.fed + (len(self.model) - 1 if self.mode == "reset" else 0)
+                                         first_frame=self.fed - clips.shape[2]))
         loss_sum, losses = 0.0, 0
-        for t1 in reversed(range(end, self.clock, -self.chunk)):
-            macro_sum, macro_losses = self.macro_tick(max(self.clock, t1 - self.chunk), t1,
-                                                      drain=self.mode == "reset" and t1 == end)
+        for macro in macros:
+            graphs = self.forward_macro(macro)
+            macro_sum, macro_losses = self.frame_losses()
+            self.backward_macro(macro, graphs)
             loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
-        self.clock = end
         return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
                           frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
 
-    def macro_tick(self, t0: int, t1: int, drain: bool) -> tuple[float, int]:
-        """Ticks [t0, t1) of every module (and the drain); returns the sum and count of losses."""
-        split = [self.split_inputs(d, t0, t1) for d in range(len(self.model))]
-        graphs = [self.forward_module(d, quiet, busy) for d, (quiet, busy) in enumerate(split)]
-        losses = self.frame_losses()
+    def start_batch(self, frames: int, taper: bool = False) -> list[MacroTick]:
+        """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
+        the macro ticks that process them, in order; the clock moves past them.
+
+        Macro ticks run while some module still gets a new input: the top's last comes D-1 ticks
+        after the last frame. They are counted back from the end so that the last one holds every
+        module's last input when chunk >= D, and the drain folds into it (backward_module).
+        ``taper`` (stages in other processes) makes the first and last few shorter, 1, 2, 4, ...
+        ticks: the batch's first forward and last backward cross the stages alone, so short ones
+        keep the others from waiting long. Any macro ticks give the same numbers.
+        """
+        if self.mode == "reset":
+            self.reset()
+        self.fed += frames
+        end = self.fed + (self.depth - 1 if self.mode == "reset" else 0)
+        sizes = tapered(end - self.clock, self.chunk) if taper else uniform(end - self.clock, self.chunk)
+        bounds = list(itertools.accumulate(sizes, initial=self.clock))
+        self.clock = end
+        return [MacroTick(t0, t1, self.mode == "reset" and t1 == end)
+                for t0, t1 in zip(bounds, bounds[1:])]
+
+    def forward_macro(self, macro: MacroTick) -> list[Graph | None]:
+        """Every module's forwards of ticks [t0, t1), bottom-up; the graphs their messages meet."""
+        return [self.forward_module(d, *self.split_inputs(d, macro.t0, macro.t1))
+                for d in range(len(self.model))]
+
+    def backward_macro(self, macro: MacroTick, graphs: list[Graph | None]) -> None:
+        """Every module's messages of ticks [t0, t1) (and the drain), top-down."""
         for d in reversed(range(len(self.model))):
-            self.backward_module(d, split[d][1], graphs[d], drain)
-        return losses
+            self.backward_module(d, self.split_inputs(d, macro.t0, macro.t1)[1], graphs[d], macro.drain)
+
+    def arrivals(self, g: int, t0: int, t1: int) -> range:
+        """The ticks of [t0, t1) at which network module g gets a new input: frame f enters
+        module g (0-based, of D) at tick f + g, so it has inputs during [g, g + fed)."""
+        return range(max(t0, g), min(t1, g + self.fed))
 
     def split_inputs(self, d: int, t0: int, t1: int) -> tuple[int, int]:
         """How many of module d's inputs arriving in [t0, t1) meet no message (quiet), how many one.
 
-        Frame f enters module d (0-based, of D) at tick f + d and its gradient comes back to module
-        d at tick f + 2(D-1) - d, so module d has inputs during [d, d + fed) and messages from
-        tick 2(D-1) - d on: until then the gradients have not come down this far.
+        Frame f's gradient comes back to network module g at tick f + 2(D-1) - g, so it has
+        messages from tick 2(D-1) - g on: until then the gradients have not come down this far.
         """
-        first_message = 2 * (len(self.model) - 1) - d
-        arriving = range(max(t0, d), min(t1, d + self.fed))
+        g = self.first + d
+        first_message = 2 * (self.depth - 1) - g
+        arriving = self.arrivals(g, t0, t1)
         quiet = len(range(arriving.start, min(arriving.stop, first_message)))
         return quiet, len(arriving) - quiet
 
@@ -182,13 +222,13 @@ class TickBatchedSideways:
         k, conv = module.window, module.first_conv()
         if k > 1 and conv is not None:
             frames = sequence.detach().movedim(0, 2)
-            newest = frames[:, :, k - 1:].detach().requires_grad_(d > 0)
+            newest = frames[:, :, k - 1:].detach().requires_grad_(self.first + d > 0)
             with self.autocast():
                 conv_out = conv(frames)
                 output = module.after_conv(conv_out, newest)
             return Graph(output, filled, conv_out=conv_out, newest=newest)
         windows = sequence.unfold(0, k, 1).movedim(-1, 3).flatten(0, 1)  # [n*B, C, k, ...]
-        windows = windows.detach().requires_grad_(d > 0)
+        windows = windows.detach().requires_grad_(self.first + d > 0)
         with self.autocast():
             output = module.forward_window(windows)
         return Graph(output, filled, windows=windows)
@@ -226,7 +266,7 @@ class TickBatchedSideways:
         if drain and self.mailbox[d]:
             drained = torch.stack(list(self.mailbox[d])).sum(dim=0)
             self.mailbox[d].clear()
-            count += min(self.fed, 2 * (len(self.model) - 1 - d))  # ticks after the last input
+            count += min(self.fed, 2 * (self.depth - 1 - self.first - d))  # ticks after the last input
             if graph is None:
                 register = self.registers[d]
                 graph = self.graph(d, register.tensor().movedim(2, 0), [register.filled])
@@ -237,7 +277,7 @@ class TickBatchedSideways:
             return
         below = self.vjp(d, graph, messages, count)
         if below is not None:  # messages sent into the drain below stay in its mailbox, to be summed
-            self.mailbox[d - 1].extend(below)
+            (self.mailbox[d - 1] if d > 0 else self.sent_down).extend(below)
 
     def vjp(self, d: int, graph: Graph, messages: list[torch.Tensor],
             count: int) -> list[torch.Tensor] | None:
@@ -248,17 +288,20 @@ class TickBatchedSideways:
         (None for module 1).
         """
         params = self.params[d]
+        wants_input = self.first + d > 0  # the network's module 1 has data below it, no module
         if graph.windows is not None:
-            inputs = params + ([graph.windows] if d > 0 else [])
+            inputs = params + ([graph.windows] if wants_input else [])
             grads = torch.autograd.grad(graph.output, inputs, grad_outputs=torch.cat(messages),
                                         allow_unused=True)
             self.pseudo.add(d, grads[:len(params)], count)
-            return sum_filled_slots(grads[-1], graph.filled).split(len(messages[0])) if d else None
-        inputs = params + ([graph.conv_out, graph.newest] if d > 0 else [])
+            if not wants_input:
+                return None
+            return sum_filled_slots(grads[-1], graph.filled).split(len(messages[0]))
+        inputs = params + ([graph.conv_out, graph.newest] if wants_input else [])
         grads = torch.autograd.grad(graph.output, inputs, grad_outputs=torch.stack(messages, dim=2),
                                     allow_unused=True)
         self.pseudo.add(d, grads[:len(params)], count)
-        if d == 0:
+        if not wants_input:
             return None
         grad_conv_out, grad_newest = (g.movedim(2, 0) if g is not None else None
                                       for g in grads[len(params):])  # tick first
@@ -297,6 +340,21 @@ class TickBatchedSideways:
         self.mailbox = [deque(queue) for queue in state["mailbox"]]
         self.clock, self.fed = state["clock"], state["fed"]
         self.pseudo.load_state_dict(state["pseudo"])
+
+
+def uniform(ticks: int, chunk: int) -> list[int]:
+    """Macro tick sizes, ``chunk`` each but the first (the remainder)."""
+    return ([ticks % chunk] if ticks % chunk else []) + [chunk] * (ticks // chunk)
+
+
+def tapered(ticks: int, chunk: int) -> list[int]:
+    """Macro tick sizes 1, 2, 4, ... up to ``chunk``, then ``chunk`` each, then back down to 1."""
+    ramp: list[int] = []
+    size = 1
+    while size < chunk and 2 * (sum(ramp) + size) <= ticks:
+        ramp.append(size)
+        size *= 2
+    return ramp + uniform(ticks - 2 * sum(ramp), chunk) + ramp[::-1]
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:
