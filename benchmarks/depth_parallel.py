@@ -6,9 +6,11 @@ Two stage processes (gloo, one thread each) are spawned once; every repeat then 
 in turn, interleaved, so that machine noise hits all alike; the table gives the median over
 repeats of each setting's frames/s (random clips, the preset's model, AdamW, no data loading):
 
-* Sideways, the tick rule: P = 1 (one thread), P = 2 (one thread per stage), and P = 1 with two
-  threads in one process (intra-op parallelism instead of stages); ``pipeline: reset`` and
-  ``continuous`` (the gap is the fill and drain of each clip);
+* Sideways as it runs by default (``update: clip``: the chunked executor, macro ticks of
+  ``sideways.chunk`` ticks, 1F1B across stages) at chunk 4 and 8: P = 1 (one thread), P = 2 (one
+  thread per stage), and P = 1 with two threads in one process (intra-op parallelism instead of
+  stages); ``pipeline: reset`` and ``continuous`` (the gap is the fill and drain of each clip);
+* Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2;
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
 
@@ -36,36 +38,38 @@ from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli.distributed.throughput_model import (measure_link, plot_model, predict,
                                                        repeat_stack, sweep)
-from sideways_cli.engine.backprop import BackpropRule
+from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
-from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.train import build_network, make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
-# name -> (rule, stages, threads, pipeline)
+# name -> (rule, stages, threads, pipeline, chunk)
 SETTINGS = {
-    "sideways P=1": ("sideways", 1, 1, "reset"),
-    "sideways P=2": ("sideways", 2, 1, "reset"),
-    "sideways P=1, 2 threads": ("sideways", 1, 2, "reset"),
-    "sideways P=1 continuous": ("sideways", 1, 1, "continuous"),
-    "sideways P=2 continuous": ("sideways", 2, 1, "continuous"),
-    "bp": ("bp", 1, 1, None),
-    "bp, 2 threads": ("bp", 1, 2, None),
-    "gpipe-bp P=2": ("gpipe", 2, 1, None),
-    "1f1b-bp P=2": ("1f1b", 2, 1, None),
+    **{f"sideways chunk {c} P={p}{suffix}": ("sideways", p, 1, pipeline, c)
+       for c in (4, 8) for pipeline, suffix in (("reset", ""), ("continuous", " continuous"))
+       for p in (1, 2)},
+    "sideways chunk 8 P=1, 2 threads": ("sideways", 1, 2, "reset", 8),
+    "sideways tick rule P=1": ("sideways", 1, 1, "reset", 1),
+    "sideways tick rule P=2": ("sideways", 2, 1, "reset", 1),
+    "bp": ("bp", 1, 1, None, None),
+    "bp, 2 threads": ("bp", 1, 2, None, None),
+    "gpipe-bp P=2": ("gpipe", 2, 1, None, None),
+    "1f1b-bp P=2": ("1f1b", 2, 1, None, None),
 }
 
 
 def build(cfg, rank: int, setting: str, sizes: list[int]):
     """A fresh network (same seed for all), this rank's stage of it, its optimizer and rule."""
-    kind, stages, _, pipeline = SETTINGS[setting]
+    kind, stages, _, pipeline, chunk = SETTINGS[setting]
     model = build_network(cfg, 10)
     if stages == 1:
         optimizer = make_optimizer(cfg.train, model)
-        rule = (SidewaysRule(model, pipeline) if kind == "sideways" else BackpropRule(model))
+        rule = make_rule("sideways" if kind == "sideways" else "bp", model, pipeline or "reset",
+                         chunk=chunk or 1)
         return rule, optimizer
     modules = stage_ranges(sizes)[rank]
     stack = stage_stack(model, modules)
@@ -73,9 +77,13 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
     if kind == "sideways":
         cpu = torch.device("cpu")
         ctx = StageContext(rank, stages, cpu, Links(rank, stages, 120, cpu))
-        rule = StagedSideways(stack, modules, len(model), ctx,
-                              output_specs(model, (3, cfg.data.size, cfg.data.size)),
-                              pipeline, "clip", CLASSIFY, nullcontext)
+        specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
+        if chunk > 1:
+            rule = StagedTickBatched(stack, modules, len(model), ctx, specs, pipeline, chunk,
+                                     CLASSIFY, nullcontext)
+        else:
+            rule = StagedSideways(stack, modules, len(model), ctx, specs, pipeline, "clip",
+                                  CLASSIFY, nullcontext)
     else:
         rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,
                                  torch.device("cpu"))
@@ -84,7 +92,7 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
 
 def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) -> float | None:
     """frames/s of ``setting`` on rank 0 (None elsewhere); rank 1 idles through P = 1 settings."""
-    kind, stages, threads, _ = SETTINGS[setting]
+    kind, stages, threads, _, _ = SETTINGS[setting]
     dist.barrier()
     if stages == 1 and rank > 0:
         dist.barrier()
@@ -136,6 +144,32 @@ def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats
     dist.destroy_process_group()
 
 
+def best(fps: dict[str, float], stages: int, pipeline: str) -> tuple[str, float]:
+    """The fastest chunked Sideways setting with ``stages`` stages, one thread, ``pipeline``."""
+    names = [name for name, (kind, p, threads, mode, chunk) in SETTINGS.items()
+             if kind == "sideways" and p == stages and threads == 1 and mode == pipeline and chunk > 1]
+    name = max(names, key=fps.__getitem__)
+    return name, fps[name]
+
+
+def ratios(fps: dict[str, float]) -> dict[str, float]:
+    """The issue's targets, per pipeline mode (reset flushes every batch, as GPipe does), and the
+    same-chunk and tick-rule speedups."""
+    out = {}
+    for pipeline in ("reset", "continuous"):
+        (p2, two), (p1, one) = best(fps, 2, pipeline), best(fps, 1, pipeline)
+        out[f"{pipeline}: {p2} / {p1} (target >= 1.8)"] = two / one
+        out[f"{pipeline}: {p2} / gpipe-bp P=2 (target >= 1.2)"] = two / fps["gpipe-bp P=2"]
+    for c in (4, 8):
+        for suffix in ("", " continuous"):
+            out[f"chunk {c}{suffix}: P=2 / P=1"] = (fps[f"sideways chunk {c} P=2{suffix}"]
+                                                    / fps[f"sideways chunk {c} P=1{suffix}"])
+        out[f"chunk {c}, fill and drain at P=2: reset / continuous"] = (
+            fps[f"sideways chunk {c} P=2"] / fps[f"sideways chunk {c} P=2 continuous"])
+    out["tick rule: P=2 / P=1"] = fps["sideways tick rule P=2"] / fps["sideways tick rule P=1"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -160,25 +194,19 @@ def main() -> None:
 
     b, t = cfg.data.batch_size, cfg.data.clip_len
     predicted = {}
-    for name, (kind, stages, threads, pipeline) in SETTINGS.items():
-        if kind == "sideways" and threads == 1:
+    for name, (kind, stages, threads, pipeline, chunk) in SETTINGS.items():
+        if kind == "sideways" and threads == 1 and chunk == 1:
             predicted[name] = predict(costs, stages, link, b, t, pipeline, cores=2).frames_per_s
-    base = fps["sideways P=1"]
+    targets = ratios(fps)
+    base = max(fps[name] for name in fps if name.startswith("sideways") and name.endswith("P=1"))
     rows = [[name, fps[name], fps[name] / base, predicted.get(name, "")] for name in SETTINGS]
-    targets = {
-        "sideways P=2 / sideways P=1 (target >= 1.8)": fps["sideways P=2"] / base,
-        "sideways P=2 / gpipe-bp P=2 (target >= 1.2)": fps["sideways P=2"] / fps["gpipe-bp P=2"],
-        "continuous, P=2 / P=1": fps["sideways P=2 continuous"] / fps["sideways P=1 continuous"],
-        "fill and drain, P=2: reset / continuous": fps["sideways P=2"] / fps["sideways P=2 continuous"],
-    }
     agreement = {name: predicted[name] / fps[name] for name in predicted}
     deep = repeat_stack(costs, 64)
     curves = {f"{cfg.model.name} D={len(costs.names)}, {p}": sweep(costs, link, b, t, p)
               for p in ("reset", "continuous")}
     curves.update({f"64-module stack, {p}": sweep(deep, link, b, t, p) for p in ("reset", "continuous")})
-    measured = {f"{cfg.model.name} D={len(costs.names)}, {p}":
-                [(1, fps["sideways P=1" + suffix]), (2, fps["sideways P=2" + suffix])]
-                for p, suffix in (("reset", ""), ("continuous", " continuous"))}
+    measured = {f"{cfg.model.name} D={len(costs.names)}, reset":
+                [(1, fps["sideways tick rule P=1"]), (2, fps["sideways tick rule P=2"])]}
     plot_model(RESULTS / "depth_parallel_model.png", curves, measured)
     payload = {"model": cfg.model.name, "width": cfg.model.width, "depth": len(costs.names),
                "batch": b, "clip_len": t, "size": cfg.data.size, "stage_sizes": sizes,
@@ -190,7 +218,7 @@ def main() -> None:
                "sweep": {label: [[p.stages, p.frames_per_s] for p in curve]
                          for label, curve in curves.items()}}
     emit(f"depth-parallel training, {cfg.model.name}, B={b}, T={t}, {cfg.data.size}px, stages "
-         f"{sizes}, medians of {args.repeats}", ["setting", "frames/s", "x sideways P=1",
+         f"{sizes}, medians of {args.repeats}", ["setting", "frames/s", "x best sideways P=1",
                                                  "model frames/s"], rows, payload, args.json)
     for name, value in {**targets, **{f"model / measured, {k}": v for k, v in agreement.items()}}.items():
         print(f"{name}: {value:.2f}")

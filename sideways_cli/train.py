@@ -134,17 +134,17 @@ class LocalLearner:
 
 def carried_rule_state(state: dict[str, Any], layout: str, cfg: Config) -> dict[str, Any] | None:
     """The rule's registers from a checkpoint, for an executor that keeps them under ``layout``
-    ("pipeline": the tick rule, which P-stage runs reassemble into; "registers": the chunked
-    executor); None when there is nothing to carry. With ``pipeline: reset`` and ``update: clip``
-    nothing survives a batch, so a checkpoint in the other layout starts the next one alike."""
+    ("pipeline": the tick rule, sideways.chunk 1; "registers": the chunked executor, any chunk
+    above 1; a P-stage run's reassemble into its executor's); None when there is nothing to carry.
+    With ``pipeline: reset`` and ``update: clip`` nothing survives a batch, so a checkpoint in the
+    other layout starts the next one alike."""
     if cfg.mode == "bp" or not state or layout in state:
         return state
     if cfg.sideways.pipeline == "reset" and cfg.sideways.update == "clip":
         return None
-    raise UserError(f"this checkpoint holds the pipeline of a run with another sideways.chunk "
-                    f"or parallel.stages; with pipeline {cfg.sideways.pipeline!r} and update "
-                    f"{cfg.sideways.update!r} resume it with the settings it was trained with "
-                    "(sideways.chunk=1 reads a P-stage run's)")
+    chunk = "sideways.chunk=1" if "pipeline" in state else "the sideways.chunk (above 1) it ran with"
+    raise UserError(f"this checkpoint holds the pipeline registers of a run with another "
+                    f"sideways.chunk; with pipeline {cfg.sideways.pipeline!r} resume it with {chunk}")
 
 
 def data_loaders(cfg: Config, data: DatasetIndex,

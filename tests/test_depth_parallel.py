@@ -276,3 +276,18 @@ def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
     assert process.returncode != 0
     assert "stage 1 sent nothing for 5 s" in err
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())
+
+
+def test_registers_of_another_executor_are_refused_with_the_fix():
+    """A continuous pipeline's registers are laid out by executor: the error names the chunk."""
+    from sideways_cli.errors import UserError
+    from sideways_cli.train import carried_rule_state
+
+    cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=4"])
+    with pytest.raises(UserError, match="resume it with sideways.chunk=1"):
+        carried_rule_state({"pipeline": {}}, "registers", cfg)
+    cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=1"])
+    with pytest.raises(UserError, match=r"the sideways.chunk \(above 1\) it ran with"):
+        carried_rule_state({"registers": []}, "pipeline", cfg)
+    reset = load_config(None, ["mode=sideways", "sideways.pipeline=reset", "sideways.chunk=1"])
+    assert carried_rule_state({"registers": []}, "pipeline", reset) is None  # nothing to carry
