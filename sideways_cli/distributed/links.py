@@ -7,7 +7,6 @@ launcher stops the whole job instead of leaving it blocked for c10d's default ha
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 
 import torch
@@ -54,15 +53,12 @@ class Links:
         header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
         header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
         self.send(header, dst, tag)
-        if tensor.numel():  # an empty tensor is all header
-            self.send(tensor, dst, tag)
+        self.send(tensor, dst, tag)
 
     def receive_sized(self, src: int, what: str, tag: int) -> torch.Tensor:
         header = self.receive((_HEADER,), torch.int64, src, what, tag).wait().tolist()
-        shape, dtype = tuple(header[2:2 + header[1]]), _DTYPES[header[0]]
-        if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        return self.receive(shape, dtype, src, what, tag).wait()
+        shape = tuple(header[2:2 + header[1]])
+        return self.receive(shape, _DTYPES[header[0]], src, what, tag).wait()
 
     def all_reduce(self, tensor: torch.Tensor, doing: str) -> None:
         """Sum ``tensor`` over the stages in place."""
