@@ -1,4 +1,5 @@
-"""Stage balancing: the exact partition, the config's balance checks, per-module tick costs."""
+"""Stage balancing: the exact partition, the config's balance checks, per-module tick and
+macro-tick costs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import random
 import pytest
 import torch
 
-from sideways_cli.distributed.balance import (measure_module_costs, module_shapes, partition,
-                                              resolve_balance, stage_costs)
+from sideways_cli.distributed.balance import (measure_macro_costs, measure_module_costs,
+                                              module_shapes, partition, resolve_balance,
+                                              stage_costs)
 from sideways_cli.errors import UserError
 from sideways_cli.models import build_model
 
@@ -92,3 +94,23 @@ def test_bytes_follow_the_autocast_dtype():
     # bf16 activations go up, and the messages of bf16 windows come down in bf16
     assert costs.output_bytes == [1024, 512, 40]
     assert costs.input_bytes == [6144, 1024, 512]  # the first module's input: fp32 frames
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("concurrent", [1, 2])  # 2: another process measures meanwhile
+def test_measure_macro_costs_on_a_tiny_model(concurrent: int):
+    torch.manual_seed(0)
+    model = build_model("c3d", 10, width=4, depth=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    costs = measure_macro_costs(model, (2, 3, 16, 16), windows=(1, 2, 4), repeats=1,
+                                concurrent=concurrent)
+    assert costs.names == ["conv1", "conv2", "head"] and costs.windows == [1, 2, 4]
+    assert costs.concurrent == concurrent
+    for curve in costs.quiet_s + costs.busy_s + costs.vjp_s + [costs.loss_s, costs.step_s]:
+        assert len(curve) == 3 and all(s > 0 for s in curve)
+    assert costs.busy(1, 3) == pytest.approx((costs.busy_s[1][1] + costs.busy_s[1][2]) / 2)
+    assert costs.output_bytes == [2048, 1024, 80]  # as measure_module_costs
+    assert costs.input_bytes == [6144, 2048, 1024]
+    # timing leaves the model as it was
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())

@@ -1,4 +1,5 @@
-"""The throughput model: busy patterns, tick sums, scaling, the deep stack, link fit, plot."""
+"""The throughput models: busy patterns, tick sums, scaling, the deep stack, link fit, plot; the
+chunked executor's macro ticks, its 1F1B event simulation."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from sideways_cli.distributed.balance import ModuleCosts
-from sideways_cli.distributed.throughput_model import (Link, busy, clip_seconds, measure_link,
-                                                       plot_model, predict, repeat_stack, sweep)
+from sideways_cli.distributed.balance import MacroCosts, ModuleCosts, interpolate
+from sideways_cli.distributed.throughput_model import (Link, busy, clip_seconds, macro_work,
+                                                       measure_link, one_f_one_b, plot_model,
+                                                       predict, predict_chunked, repeat_stack,
+                                                       stage_ops, sweep, sweep_chunked)
+from sideways_cli.engine.pipeline import clip_tokens
+from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.models import build_model
 
 FREE = Link(0.0, math.inf)  # communication costs nothing
 
@@ -109,3 +116,146 @@ def test_plot_model_writes_a_png(tmp_path):
     plot_model(path, curves, {"continuous": [(1, 0.1), (2, 0.19)]})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["model.png"]
+
+
+# --- the chunked executor's model: synthetic macro costs, no timing ---
+
+
+def macro_costs(per_window: list[float], overhead: float = 0.0, loss: float = 0.0,
+                step: list[float] | None = None, out: list[int] | None = None,
+                into: list[int] | None = None) -> MacroCosts:
+    """Every call of module d costs ``overhead + per_window[d] * n`` (quiet, busy and VJP alike),
+    exactly (linear between and beyond the measured counts)."""
+    depth, windows = len(per_window), [1, 2, 4, 8, 16]
+    curve = [[overhead + c * n for n in windows] for c in per_window]
+    return MacroCosts([f"m{d}" for d in range(depth)], windows, curve, [list(c) for c in curve],
+                      [list(c) for c in curve], [loss * n for n in windows],
+                      step or [0.0] * depth, out or [100] * depth, into or [100] * depth)
+
+
+def test_interpolation_is_linear_between_and_beyond_the_measured_counts():
+    windows, seconds = [1, 2, 4, 8], [1.0, 1.5, 2.0, 4.0]
+    assert [interpolate(windows, seconds, n) for n in (0, 1, 2, 3, 4, 6, 8)] == [
+        0.0, 1.0, 1.5, 1.75, 2.0, 3.0, 4.0]
+    assert interpolate(windows, seconds, 16) == 8.0  # the last segment, 0.5 per window, on
+    assert interpolate([2], [3.0], 4) == 6.0  # a single point: proportional
+    costs = macro_costs([1.0, 2.0], overhead=0.5)
+    assert costs.busy(1, 3) == costs.vjp(1, 3) == costs.quiet(1, 3) == 6.5
+    assert costs.full_s(4) == [9.0, 17.0]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
+@pytest.mark.parametrize("chunk,taper", [(1, False), (2, True), (3, False), (4, True), (8, True)])
+def test_macro_work_replays_the_engine(pipeline: str, chunk: int, taper: bool):
+    """Counts of quiet/busy windows and of VJP messages per module and macro tick, from an actual
+    run of TickBatchedSideways (the last of 3 batches: continuous reaches its steady state)."""
+    torch.manual_seed(0)
+    model = build_model("c3d", 10, width=2, depth=3)  # 4 modules
+    rule = TickBatchedSideways(model, pipeline, "clip", chunk)
+    seen = []
+    forward, vjp = rule.forward_module, rule.vjp
+    rule.forward_module = lambda d, q, b: seen.append(("F", d, q, b)) or forward(d, q, b)
+    rule.vjp = lambda d, graph, messages, count: (seen.append(("V", d, len(messages)))
+                                                 or vjp(d, graph, messages, count))
+    clips, labels = torch.randn(2, 3, 5, 8, 8), torch.tensor([1, 2])
+    for _ in range(3):
+        seen.clear()
+        macros = rule.start_batch(clips.shape[2], taper)
+        rule.inbox[0].extend(clip_tokens(clips, [labels] * 5, rule.fed - 5))
+        for macro in macros:
+            graphs = rule.forward_macro(macro)
+            rule.frame_losses()
+            rule.backward_macro(macro, graphs)
+        rule.pseudo.clear()
+    expected = []
+    for w in macro_work(4, 5, pipeline, chunk, taper):
+        expected += [("F", d, w.quiet[d], w.busy[d]) for d in range(4)]
+        expected += [("V", d, max(w.busy[d], w.drain_graph[d])) for d in reversed(range(4))
+                     if w.busy[d] or w.drain_graph[d]]
+        assert w.sent_down[1:] == [max(b, g) for b, g in zip(w.busy[1:], w.drain_graph[1:])]
+    assert seen == expected
+
+
+@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
+def test_one_process_pays_the_sum_of_its_ops(pipeline: str):
+    costs = macro_costs([1e-3, 2e-3, 3e-3], overhead=1e-4, loss=1e-5, step=[1e-4, 2e-4, 3e-4])
+    slow = Link(1.0, 1.0)  # never used by one process
+    prediction = predict_chunked(costs, 1, slow, batch=4, clip_len=12, chunk=4, pipeline=pipeline)
+    work = macro_work(3, 12, pipeline, 4, taper=False)
+    ops = stage_ops(costs, range(3), work, last=True)
+    assert prediction.sizes == [3] and prediction.macros == len(work) == len(ops) // 3
+    assert prediction.clip_s == pytest.approx(math.fsum(ops.values()) + 6e-4, rel=1e-12)
+    assert prediction.frames_per_s == pytest.approx(4 * 12 / prediction.clip_s, rel=1e-12)
+    if pipeline == "continuous":  # every window busy: 3 macro ticks of 4 per module
+        per_macro = sum(2 * (1e-4 + c * 4) for c in (1e-3, 2e-3, 3e-3)) + 4e-5
+        assert prediction.clip_s == pytest.approx(3 * per_macro + 6e-4, rel=1e-12)
+        assert prediction.ticks == 12
+    else:
+        assert prediction.ticks == 12 + 2
+
+
+def test_two_balanced_stages_approach_twice_one_as_clips_grow():
+    costs = macro_costs([1e-3, 1e-3])  # proportional to the windows: macro sizes do not matter
+    speedups = []
+    for clip_len in (8, 64, 512, 4096):
+        one, two = (predict_chunked(costs, p, FREE, 1, clip_len, 8, "continuous").clip_s
+                    for p in (1, 2))
+        speedups.append(one / two)
+    assert speedups == sorted(speedups) and speedups[-1] > 1.99
+    # few macro ticks: T = 2 in two tapered macro ticks of one tick; the bubble is the first
+    # forward and the last backward crossing the stages alone: 6 ms instead of 4
+    two = predict_chunked(costs, 2, FREE, 1, 2, 4, "continuous")
+    assert two.macros == 2 and two.clip_s == pytest.approx(6e-3)
+    assert predict_chunked(costs, 1, FREE, 1, 2, 4, "continuous").clip_s == pytest.approx(8e-3)
+    timeline = [(op.stage, op.kind, op.macro, round(op.start * 1e3, 9), round(op.end * 1e3, 9))
+                for op in two.ops if op.kind != "L"]
+    assert sorted(timeline, key=lambda op: (op[0], op[3])) == [
+        (0, "F", 0, 0, 1), (0, "F", 1, 1, 2), (0, "B", 0, 3, 4), (0, "B", 1, 5, 6),
+        (1, "F", 0, 1, 2), (1, "B", 0, 2, 3), (1, "F", 1, 3, 4), (1, "B", 1, 4, 5)]
+
+
+@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
+def test_no_op_starts_before_its_input_has_arrived(pipeline: str):
+    costs = macro_costs([1e-3, 3e-3, 2e-3, 2e-3, 5e-4], overhead=2e-4, loss=1e-5,
+                        out=[4000, 2000, 3000, 1000, 40], into=[6000, 4000, 2000, 3000, 1000])
+    link = Link(1e-4, 1e7)
+    prediction = predict_chunked(costs, 3, link, 2, 9, 2, pipeline, sizes=[1, 2, 2])
+    work = macro_work(5, 9, pipeline, 2, taper=True)
+    ends = {(op.stage, op.kind, op.macro): op.end for op in prediction.ops}
+    edges = [0, 1, 3, 5]
+    for op in prediction.ops:
+        if op.kind == "F" and op.stage > 0:
+            g = edges[op.stage] - 1  # the module below the boundary
+            count, nbytes = work[op.macro].arrivals[g], costs.output_bytes[g]
+            source = (op.stage - 1, "F", op.macro)
+        elif op.kind == "B" and op.stage < 2:
+            g = edges[op.stage + 1]  # the module above it
+            count, nbytes = work[op.macro].sent_down[g], costs.input_bytes[g]
+            source = (op.stage + 1, "B", op.macro)
+        else:
+            continue
+        if count:
+            assert op.start >= op.ready >= ends[source] + link.hop_s(count * nbytes) - 1e-15
+    for s in range(3):  # each stage one op at a time, in its 1F1B order
+        mine = [op for op in prediction.ops if op.stage == s]
+        assert [(op.kind, op.macro) for op in mine] == one_f_one_b(s, 3, len(work), s == 2)
+        assert all(a.end <= b.start for a, b in zip(mine, mine[1:]))
+    assert prediction.clip_s == pytest.approx(max(ends.values()) + link.alpha)
+
+
+def test_chunked_stages_sharing_cores_take_turns_and_the_sweep():
+    costs = macro_costs([1e-3] * 4, step=[1e-4] * 4)
+    alone = predict_chunked(costs, 4, FREE, 1, 64, 4, "continuous")
+    shared = predict_chunked(costs, 4, FREE, 1, 64, 4, "continuous", cores=2)
+    work = math.fsum(op.end - op.start for op in shared.ops) + 4e-4
+    assert shared.clip_s == pytest.approx(max(alone.clip_s, work / 2))
+    assert shared.clip_s > alone.clip_s
+    slower = macro_costs([2e-3] * 4, step=[1e-4] * 4)
+    curve = sweep_chunked(costs, FREE, 1, 64, 4, "continuous", concurrent_costs=slower)
+    assert [p.stages for p in curve] == [1, 2, 3, 4] and curve[1].sizes == [2, 2]
+    assert curve[0].clip_s == predict_chunked(costs, 1, FREE, 1, 64, 4, "continuous").clip_s
+    assert curve[3].clip_s == predict_chunked(slower, 4, FREE, 1, 64, 4, "continuous").clip_s
+    deep = repeat_stack(costs, 16)  # macro costs deepen like tick costs
+    assert len(deep.names) == 16 and deep.busy_s[5] == costs.busy_s[1]
+    assert len(sweep_chunked(deep, FREE, 1, 64, 4, max_stages=8)) == 8

@@ -6,20 +6,29 @@ tick of each module costs (its forward at a full window and the VJP of one messa
 of the tick rule) and picks the contiguous split that minimises the most expensive stage. The sizes
 of the tensors crossing each boundary (an activation up, a message down) come with the costs: the
 throughput model (``throughput_model.py``) charges them to the link.
+
+The chunked executor (``engine/sideways_batched.py``) calls each module once per macro tick over
+n windows, so its model needs costs as functions of n instead: :func:`measure_macro_costs`.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from sideways_cli.distributed.stages import stage_stack
+from sideways_cli.engine.losses import CLASSIFY, Objective
+from sideways_cli.engine.pipeline import Token
 from sideways_cli.engine.rule import Autocast
+from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.errors import UserError
 from sideways_cli.models import FrameStack
 
@@ -33,6 +42,10 @@ class ModuleCosts:
     backward_s: list[float]  # parameter gradients + the message for the module below (if any)
     output_bytes: list[int]  # the activation module d sends up (its output frame)
     input_bytes: list[int]  # the message module d sends down (shaped like its input frame)
+
+    # per-module fields, which a deeper stack built from this one copies (throughput_model)
+    PER_MODULE: ClassVar[tuple[str, ...]] = ("forward_s", "backward_s", "output_bytes",
+                                             "input_bytes")
 
     @property
     def total_s(self) -> list[float]:
@@ -181,3 +194,230 @@ def resolve_balance(balance: str | list[int], stages: int, depth: int,
                         f"got {len(balance)} summing to {sum(balance)}; fix the list or set "
                         f"parallel.balance: auto")
     return list(balance)
+
+
+# --- macro-tick costs: what the chunked executor (engine/sideways_batched.py) pays per call ---
+
+MACRO_WINDOWS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class MacroCosts:
+    """Per module, bottom first, median seconds of one macro-tick call at each of ``windows``
+    window counts n: the forward without a graph (``quiet_s``), with one (``busy_s``), the VJP of n
+    messages (``vjp_s``); the top's frame losses of n frames (``loss_s``); each module's optimizer
+    step (``step_s``); and bytes per frame across each boundary, as in :class:`ModuleCosts`.
+
+    A chunked stage does a few such calls per macro tick, not one per tick: their cost is far from
+    proportional to n (fixed per-call overhead, small kernels), hence a curve in n rather than a
+    per-tick cost. Between the measured counts it is linear, beyond the last it follows the last
+    segment. ``concurrent``: how many processes measured at once (1: alone; see
+    :func:`measure_macro_costs`).
+    """
+
+    names: list[str]
+    windows: list[int]
+    quiet_s: list[list[float]]
+    busy_s: list[list[float]]
+    vjp_s: list[list[float]]
+    loss_s: list[float]
+    step_s: list[float]
+    output_bytes: list[int]
+    input_bytes: list[int]
+    concurrent: int = 1
+
+    # per-module fields, which a deeper stack built from this one copies (throughput_model)
+    PER_MODULE: ClassVar[tuple[str, ...]] = ("quiet_s", "busy_s", "vjp_s", "step_s",
+                                             "output_bytes", "input_bytes")
+
+    def quiet(self, d: int, n: int) -> float:
+        return interpolate(self.windows, self.quiet_s[d], n)
+
+    def busy(self, d: int, n: int) -> float:
+        return interpolate(self.windows, self.busy_s[d], n)
+
+    def vjp(self, d: int, n: int) -> float:
+        return interpolate(self.windows, self.vjp_s[d], n)
+
+    def losses(self, n: int) -> float:
+        return interpolate(self.windows, self.loss_s, n)
+
+    def full_s(self, chunk: int) -> list[float]:
+        """Each module's steady-state macro tick of ``chunk`` ticks, every window busy: what
+        :func:`partition` balances."""
+        return [self.busy(d, chunk) + self.vjp(d, chunk) for d in range(len(self.names))]
+
+
+def interpolate(windows: list[int], seconds: list[float], n: float) -> float:
+    """Piecewise-linear seconds at n windows (0 at n = 0: no call is made), extrapolated from
+    the nearest measured segment outside ``windows``, never below 0."""
+    if n <= 0:
+        return 0.0
+    if len(windows) == 1:
+        return seconds[0] * n / windows[0]
+    i = min(max(bisect.bisect_left(windows, n), 1), len(windows) - 1)  # segment [i-1, i]
+    (n0, n1), (s0, s1) = windows[i - 1:i + 1], seconds[i - 1:i + 1]
+    return max(0.0, s0 + (s1 - s0) * (n - n0) / (n1 - n0))
+
+
+def measure_macro_costs(model: FrameStack, frame_shape: tuple[int, ...],
+                        windows: tuple[int, ...] = MACRO_WINDOWS, repeats: int = 5,
+                        device: torch.device | str = "cpu", autocast: Autocast = nullcontext,
+                        objective: Objective = CLASSIFY, concurrent: int = 1) -> MacroCosts:
+    """:class:`MacroCosts` of ``model`` for frames ``frame_shape`` [B, C, H, W], timed through the
+    chunked executor's own methods (``forward_module``, ``vjp``, ``frame_losses``) on a one-module
+    :class:`TickBatchedSideways` per module (``first=g``, ``depth=D``: module 1 sends no message),
+    from full windows of random inputs. A warm-up round, then ``repeats`` rounds, each timing every
+    (module, n) in turn, so that machine noise falls on all alike; medians. Run it in a script
+    with an ``if __name__ == "__main__"`` guard when ``concurrent`` > 1 (processes are spawned).
+
+    ``concurrent`` > 1 runs ``concurrent - 1`` more processes repeating the same measurement
+    meanwhile, so that caches and memory bandwidth are shared as when that many stages compute at
+    once. Use it for P >= 2 (``concurrent`` = min(P, cores)) and measure alone for P = 1: on 2
+    shared CPU cores (demo c3d, B=16, 32x32, three rounds, each measuring just before real runs)
+    the concurrent costs were 3-6% above those measured alone, and they moved the 2-stage
+    predictions from 3-11% (median 7%) above the measured frames/s to -1..+10% (median 5%),
+    while alone costs predicted one process within -3..+6%. The rest of the 2-stage gap is not
+    compute: timed inside a 2-stage run, its module calls cost what this measures (within 5%);
+    it waits longer than the model for some transfers, delivered a few ms after their sender
+    finished (``throughput_model.py``'s docstring). On GPUs stages own their devices: measure
+    alone.
+    """
+    if repeats < 1 or concurrent < 1:
+        raise ValueError(f"repeats and concurrent must be >= 1, got {repeats}, {concurrent}")
+    if concurrent > 1:
+        with _background_load(concurrent - 1, model, frame_shape, windows, device, autocast,
+                              objective):
+            return _measure_macro(model, frame_shape, windows, repeats, device, autocast,
+                                  objective, concurrent)
+    return _measure_macro(model, frame_shape, windows, repeats, device, autocast, objective, 1)
+
+
+def _measure_macro(model: FrameStack, frame_shape: tuple[int, ...], windows: tuple[int, ...],
+                   repeats: int, device: torch.device | str, autocast: Autocast,
+                   objective: Objective, concurrent: int) -> MacroCosts:
+    rules, frames, timing = _macro_timer(model, frame_shape, windows, device, autocast, objective)
+    timing()  # warms up allocators and kernels
+    rounds = [timing() for _ in range(repeats)]
+    # med[g][n][i]: (quiet, busy, vjp, loss) i of module g at windows[n]
+    med = [[[statistics.median(column) for column in zip(*samples)]
+            for samples in zip(*(r[g] for r in rounds))] for g in range(len(model))]
+    per_module = [[[at_n[i] for at_n in med[g]] for g in range(len(model))] for i in range(3)]
+    return MacroCosts(list(model.names), list(windows), *per_module,
+                      [at_n[3] for at_n in med[-1]],
+                      [_time_step(rule, repeats, torch.device(device)) for rule in rules],
+                      [out.numel() * out.element_size() for _, out in frames],
+                      [frame.numel() * frame.element_size() for frame, _ in frames], concurrent)
+
+
+def _macro_timer(model: FrameStack, frame_shape: tuple[int, ...], windows: tuple[int, ...],
+                 device: torch.device | str, autocast: Autocast, objective: Objective):
+    """One-module rules, each module's (input, output) frame, and a function timing one round:
+    every module in turn, every window count, [module][n] -> (quiet, busy, vjp, loss) seconds."""
+    device = torch.device(device)
+    frames = _zero_frames(model, frame_shape, autocast)  # under AMP, bf16 frames above module 1
+    rules = [TickBatchedSideways(stage_stack(model, range(g, g + 1)), "continuous", "clip", 1,
+                                 objective, autocast, first=g, depth=len(model))
+             for g in range(len(model))]
+    b, c, *pixels = frame_shape
+    target = objective.frame_targets(torch.zeros(b, c, 1, *pixels, device=device),
+                                     torch.zeros(b, dtype=torch.long, device=device))[0]
+
+    def timing() -> list[list[tuple[float, ...]]]:
+        return [[_time_macro(rule, frame, out, target, n, device) for n in windows]
+                for rule, (frame, out) in zip(rules, frames)]
+
+    return rules, frames, timing
+
+
+def _time_macro(rule: TickBatchedSideways, frame: torch.Tensor, out: torch.Tensor,
+                target: torch.Tensor, n: int, device: torch.device) -> tuple[float, ...]:
+    """Seconds of one module's quiet forward of n windows, busy forward of n windows, VJP of n
+    messages and (the head) frame losses of n frames, from full windows of random inputs."""
+    rule.reset()
+    k = rule.model[0].window
+
+    def feed(count: int) -> None:
+        rule.inbox[0].extend(Token(torch.randn_like(frame), f, target) for f in range(count))
+
+    feed(k - 1)
+    rule.forward_module(0, k - 1, 0)  # a full register, as in steady state
+    feed(n)
+    start = _clock(device)
+    rule.forward_module(0, n, 0)
+    quiet = _clock(device) - start
+    rule.inbox[-1].clear()
+    feed(n)
+    start = _clock(device)
+    graph = rule.forward_module(0, 0, n)
+    busy = _clock(device) - start
+    loss = 0.0
+    if rule.has_head:
+        start = _clock(device)
+        rule.frame_losses()
+        loss = _clock(device) - start
+    messages = [torch.randn_like(out) for _ in range(n)]
+    start = _clock(device)
+    rule.vjp(0, graph, messages, n)
+    vjp = _clock(device) - start
+    return quiet, busy, vjp, loss
+
+
+def _time_step(rule: TickBatchedSideways, repeats: int, device: torch.device) -> float:
+    """Median seconds of the end of a batch for one module: pseudo-gradient mean into ``.grad``
+    and an AdamW step (the trainer's default optimizer)."""
+    params = [p for group in rule.params for p in group]
+    if not params:
+        return 0.0
+    originals = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    seconds = []
+    for round_ in range(repeats + 1):
+        rule.pseudo.add(0, [torch.zeros_like(p) for p in params], 1)
+        start = _clock(device)
+        rule.pseudo.write_mean()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if round_:
+            seconds.append(_clock(device) - start)
+    with torch.no_grad():  # AdamW's weight decay moves weights even at lr 0 on some versions
+        for p, original in zip(params, originals):
+            p.copy_(original)
+    return statistics.median(seconds)
+
+
+@contextmanager
+def _background_load(processes: int, model: FrameStack, frame_shape: tuple[int, ...],
+                     windows: tuple[int, ...], device: torch.device | str, autocast: Autocast,
+                     objective: Objective):
+    """``processes`` processes repeating the same measurement until the block ends; it starts
+    once each has finished a warm-up round."""
+    context = torch.multiprocessing.get_context("spawn")
+    stop, ready = context.Event(), [context.Event() for _ in range(processes)]
+    workers = [context.Process(target=_load, daemon=True,
+                               args=(model, frame_shape, windows, str(device), autocast,
+                                     objective, torch.get_num_threads(), stop, r))
+               for r in ready]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker, r in zip(workers, ready):
+            while not r.wait(0.5):
+                if not worker.is_alive():  # e.g. a script without a __main__ guard, under spawn
+                    raise RuntimeError(f"background load process {worker.pid} exited with "
+                                       f"{worker.exitcode} before its first round")
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+
+
+def _load(model: FrameStack, frame_shape: tuple[int, ...], windows: tuple[int, ...],
+          device: str, autocast: Autocast, objective: Objective, threads: int, stop,
+          ready) -> None:
+    torch.set_num_threads(threads)
+    timing = _macro_timer(model, frame_shape, windows, device, autocast, objective)[2]
+    while not stop.is_set():
+        timing()
+        ready.set()
