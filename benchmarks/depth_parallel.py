@@ -14,8 +14,10 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
 
-The throughput model (``sideways_cli/distributed/throughput_model.py``) predicts the Sideways
-rows from per-module costs and a measured link; its P = 1..64 sweep is plotted.
+The throughput models (``sideways_cli/distributed/throughput_model.py``) predict the one-thread
+Sideways rows: the chunked executor's from per-module macro-tick costs measured in this run (alone
+for P = 1, with both cores busy for P = 2) by simulating the stages' 1F1B schedule; the tick
+rule's from per-module tick costs. Their P = 1..64 sweeps are plotted.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.multiprocessing as mp
 
 from common import PRESET, emit
 from sideways_cli.config import load_config
-from sideways_cli.distributed.balance import measure_module_costs, partition
+from sideways_cli.distributed.balance import measure_macro_costs, measure_module_costs, partition
 from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import Links
@@ -41,7 +43,8 @@ from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_st
 from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli.distributed.throughput_model import (measure_link, plot_model, predict,
-                                                       repeat_stack, sweep)
+                                                       predict_chunked, repeat_stack, sweep,
+                                                       sweep_chunked)
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
 from sideways_cli.train import build_network, make_optimizer
@@ -183,6 +186,10 @@ def main() -> None:
     frame = (cfg.data.batch_size, 3, cfg.data.size, cfg.data.size)
     costs = measure_module_costs(build_network(cfg, 10), frame, repeats=9)
     sizes = partition(costs.total_s, 2)
+    # the chunked model's costs, alone (P = 1) and with both cores busy (P = 2), measured in
+    # this run: the machine's speed drifts over minutes
+    alone = measure_macro_costs(build_network(cfg, 10), frame, repeats=7)
+    loaded = measure_macro_costs(build_network(cfg, 10), frame, repeats=7, concurrent=2)
     link = measure_link()
     out = RESULTS / "depth_parallel_raw.pt"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -195,18 +202,33 @@ def main() -> None:
     b, t = cfg.data.batch_size, cfg.data.clip_len
     predicted = {}
     for name, (kind, stages, threads, pipeline, chunk) in SETTINGS.items():
-        if kind == "sideways" and threads == 1 and chunk == 1:
+        if kind != "sideways" or threads != 1:
+            continue
+        if chunk == 1:
             predicted[name] = predict(costs, stages, link, b, t, pipeline, cores=2).frames_per_s
+        else:
+            predicted[name] = predict_chunked(alone if stages == 1 else loaded, stages, link, b, t,
+                                              chunk, pipeline, cores=2,
+                                              sizes=sizes if stages == 2 else None).frames_per_s
     targets = ratios(fps)
     base = max(fps[name] for name in fps if name.startswith("sideways") and name.endswith("P=1"))
     rows = [[name, fps[name], fps[name] / base, predicted.get(name, "")] for name in SETTINGS]
     agreement = {name: predicted[name] / fps[name] for name in predicted}
-    deep = repeat_stack(costs, 64)
-    curves = {f"{cfg.model.name} D={len(costs.names)}, {p}": sweep(costs, link, b, t, p)
+    depth, chunk = len(costs.names), 4
+    curves = {f"{cfg.model.name} D={depth}, chunk {chunk}, {p}":
+              sweep_chunked(alone, link, b, t, chunk, p, concurrent_costs=loaded)
               for p in ("reset", "continuous")}
-    curves.update({f"64-module stack, {p}": sweep(deep, link, b, t, p) for p in ("reset", "continuous")})
-    measured = {f"{cfg.model.name} D={len(costs.names)}, reset":
-                [(1, fps["sideways tick rule P=1"]), (2, fps["sideways tick rule P=2"])]}
+    curves.update({f"64-module stack, chunk {chunk}, {p}":
+                   sweep_chunked(repeat_stack(alone, 64), link, b, t, chunk, p,
+                                 concurrent_costs=repeat_stack(loaded, 64))
+                   for p in ("reset", "continuous")})
+    curves[f"{cfg.model.name} D={depth}, tick rule, reset"] = sweep(costs, link, b, t, "reset")
+    measured = {f"{cfg.model.name} D={depth}, chunk {chunk}, {p}":
+                [(1, fps[f"sideways chunk {chunk} P=1{suffix}"]),
+                 (2, fps[f"sideways chunk {chunk} P=2{suffix}"])]
+                for p, suffix in (("reset", ""), ("continuous", " continuous"))}
+    measured[f"{cfg.model.name} D={depth}, tick rule, reset"] = [
+        (1, fps["sideways tick rule P=1"]), (2, fps["sideways tick rule P=2"])]
     plot_model(RESULTS / "depth_parallel_model.png", curves, measured)
     payload = {"model": cfg.model.name, "width": cfg.model.width, "depth": len(costs.names),
                "batch": b, "clip_len": t, "size": cfg.data.size, "stage_sizes": sizes,
