@@ -27,6 +27,7 @@ from sideways_cli.distributed.shards import (batched_for_stage, merge_batched, m
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli import engine
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.runtime import forward_autocast
@@ -155,8 +156,8 @@ class StageWorker:
 
 
 def batches_ticks(cfg: Config) -> bool:
-    """Whether Sideways stages run the chunked executor (as one process would: ``make_rule``)."""
-    return cfg.mode == "sideways" and cfg.sideways.update == "clip" and cfg.sideways.chunk > 1
+    """Whether Sideways stages run the chunked executor, as one process would (``make_rule``)."""
+    return cfg.mode == "sideways" and engine.batches_ticks(cfg.sideways.update, cfg.sideways.chunk)
 
 
 def reassemble(shards: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:

@@ -86,10 +86,7 @@ def merge_sideways(stages: list[dict[str, Any]]) -> dict[str, Any]:
                 part[-1] = stage["pending_message"]
             values += part
         _set(merged, path, values)
-    targets = stages[-1]["targets"]
-    for token in _tokens(merged):
-        if token["target"] is None:
-            token["target"] = targets.get(token["frame"])  # None: a frame long past the top
+    _fill_targets(_tokens(merged), stages[-1]["targets"])
     return merged
 
 
@@ -107,7 +104,7 @@ def sideways_for_stage(state: dict[str, Any], modules: range, stage: int,
     pending_up = None
     if stage > 0 and state["pipeline"]["fresh"][modules.start - 1]:
         pending_up = state["pipeline"]["outputs"][modules.start - 1]
-    targets = {token["frame"]: token["target"] for token in _tokens(state)} if stage == stages - 1 else {}
+    targets = _targets(_tokens(state)) if stage == stages - 1 else {}
     return {"rule": rule, "targets": targets, "pending_up": pending_up,
             "pending_message": pending_message}
 
@@ -129,11 +126,7 @@ def merge_batched(stages: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("sums", "counts"):
             merged["pseudo"][key] += rule["pseudo"][key]
     merged["inbox"].append(rules[-1]["inbox"][-1])
-    targets = stages[-1]["targets"]
-    tokens = [token for queue in merged["registers"] + merged["inbox"] for token in queue]
-    for token in tokens:
-        if token["target"] is None:
-            token["target"] = targets.get(token["frame"])
+    _fill_targets(_batched_tokens(merged), stages[-1]["targets"])
     return merged
 
 
@@ -145,8 +138,25 @@ def batched_for_stage(state: dict[str, Any], modules: range, stage: int,
     rule = {**state, "registers": state["registers"][own], "mailbox": state["mailbox"][own],
             "inbox": state["inbox"][own] + [state["inbox"][-1] if last else []],
             "pseudo": {key: state["pseudo"][key][own] for key in ("sums", "counts")}}
-    tokens = [token for queue in state["registers"] + state["inbox"] for token in queue]
-    return {"rule": rule, "targets": {token["frame"]: token["target"] for token in tokens} if last else {}}
+    return {"rule": rule, "targets": _targets(_batched_tokens(state)) if last else {}}
+
+
+def _fill_targets(tokens: list[dict[str, Any]], targets: dict[int, Any]) -> None:
+    """Lower stages' tokens carry no target: the last stage's record of them has it (None: a
+    frame long past the top)."""
+    for token in tokens:
+        if token["target"] is None:
+            token["target"] = targets.get(token["frame"])
+
+
+def _targets(tokens: list[dict[str, Any]]) -> dict[int, Any]:
+    """The last stage's record of targets by frame, from a single-process state's tokens."""
+    return {token["frame"]: token["target"] for token in tokens}
+
+
+def _batched_tokens(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every token a TickBatchedSideways state holds: window registers and queued inputs."""
+    return [token for queue in state["registers"] + state["inbox"] for token in queue]
 
 
 def _tokens(state: dict[str, Any]) -> list[dict[str, Any]]:

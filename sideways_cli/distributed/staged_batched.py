@@ -32,7 +32,7 @@ import torch
 from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import PendingReceive
 from sideways_cli.distributed.staged_sideways import FrameTargets, reduce_batch
-from sideways_cli.distributed.stages import Spec
+from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
@@ -56,8 +56,7 @@ class StagedTickBatched:
                                         first=modules.start, depth=depth)
         self.modules, self.depth = modules, depth
         self.ctx, self.links = ctx, ctx.links
-        self.below = specs[modules.start - 1] if not ctx.is_first else None
-        self.above = specs[modules.stop - 1] if not ctx.is_last else None
+        self.below, self.above = boundary_specs(specs, modules)
         self.targets = FrameTargets(objective, depth)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
@@ -97,8 +96,8 @@ class StagedTickBatched:
         if not ctx.is_last:
             outputs = [token.value for token in rule.inbox[-1]]
             rule.inbox[-1].clear()
-            self._send(outputs, ctx.stage + 1, self.rule.arrivals(self.modules.stop - 1, macro.t0,
-                                                                  macro.t1), "activations")
+            scheduled = len(rule.arrivals(self.modules.stop - 1, macro.t0, macro.t1))
+            self._send(outputs, ctx.stage + 1, scheduled, "activations")
         return graphs
 
     def _backward(self, m: int, macro: MacroTick, graphs: list[Graph | None],
@@ -107,7 +106,7 @@ class StagedTickBatched:
         rule.mailbox[-1].extend(downs.take(m))
         rule.backward_macro(macro, graphs)
         if not ctx.is_first:
-            self._send(rule.sent_down, ctx.stage - 1, range(self._messages(self.modules.start, macro)),
+            self._send(rule.sent_down, ctx.stage - 1, self._messages(self.modules.start, macro),
                        "messages")
             rule.sent_down = []
 
@@ -138,10 +137,10 @@ class StagedTickBatched:
         return self.links.receive((count, batch, *size), dtype, self.ctx.stage + 1,
                                   "gradient messages", MACRO_TAG)
 
-    def _send(self, values: list[torch.Tensor], dst: int, scheduled: range | int, what: str) -> None:
-        if len(values) != len(scheduled):  # a bug, not a user error: the neighbour would hang
+    def _send(self, values: list[torch.Tensor], dst: int, scheduled: int, what: str) -> None:
+        if len(values) != scheduled:  # a bug, not a user error: the neighbour would hang
             raise RuntimeError(f"stage {self.ctx.stage}: {len(values)} {what} for stage {dst} in "
-                               f"a macro tick that has {len(scheduled)}")
+                               f"a macro tick that has {scheduled}")
         if values:
             self.links.send(torch.stack(values), dst, MACRO_TAG)
 

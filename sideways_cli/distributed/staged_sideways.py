@@ -19,7 +19,7 @@ import torch
 
 from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import Links, PendingReceive
-from sideways_cli.distributed.stages import Spec
+from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
@@ -43,8 +43,7 @@ class StagedSideways:
                                  first=modules.start, depth=depth)
         self.modules, self.depth = modules, depth
         self.ctx, self.links = ctx, ctx.links
-        self.below = specs[modules.start - 1] if not ctx.is_first else None
-        self.above = specs[modules.stop - 1] if not ctx.is_last else None
+        self.below, self.above = boundary_specs(specs, modules)
         self.targets = FrameTargets(objective, depth)
         self.pending_up: Token | None = None  # what the stage below sent at the last tick
         self.pending_message: torch.Tensor | None = None  # what the stage above sent then

@@ -27,6 +27,14 @@ def stage_stack(model: FrameStack, modules: range) -> FrameStack:
 Spec = tuple[tuple[int, ...], torch.dtype]  # one clip's frame at a module's output: shape, dtype
 
 
+def boundary_specs(specs: list[Spec], modules: range) -> tuple[Spec | None, Spec | None]:
+    """What arrives at a stage's lower boundary (the activations of the module below it) and
+    its upper one (messages shaped like its top module's output); None at the network's ends."""
+    below = specs[modules.start - 1] if modules.start > 0 else None
+    above = specs[modules.stop - 1] if modules.stop < len(specs) else None
+    return below, above
+
+
 @torch.no_grad()
 def output_specs(model: FrameStack, frame: tuple[int, ...], autocast: Autocast = nullcontext,
                  device: torch.device | str = "cpu") -> list[Spec]:

@@ -11,6 +11,11 @@ from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 
 
+def batches_ticks(update: str, chunk: int) -> bool:
+    """Whether Sideways runs the chunked executor: weights fixed within a batch, chunk > 1."""
+    return update == "clip" and chunk > 1
+
+
 def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str = "clip",
               chunk: int = 1, objective: Objective = CLASSIFY,
               autocast: Autocast = nullcontext) -> GradientRule:
@@ -20,7 +25,7 @@ def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str
         return BackpropRule(model, objective, autocast)
     if mode != "sideways":
         raise ValueError(f"unknown mode {mode!r}")
-    if update == "clip" and chunk > 1:
+    if batches_ticks(update, chunk):
         from sideways_cli.engine.sideways_batched import TickBatchedSideways
 
         return TickBatchedSideways(model, pipeline=pipeline, chunk=chunk, objective=objective,
@@ -28,4 +33,5 @@ def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str
     return SidewaysRule(model, pipeline=pipeline, update=update, objective=objective, autocast=autocast)
 
 
-__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "make_rule"]
+__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "batches_ticks",
+           "make_rule"]
