@@ -337,12 +337,21 @@ def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
         learner adds its rule's registers)."""
         return {"rng": rng_state(device), "data_position": position, "recent": list(recent),
                 "frames_seen": frames_seen, "updates": updates, "compute_s": compute_s,
-                "wait_s": wait_s, "wall_s": time.perf_counter() - started, "peak_mem_mb": peak_mb(),
+                "wait_s": wait_s, "wall_s": time.perf_counter() - started, **peaks(),
                 "best": evaluations.best, "device": device.type,
                 "unreadable": dict(train_loader.failed)}
 
-    def peak_mb() -> float:
-        return max(run["peak_mem_mb"], memory.read())
+    def peaks() -> dict[str, Any]:
+        """Peak memory over every start: this process's, or with stages each stage's and the
+        largest of them (what must fit on one device)."""
+        own = memory.read()
+        if stage is None:
+            return {"peak_mem_mb": max(run["peak_mem_mb"], own)}
+        per_stage = learner.stage_peaks_mb(own)
+        before = run.get("stage_peak_mem_mb")
+        if before is not None and len(before) == len(per_stage):  # resumed with as many stages
+            per_stage = [max(a, b) for a, b in zip(before, per_stage)]
+        return {"peak_mem_mb": max(run["peak_mem_mb"], *per_stage), "stage_peak_mem_mb": per_stage}
 
     metrics_path = out_dir / "metrics.jsonl"
     continued = None
@@ -380,7 +389,7 @@ def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
                           "lr": learner.lr, "frames_seen": frames_seen,
                           "frames_per_s": frames_seen / compute_s,
                           "data_wait_share": wait_s / (wait_s + compute_s),
-                          "peak_mem_mb": peak_mb(), "wall_s": time.perf_counter() - started}
+                          **peaks(), "wall_s": time.perf_counter() - started}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -393,6 +402,7 @@ def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
             every = cfg.train.checkpoint_every
             if every and step % every == 0 and step < cfg.train.steps:
                 save(last_checkpoint(out_dir), step, resume=resume_state())
+        peak = peaks()  # training's, not the final evaluation's
     if first_step <= cfg.train.steps:  # a kill during a long final evaluation keeps the training
         save(last_checkpoint(out_dir), cfg.train.steps, resume=resume_state())
     with progress_bar(quiet) as bar:
@@ -402,7 +412,7 @@ def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
         "steps": cfg.train.steps, "updates": updates, "frames_seen": frames_seen,
         "train_loss": sum(recent) / len(recent), **val,
         "frames_per_s": frames_seen / compute_s, "data_wait_share": wait_s / (wait_s + compute_s),
-        "peak_mem_mb": max(run["peak_mem_mb"], memory.peak_mb), "wall_s": time.perf_counter() - started,
+        **peak, "wall_s": time.perf_counter() - started,
     }
     evaluations.record(cfg.train.steps, frames_seen, summary["train_loss"], val,
                        lambda path: save(path, cfg.train.steps, summary=summary))

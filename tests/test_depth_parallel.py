@@ -232,6 +232,9 @@ def test_a_two_stage_run_resumes_and_matches_one_process(chunk, config, single, 
     assert_same_run(run, single)  # every chunk gives the tick rule's numbers
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["updates"] == STEPS
+    stage_peaks = summary["stage_peak_mem_mb"]  # each stage measures its own, the largest counts
+    assert len(stage_peaks) == 2 and min(stage_peaks) > 0
+    assert summary["peak_mem_mb"] == max(stage_peaks)
 
 
 def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path):

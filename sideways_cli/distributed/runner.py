@@ -30,6 +30,7 @@ from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli import engine
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
+from sideways_cli.memory import PeakMemory
 from sideways_cli.runtime import forward_autocast
 
 TARGET_TAG, EVAL_TAG = 1, 2  # links' tags besides the ticks' (staged_sideways.TICK_TAG)
@@ -41,6 +42,7 @@ class Op(enum.IntEnum):
     EVAL = 2  # args: the batch shape
     SAVE = 3  # args: which checkpoint (index into CHECKPOINTS)
     STOP = 4
+    MEMORY = 5  # every stage reports its peak memory so far
 
 
 CHECKPOINTS = ("last", "best")
@@ -129,6 +131,13 @@ class StageWorker:
             y = links.receive_sized(ctx.stages - 1, "the network's outputs", EVAL_TAG)
         links.settle()
         return y if ctx.is_first else None
+
+    def gather_peaks(self, own_mb: float) -> list[float]:
+        """Every stage's peak memory (MiB), given this stage's: one all_reduce over a slot each."""
+        peaks = torch.zeros(self.ctx.stages, dtype=torch.float64, device=self.ctx.device)
+        peaks[self.ctx.stage] = own_mb
+        self.ctx.links.all_reduce(peaks, "gathering the stages' peak memory")
+        return peaks.tolist()
 
     def shard(self) -> dict[str, Any]:
         return {"stage": self.ctx.stage, "modules": (self.modules.start, self.modules.stop),
@@ -222,16 +231,19 @@ def follow(cfg: Config, ctx: StageContext) -> None:
     if setup["resume"] is not None:
         worker.load(torch.load(setup["resume"], map_location=ctx.device, weights_only=False))
     commands = Commands(ctx)
-    while True:
-        op, args = commands.receive()
-        if op == Op.STOP:
-            return
-        if op == Op.TRAIN:
-            worker.train_batch(None, None, torch.Size(args[:5]))
-        elif op == Op.EVAL:
-            worker.evaluate_batch(None)
-        elif op == Op.SAVE:
-            save_shard(worker, Path(setup["out_dir"]), CHECKPOINTS[args[0]])
+    with PeakMemory(ctx.device) as memory:  # from the same point as the first stage's (train.py)
+        while True:
+            op, args = commands.receive()
+            if op == Op.STOP:
+                return
+            if op == Op.TRAIN:
+                worker.train_batch(None, None, torch.Size(args[:5]))
+            elif op == Op.EVAL:
+                worker.evaluate_batch(None)
+            elif op == Op.SAVE:
+                save_shard(worker, Path(setup["out_dir"]), CHECKPOINTS[args[0]])
+            elif op == Op.MEMORY:
+                worker.gather_peaks(memory.read())
 
 
 def save_shard(worker: StageWorker, out_dir: Path, which: str) -> None:
@@ -300,9 +312,13 @@ class DistributedLearner:
     def load(self, ckpt: dict[str, Any]) -> None:
         self.worker.load(ckpt)
 
+    def stage_peaks_mb(self, own_mb: float) -> list[float]:
+        """Each stage's peak memory so far, bottom stage first, given this (the first) stage's."""
+        self.commands.send(Op.MEMORY)
+        return self.worker.gather_peaks(own_mb)
+
     def close(self) -> None:
         self.commands.send(Op.STOP)
-
 
 
 def stage_sizes(cfg: Config, model: nn.Module, device: torch.device, autocast) -> list[int]:
