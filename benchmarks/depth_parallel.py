@@ -10,6 +10,8 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
   ``sideways.chunk`` ticks, 1F1B across stages) at chunk 4 and 8: P = 1 (one thread), P = 2 (one
   thread per stage), and P = 1 with two threads in one process (intra-op parallelism instead of
   stages); ``pipeline: reset`` and ``continuous`` (the gap is the fill and drain of each clip);
+  and chunk 8 P = 1 run by both processes at once, each on its own copy with no links: with the
+  slowest stage's share of the work, it gives the ceiling of P = 2 / P = 1 on this machine;
 * Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2;
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
@@ -50,12 +52,15 @@ from sideways_cli.engine.losses import CLASSIFY
 from sideways_cli.train import build_network, make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
+# both processes train their own copy at once, no links: what sharing the cores costs each
+SIDE_BY_SIDE = "sideways chunk 8 P=1, 2 copies side by side"
 # name -> (rule, stages, threads, pipeline, chunk)
 SETTINGS = {
     **{f"sideways chunk {c} P={p}{suffix}": ("sideways", p, 1, pipeline, c)
        for c in (4, 8) for pipeline, suffix in (("reset", ""), ("continuous", " continuous"))
        for p in (1, 2)},
     "sideways chunk 8 P=1, 2 threads": ("sideways", 1, 2, "reset", 8),
+    SIDE_BY_SIDE: ("sideways", 1, 1, "reset", 8),
     "sideways tick rule P=1": ("sideways", 1, 1, "reset", 1),
     "sideways tick rule P=2": ("sideways", 2, 1, "reset", 1),
     "bp": ("bp", 1, 1, None, None),
@@ -94,10 +99,11 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
 
 
 def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) -> float | None:
-    """frames/s of ``setting`` on rank 0 (None elsewhere); rank 1 idles through P = 1 settings."""
+    """frames/s of ``setting`` on rank 0 (None elsewhere); rank 1 idles through P = 1 settings
+    but :data:`SIDE_BY_SIDE`."""
     kind, stages, threads, _, _ = SETTINGS[setting]
     dist.barrier()
-    if stages == 1 and rank > 0:
+    if stages == 1 and rank > 0 and setting != SIDE_BY_SIDE:
         dist.barrier()
         return None
     torch.set_num_threads(threads)
@@ -119,7 +125,7 @@ def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) ->
             rule.train_batch(clips, labels, apply_update)
 
     one_batch()  # warm-up: allocators, kernels, pipelining's shape inference
-    if stages > 1:
+    if stages > 1 or setting == SIDE_BY_SIDE:
         dist.barrier()
     start = time.perf_counter()
     for _ in range(batches):
@@ -127,7 +133,7 @@ def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) ->
     elapsed = time.perf_counter() - start
     torch.set_num_threads(1)
     if stages == 1:
-        dist.barrier()
+        dist.barrier()  # rank 1 waits here through rank 0's P = 1 settings
     return shape[0] * shape[2] * batches / elapsed if rank == 0 else None
 
 
@@ -150,7 +156,8 @@ def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats
 def best(fps: dict[str, float], stages: int, pipeline: str) -> tuple[str, float]:
     """The fastest chunked Sideways setting with ``stages`` stages, one thread, ``pipeline``."""
     names = [name for name, (kind, p, threads, mode, chunk) in SETTINGS.items()
-             if kind == "sideways" and p == stages and threads == 1 and mode == pipeline and chunk > 1]
+             if kind == "sideways" and p == stages and threads == 1 and mode == pipeline and chunk > 1
+             and name != SIDE_BY_SIDE]
     name = max(names, key=fps.__getitem__)
     return name, fps[name]
 
@@ -171,6 +178,18 @@ def ratios(fps: dict[str, float]) -> dict[str, float]:
             fps[f"sideways chunk {c} P=2"] / fps[f"sideways chunk {c} P=2 continuous"])
     out["tick rule: P=2 / P=1"] = fps["sideways tick rule P=2"] / fps["sideways tick rule P=1"]
     return out
+
+
+def ceiling(fps: dict[str, float], module_s: list[float], sizes: list[int]) -> dict[str, float]:
+    """The most two stages can give over one process here, whatever the schedule: all the work
+    over the slowest stage's share (``module_s``: seconds per module), times the speed each of two
+    processes keeps when both compute (measured side by side, no links)."""
+    stages = [sum(module_s[r.start:r.stop]) for r in stage_ranges(sizes)]
+    balance = sum(stages) / max(stages)
+    shared = fps[SIDE_BY_SIDE] / fps["sideways chunk 8 P=1"]
+    return {"balance: all work / slowest stage's": balance,
+            f"shared cores: {SIDE_BY_SIDE} / alone": shared,
+            "ceiling of P=2 / P=1 here (balance x shared cores)": balance * shared}
 
 
 def main() -> None:
@@ -202,7 +221,7 @@ def main() -> None:
     b, t = cfg.data.batch_size, cfg.data.clip_len
     predicted = {}
     for name, (kind, stages, threads, pipeline, chunk) in SETTINGS.items():
-        if kind != "sideways" or threads != 1:
+        if kind != "sideways" or threads != 1 or name == SIDE_BY_SIDE:
             continue
         if chunk == 1:
             predicted[name] = predict(costs, stages, link, b, t, pipeline, cores=2).frames_per_s
@@ -210,7 +229,7 @@ def main() -> None:
             predicted[name] = predict_chunked(alone if stages == 1 else loaded, stages, link, b, t,
                                               chunk, pipeline, cores=2,
                                               sizes=sizes if stages == 2 else None).frames_per_s
-    targets = ratios(fps)
+    targets = {**ratios(fps), **ceiling(fps, alone.full_s(8), sizes)}
     base = max(fps[name] for name in fps if name.startswith("sideways") and name.endswith("P=1"))
     rows = [[name, fps[name], fps[name] / base, predicted.get(name, "")] for name in SETTINGS]
     agreement = {name: predicted[name] / fps[name] for name in predicted}

@@ -6,8 +6,9 @@ module g+1's messages of the same ticks, most of them computed in that same macr
 stage boundary the forward of macro tick m waits for the stage below's forward of m, and the
 backward of m for the stage above's backward of m: the dependencies of pipelined BP over
 microbatches, with a macro tick of the clip in the role of a microbatch. The stages therefore run
-the 1F1B schedule: stage s runs P-1-s forwards ahead, then alternates one forward and one
-backward, and all stages work at once in steady state. (With ``chunk`` 1 a stage's tick would
+a 1F1B schedule: stage s runs P-1-s forwards ahead (P-s below the top, see
+:func:`forwards_ahead`), then alternates one forward and one backward, and all stages work at
+once in steady state. (With ``chunk`` 1 a stage's tick would
 depend only on its neighbours' previous tick; ``staged_sideways.py`` runs that, every update rule.)
 
 The numbers are those of the single-process :class:`TickBatchedSideways` (and so of the tick
@@ -43,7 +44,7 @@ MACRO_TAG = 3
 
 
 class StagedTickBatched:
-    """The chunked executor for one stage (``modules`` of a ``depth``-module network), 1F1B.
+    """The chunked executor for one stage (``modules`` of a ``depth``-module network).
 
     ``specs``: every module's per-clip output frame (shape, dtype), which with the clock gives the
     shape of everything that crosses this stage's boundaries.
@@ -64,7 +65,7 @@ class StagedTickBatched:
         """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
         the last the labels (and, for reconstruction, the clips: its targets)."""
         rule, ctx = self.rule, self.ctx
-        macros = rule.start_batch(shape[2], taper=True)
+        macros = rule.start_batch(shape[2])
         first_frame = rule.fed - shape[2]
         if ctx.is_first:
             rule.inbox[0].extend(clip_tokens(clips, [None] * shape[2], first_frame))
@@ -72,7 +73,7 @@ class StagedTickBatched:
             self.targets.keep(clips, labels, shape, first_frame, macros[0].t0)
         ups = Receives(macros, self._post_activations, shape[0])
         downs = Receives(macros, self._post_messages, shape[0])
-        ahead = min(ctx.stages - 1 - ctx.stage, len(macros))  # forwards before the first backward
+        ahead = forwards_ahead(ctx.stage, ctx.stages, len(macros))
         graphs = {m: self._forward(m, macros[m], ups) for m in range(ahead)}
         loss_sum, losses = 0.0, 0
         for m, macro in enumerate(macros):
@@ -151,6 +152,15 @@ class StagedTickBatched:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state["rule"])
         self.targets.load_state_dict(state["targets"])
+
+
+def forwards_ahead(stage: int, stages: int, macros: int) -> int:
+    """How many forwards a stage runs before its first backward: one more than 1F1B's P-1-s below
+    the top stage. Over a clip the stages' shares of the work vary from macro tick to macro tick
+    (in ``reset`` the lower stages forward early and take their messages late); the spare
+    forward in hand keeps a lower stage busy while the one above runs a longer backward. It costs
+    one macro tick of graphs more, whatever the clip length."""
+    return min(0 if stage == stages - 1 else stages - stage, macros)
 
 
 class Receives:

@@ -23,11 +23,11 @@ Stages are processes: with more stages than ``cores`` they share the cores, and 
 least its total busy work over the cores (the lower bound of time slicing).
 
 The chunked executor (``staged_batched.py``, :func:`predict_chunked`) is not in lock step: each
-stage runs its own sequence of macro-tick operations in the 1F1B order and waits only for the
-input it needs, so the model is an event simulation of exactly that schedule, with per-call costs
-as functions of the window count (``balance.MacroCosts``): a macro tick's cost is far from
-proportional to its ticks, and the bubble, (P-1) short macro ticks at each end of a batch,
-depends on the taper's sizes. Checked on 2 CPU cores against runs minutes after the costs were
+stage runs its own sequence of macro-tick operations in the 1F1B order (with one forward more
+in hand below the top) and waits only for the input it needs, so the model is an event
+simulation of exactly that schedule, with per-call costs as functions of the window count
+(``balance.MacroCosts``): a macro tick's cost is far from proportional to its ticks, and the
+stages' shares of a macro tick's work vary over a clip. Checked on 2 CPU cores against runs minutes after the costs were
 measured: one process within -3..+6%, two stages +3..+11% with costs measured alone and -1..+10%
 with costs measured concurrently (the default for P >= 2). The 2-stage runs wait longer than
 the model for some transfers: with the link fitted on idle processes (alpha ~0.1 ms) the model
@@ -56,7 +56,8 @@ import torch.multiprocessing
 
 from sideways_cli.atomic import replace_atomically
 from sideways_cli.distributed.balance import MacroCosts, ModuleCosts, partition
-from sideways_cli.engine.sideways_batched import tapered, uniform
+from sideways_cli.distributed.staged_batched import forwards_ahead
+from sideways_cli.engine.sideways_batched import uniform
 
 CostsT = TypeVar("CostsT", ModuleCosts, MacroCosts)
 
@@ -255,8 +256,7 @@ class MacroWork:
         return [q + b for q, b in zip(self.quiet, self.busy)]
 
 
-def macro_work(depth: int, clip_len: int, pipeline: str, chunk: int,
-               taper: bool) -> list[MacroWork]:
+def macro_work(depth: int, clip_len: int, pipeline: str, chunk: int) -> list[MacroWork]:
     """The macro ticks of one batch as the engine runs them: ``reset`` every batch alike,
     ``continuous`` in steady state (after enough batches that every module has messages).
 
@@ -273,7 +273,7 @@ def macro_work(depth: int, clip_len: int, pipeline: str, chunk: int,
             clock, fed, mailbox = 0, 0, [0] * depth
         fed += clip_len
         end = fed + (depth - 1 if pipeline == "reset" else 0)
-        sizes = (tapered if taper else uniform)(end - clock, chunk)
+        sizes = uniform(end - clock, chunk)
         bounds = list(itertools.accumulate(sizes, initial=clock))
         work = [_one_macro(depth, fed, t0, t1, pipeline == "reset" and t1 == end, mailbox)
                 for t0, t1 in zip(bounds, bounds[1:])]
@@ -344,10 +344,11 @@ def stage_ops(costs: MacroCosts, modules: range, work: list[MacroWork],
     return durations
 
 
-def one_f_one_b(stage: int, stages: int, macros: int, last: bool) -> list[tuple[str, int]]:
-    """Stage ``stage``'s op order (``StagedTickBatched.train_batch``): P-1-s forwards ahead, then
-    per macro tick m the forward of m + ahead, the losses (last stage) and the backward of m."""
-    ahead = min(stages - 1 - stage, macros)
+def stage_order(stage: int, stages: int, macros: int, last: bool) -> list[tuple[str, int]]:
+    """Stage ``stage``'s op order (``StagedTickBatched.train_batch``): its forwards ahead
+    (:func:`forwards_ahead`), then per macro tick m the forward of m + ahead, the losses (last
+    stage) and the backward of m."""
+    ahead = forwards_ahead(stage, stages, macros)
     order = [("F", m) for m in range(ahead)]
     for m in range(macros):
         if m + ahead < macros:
@@ -367,7 +368,7 @@ def simulate(durations: list[dict[tuple[str, int], float]],
     (the engine then does not wait). A transfer starts when its producer has ended and its
     receive is posted: at the batch's start, then when the previous one in that direction is
     taken, at the start of the op that took it (``Receives``). Stages advance in turns until all
-    are done; a schedule waiting in a cycle raises, which 1F1B never does."""
+    are done; a schedule waiting in a cycle raises, which :func:`stage_order`'s never does."""
     done: dict[tuple[int, str, int], float] = {}
     free, position, ops = [0.0] * len(orders), [0] * len(orders), []
     posted = [{"F": 0.0, "B": 0.0} for _ in orders]
@@ -397,7 +398,7 @@ def predict_chunked(costs: MacroCosts, stages: int, link: Link, batch: int, clip
                     chunk: int, pipeline: str = "reset", cores: int | None = None,
                     sizes: list[int] | None = None, optimizer: bool = True) -> ChunkedPrediction:
     """Frames/s of the chunked executor: one process (``TickBatchedSideways``, uniform macro
-    ticks) for ``stages`` = 1, else ``StagedTickBatched`` (tapered macro ticks, 1F1B), each op
+    ticks) for ``stages`` = 1, else ``StagedTickBatched`` (the same macro ticks, 1F1B), each op
     costing its modules' interpolated macro costs and each cross-stage input ``link.hop_s`` of
     its bytes after its producer ends (:func:`simulate`); :func:`batch_seconds` adds each
     stage's optimizer step (if ``optimizer``), the closing all_reduce and, with more stages than
@@ -411,10 +412,10 @@ def predict_chunked(costs: MacroCosts, stages: int, link: Link, batch: int, clip
     sizes = list(sizes) if sizes is not None else partition(costs.full_s(chunk), stages)
     if len(sizes) != stages or sum(sizes) != depth or min(sizes) < 1:
         raise ValueError(f"stage sizes {sizes} do not split the {depth} modules in {stages}")
-    work = macro_work(depth, clip_len, pipeline, chunk, taper=stages > 1)
+    work = macro_work(depth, clip_len, pipeline, chunk)
     ranges = [range(a, b) for a, b in itertools.pairwise(itertools.accumulate(sizes, initial=0))]
     durations = [stage_ops(costs, r, work, s == stages - 1) for s, r in enumerate(ranges)]
-    orders = [one_f_one_b(s, stages, len(work), s == stages - 1) for s in range(stages)]
+    orders = [stage_order(s, stages, len(work), s == stages - 1) for s in range(stages)]
     ops = simulate(durations, orders, _hops(costs, ranges, work, link))
     steps = [math.fsum(costs.step_s[g] for g in r) if optimizer else 0.0 for r in ranges]
     seconds = batch_seconds(ops, steps, link, cores)

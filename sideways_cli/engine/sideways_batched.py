@@ -147,22 +147,20 @@ class TickBatchedSideways:
         return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
                           frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
 
-    def start_batch(self, frames: int, taper: bool = False) -> list[MacroTick]:
+    def start_batch(self, frames: int) -> list[MacroTick]:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
         the macro ticks that process them, in order; the clock moves past them.
 
         Macro ticks run while some module still gets a new input: the top's last comes D-1 ticks
         after the last frame. They are counted back from the end so that the last one holds every
         module's last input when chunk >= D, and the drain folds into it (backward_module).
-        ``taper`` (stages in other processes) makes the first and last few shorter, 1, 2, 4, ...
-        ticks: the batch's first forward and last backward cross the stages alone, so short ones
-        keep the others from waiting long. Any macro ticks give the same numbers.
+        Any macro ticks give the same numbers.
         """
         if self.mode == "reset":
             self.reset()
         self.fed += frames
         end = self.fed + (self.depth - 1 if self.mode == "reset" else 0)
-        sizes = tapered(end - self.clock, self.chunk) if taper else uniform(end - self.clock, self.chunk)
+        sizes = uniform(end - self.clock, self.chunk)
         bounds = list(itertools.accumulate(sizes, initial=self.clock))
         self.clock = end
         return [MacroTick(t0, t1, self.mode == "reset" and t1 == end)
@@ -345,16 +343,6 @@ class TickBatchedSideways:
 def uniform(ticks: int, chunk: int) -> list[int]:
     """Macro tick sizes, ``chunk`` each but the first (the remainder)."""
     return ([ticks % chunk] if ticks % chunk else []) + [chunk] * (ticks // chunk)
-
-
-def tapered(ticks: int, chunk: int) -> list[int]:
-    """Macro tick sizes 1, 2, 4, ... up to ``chunk``, then ``chunk`` each, then back down to 1."""
-    ramp: list[int] = []
-    size = 1
-    while size < chunk and 2 * (sum(ramp) + size) <= ticks:
-        ramp.append(size)
-        size *= 2
-    return ramp + uniform(ticks - 2 * sum(ramp), chunk) + ramp[::-1]
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:
