@@ -12,7 +12,8 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
   stages); ``pipeline: reset`` and ``continuous`` (the gap is the fill and drain of each clip);
   and chunk 8 P = 1 run by both processes at once, each on its own copy with no links: with the
   slowest stage's share of the work, it gives the ceiling of P = 2 / P = 1 on this machine;
-* Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2;
+* Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2, ``reset``
+  and ``continuous`` (no stage waits for another within a tick: SIDEWAYS.md's depth parallelism);
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
 
@@ -61,8 +62,8 @@ SETTINGS = {
        for p in (1, 2)},
     "sideways chunk 8 P=1, 2 threads": ("sideways", 1, 2, "reset", 8),
     SIDE_BY_SIDE: ("sideways", 1, 1, "reset", 8),
-    "sideways tick rule P=1": ("sideways", 1, 1, "reset", 1),
-    "sideways tick rule P=2": ("sideways", 2, 1, "reset", 1),
+    **{f"sideways tick rule P={p}{suffix}": ("sideways", p, 1, pipeline, 1)
+       for pipeline, suffix in (("reset", ""), ("continuous", " continuous")) for p in (1, 2)},
     "bp": ("bp", 1, 1, None, None),
     "bp, 2 threads": ("bp", 1, 2, None, None),
     "gpipe-bp P=2": ("gpipe", 2, 1, None, None),
@@ -176,7 +177,9 @@ def ratios(fps: dict[str, float]) -> dict[str, float]:
                                                     / fps[f"sideways chunk {c} P=1{suffix}"])
         out[f"chunk {c}, fill and drain at P=2: reset / continuous"] = (
             fps[f"sideways chunk {c} P=2"] / fps[f"sideways chunk {c} P=2 continuous"])
-    out["tick rule: P=2 / P=1"] = fps["sideways tick rule P=2"] / fps["sideways tick rule P=1"]
+    for suffix in ("", " continuous"):
+        out[f"tick rule{suffix}: P=2 / P=1"] = (fps[f"sideways tick rule P=2{suffix}"]
+                                               / fps[f"sideways tick rule P=1{suffix}"])
     return out
 
 
