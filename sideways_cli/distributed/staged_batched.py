@@ -6,10 +6,10 @@ module g+1's messages of the same ticks, most of them computed in that same macr
 stage boundary the forward of macro tick m waits for the stage below's forward of m, and the
 backward of m for the stage above's backward of m: the dependencies of pipelined BP over
 microbatches, with a macro tick of the clip in the role of a microbatch. The stages therefore run
-a 1F1B schedule: stage s runs P-1-s forwards ahead (P-s below the top, see
-:func:`forwards_ahead`), then alternates one forward and one backward, and all stages work at
-once in steady state. (With ``chunk`` 1 a stage's tick would
-depend only on its neighbours' previous tick; ``staged_sideways.py`` runs that, every update rule.)
+a 1F1B schedule: stage s runs some forwards ahead (P-s below the top stage, one more than
+1F1B's P-1-s: :func:`forwards_ahead`), then alternates one forward and one backward, and all
+stages work at once in steady state. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
+previous tick; ``staged_sideways.py`` runs that, every update rule.)
 
 The numbers are those of the single-process :class:`TickBatchedSideways` (and so of the tick
 rule): the same operations on the same values; a stage merely runs a macro tick's forward early,

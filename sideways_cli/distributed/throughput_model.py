@@ -27,9 +27,9 @@ stage runs its own sequence of macro-tick operations in the 1F1B order (with one
 in hand below the top) and waits only for the input it needs, so the model is an event
 simulation of exactly that schedule, with per-call costs as functions of the window count
 (``balance.MacroCosts``): a macro tick's cost is far from proportional to its ticks, and the
-stages' shares of a macro tick's work vary over a clip. Checked on 2 CPU cores against runs minutes after the costs were
-measured: one process within -3..+6%, two stages +3..+11% with costs measured alone and -1..+10%
-with costs measured concurrently (the default for P >= 2). The 2-stage runs wait longer than
+stages' shares of a macro tick's work vary over a clip. Checked on 2 CPU cores against runs
+minutes after the costs were measured: one process within -3..+6%, two stages +3..+11% with
+costs measured alone and -1..+11% with costs measured concurrently (the default for P >= 2). The 2-stage runs wait longer than
 the model for some transfers: with the link fitted on idle processes (alpha ~0.1 ms) the model
 lets an input arrive 0.1-0.3 ms after its producer ends; timed in the runs, some arrived 2-9 ms
 later, both directions at once (a delivery that waits for gloo's IO thread to be scheduled or
