@@ -294,3 +294,14 @@ def test_registers_of_another_executor_are_refused_with_the_fix():
         carried_rule_state({"registers": []}, "pipeline", cfg)
     reset = load_config(None, ["mode=sideways", "sideways.pipeline=reset", "sideways.chunk=1"])
     assert carried_rule_state({"registers": []}, "pipeline", reset) is None  # nothing to carry
+
+
+def test_a_silent_collective_names_the_stage_when_it_can():
+    """A hang found in an all_reduce: of two stages the silent one is the other; of more, the
+    backend does not say which."""
+    timeout = RuntimeError("Timed out waiting 5000ms for recv operation to complete")
+    cpu = torch.device("cpu")
+    two = Links(0, 2, 5, cpu).failure(None, "summing the batch's losses", timeout)
+    assert str(two).startswith("stage 0, summing the batch's losses: stage 1 sent nothing for 5 s")
+    three = Links(2, 3, 5, cpu).failure(None, "summing the batch's losses", timeout)
+    assert "another stage sent nothing for 5 s" in str(three)

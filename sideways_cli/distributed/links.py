@@ -81,7 +81,10 @@ class Links:
 
     def failure(self, peer: int | None, doing: str, exc: BaseException | None,
                 timeout: timedelta | None = None) -> StageFailure:
-        """``peer`` None: a collective, whose failing member the backend does not name."""
+        """``peer`` None: a collective, whose failing member the backend does not name (of two
+        stages, it is the other one)."""
+        if peer is None and self.stages == 2:
+            peer = 1 - self.rank
         text = str(exc).lower() if exc is not None else "timed out"
         who = f"stage {peer}" if peer is not None else "another stage"
         seconds = (timeout or self.timeout).total_seconds()
