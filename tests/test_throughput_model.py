@@ -11,9 +11,9 @@ import torch
 
 from sideways_cli.distributed.balance import MacroCosts, ModuleCosts, interpolate
 from sideways_cli.distributed.throughput_model import (Link, busy, clip_seconds, macro_work,
-                                                       measure_link, stage_order, plot_model,
-                                                       predict, predict_chunked, repeat_stack,
-                                                       stage_ops, sweep, sweep_chunked)
+                                                       measure_link, plot_model, predict,
+                                                       predict_chunked, repeat_stack, stage_ops,
+                                                       stage_order, sweep, sweep_chunked)
 from sideways_cli.engine.pipeline import clip_tokens
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.models import build_model
