@@ -3,7 +3,8 @@
 Classes come in pairs that differ only by the direction of time (left/right, cw/ccw,
 grow/shrink, ...): appearance is drawn identically for every class, so a single frame
 cannot separate a pair and a network has to use motion. Videos are written as real
-H.264 mp4 files so the data path is the same as for a downloaded dataset.
+H.264 mp4 files so the data path is the same as for a downloaded dataset; lossless ones, so that
+every generation decodes to the same pixels (``lossless.py``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sideways_cli.data.lossless import write_lossless_mp4
 
 SYNTHETIC_CLASSES: list[str] = [
     "move_left",
@@ -41,9 +42,9 @@ SYNTHETIC_CLASSES: list[str] = [
 ]
 
 # Bump whenever rendering or encoding changes, so cached datasets are regenerated.
-_GENERATOR_VERSION = 3
+# 4: lossless H.264 (version 3's lossy encoding decoded differently from one generation to the next)
+_GENERATOR_VERSION = 4
 _SPLITS = {"train": 0, "val": 1}
-_CRF = "20"
 
 # Unit screen directions (x right, y down) for the translation classes.
 _DIRECTIONS = {
@@ -273,19 +274,6 @@ def render_video(
     return np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8)
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
-    """Encode uint8 [T, H, W, 3] frames as H.264 yuv420p (H and W must be even)."""
-    with av.open(str(path), "w") as container:
-        options = {"crf": _CRF, "preset": "medium"}
-        stream = container.add_stream("libx264", rate=Fraction(fps), options=options)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1  # the generation pool already keeps every core busy
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
 # --- dataset on disk ----------------------------------------------------------------------
 
 
@@ -301,7 +289,8 @@ class _Job:
 
 def _run_job(job: _Job) -> None:
     rng = np.random.default_rng(np.random.SeedSequence(job.entropy))
-    write_mp4(job.out_path, render_video(job.class_index, rng, job.num_frames, job.size), job.fps)
+    frames = render_video(job.class_index, rng, job.num_frames, job.size)
+    write_lossless_mp4(job.out_path, frames, job.fps)
 
 
 def _fingerprint(params: dict) -> str:
@@ -324,7 +313,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _render_all(jobs: list[_Job], progress: bool) -> None:
+def _render_all(jobs: list[_Job], progress: bool, processes: int) -> None:
     # Workers only run numpy and PyAV, so fork is safe on Linux even when torch is loaded in the
     # parent; elsewhere fork is unsafe (macOS) or unavailable.
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -332,7 +321,7 @@ def _render_all(jobs: list[_Job], progress: bool) -> None:
         TextColumn("generating synthetic videos"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     )
     # The pool is created before the progress bar starts its refresh thread, so no lock is forked.
-    with ctx.Pool(processes=min(_pool_size(), len(jobs)), initializer=_ignore_sigint) as pool:
+    with ctx.Pool(processes=min(processes, len(jobs)), initializer=_ignore_sigint) as pool:
         with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
             task = bar.add_task("videos", total=len(jobs))
             for _ in pool.imap_unordered(_run_job, jobs, chunksize=4):
@@ -387,11 +376,14 @@ def ensure_synthetic(
     fps: int = 25,
     seed: int = 0,
     progress: bool = True,
+    processes: int | None = None,
 ) -> Path:
     """Generate the synthetic dataset under `root` on first use and return its directory.
 
     The directory name fingerprints the parameters, so different settings coexist and a
-    repeated call with the same settings returns immediately without touching any file.
+    repeated call with the same settings returns immediately without touching any file. Every
+    generation with the same parameters decodes to the same frames, whatever ``processes`` (the
+    pool's size; default: the cores, at most 8), scheduling or machine load.
     """
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (H.264 yuv420p), got {size}")
@@ -419,7 +411,7 @@ def ensure_synthetic(
         all_jobs = [job for jobs in jobs_by_split.values() for job in jobs]
         for job in all_jobs:
             job.out_path.parent.mkdir(parents=True, exist_ok=True)
-        _render_all(all_jobs, progress)
+        _render_all(all_jobs, progress, processes or _pool_size())
         for split, jobs in jobs_by_split.items():
             _write_split_index(tmp, split, jobs)
         (tmp / "labels.txt").write_text("".join(f"{name}\n" for name in SYNTHETIC_CLASSES))
