@@ -1,25 +1,35 @@
-"""Peak training memory vs clip length for BP and Sideways (SIDEWAYS.md, property 6).
+"""Peak memory vs clip length for BP and Sideways (SIDEWAYS.md, property 6): the training step,
+and the whole ``sideways train`` process as a user or a cluster scheduler sees it.
 
-    python benchmarks/memory_vs_clip_length.py [--lengths 16,64,128] [--repeats 3]
+    python benchmarks/memory_vs_clip_length.py [--lengths 16,64,128] [--repeats 3] [--only step|whole]
 
-Each point runs in a fresh process (with a fixed glibc mmap threshold, see
-``sideways_cli.memory.fresh_process_env``): a freed allocation stays in the allocator's heap, so a
-second measurement in the same process would hide growth. The peak is the resident memory above what the
-process held just before the training step (the model and the input clip already allocated).
+Every point runs in a fresh process. The training step (random clips): the resident memory above
+what the process held just before the step (the model and the input clip already allocated), with
+a fixed glibc mmap threshold (``sideways_cli.memory.fresh_process_env``), since a freed allocation
+stays in the allocator's heap and a second measurement in the same process would hide growth.
+The whole process: the maximum resident set size of a complete ``sideways train`` run (2 steps,
+the final evaluation, the checkpoint) on the embedded dataset with the default preset, read from
+the kernel when it ends (``wait4``, what ``/usr/bin/time -f %M`` prints), in the user's environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from common import RULES, default_setup, emit, median, random_batch, rule_for
+from common import PRESET, RULES, default_setup, emit, median, random_batch, rule_for
+from sideways_cli.config import load_config
+from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.memory import PeakMemory, fresh_process_env
+
+MODES = ("bp", "sideways")
 
 
 def measure_one(rule_name: str, clip_len: int) -> float:
@@ -37,32 +47,83 @@ def peak_in_fresh_process(rule_name: str, clip_len: int) -> float:
     return float(out.stdout)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="16,64,128")
-    parser.add_argument("--rules", default=",".join(RULES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--one", nargs=2, metavar=("RULE", "CLIP_LEN"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path,
-                        default=Path(__file__).parent / "results" / "memory_vs_clip_length.json")
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
-        return
+def whole_run_settings(data_root: Path, longest: int) -> list[str]:
+    """A short but complete run: videos as long as the longest clip (no padded frames), a
+    validation set of 80 clips (2.5 evaluation batches: as many as the peak needs)."""
+    return ["train.steps=2", "train.checkpoint_every=0", f"data.root={data_root}",
+            f"data.synthetic.num_frames={longest}", "data.synthetic.train_per_class=4",
+            "data.synthetic.val_per_class=4"]
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    rules = args.rules.split(",")
+
+def max_rss_of_train(mode: str, clip_len: int, settings: list[str], out: Path) -> float:
+    """MiB: the kernel's maximum resident set size of one ``sideways train`` process."""
+    args = [sys.executable, "-m", "sideways_cli", "train", str(PRESET), "--mode", mode, "--quiet",
+            "--restart", "--out", str(out), "--set", f"data.clip_len={clip_len}"]
+    for setting in settings:
+        args += ["--set", setting]
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: nothing blocks the child
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            errors.seek(0)
+            raise RuntimeError(f"sideways train failed: {errors.read().decode()}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def step_table(lengths: list[int], repeats: int, json_dir: Path) -> None:
+    rules = list(RULES)
     peaks: dict[str, dict[int, float]] = {r: {} for r in rules}
     for rule in rules:
         for t in lengths:
-            peaks[rule][t] = median([peak_in_fresh_process(rule, t) for _ in range(args.repeats)])
+            peaks[rule][t] = median([peak_in_fresh_process(rule, t) for _ in range(repeats)])
     first, last = lengths[0], lengths[-1]
     rows = [[r] + [peaks[r][t] for t in lengths] + [peaks[r][last] / peaks[r][first],
                                                     peaks[r][last] / peaks["bp"][last]] for r in rules]
     cfg, _ = default_setup()
-    emit(f"peak training memory (MiB) vs clip length, {cfg.model.name}, B={cfg.data.batch_size}",
+    emit(f"peak training-step memory (MiB) vs clip length, {cfg.model.name}, B={cfg.data.batch_size}",
          ["rule"] + [f"T={t}" for t in lengths] + [f"T={last} / T={first}", f"x BP at T={last}"],
-         rows, {"model": cfg.model.name, "batch": cfg.data.batch_size, "peak_mb": peaks}, args.json)
+         rows, {"model": cfg.model.name, "batch": cfg.data.batch_size, "peak_mb": peaks},
+         json_dir / "memory_vs_clip_length.json")
+
+
+def whole_table(lengths: list[int], repeats: int, json_dir: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="sideways-memory-") as tmp:
+        settings = whole_run_settings(Path(tmp) / "data", max(lengths))
+        resolve_dataset(load_config(PRESET, settings).data, progress=False)  # not part of any run
+        peaks: dict[str, dict[int, list[float]]] = {m: {t: [] for t in lengths} for m in MODES}
+        for _ in range(repeats):  # interleaved: machine noise hits every point alike
+            for mode in MODES:
+                for t in lengths:
+                    peaks[mode][t].append(max_rss_of_train(mode, t, settings, Path(tmp) / "run"))
+    medians = {m: {t: median(v) for t, v in by_t.items()} for m, by_t in peaks.items()}
+    first, last = lengths[0], lengths[-1]
+    rows = [[m] + [medians[m][t] for t in lengths]
+            + [medians[m][last] / medians[m][first], medians[m][last] / medians["bp"][last]]
+            for m in MODES]
+    emit("maximum resident set (MiB) of a whole `sideways train` run (2 steps, evaluation, "
+         "checkpoint) vs clip length",
+         ["mode"] + [f"T={t}" for t in lengths] + [f"T={last} / T={first}", f"x BP at T={last}"],
+         rows, {"preset": PRESET.name, "runs": peaks, "median_mb": medians},
+         json_dir / "memory_whole_process.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="16,64,128")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("step", "whole"))
+    parser.add_argument("--one", nargs=2, metavar=("RULE", "CLIP_LEN"), help=argparse.SUPPRESS)
+    parser.add_argument("--json-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+        return
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.only != "whole":
+        step_table(lengths, args.repeats, args.json_dir)
+    if args.only != "step":
+        whole_table(lengths, args.repeats, args.json_dir)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def evaluate_run(
             metrics = evaluate_split(cfg, model.to(device), loader, data, device, split, autocast, bar)
         else:
             metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
-                                                         len(ckpt["classes"]), device, split, autocast, bar)
+                                                         len(ckpt["classes"]), device, split, autocast, bar,
+                                                         chunk=cfg.eval.chunk)
             figure = run_dir / f"confusion_{split}.png"
     if figure:
         confusion_png(confusion, ckpt["classes"], figure,
@@ -308,7 +309,7 @@ def stream(
 
         results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, resolve_device(cfg.device),
                              held_out, ticks)
-    initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size))
+    initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size), cfg.eval.chunk)
     result = {"video": str(video) if video else "synthetic", "initial_psnr": initial,
               "update_every": update_every, "learners": as_dicts(results)}
     if json_path:

@@ -20,6 +20,7 @@ from sideways_cli.atomic import write_text_atomic
 from sideways_cli.errors import UserError
 
 MODES = ("bp", "sideways")
+PRECISIONS = ("float32", "float64")
 TASKS = ("classify", "reconstruct")
 DATASETS = ("synthetic", "ucf101", "hmdb51", "list", "folder")
 MULTI_FOLD = ("ucf101", "hmdb51")  # the others have a single train/val split
@@ -89,6 +90,7 @@ class TrainConfig:
 class EvalConfig:
     clips_per_video: int = 2  # uniformly spaced clips; video prediction = mean over them
     batch_size: int = 32
+    chunk: int = 16  # frames per forward call: memory bounded by it whatever the clip length; same numbers
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False  # deterministic algorithms only: the same numbers every run
     amp: bool = False  # bf16 autocast for the forward passes; weights and optimizer stay fp32
+    precision: str = "float32"  # float32 | float64: weights, activations and gradients (float64: to check equalities)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -237,6 +240,10 @@ def validate(cfg: Config) -> None:
     _choice("mode", cfg.mode, MODES)
     _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("precision", cfg.precision, PRECISIONS)
+    if cfg.amp and cfg.precision != "float32":
+        raise UserError(f"amp (bf16 autocast) runs float32 weights; drop --amp or set precision=float32, "
+                        f"got precision={cfg.precision}")
     _choice("model.name", cfg.model.name, tuple(MODELS))
     if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
         wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
@@ -255,7 +262,8 @@ def validate(cfg: Config) -> None:
     positive = {"model.temporal_kernel": cfg.model.temporal_kernel, "data.clip_len": cfg.data.clip_len,
                 "data.frame_stride": cfg.data.frame_stride, "data.batch_size": cfg.data.batch_size,
                 "data.size": cfg.data.size, "train.steps": cfg.train.steps,
-                "eval.clips_per_video": cfg.eval.clips_per_video, "sideways.chunk": cfg.sideways.chunk}
+                "eval.clips_per_video": cfg.eval.clips_per_video, "eval.chunk": cfg.eval.chunk,
+                "sideways.chunk": cfg.sideways.chunk}
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"config key {key!r} must be >= 1, got {value}")

@@ -1,23 +1,43 @@
 """Clip- and video-level accuracy of a frame-step network.
 
-Both rules evaluate the same way: the causal network over each clip at once (the pipelined forward
-computes the same function), clip prediction = mean of the per-frame softmax, video prediction =
-mean of its clips' predictions. Mean class accuracy is the mean over classes of the video-level
+Both rules evaluate the same way: the causal network over each clip (the pipelined forward computes
+the same function), run a time chunk at a time so that memory does not grow with the clip length;
+clip prediction = mean of the per-frame softmax, video prediction = mean of its clips' predictions. Mean class accuracy is the mean over classes of the video-level
 recall, which weighs every class alike whatever its number of videos.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Iterable, Iterator, Protocol
 
 import torch
 from rich.progress import Progress
 
 from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
-from sideways_cli.models import FrameStack
 from sideways_cli.progress import tracked
 from sideways_cli.runtime import Autocast
+
+class CausalNetwork(Protocol):
+    """What evaluation runs: a FrameStack, or a network split across stage processes."""
+
+    dtype: torch.dtype
+
+    def stream(self): ...
+
+    def eval(self): ...
+
+    def train(self, mode: bool = True): ...
+
+
+def causal_outputs(model: CausalNetwork, clips: torch.Tensor, frames: int) -> Iterator[torch.Tensor]:
+    """The network's outputs over ``clips`` [B, C, T, ...], ``frames`` frames at a time (time at
+    dim 2): together, exactly the whole-clip forward, in memory bounded by ``frames``."""
+    if frames < 1:
+        raise ValueError(f"an evaluation chunk holds at least one frame, got {frames}")
+    stream = model.stream()
+    for chunk in clips.split(frames, dim=2):
+        yield stream(chunk)
 
 
 def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,19 +45,21 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
-def evaluate(model: FrameStack, loader: Iterable[dict], num_videos: int, num_classes: int,
+def evaluate(model: CausalNetwork, loader: Iterable[dict], num_videos: int, num_classes: int,
              device: torch.device, split: str = "val", autocast: Autocast = nullcontext,
-             bar: Progress | None = None) -> dict[str, float]:
-    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split, autocast, bar)[0]
+             bar: Progress | None = None, *, chunk: int) -> dict[str, float]:
+    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split, autocast,
+                                   bar, chunk=chunk)[0]
 
 
 @torch.no_grad()
-def evaluate_with_confusion(model: FrameStack, loader: Iterable[dict], num_videos: int,
+def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_videos: int,
                             num_classes: int, device: torch.device, split: str = "val",
-                            autocast: Autocast = nullcontext,
-                            bar: Progress | None = None) -> tuple[dict[str, float], torch.Tensor]:
+                            autocast: Autocast = nullcontext, bar: Progress | None = None,
+                            *, chunk: int) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted].
-    The forward passes run in ``autocast`` (bf16 with AMP); ``bar`` gets a task for the batches."""
+    The forward passes run in ``autocast`` (bf16 with AMP), ``chunk`` frames at a time; ``bar``
+    gets a task for the batches."""
     was_training = model.training
     model.eval()
     clip_hits = {1: 0, 5: 0}
@@ -46,9 +68,10 @@ def evaluate_with_confusion(model: FrameStack, loader: Iterable[dict], num_video
     video_counts = torch.zeros(num_videos)
     video_labels = torch.full((num_videos,), -1, dtype=torch.long)
     for batch in tracked(loader, bar, f"eval {split}"):
-        with autocast():
-            logits = model(batch["clip"].to(device))
-        probs = clip_probabilities(at_least_fp32(logits)).float().cpu()
+        with autocast():  # logits [B, K, T] are small: only the activations are chunked
+            logits = torch.cat([at_least_fp32(y) for y in causal_outputs(
+                model, batch["clip"].to(device, model.dtype), chunk)], dim=2)
+        probs = clip_probabilities(logits).float().cpu()
         labels = batch["label"]
         for k in clip_hits:
             clip_hits[k] += int(topk_correct(probs, labels, k).sum())

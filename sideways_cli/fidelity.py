@@ -100,6 +100,7 @@ def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tens
     schedule."""
     was_training = model.training
     model.eval()  # dropout would give the two rules different masks
+    clips = clips.to(model.dtype)
     bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
     sideways = TickMatchedSideways(model, objective)
     sw = module_gradients(model, sideways, clips, labels)

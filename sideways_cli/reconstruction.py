@@ -14,6 +14,7 @@ import torch
 from rich.progress import Progress
 
 from sideways_cli.engine.losses import at_least_fp32
+from sideways_cli.evaluate import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
 from sideways_cli.runtime import Autocast
 
@@ -33,29 +34,33 @@ def to_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 def frame_psnr(output: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
                std: Sequence[float]) -> torch.Tensor:
     """PSNR (dB) of every frame of normalised [B, C, T, H, W] clips: [B, T]."""
-    predicted = to_pixels(output.float(), mean, std).clamp(0, 1)
-    error = (predicted - to_pixels(target.float(), mean, std)).square().mean(dim=(1, 3, 4))
+    predicted = to_pixels(at_least_fp32(output), mean, std).clamp(0, 1)
+    error = (predicted - to_pixels(at_least_fp32(target), mean, std)).square().mean(dim=(1, 3, 4))
     return -10 * torch.log10(error.clamp(min=_MIN_MSE))
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: torch.nn.Module, loader: Iterable[dict], device: torch.device,
+def evaluate_reconstruction(model: CausalNetwork, loader: Iterable[dict], device: torch.device,
                             mean: Sequence[float], std: Sequence[float], split: str = "val",
-                            autocast: Autocast = nullcontext,
-                            bar: Progress | None = None) -> dict[str, float]:
+                            autocast: Autocast = nullcontext, bar: Progress | None = None,
+                            *, chunk: int) -> dict[str, float]:
     """``<split>_mse`` (normalised units, the training loss) and ``<split>_psnr`` (dB, mean over
-    frames) of every clip the loader yields; forward passes in ``autocast``, a task on ``bar``."""
+    frames) of every clip the loader yields; forward passes in ``autocast``, ``chunk`` frames at a
+    time (the outputs are frames too, so each chunk's are scored and dropped), a task on ``bar``."""
     was_training = model.training
     model.eval()
     squared, elements, psnr_sum, frames, clips = 0.0, 0, 0.0, 0, 0
     for batch in tracked(loader, bar, f"eval {split}"):
-        x = batch["clip"].to(device)
+        x = batch["clip"].to(device, model.dtype)
         with autocast():
-            y = at_least_fp32(model(x))
-        squared += (y.float() - x.float()).square().sum().item()
+            outputs = causal_outputs(model, x, chunk)
+            for target, y in zip(x.split(chunk, dim=2), outputs):
+                y = at_least_fp32(y)
+                squared += (y - target).square().sum().item()
+                psnr = frame_psnr(y, target, mean, std)
+                psnr_sum, frames = psnr_sum + psnr.sum().item(), frames + psnr.numel()
         elements += x.numel()
-        psnr = frame_psnr(y, x, mean, std)
-        psnr_sum, frames, clips = psnr_sum + psnr.sum().item(), frames + psnr.numel(), clips + len(x)
+        clips += len(x)
     model.train(was_training)
     return {f"{split}_mse": squared / max(elements, 1), f"{split}_psnr": psnr_sum / max(frames, 1),
             f"{split}_clips": clips}

@@ -21,7 +21,7 @@ from sideways_cli.config import Config, flat_dict, from_dict
 from sideways_cli.errors import UserError
 
 # how the work is spread or logged, never what is computed
-MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "parallel.stages",
+MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk", "parallel.stages",
               "parallel.balance", "parallel.schedule", "parallel.microbatches", "parallel.threads",
               "parallel.timeout_s", "parallel.backend")
 # what a run directory holds about its training; --restart removes exactly these

@@ -24,9 +24,10 @@ from sideways_cli.data.synthetic import SYNTHETIC_CLASSES, render_video
 from sideways_cli.data.transforms import ClipTransform
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.evaluate import causal_outputs
 from sideways_cli.models import FrameStack
 from sideways_cli.reconstruction import frame_psnr
-from sideways_cli.train import make_optimizer
+from sideways_cli.train import PRECISIONS, make_optimizer
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
 Tick = Callable[[int], None]  # told how many ticks (arrived frames) a learner got through
@@ -72,13 +73,17 @@ def prepare(frames: torch.Tensor, size: int) -> tuple[torch.Tensor, ClipTransfor
 
 
 @torch.no_grad()
-def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransform) -> float:
+def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransform,
+                chunk: int) -> float:
     """Mean PSNR over every frame: the causal network over the whole stream (what the pipeline
-    computes tick by tick)."""
+    computes tick by tick), ``chunk`` frames at a time so that a long stream fits in memory."""
     model.eval()
-    psnr = frame_psnr(model(stream), stream, transform.mean, transform.std).mean().item()
+    stream = stream.to(model.dtype)
+    psnr = torch.cat([frame_psnr(y, frames, transform.mean, transform.std)
+                      for frames, y in zip(stream.split(chunk, dim=2), causal_outputs(model, stream, chunk))],
+                     dim=1)
     model.train()
-    return psnr
+    return psnr.mean().item()
 
 
 def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int,
@@ -125,8 +130,9 @@ def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: i
     """Both learners on the same stream from the same initial weights (``model_factory()``);
     ``progress(mode)`` gives the callback that learner reports its ticks to."""
     stream, transform = prepare(frames, cfg.data.size)
-    stream = stream.to(device)
-    unseen = prepare(held_out, cfg.data.size)[0].to(device) if held_out is not None else None
+    dtype = PRECISIONS[cfg.precision]
+    stream = stream.to(device, dtype)
+    unseen = prepare(held_out, cfg.data.size)[0].to(device, dtype) if held_out is not None else None
     results = []
     for mode in ("bp", "sideways"):
         model = model_factory().to(device)
@@ -137,8 +143,8 @@ def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: i
             used, updates = learn_sideways(cfg, model, stream, update_every, progress(mode))
         wall = time.perf_counter() - started
         results.append(StreamResult(
-            mode, stream.shape[2], used, updates, stream_psnr(model, stream, transform),
-            stream_psnr(model, unseen, transform) if unseen is not None else None, wall))
+            mode, stream.shape[2], used, updates, stream_psnr(model, stream, transform, cfg.eval.chunk),
+            stream_psnr(model, unseen, transform, cfg.eval.chunk) if unseen is not None else None, wall))
     return results
 
 

@@ -50,6 +50,7 @@ def seed_everything(seed: int) -> None:
 
 
 IMAGE_CHANNELS = 3
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_network(cfg: Config, num_classes: int) -> FrameStack:
@@ -62,7 +63,8 @@ def build_network(cfg: Config, num_classes: int) -> FrameStack:
         options["depth"] = cfg.model.depth
     torch.manual_seed(cfg.seed)
     outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
-    return build_model(cfg.model.name, outputs, **options)
+    # initialised in float32 whatever the precision, so a float64 run starts from the same weights
+    return build_model(cfg.model.name, outputs, **options).to(PRECISIONS[cfg.precision])
 
 
 def make_optimizer(cfg: TrainConfig, model: FrameStack) -> torch.optim.Optimizer:
@@ -193,9 +195,9 @@ def evaluate_split(cfg: Config, model: FrameStack, loader: GuardedLoader, data: 
     if cfg.task == "reconstruct":
         transform = loader.loader.dataset.transform
         return evaluate_reconstruction(model, loader, device, transform.mean, transform.std, split,
-                                       autocast, bar)
+                                       autocast, bar, chunk=cfg.eval.chunk)
     return evaluate(model, loader, len(data.split(split)), len(data.classes), device, split,
-                    autocast, bar)
+                    autocast, bar, chunk=cfg.eval.chunk)
 
 
 def _guarded(cfg: Config, data: DatasetIndex, split: str, loader) -> GuardedLoader:
@@ -376,7 +378,8 @@ def _train(cfg: Config, out_dir: Path, quiet: bool, log: Log, restart: bool,
             t0 = time.perf_counter()
             batch = next(batches)
             position = sampler.advance(position)
-            clips, labels = batch["clip"].to(device), batch["label"].to(device)
+            clips = batch["clip"].to(device, PRECISIONS[cfg.precision])
+            labels = batch["label"].to(device)
             t1 = time.perf_counter()
             stats = learner.train_batch(clips, labels)
             t2 = time.perf_counter()

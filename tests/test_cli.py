@@ -108,6 +108,27 @@ def test_eval_other_split_and_views(tiny_config, tmp_path):
     assert (run / "confusion_train.png").is_file()
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_in_float64_every_executor_trains_to_the_same_weights(optimizer, tiny_config, tmp_path):
+    """The engine's promise checked from the command line, over several optimizer steps: the tick
+    rule and the chunked executor (a chunk that splits the batch's 15 ticks, and the default)."""
+    sets = ["model.name=c3d", "model.temporal_kernel=3", "model.depth=3", "data.clip_len=12",
+            "precision=float64", f"train.optimizer={optimizer}", "train.lr=0.05"]
+    weights = {}
+    for chunk in (1, 4, 8):
+        run = tmp_path / f"chunk{chunk}"
+        args = [a for key in sets + [f"sideways.chunk={chunk}"] for a in ("--set", key)]
+        invoke("train", tiny_config, "--mode", "sideways", *args, "--out", run, "--quiet")
+        weights[chunk] = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(w.dtype == torch.float64 for w in weights[1].values() if w.is_floating_point())
+    for chunk in (4, 8):
+        for key, want in weights[1].items():
+            torch.testing.assert_close(weights[chunk][key], want, rtol=1e-10, atol=1e-12)
+    invoke("eval", tmp_path / "chunk8", "--json", tmp_path / "eval.json", "--quiet")  # float64 too
+    summary = json.loads((tmp_path / "chunk8" / "summary.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["val_clip_top1"] == summary["val_clip_top1"]
+
+
 def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path):
     # with a zero learning rate nothing moves, so equal initial weights mean equal evaluations
     out = tmp_path / "cmp"
@@ -147,6 +168,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "--device", "tpu"], "'device' must be one of auto, cpu, cuda"),
     (["train", "--set", "train.checkpoint_every=-1"], "'train.checkpoint_every' must be >= 0"),
     (["compare", "--set", "amp=maybe"], "'amp' expects bool"),
+    (["train", "--set", "precision=float16"], "'precision' must be one of float32, float64"),
+    (["train", "--amp", "--set", "precision=float64"], "drop --amp or set precision=float32"),
     (["train", "nope.yaml"], "nope.yaml does not exist"),
     (["eval", "no-such-run"], "train first"),
     (["eval", "no-such-run", "--split", "test"], "--split must be val or train"),

@@ -3,6 +3,7 @@ are ordinary ones; a stage that dies or hangs ends the job, naming it, with noth
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.distributed.context import StageContext
@@ -31,6 +33,7 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import build_model
 
 # -- the engine: P stages against the single-process engine with the same settings ------------------
+# float64 over several steps of every optimizer: what is compared is the computation, not round-off
 
 CASES = {  # name -> (pipeline, update, chunk, task, modules per stage)
     "reset": ("reset", "clip", 1, "classify", [2, 2]),
@@ -40,34 +43,30 @@ CASES = {  # name -> (pipeline, update, chunk, task, modules per stage)
     "reconstruct": ("continuous", "clip", 1, "reconstruct", [2, 2]),
     # the chunked executor, 1F1B over macro ticks
     "reset chunk 3": ("reset", "clip", 3, "classify", [2, 2]),
+    "reset chunk 8": ("reset", "clip", 8, "classify", [1, 3]),
     "continuous chunk 2": ("continuous", "clip", 2, "classify", [1, 3]),
+    "continuous chunk 8": ("continuous", "clip", 8, "classify", [2, 2]),
+    "reset chunk 16": ("reset", "clip", 16, "classify", [2, 2]),  # more than a batch's ticks
     "reconstruct chunk 4": ("continuous", "clip", 4, "reconstruct", [2, 2]),
 }
 THREE_STAGE_CASES = {  # a middle stage runs one forward ahead of the last
     "3 stages, reset chunk 2": ("reset", "clip", 2, "classify", [1, 2, 1]),
     "3 stages, continuous chunk 3": ("continuous", "clip", 3, "classify", [2, 1, 1]),
 }
+SPAWN_OPTIMIZERS = ["sgd-nesterov", "adamw"]  # plain SGD has no state a step could carry wrongly
 
 
 def network(task: str):
     torch.manual_seed(0)
     if task == "reconstruct":
-        return build_model("autoencoder", 3, width=4, depth=2)
-    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3)
+        return build_model("autoencoder", 3, width=4, depth=2).double()
+    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3).double()
 
 
 def batches():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 3, 7, 16, 16, generator=g), torch.tensor([1, 3])) for _ in range(3)]
-
-
-def optimizer_step(params):
-    optimizer = torch.optim.AdamW(params, lr=0.01)
-
-    def step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    g = torch.Generator().manual_seed(1)  # T = 12: reset batches take 15 ticks
+    return [(torch.randn(2, 3, 12, 16, 16, generator=g, dtype=torch.float64), torch.tensor([1, 3]))
+            for _ in range(ENGINE_STEPS)]
 
 
 def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> None:
@@ -75,7 +74,8 @@ def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=stages)
-    for case, (pipeline, update, chunk, task, sizes) in cases.items():
+    for (case, (pipeline, update, chunk, task, sizes)), optimizer in itertools.product(
+            cases.items(), SPAWN_OPTIMIZERS):
         model = network(task)
         modules = stage_ranges(sizes)[rank]
         stack = stage_stack(model, modules)
@@ -89,14 +89,15 @@ def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> N
         else:
             rule = StagedSideways(stack, modules, len(model), ctx, specs, pipeline, update,
                                   OBJECTIVES[task], nullcontext)
-        step = optimizer_step(stack.parameters())
+        apply_update, schedule_step = stepper(optimizer, stack)
         stats = []
         for clips, labels in batches():
             mine = clips if rank == 0 or (last and task == "reconstruct") else None
-            s = rule.train_batch(mine, labels if last else None, step, clips.shape)
+            s = rule.train_batch(mine, labels if last else None, apply_update, clips.shape)
+            schedule_step()
             stats.append((s.loss, s.losses, s.updates))
         torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
-                   f"{out}/{case}-stage{rank}.pt")
+                   f"{out}/{case}-{optimizer}-stage{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -108,26 +109,28 @@ def staged(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("optimizer", SPAWN_OPTIMIZERS)
 @pytest.mark.parametrize("case", list(CASES) + list(THREE_STAGE_CASES))
-def test_stages_give_the_single_process_numbers(case, staged, one_thread):
+def test_stages_give_the_single_process_numbers(case, optimizer, staged, one_thread):
     pipeline, update, chunk, task, sizes = {**CASES, **THREE_STAGE_CASES}[case]
     model = network(task)
     rule = make_rule("sideways", model, pipeline, update, chunk, OBJECTIVES[task])
-    step = optimizer_step(model.parameters())
+    apply_update, schedule_step = stepper(optimizer, model)
     expected = []
     for clips, labels in batches():
-        s = rule.train_batch(clips, labels, step)
+        s = rule.train_batch(clips, labels, apply_update)
+        schedule_step()
         expected.append((s.loss, s.losses, s.updates))
 
-    results = [torch.load(staged / f"{case}-stage{r}.pt") for r in range(len(sizes))]
+    results = [torch.load(staged / f"{case}-{optimizer}-stage{r}.pt") for r in range(len(sizes))]
     for stats in (results[0]["stats"], results[-1]["stats"]):  # every stage reports the batch
         assert [(n, u) for _, n, u in stats] == [(n, u) for _, n, u in expected]
         torch.testing.assert_close([loss for loss, _, _ in stats], [loss for loss, _, _ in expected],
-                                   rtol=1e-5, atol=0)
+                                   rtol=1e-12, atol=0)
     weights = [w for result in results for w in result["weights"]]
     assert len(weights) == len(list(model.parameters()))
     for got, want in zip(weights, model.parameters()):
-        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-11, atol=1e-13)
     assert not torch.equal(weights[0], next(network(task).parameters()))  # they did train
 
 
@@ -145,7 +148,7 @@ def config(tmp_path_factory) -> Path:
                     "size": 16, "synthetic": {"train_per_class": 2, "val_per_class": 1,
                                               "num_frames": 12}},
            "train": {"steps": STEPS, "log_every": 1, "warmup_steps": 2, "checkpoint_every": 3},
-           "eval": {"clips_per_video": 1, "batch_size": 8},
+           "eval": {"clips_per_video": 1, "batch_size": 8, "chunk": 4},  # 2 chunks of the clip
            "sideways": {"pipeline": "continuous", "chunk": 1},
            "parallel": {"balance": [2, 1], "threads": 1, "timeout_s": 5}}
     path = root / "tiny.yaml"
@@ -182,6 +185,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    # the final evaluation, run through the stages a time chunk at a time
+    sa, sb = (json.loads((run / "summary.json").read_text()) for run in (a, b))
+    for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_clips"):
+        assert sa[key] == sb[key], key
 
 
 def descendants(pid: int) -> list[int]:

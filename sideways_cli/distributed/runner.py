@@ -39,7 +39,7 @@ _COMMAND_SLOTS = 8
 
 class Op(enum.IntEnum):
     TRAIN = 1  # args: the batch shape B, C, T, H, W
-    EVAL = 2  # args: the batch shape
+    EVAL = 2  # args: 1 for an evaluation batch's first time chunk, else 0
     SAVE = 3  # args: which checkpoint (index into CHECKPOINTS)
     STOP = 4
     MEMORY = 5  # every stage reports its peak memory so far
@@ -68,6 +68,7 @@ class StageWorker:
         self.optimizer = make_optimizer(cfg.train, self.stack)
         self.schedule = make_schedule(cfg.train, self.optimizer)
         self.objective = OBJECTIVES[cfg.task]
+        self.eval_stream = None  # the causal pass over the evaluation batch in progress
         if cfg.mode == "sideways":
             specs = output_specs(model, (3, cfg.data.size, cfg.data.size), self.autocast, "cpu")
             stage = (self.stack, self.modules, len(model), ctx, specs, cfg.sideways.pipeline)
@@ -99,7 +100,7 @@ class StageWorker:
         elif ctx.is_last:
             labels = links.receive((shape[0],), torch.int64, 0, "the batch's labels", TARGET_TAG).wait()
             if needs_clips:
-                clips = links.receive(shape, torch.float32, 0, "the batch's clips", TARGET_TAG).wait()
+                clips = links.receive(shape, self.stack.dtype, 0, "the batch's clips", TARGET_TAG).wait()
         if self.cfg.mode == "sideways":
             stats = self.rule.train_batch(clips, labels, self.apply_update, shape)
         else:
@@ -117,14 +118,17 @@ class StageWorker:
         return BatchStats(totals[0].item() / max(losses, 1), losses, stats.frames, stats.updates)
 
     @torch.no_grad()
-    def evaluate_batch(self, clips: torch.Tensor | None) -> torch.Tensor | None:
-        """The stage's modules over whole clips (the causal network: property 1); the first stage
-        sends the clips' activations up and gets the network's outputs back from the last."""
+    def evaluate_chunk(self, clips: torch.Tensor | None, first: bool) -> torch.Tensor | None:
+        """The stage's modules over the next time chunk of an evaluation batch (the causal network,
+        property 1, a chunk at a time: ``first`` starts a batch's windows from zeros); the first
+        stage sends the chunk's activations up and gets the network's outputs back from the last."""
         links, ctx = self.ctx.links, self.ctx
         x = clips if ctx.is_first else links.receive_sized(ctx.stage - 1, "an evaluation batch", EVAL_TAG)
+        if first:
+            self.eval_stream = self.stack.stream()
         self.stack.eval()
         with self.autocast():
-            y = self.stack(x)
+            y = self.eval_stream(x)
         self.stack.train()
         links.send_sized(y, (ctx.stage + 1) % ctx.stages, EVAL_TAG)
         if ctx.is_first:
@@ -239,7 +243,7 @@ def follow(cfg: Config, ctx: StageContext) -> None:
             if op == Op.TRAIN:
                 worker.train_batch(None, None, torch.Size(args[:5]))
             elif op == Op.EVAL:
-                worker.evaluate_batch(None)
+                worker.evaluate_chunk(None, bool(args[0]))
             elif op == Op.SAVE:
                 save_shard(worker, Path(setup["out_dir"]), CHECKPOINTS[args[0]])
             elif op == Op.MEMORY:
@@ -257,16 +261,29 @@ def save_shard(worker: StageWorker, out_dir: Path, which: str) -> None:
 
 
 class PipelinedNetwork(nn.Module):
-    """What evaluation calls as the network on stage 0: each call runs one batch through every
-    stage. It has no parameters of its own; ``eval()``/``train()`` are the stages' business."""
+    """What evaluation calls as the network on stage 0: its ``stream()`` runs each time chunk of a
+    batch through every stage. It has no parameters of its own; ``eval()``/``train()`` are the
+    stages' business."""
 
     def __init__(self, worker: StageWorker, commands: Commands):
         super().__init__()
         self.worker, self.commands = worker, commands
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        self.commands.send(Op.EVAL, *clips.shape)
-        return self.worker.evaluate_batch(clips)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.worker.stack.dtype
+
+    def stream(self):
+        first = True
+
+        def forward_chunk(chunk: torch.Tensor) -> torch.Tensor:
+            nonlocal first
+            self.commands.send(Op.EVAL, int(first))
+            y = self.worker.evaluate_chunk(chunk, first)
+            first = False
+            return y
+
+        return forward_chunk
 
 
 class DistributedLearner:

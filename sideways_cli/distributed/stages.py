@@ -40,7 +40,7 @@ def output_specs(model: FrameStack, frame: tuple[int, ...], autocast: Autocast =
                  device: torch.device | str = "cpu") -> list[Spec]:
     """Each module's output frame for one clip, from a zero input frame of shape ``frame`` [C, H, W]
     run through the modules' tick path under ``autocast`` (which sets the dtypes on the wire)."""
-    x = torch.zeros(1, *frame, device=device)
+    x = torch.zeros(1, *frame, device=device, dtype=model.dtype)
     specs = []
     for module in model.stack:
         with autocast():
