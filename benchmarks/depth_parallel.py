@@ -36,21 +36,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common import PRESET, emit
+from sideways_cli.build import build_network, make_optimizer
 from sideways_cli.config import load_config
-from sideways_cli.distributed.balance import measure_macro_costs, measure_module_costs, partition
-from sideways_cli.distributed.launch import free_port
+from sideways_cli.distributed.balance import measure_module_costs, partition
 from sideways_cli.distributed.context import StageContext
+from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
-from sideways_cli.distributed.throughput_model import (measure_link, plot_model, predict,
-                                                       predict_chunked, repeat_stack, sweep,
-                                                       sweep_chunked)
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
-from sideways_cli.train import build_network, make_optimizer
+from sideways_perf.chunked_model import predict_chunked, sweep_chunked
+from sideways_perf.link import measure_link
+from sideways_perf.macro_costs import measure_macro_costs
+from sideways_perf.throughput_model import plot_model, predict, repeat_stack, sweep
 
 RESULTS = Path(__file__).parent / "results"
 # both processes train their own copy at once, no links: what sharing the cores costs each

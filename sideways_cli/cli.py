@@ -7,12 +7,28 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 
-from sideways_cli.config import Config, from_dict, load_config
+from sideways_cli import comparison
+from sideways_cli.build import build_network, resolve_config
+from sideways_cli.config import Config, from_dict
+from sideways_cli.data import catalog
+from sideways_cli.data.decode import DecodeError
+from sideways_cli.data.download import DOWNLOADABLE, download_dataset
+from sideways_cli.distributed.links import StageFailure
+from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.errors import UserError, print_user_error
+from sideways_cli.evaluate import evaluate_split, evaluate_with_confusion
+from sideways_cli.fidelity import VIDEO_KINDS, fidelity_batch, gradient_fidelity
+from sideways_cli.loaders import eval_loader
+from sideways_cli.plots import confusion_png
+from sideways_cli.progress import progress_bar
+from sideways_cli.report import compare_table, eval_table, fidelity_table, stream_table, write_json
+from sideways_cli.rundir import RunDir
+from sideways_cli.runtime import forward_autocast, resolve_device
+from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
+from sideways_cli.train import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and compare video networks with backprop (bp) or Sideways.")
@@ -53,10 +69,10 @@ def overrides(sets: list[str] | None, **flags) -> list[str]:
 def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None,
             device: str | None = None, deterministic: bool | None = None,
             amp: bool | None = None) -> Config:
-    """The config file, then --set, then the dedicated flags."""
-    return load_config(config if config is not None else default_config_path(),
-                       overrides(sets, seed=seed, mode=mode, device=device,
-                                 deterministic=deterministic, amp=amp))
+    """The config file, then --set, then the dedicated flags; checked by every layer."""
+    return resolve_config(config if config is not None else default_config_path(),
+                          overrides(sets, seed=seed, mode=mode, device=device,
+                                    deterministic=deterministic, amp=amp))
 
 
 def print_whole(renderable) -> None:
@@ -93,9 +109,6 @@ def train(
 ) -> None:
     """Train one model; writes config.yaml, metrics.jsonl, summary.csv, checkpoints/last.pt (every
     train.checkpoint_every steps, resumable) and summary.json."""
-    from sideways_cli.report import compare_table, write_json
-    from sideways_cli.train import train as run_training
-
     cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
     run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
     summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
@@ -118,26 +131,16 @@ def evaluate_run(
 ) -> None:
     """Evaluate a run's last checkpoint: clip and video top-1/top-5, mean class accuracy, and a
     confusion-matrix PNG in the run directory (reconstruction: MSE and PSNR)."""
-    from sideways_cli.data.catalog import resolve_dataset
-    from sideways_cli.evaluate import evaluate_with_confusion
-    from sideways_cli.plots import confusion_png
-    from sideways_cli.progress import progress_bar
-    from sideways_cli.report import eval_table, write_json
-    from sideways_cli.runtime import forward_autocast, resolve_device
-    from sideways_cli.train import build_network, eval_loader, evaluate_split
-
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
     if clips is not None and clips < 1:
         raise UserError(f"--clips must be >= 1, got {clips}")
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise UserError(f"{path} not found; train first with 'sideways train --out {run_dir}'")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = from_dict(ckpt["config"], str(path))
+    run = RunDir(run_dir)
+    ckpt = run.load_checkpoint()
+    cfg = from_dict(ckpt["config"], str(run.checkpoint()))
     device = resolve_device(cfg.device)
     autocast = forward_autocast(device, cfg.amp)  # evaluated as the run was trained
-    data = resolve_dataset(cfg.data, progress=not quiet)
+    data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
@@ -153,7 +156,7 @@ def evaluate_run(
             metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
                                                          len(ckpt["classes"]), device, split, autocast, bar,
                                                          chunk=cfg.eval.chunk)
-            figure = run_dir / f"confusion_{split}.png"
+            figure = run.confusion(split)
     if figure:
         confusion_png(confusion, ckpt["classes"], figure,
                       title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
@@ -194,8 +197,6 @@ def compare(
 ) -> None:
     """Train each mode (at each swept value) with the same seed, data and initial weights, or read
     finished runs; one table, compare.json, compare.csv, compare.png (and sweep.png)."""
-    from sideways_cli import comparison
-
     key_list = comparison.parse_keys(keys)
     if runs:
         comparison.refuse_with_runs({"CONFIG": config, "--modes": modes, "--set": set_,
@@ -222,8 +223,6 @@ def compare(
     print_whole(comparison.table(results, compared, with_fidelity=measure_fidelity))
     means = comparison.fold_means(results, swept)
     if means:
-        from sideways_cli.report import compare_table
-
         folds = ", ".join(map(str, means[0]["folds"]))
         print_whole(compare_table(means, title=f"mean over folds {folds}",
                                   settings=[{"mode": m["mode"], **m["settings"]} for m in means]))
@@ -241,22 +240,13 @@ def fidelity(
     quiet: QuietOpt = False,
 ) -> None:
     """Cosine similarity between each module's Sideways pseudo-gradient and its BP gradient."""
-    from sideways_cli.data.catalog import resolve_dataset
-    from sideways_cli.engine.losses import OBJECTIVES
-    from sideways_cli.fidelity import VIDEO_KINDS, fidelity_batch, gradient_fidelity
-    from sideways_cli.report import fidelity_table, write_json
-    from sideways_cli.train import build_network
-
     if video not in VIDEO_KINDS:
         raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
     cfg = resolve(config, set_, seed)
-    data = resolve_dataset(cfg.data, progress=not quiet)
+    data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes))
     if run is not None:
-        path = run / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise UserError(f"{path} not found; --run takes a run directory written by 'sideways train'")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(RunDir(run).load_checkpoint()["model"])
     clips, labels = fidelity_batch(cfg, data, video)
     rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
@@ -282,12 +272,6 @@ def stream(
 ) -> None:
     """Learn to reconstruct a video as it streams in, one frame per tick: blocking BP drops the
     frames that arrive while it works; Sideways uses every one. Reports frames used and PSNR."""
-    from sideways_cli.report import stream_table, write_json
-    from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-    from sideways_cli.progress import progress_bar
-    from sideways_cli.runtime import resolve_device
-    from sideways_cli.train import build_network
-
     if frames < 2 or update_every < 1:
         raise UserError("--frames must be >= 2 and --update-every >= 1")
     cfg = resolve(config or Path("experiments") / "stream.yaml", set_, seed)
@@ -327,24 +311,17 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download, verify and extract a dataset, then index it; re-running only does what is left."""
-    from sideways_cli.data.download import DOWNLOADABLE, download_dataset
-
     if dataset not in DOWNLOADABLE:
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DOWNLOADABLE)}")
     if dataset == "synthetic" and mirror:
         raise UserError("--mirror does not apply to synthetic, which is generated here; drop it")
     folder = download_dataset(dataset, root, mirror=mirror, progress=not quiet)
     if dataset != "synthetic":  # the synthetic generator writes its own index
-        from sideways_cli.data.catalog import index_dataset
-
-        index_dataset(dataset, root, progress=not quiet)
+        catalog.index_dataset(dataset, root, progress=not quiet)
     _log(quiet)(f"{dataset} is ready in {folder}")
 
 
 def main() -> None:
-    from sideways_cli.data.decode import DecodeError
-    from sideways_cli.distributed.links import StageFailure
-
     try:
         app()
     except (UserError, DecodeError) as exc:

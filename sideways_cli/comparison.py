@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
+from sideways_cli import isolated
 from sideways_cli.atomic import write_text_atomic
-from sideways_cli.config import MODES, Config, flat_dict, from_dict, load_config, valid_keys
+from sideways_cli.build import resolve_config
+from sideways_cli.config import MODES, Config, flat_dict, valid_keys
+from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.errors import UserError
-from sideways_cli.report import format_value, write_json
+from sideways_cli.fidelity import mean_below_head, run_fidelity
+from sideways_cli.plots import compare_png, sweep_png
+from sideways_cli.report import compare_table, format_value, write_json
 from sideways_cli.resume import MAY_DIFFER, config_differences
+from sideways_cli.rundir import FinishedRun, RunDir
 
 # Settings not warned about: those that cannot change a run's numbers, and the device (resuming
 # compares it once resolved; runs on different devices are a comparison worth making).
@@ -48,15 +52,9 @@ class Plan:
 
 
 @dataclass
-class RunResult:
-    """A finished run as its directory holds it."""
+class RunResult(FinishedRun):
+    """A finished run in a comparison, with what the comparison measures of it."""
 
-    name: str
-    run_dir: Path
-    config: dict[str, Any]  # resolved config, dotted keys
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]]  # metrics.jsonl: the training-loss curve
-    evaluations: list[dict[str, float]]  # summary.csv: the validation curve
     variant: bool = False
     fidelity: list[dict[str, Any]] | None = None  # per-module rows of gradient_fidelity
     fidelity_mean: float | None = None
@@ -151,7 +149,7 @@ def plan_training(config_path: Path | None, base: list[str], modes: list[str], s
     runs, seen = [], {}
     for mode in modes:
         for overrides, variant in points:
-            cfg = load_config(config_path, [*base, f"mode={mode}", *overrides])
+            cfg = resolve_config(config_path, [*base, f"mode={mode}", *overrides])
             flat = flat_dict(cfg)
             name = run_name(mode, {k: flat[k] for k in map(_key_of, overrides)}, compared)
             if name in seen:
@@ -162,19 +160,12 @@ def plan_training(config_path: Path | None, base: list[str], modes: list[str], s
     return Plan(runs, compared, swept)
 
 
-def read_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml; it was not written by 'sideways train'")
-    return from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
-
-
 def is_finished(run: PlannedRun) -> bool:
     """True when run_dir already holds this run, finished; refuses a finished run of another config
     (resuming into it would mix two experiments under one name)."""
-    if not (run.run_dir / "summary.json").is_file():
+    if not RunDir(run.run_dir).is_finished():
         return False
-    changed = config_differences(read_config(run.run_dir), run.cfg)  # what train would refuse
+    changed = config_differences(RunDir(run.run_dir).read_config(), run.cfg)  # what train would refuse
     if changed:
         raise UserError(f"{run.run_dir} holds a finished run of another config "
                         f"({', '.join(changed[:3])}); compare into a new --out")
@@ -185,9 +176,6 @@ def train_all(plan: Plan, quiet: bool, log: Callable[[str], None],
               restart: bool = False) -> list[RunResult]:
     """Train each planned run in its own process, reusing those already finished (``restart``:
     none; each is trained from scratch). An unfinished run resumes from its last checkpoint."""
-    from sideways_cli.data.catalog import resolve_dataset
-    from sideways_cli.isolated import train_isolated
-
     # all refusals before any training
     finished = [False] * len(plan.runs) if restart else [is_finished(run) for run in plan.runs]
     prepared: list[Any] = []
@@ -199,27 +187,12 @@ def train_all(plan: Plan, quiet: bool, log: Callable[[str], None],
             resolve_dataset(run.cfg.data, progress=not quiet)
             prepared.append(run.cfg.data)
         # its own process, so peak memory and speed are measured from the same start
-        train_isolated(run.cfg, run.run_dir, quiet=quiet, restart=restart)
+        isolated.train_isolated(run.cfg, run.run_dir, quiet=quiet, restart=restart)
     return [read_run(run.run_dir, run.name, run.variant) for run in plan.runs]
 
 
 def read_run(run_dir: Path, name: str | None = None, variant: bool = False) -> RunResult:
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a directory; --runs takes run directories written by "
-                        "'sideways train' or 'sideways compare'")
-    if not (run_dir / "summary.json").is_file():
-        raise UserError(f"{run_dir} has no summary.json, so its run did not finish; finish it with "
-                        f"'sideways train CONFIG --out {run_dir}' or leave it out")
-    config = flat_dict(read_config(run_dir))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics_path, evals_path = run_dir / "metrics.jsonl", run_dir / "summary.csv"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()
-               if line.strip()] if metrics_path.is_file() else []
-    evaluations = []
-    if evals_path.is_file():
-        with evals_path.open(newline="") as f:
-            evaluations = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return RunResult(name or run_dir.name, run_dir, config, summary, metrics, evaluations, variant)
+    return RunResult(**vars(RunDir(run_dir).read_finished(name)), variant=variant)
 
 
 def refuse_with_runs(options: dict[str, Any]) -> None:
@@ -239,8 +212,6 @@ def read_runs(run_dirs: list[Path], keys: list[str]) -> tuple[list[RunResult], l
 
 
 def add_fidelity(runs: list[RunResult], progress: bool) -> None:
-    from sideways_cli.fidelity import mean_below_head, run_fidelity
-
     for run in runs:
         run.fidelity = run_fidelity(run.run_dir, progress=progress)
         run.fidelity_mean = mean_below_head(run.fidelity)
@@ -322,8 +293,6 @@ def write_compare_csv(path: Path, runs: list[RunResult], compared: list[str]) ->
 def write_outputs(out_dir: Path, runs: list[RunResult], compared: list[str], swept: list[str],
                   diffs: dict[str, dict[str, Any]]) -> list[Path]:
     """compare.json, compare.csv, compare.png and, with a sweep, sweep.png; returns their paths."""
-    from sideways_cli.plots import compare_png, sweep_png
-
     paths = [out_dir / name for name in ("compare.json", "compare.csv", "compare.png", "sweep.png")]
     write_compare_json(paths[0], runs, compared, swept, diffs)
     write_compare_csv(paths[1], runs, compared)
@@ -338,8 +307,6 @@ def write_outputs(out_dir: Path, runs: list[RunResult], compared: list[str], swe
 def table(runs: list[RunResult], compared: list[str], with_fidelity: bool):
     """The rich table: a column per compared key, a run column only where those settings leave
     two runs looking alike (e.g. --runs of two bp runs)."""
-    from sideways_cli.report import compare_table
-
     settings = [{k: run.config.get(k) for k in compared} for run in runs]
     alike = len({json.dumps(s, sort_keys=True) for s in settings}) < len(runs)
     return compare_table([run.summary for run in runs], settings=settings,

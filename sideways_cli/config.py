@@ -234,9 +234,8 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from sideways_cli.engine.sideways import PIPELINE_MODES, parse_update
-    from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS
-
+    """What the config alone can tell; the model and the engine check their own keys
+    (``build.check``)."""
     _choice("mode", cfg.mode, MODES)
     _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -244,21 +243,10 @@ def validate(cfg: Config) -> None:
     if cfg.amp and cfg.precision != "float32":
         raise UserError(f"amp (bf16 autocast) runs float32 weights; drop --amp or set precision=float32, "
                         f"got precision={cfg.precision}")
-    _choice("model.name", cfg.model.name, tuple(MODELS))
-    if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
-        wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
-            ", ".join(m for m in MODELS if m not in RECONSTRUCTORS)
-        raise UserError(f"task {cfg.task!r} needs model.name {wanted}, got {cfg.model.name!r} "
-                        "(experiments/reconstruct.yaml is the reconstruction preset)")
     _choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw"))
     _choice("train.schedule", cfg.train.schedule, ("cosine", "constant"))
     _choice("data.decoder", cfg.data.decoder, ("auto", "decord", "pyav"))
     _choice("data.dataset", cfg.data.dataset, DATASETS)
-    _choice("sideways.pipeline", cfg.sideways.pipeline, PIPELINE_MODES)
-    try:
-        parse_update(cfg.sideways.update)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     positive = {"model.temporal_kernel": cfg.model.temporal_kernel, "data.clip_len": cfg.data.clip_len,
                 "data.frame_stride": cfg.data.frame_stride, "data.batch_size": cfg.data.batch_size,
                 "data.size": cfg.data.size, "train.steps": cfg.train.steps,
@@ -271,10 +259,6 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.train, key) < 0:
             raise UserError(f"config key 'train.{key}' must be >= 0 (0: only at the end), "
                             f"got {getattr(cfg.train, key)}")
-    full = FULL_DEPTH[cfg.model.name]
-    if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
-        raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
-                        f"{cfg.model.name}, got {cfg.model.depth}")
     if cfg.data.size < 16 or cfg.data.size % 2:
         raise UserError(f"config key 'data.size' must be an even number >= 16 (H.264 frames), "
                         f"got {cfg.data.size}")

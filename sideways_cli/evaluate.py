@@ -9,36 +9,22 @@ recall, which weighs every class alike whatever its number of videos.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable
 
 import torch
 from rich.progress import Progress
 
+from sideways_cli.config import Config
+from sideways_cli.data.catalog import DatasetIndex
+from sideways_cli.data.datasets import GuardedLoader
 from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
+from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
-from sideways_cli.runtime import Autocast
+from sideways_cli.reconstruction import evaluate_reconstruction
+from sideways_cli.runtime import Autocast, forward_autocast
 
-class CausalNetwork(Protocol):
-    """What evaluation runs: a FrameStack, or a network split across stage processes."""
-
-    dtype: torch.dtype
-
-    def stream(self): ...
-
-    def eval(self): ...
-
-    def train(self, mode: bool = True): ...
-
-
-def causal_outputs(model: CausalNetwork, clips: torch.Tensor, frames: int) -> Iterator[torch.Tensor]:
-    """The network's outputs over ``clips`` [B, C, T, ...], ``frames`` frames at a time (time at
-    dim 2): together, exactly the whole-clip forward, in memory bounded by ``frames``."""
-    if frames < 1:
-        raise ValueError(f"an evaluation chunk holds at least one frame, got {frames}")
-    stream = model.stream()
-    for chunk in clips.split(frames, dim=2):
-        yield stream(chunk)
-
+# what an evaluation is ranked by (best.pt) and reported with, per task
+PRIMARY_METRIC = {"classify": "val_video_top1", "reconstruct": "val_psnr"}
 
 def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, probs.shape[1])
@@ -97,3 +83,28 @@ def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_vi
         f"{split}_videos": int(seen.sum()),
     }
     return metrics, confusion
+
+
+def evaluate_split(cfg: Config, model: CausalNetwork, loader: GuardedLoader, data: DatasetIndex,
+                   device: torch.device, split: str = "val", autocast: Autocast | None = None,
+                   bar: Progress | None = None) -> dict[str, float]:
+    """The task's metrics on ``split``: accuracies for classify, MSE and PSNR for reconstruct."""
+    autocast = autocast or forward_autocast(device, cfg.amp)
+    if cfg.task == "reconstruct":
+        transform = loader.loader.dataset.transform
+        return evaluate_reconstruction(model, loader, device, transform.mean, transform.std, split,
+                                       autocast, bar, chunk=cfg.eval.chunk)
+    return evaluate(model, loader, len(data.split(split)), len(data.classes), device, split,
+                    autocast, bar, chunk=cfg.eval.chunk)
+
+
+def evaluation_line(step: int, steps: int, val: dict[str, float], elapsed_s: float,
+                    prefix: str = "") -> str:
+    """The one line an evaluation prints: where, how good, how long the run has taken so far."""
+    minutes, seconds = divmod(round(elapsed_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    if "val_psnr" in val:
+        headline = f"val PSNR {val['val_psnr']:.2f} dB, MSE {val['val_mse']:.4f}"
+    else:
+        headline = f"val clip top-1 {val['val_clip_top1']:.3f}, video top-1 {val['val_video_top1']:.3f}"
+    return f"{prefix + ' ' if prefix else ''}step {step}/{steps}: {headline}, elapsed {hours}:{minutes:02d}:{seconds:02d}"

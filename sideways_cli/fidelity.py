@@ -18,14 +18,18 @@ from pathlib import Path
 
 import torch
 
+from sideways_cli.build import build_network
 from sideways_cli.config import Config, from_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import collate_clips
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
+from sideways_cli.engine.pipeline import ModuleStep, Token
+from sideways_cli.engine.schedule import message_frame
 from sideways_cli.errors import UserError
+from sideways_cli.loaders import eval_loader
 from sideways_cli.models import FrameStack
-from sideways_cli.train import build_network, eval_loader
+from sideways_cli.rundir import RunDir
 
 VIDEO_KINDS = ("natural", "static", "shuffled")
 
@@ -63,15 +67,13 @@ class TickMatchedSideways(SidewaysRule):
         super().__init__(model, pipeline="reset", objective=objective)
         self.tick_cosines: list[list[float]] = [[] for _ in model.stack]
         self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
-        forward = self.pipeline.forward_tick
 
-        def recording(frame, with_graph):
-            steps = forward(frame, with_graph)
-            for step in steps:
-                self.windows[step.index][step.token.frame] = step.window.detach()
-            return steps
-
-        self.pipeline.forward_tick = recording
+    def forward(self, frame: Token | None) -> list[ModuleStep]:
+        """The rule's forward, remembering each module's window by the frame it belongs to."""
+        steps = super().forward(frame)
+        for step in steps:
+            self.windows[step.index][step.token.frame] = step.window.detach()
+        return steps
 
     def reset(self) -> None:
         super().reset()
@@ -79,9 +81,7 @@ class TickMatchedSideways(SidewaysRule):
             windows.clear()
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
-        # the message reaching module d at tick t comes from the loss of frame t - 2(D-1) + d
-        depth = len(self.model)
-        produced = self.windows[d][self.clock - 2 * (depth - 1) + d]
+        produced = self.windows[d][message_frame(d, self.clock, len(self.model))]
         met, matched = (self._param_vjp(d, w, message) for w in (self.current[d].window.detach(), produced))
         self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0).item())
         return super().backward_module(d, message)
@@ -141,11 +141,8 @@ def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
 
 def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
     """Per-module fidelity at a trained run's final weights, on a batch built from its own config."""
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise UserError(f"{path} not found; fidelity needs the run's final weights (train it again)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = from_dict(ckpt["config"], str(path))
+    ckpt = RunDir(run_dir).load_checkpoint()
+    cfg = from_dict(ckpt["config"], str(RunDir(run_dir).checkpoint()))
     data = resolve_dataset(cfg.data, progress=progress)
     model = build_network(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])

@@ -7,22 +7,21 @@ zero), warm caches and started threads. A spawned child starts every run from th
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from sideways_cli.config import Config
+from sideways_cli.data.decode import DecodeError
+from sideways_cli.errors import UserError, print_user_error
+from sideways_cli.rundir import RunDir
+from sideways_cli.train import train
 
 
 def _train_child(cfg: Config, run_dir: str, quiet: bool, restart: bool) -> None:
-    from rich.console import Console
-
-    from sideways_cli.data.decode import DecodeError
-    from sideways_cli.errors import UserError, print_user_error
-    from sideways_cli.train import train
-
     console = Console()
     try:
         train(cfg, Path(run_dir), quiet=quiet, log=(lambda msg: None) if quiet else console.print,
@@ -46,4 +45,4 @@ def train_isolated(cfg: Config, run_dir: Path, quiet: bool = False, restart: boo
         raise
     if child.exitcode != 0:
         sys.exit(child.exitcode if child.exitcode and child.exitcode > 0 else 1)
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunDir(run_dir).read_summary()

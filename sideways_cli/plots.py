@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from sideways_cli.atomic import replace_atomically
+from sideways_cli.report import format_value
 
-if TYPE_CHECKING:
-    from sideways_cli.comparison import RunResult
+
+class RunResult(Protocol):
+    """What a plotted run offers (``comparison.RunResult``)."""
+
+    name: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    evaluations: list[dict[str, float]]
+    variant: bool
+    fidelity_mean: float | None
+    tick_fidelity_mean: float | None
 
 
 def _pyplot():
@@ -115,8 +126,6 @@ def _metric(run: RunResult, metric: str) -> float | None:
 def sweep_png(runs: list[RunResult], swept: list[str], path: Path) -> None:
     """Val video top-1 or PSNR (and mean fidelity when measured) against each swept key: one line
     per mode (and per value of the other swept keys); --variant runs as dashed horizontal lines."""
-    from sideways_cli.report import format_value
-
     plt = _pyplot()
     rows = [("validation", _validation(runs[0])[1])]
     if any(run.fidelity_mean is not None for run in runs):

@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from sideways_cli.engine.losses import at_least_fp32
-from sideways_cli.evaluate import CausalNetwork, causal_outputs
+from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
 from sideways_cli.runtime import Autocast
 

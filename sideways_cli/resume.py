@@ -1,35 +1,84 @@
-"""Run directories that resume: whether a run may continue from its ``checkpoints/last.pt``, the
-process state that checkpoint carries besides the weights, and trimming the logs back to it.
+"""Resuming a run: whether a run directory's last checkpoint may continue with this config, and
+what a checkpoint carries to continue exactly as an uninterrupted run would (:class:`RunState`).
 
 A resumed run must end exactly where an uninterrupted one would, so it continues only with the
-config it was trained with; the keys below change neither the weights nor the losses.
+config it was trained with; the keys in MAY_DIFFER change neither the weights nor the losses.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import math
 import random
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from sideways_cli.atomic import replace_atomically, write_text_atomic
 from sideways_cli.config import Config, flat_dict, from_dict
+from sideways_cli.engine.schedule import register_layout
 from sideways_cli.errors import UserError
+from sideways_cli.report import write_json
+from sideways_cli.rundir import RunDir
 
-# how the work is spread or logged, never what is computed
-MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk", "parallel.stages",
-              "parallel.balance", "parallel.schedule", "parallel.microbatches", "parallel.threads",
-              "parallel.timeout_s", "parallel.backend")
-# what a run directory holds about its training; --restart removes exactly these
-RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "summary.json", "summary.csv", "metrics.jsonl")
+# how the work is spread, logged or chunked, never what is computed
+MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk",
+              "parallel.stages", "parallel.balance", "parallel.schedule", "parallel.microbatches",
+              "parallel.threads", "parallel.timeout_s", "parallel.backend")
 
 
-def last_checkpoint(out_dir: Path) -> Path:
-    return out_dir / "checkpoints" / "last.pt"
+@dataclass
+class RunState:
+    """What a run carries from one start to the next besides the weights, optimizer and schedule:
+    where the data stand, the counters behind the logged rates, the peaks, the best evaluation.
+
+    In a checkpoint it is the ``resume`` entry, with the random streams, the device and (added by
+    the learner) the rule's registers: the same keys as before this class existed, so old run
+    directories resume.
+    """
+
+    data_position: tuple[int, int] = (0, 0)  # (epoch, position in it) of the next batch
+    recent: list[float] = field(default_factory=list)  # the last train.log_every batch losses
+    frames_seen: int = 0
+    updates: int = 0
+    compute_s: float = 0.0  # in the rule, over every start
+    wait_s: float = 0.0  # for data
+    wall_s: float = 0.0  # on the run, over every start
+    peak_mem_mb: float = 0.0  # the largest stage's, with stages
+    stage_peak_mem_mb: list[float] | None = None  # each stage's, bottom first
+    best: float = -math.inf  # the primary metric's best evaluation so far
+    unreadable: dict[str, str] = field(default_factory=dict)  # training videos that failed to decode
+
+    @classmethod
+    def from_checkpoint(cls, resume: dict[str, Any]) -> RunState:
+        known = {name: resume[name] for name in cls.__dataclass_fields__ if name in resume}
+        state = cls(**known)
+        state.data_position = tuple(state.data_position)
+        return state
+
+    def to_checkpoint(self, device: torch.device) -> dict[str, Any]:
+        state = asdict(self)
+        if self.stage_peak_mem_mb is None:
+            del state["stage_peak_mem_mb"]
+        return {**state, "rng": rng_state(device), "device": device.type}
+
+    def loss(self) -> float:
+        """The mean of the recent batch losses: what the logs and the summary report."""
+        return sum(self.recent) / len(self.recent)
+
+    def add_peaks(self, per_stage: list[float]) -> None:
+        """Fold this start's peak memory (one entry per stage, or the process's) into the run's."""
+        if len(per_stage) > 1:
+            before = self.stage_peak_mem_mb
+            if before is not None and len(before) == len(per_stage):  # resumed with as many stages
+                per_stage = [max(a, b) for a, b in zip(before, per_stage)]
+            self.stage_peak_mem_mb = per_stage
+        self.peak_mem_mb = max(self.peak_mem_mb, *per_stage)
+
+    def peaks(self) -> dict[str, Any]:
+        """The peak-memory entries of a log record or summary."""
+        if self.stage_peak_mem_mb is None:
+            return {"peak_mem_mb": self.peak_mem_mb}
+        return {"peak_mem_mb": self.peak_mem_mb, "stage_peak_mem_mb": self.stage_peak_mem_mb}
 
 
 @dataclass
@@ -41,43 +90,33 @@ class PreviousRun:
     def step(self) -> int:
         return self.checkpoint["step"]
 
-
-def discard_run(out_dir: Path) -> None:
-    """--restart: forget the run's state and logs (config.yaml is rewritten anyway)."""
-    for name in RUN_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    for figure in out_dir.glob("confusion_*.png"):  # made from the discarded weights
-        figure.unlink()
+    @property
+    def state(self) -> RunState:
+        return RunState.from_checkpoint(self.checkpoint["resume"])
 
 
-def find_previous_run(out_dir: Path, cfg: Config, device: torch.device) -> PreviousRun | None:
-    """The run in ``out_dir`` to continue (or, finished, to report), None if there is none.
+def find_previous_run(run: RunDir, cfg: Config, device: torch.device) -> PreviousRun | None:
+    """The run in ``run`` to continue (or, finished, to report), None if there is none.
 
     Refuses, naming the keys, a run whose config differs in anything that changes results.
     """
-    path = last_checkpoint(out_dir)
-    if not path.is_file():
+    if not run.checkpoint().is_file():
         return None
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise UserError(f"{path} cannot be read ({type(exc).__name__}); pass --restart to train "
-                        f"{out_dir} from scratch, or a new --out") from None
-    differing = config_differences(from_dict(ckpt["config"], str(path)), cfg)
+    ckpt = run.load_checkpoint(map_location=device)
+    differing = config_differences(from_dict(ckpt["config"], str(run.checkpoint())), cfg)
     trained_on = ckpt.get("resume", {}).get("device", device.type)
     if trained_on != device.type:
         differing.append(f"device {trained_on} -> {device.type}")
     if differing:
-        raise UserError(f"{out_dir} holds a run with another config ({', '.join(differing)}); "
+        raise UserError(f"{run.path} holds a run with another config ({', '.join(differing)}); "
                         "rerun with the same config to resume it, pass a new --out, or --restart")
-    summary_path = out_dir / "summary.json"
     if ckpt["step"] >= cfg.train.steps and "summary" in ckpt:
-        if not summary_path.is_file():  # stopped between the final checkpoint and the summary
-            write_text_atomic(summary_path, json.dumps(ckpt["summary"], indent=2) + "\n")
-        return PreviousRun(ckpt, json.loads(summary_path.read_text()))
+        if not run.is_finished():  # stopped between the final checkpoint and the summary
+            write_json(run.summary, ckpt["summary"])
+        return PreviousRun(ckpt, run.read_summary())
     if "resume" not in ckpt:
-        raise UserError(f"{path} holds no resume state (written by an older version); pass "
-                        "--restart to train it again, or a new --out")
+        raise UserError(f"{run.checkpoint()} holds no resume state (written by an older version); "
+                        "pass --restart to train it again, or a new --out")
     return PreviousRun(ckpt, None)
 
 
@@ -86,6 +125,21 @@ def config_differences(saved: Config, current: Config) -> list[str]:
     old, new = flat_dict(saved), flat_dict(current)
     return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if key not in MAY_DIFFER and key != "device" and old.get(key) != new.get(key)]
+
+
+def carried_rule_state(state: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The rule's registers from a checkpoint, for the executor ``cfg`` runs (its layout:
+    ``schedule.register_layout``; a P-stage run's shards reassemble into the same); None when
+    there is nothing to carry. With ``pipeline: reset`` and ``update: clip`` nothing survives a
+    batch, so a checkpoint in the other layout starts the next one alike."""
+    layout = register_layout(cfg.sideways.update, cfg.sideways.chunk)
+    if cfg.mode == "bp" or not state or layout in state:
+        return state
+    if cfg.sideways.pipeline == "reset" and cfg.sideways.update == "clip":
+        return None
+    chunk = "sideways.chunk=1" if "pipeline" in state else "the sideways.chunk (above 1) it ran with"
+    raise UserError(f"this checkpoint holds the pipeline registers of a run with another "
+                    f"sideways.chunk; with pipeline {cfg.sideways.pipeline!r} resume it with {chunk}")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -100,32 +154,3 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def trim_jsonl(path: Path, step: int) -> None:
-    """Drop the records past ``step`` (and a line cut short by a kill)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    write_text_atomic(path, "".join(kept))
-
-
-def trim_csv(path: Path, step: int, header: tuple[str, ...]) -> None:
-    """Keep the header and the rows of steps up to ``step``; write the header if the file is gone."""
-    rows: list[list[str]] = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = [row for row in csv.reader(f)][1:]
-    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows([list(header), *kept])
-
-    replace_atomically(path, write)

@@ -1,8 +1,9 @@
-"""Process-wide settings a run asks for: the device, deterministic algorithms, bf16 autocast."""
+"""Process-wide settings a run asks for: the device, seeds, deterministic algorithms, bf16 autocast."""
 
 from __future__ import annotations
 
 import os
+import random
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Callable
@@ -21,6 +22,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -12,6 +12,7 @@ frame of the stream they learned from and, when there is one, of a held-out stre
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,15 +20,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sideways_cli.build import PRECISIONS, make_optimizer
 from sideways_cli.config import Config
-from sideways_cli.data.synthetic import SYNTHETIC_CLASSES, render_video
+from sideways_cli.data.decode import open_video
+from sideways_cli.data.render import SYNTHETIC_CLASSES, render_video
 from sideways_cli.data.transforms import ClipTransform
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.evaluate import causal_outputs
 from sideways_cli.models import FrameStack
+from sideways_cli.models.stack import causal_outputs
 from sideways_cli.reconstruction import frame_psnr
-from sideways_cli.train import PRECISIONS, make_optimizer
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
 Tick = Callable[[int], None]  # told how many ticks (arrived frames) a learner got through
@@ -58,10 +60,6 @@ def synthetic_stream(frames: int, size: int, segment: int, seed: int) -> torch.T
 
 def video_stream(path: Path, frames: int, backend: str) -> torch.Tensor:
     """uint8 [T, H, W, 3]: the first ``frames`` frames of a video file (all if it is shorter)."""
-    from contextlib import closing
-
-    from sideways_cli.data.decode import open_video
-
     with closing(open_video(path, backend)) as decoder:
         return decoder.get(list(range(min(frames, decoder.num_frames))))
 

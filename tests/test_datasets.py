@@ -20,7 +20,7 @@ from sideways_cli.data.catalog import index_dataset, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, VideoEntry, build_loader
 from sideways_cli.data.transforms import ClipTransform
 from sideways_cli.errors import UserError
-from sideways_cli.train import data_loaders
+from sideways_cli.loaders import data_loaders
 
 # Official classInd order is case-insensitive: Hammering before HammerThrow, which sorted() swaps.
 UCF_CLASSES = ["ApplyEyeMakeup", "Hammering", "HammerThrow", "HandstandPushups", "YoYo"]

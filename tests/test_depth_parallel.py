@@ -291,16 +291,16 @@ def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
 def test_registers_of_another_executor_are_refused_with_the_fix():
     """A continuous pipeline's registers are laid out by executor: the error names the chunk."""
     from sideways_cli.errors import UserError
-    from sideways_cli.train import carried_rule_state
+    from sideways_cli.resume import carried_rule_state
 
     cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=4"])
     with pytest.raises(UserError, match="resume it with sideways.chunk=1"):
-        carried_rule_state({"pipeline": {}}, "registers", cfg)
+        carried_rule_state({"pipeline": {}}, cfg)  # the chunked executor keeps "registers"
     cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=1"])
     with pytest.raises(UserError, match=r"the sideways.chunk \(above 1\) it ran with"):
-        carried_rule_state({"registers": []}, "pipeline", cfg)
+        carried_rule_state({"registers": []}, cfg)  # the tick rule keeps "pipeline"
     reset = load_config(None, ["mode=sideways", "sideways.pipeline=reset", "sideways.chunk=1"])
-    assert carried_rule_state({"registers": []}, "pipeline", reset) is None  # nothing to carry
+    assert carried_rule_state({"registers": []}, reset) is None  # nothing to carry
 
 
 def test_a_silent_collective_names_the_stage_when_it_can():

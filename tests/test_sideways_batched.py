@@ -100,7 +100,7 @@ def test_queues_do_not_grow_with_the_clip():
 
     def recording(macro, graphs) -> None:
         backward_macro(macro, graphs)
-        sizes.append(max(len(q) for q in rule.inbox[1:] + rule.mailbox))
+        sizes.append(max(len(q) for q in rule.pending_inputs[1:] + rule.pending_messages))
 
     rule.backward_macro = recording
     (batch, labels), = clips(40, 1)

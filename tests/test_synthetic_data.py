@@ -11,7 +11,8 @@ import torch
 from sideways_cli.data.datasets import ClipDataset, build_loader, read_index, read_labels
 from sideways_cli.data.decode import DecodeError, DecordDecoder
 from sideways_cli.data.lossless import rgb_to_yuv420p
-from sideways_cli.data.synthetic import SYNTHETIC_CLASSES, _plan_jobs, ensure_synthetic, render_video
+from sideways_cli.data.render import SYNTHETIC_CLASSES, render_video
+from sideways_cli.data.synthetic import _plan_jobs, ensure_synthetic
 
 TINY = dict(train_per_class=3, val_per_class=2, num_frames=16, size=32, seed=3, progress=False)
 MEAN, STD = 0.45, 0.225

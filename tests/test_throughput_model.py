@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from sideways_cli.distributed.balance import MacroCosts, ModuleCosts, interpolate
-from sideways_cli.distributed.throughput_model import (Link, busy, clip_seconds, macro_work,
-                                                       measure_link, plot_model, predict,
-                                                       predict_chunked, repeat_stack, stage_ops,
-                                                       stage_order, sweep, sweep_chunked)
+from sideways_cli.distributed.balance import ModuleCosts
 from sideways_cli.engine.pipeline import clip_tokens
+from sideways_cli.engine.schedule import stage_order
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.models import build_model
+from sideways_perf.chunked_model import macro_work, predict_chunked, stage_ops, sweep_chunked
+from sideways_perf.link import Link, measure_link
+from sideways_perf.macro_costs import MacroCosts, interpolate
+from sideways_perf.throughput_model import busy, clip_seconds, plot_model, predict, repeat_stack, sweep
 
 FREE = Link(0.0, math.inf)  # communication costs nothing
 
@@ -162,7 +163,7 @@ def test_macro_work_replays_the_engine(pipeline: str, chunk: int):
     for _ in range(3):
         seen.clear()
         macros = rule.start_batch(clips.shape[2])
-        rule.inbox[0].extend(clip_tokens(clips, [labels] * 5, rule.fed - 5))
+        rule.feed_inputs(clip_tokens(clips, [labels] * 5, rule.fed - 5))
         for macro in macros:
             graphs = rule.forward_macro(macro)
             rule.frame_losses()
@@ -239,7 +240,7 @@ def test_no_op_starts_before_its_input_has_arrived(pipeline: str):
             assert op.start >= op.ready >= ends[source] + link.hop_s(count * nbytes) - 1e-15
     for s in range(3):  # each stage one op at a time, in its order
         mine = [op for op in prediction.ops if op.stage == s]
-        assert [(op.kind, op.macro) for op in mine] == stage_order(s, 3, len(work), s == 2)
+        assert [(op.kind, op.macro) for op in mine] == stage_order(s, 3, len(work))
         assert all(a.end <= b.start for a, b in zip(mine, mine[1:]))
     assert prediction.clip_s == pytest.approx(max(ends.values()) + link.alpha)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sideways_cli.config import DataConfig, SyntheticConfig
+from sideways_cli.data import synthetic
 from sideways_cli.data.extract import extract_once
 from sideways_cli.data.fetch import ensure_file
 from sideways_cli.data.sources import SOURCES, Source
@@ -42,10 +44,7 @@ def fetch_source(source: Source, downloads: Path, mirror: str | None, progress: 
 
 def _synthetic(root: Path, progress: bool) -> Path:
     # the same defaults a config without data.* keys uses, so training finds this copy
-    from sideways_cli.config import DataConfig, SyntheticConfig
-    from sideways_cli.data.synthetic import ensure_synthetic
-
     syn = SyntheticConfig()
-    return ensure_synthetic(Path(root), train_per_class=syn.train_per_class,
+    return synthetic.ensure_synthetic(Path(root), train_per_class=syn.train_per_class,
                             val_per_class=syn.val_per_class, num_frames=syn.num_frames,
                             size=DataConfig().size, seed=syn.seed, progress=progress)

@@ -30,7 +30,7 @@ def fold_files(fold: int) -> str:
 
 def plan(dataset_dir: Path) -> Plan:
     require_layout(dataset_dir, NAME, {VIDEOS: "<class>/*.avi", SPLITS: "<class>_test_split<N>.txt"})
-    videos, split_dir = dataset_dir / VIDEOS, dataset_dir / SPLITS
+    split_dir = dataset_dir / SPLITS
     split_files = {}
     for path in split_dir.iterdir():
         match = _SPLIT_FILE.match(path.name)

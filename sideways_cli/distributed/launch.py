@@ -8,16 +8,17 @@ When a stage fails the agent stops every other one (SIGTERM, then SIGKILL after
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
+from sideways_cli.config import Config, save_config
+from sideways_cli.distributed.context import STARTED_BY_SIDEWAYS
 from sideways_cli.errors import UserError
+from sideways_cli.rundir import RunDir
 
 SHUTDOWN_S = 5  # a stage that ignores SIGTERM (hung in a kernel, stopped) is killed after this
 MONITOR_S = 0.5  # how often the agent looks at its processes
@@ -29,17 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_as_stages(cfg, out_dir: Path, quiet: bool, restart: bool) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` as ``parallel.stages`` processes; returns the run's summary.
+def run_as_stages(cfg: Config, run: RunDir, quiet: bool, restart: bool) -> dict[str, Any]:
+    """Train ``cfg`` into ``run`` as ``parallel.stages`` processes; returns the run's summary.
     The stages read the config from the run directory, so any caller (``train``, ``compare``'s
     runs) can start them."""
-    from sideways_cli.config import save_config
-    from sideways_cli.distributed.context import STARTED_BY_SIDEWAYS
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = out_dir / "launch.yaml"
+    run.path.mkdir(parents=True, exist_ok=True)
+    config = run.launch_config
     save_config(cfg, config)
-    argv = ["train", str(config), "--out", str(out_dir)] + (["--quiet"] if quiet else []) \
+    argv = ["train", str(config), "--out", str(run.path)] + (["--quiet"] if quiet else []) \
         + (["--restart"] if restart else [])
     os.environ[STARTED_BY_SIDEWAYS] = "1"  # the stages inherit it: stage 0 leaves the table to us
     try:
@@ -47,7 +45,7 @@ def run_as_stages(cfg, out_dir: Path, quiet: bool, restart: bool) -> dict[str, A
     finally:
         del os.environ[STARTED_BY_SIDEWAYS]
         config.unlink(missing_ok=True)
-    return json.loads((out_dir / "summary.json").read_text())
+    return run.read_summary()
 
 
 def launch_stages(stages: int, argv: list[str]) -> None:

@@ -7,8 +7,8 @@ stage boundary the forward of macro tick m waits for the stage below's forward o
 backward of m for the stage above's backward of m: the dependencies of pipelined BP over
 microbatches, with a macro tick of the clip in the role of a microbatch. The stages therefore run
 a 1F1B schedule: stage s runs some forwards ahead (P-s below the top stage, one more than
-1F1B's P-1-s: :func:`forwards_ahead`), then alternates one forward and one backward, and all
-stages work at once in steady state. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
+1F1B's P-1-s: ``schedule.forwards_ahead``), then alternates one forward and one backward, and all
+stages work at once in steady state; ``schedule.stage_order`` is that order, as data. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
 previous tick; ``staged_sideways.py`` runs that, every update rule.)
 
 The numbers are those of the single-process :class:`TickBatchedSideways` (and so of the tick
@@ -37,28 +37,30 @@ from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
-from sideways_cli.engine.sideways_batched import Graph, MacroTick, TickBatchedSideways
+from sideways_cli.engine.schedule import (BACKWARD, FORWARD, MacroTick, arrivals, messages_sent,
+                                          split_inputs, stage_order)
+from sideways_cli.engine.sideways_batched import Graph, TickBatchedSideways
 from sideways_cli.models import FrameStack
 
 MACRO_TAG = 3
 
 
 class StagedTickBatched:
-    """The chunked executor for one stage (``modules`` of a ``depth``-module network).
+    """The chunked executor for one stage (``modules`` of a ``network_modules``-module network).
 
     ``specs``: every module's per-clip output frame (shape, dtype), which with the clock gives the
     shape of everything that crosses this stage's boundaries.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, depth: int, ctx: StageContext,
+    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: StageContext,
                  specs: list[Spec], pipeline: str, chunk: int, objective: Objective,
                  autocast: Autocast):
         self.rule = TickBatchedSideways(stack, pipeline, "clip", chunk, objective, autocast,
-                                        first=modules.start, depth=depth)
-        self.modules, self.depth = modules, depth
+                                        first=modules.start, network_modules=network_modules)
+        self.modules, self.network_modules = modules, network_modules
         self.ctx, self.links = ctx, ctx.links
         self.below, self.above = boundary_specs(specs, modules)
-        self.targets = FrameTargets(objective, depth)
+        self.targets = FrameTargets(objective, network_modules)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                     apply_update: ApplyUpdate, shape: torch.Size) -> BatchStats:
@@ -68,21 +70,20 @@ class StagedTickBatched:
         macros = rule.start_batch(shape[2])
         first_frame = rule.fed - shape[2]
         if ctx.is_first:
-            rule.inbox[0].extend(clip_tokens(clips, [None] * shape[2], first_frame))
+            rule.feed_inputs(clip_tokens(clips, [None] * shape[2], first_frame))
         if ctx.is_last:
             self.targets.keep(clips, labels, shape, first_frame, macros[0].t0)
         ups = Receives(macros, self._post_activations, shape[0])
         downs = Receives(macros, self._post_messages, shape[0])
-        ahead = forwards_ahead(ctx.stage, ctx.stages, len(macros))
-        graphs = {m: self._forward(m, macros[m], ups) for m in range(ahead)}
-        loss_sum, losses = 0.0, 0
-        for m, macro in enumerate(macros):
-            if m + ahead < len(macros):
-                graphs[m + ahead] = self._forward(m + ahead, macros[m + ahead], ups)
-            if ctx.is_last:  # the losses of the frames that reached the top in macro tick m
+        loss_sum, losses, graphs = 0.0, 0, {}
+        for action, m in stage_order(ctx.stage, ctx.stages, len(macros)):
+            if action == FORWARD:
+                graphs[m] = self._forward(m, macros[m], ups)
+            elif action == BACKWARD:
+                self._backward(m, macros[m], graphs.pop(m), downs)
+            else:  # the losses of the frames that reached the top in macro tick m
                 macro_sum, macro_losses = rule.frame_losses()
                 loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
-            self._backward(m, macro, graphs.pop(m), downs)
         updated = rule.flush(apply_update)
         self.links.settle()
         return reduce_batch(self.links, loss_sum, losses, [bool(updated)], shape[0] * shape[2])
@@ -92,35 +93,30 @@ class StagedTickBatched:
         values = ups.take(m)
         if not ctx.is_first:
             frames = [t - self.modules.start + 1 for t in self._arrivals_below(macro)]
-            rule.inbox[0].extend(Token(v, f, self.targets.of(f)) for v, f in zip(values, frames))
+            rule.feed_inputs(Token(v, f, self.targets.of(f)) for v, f in zip(values, frames))
         graphs = rule.forward_macro(macro)
         if not ctx.is_last:
-            outputs = [token.value for token in rule.inbox[-1]]
-            rule.inbox[-1].clear()
-            scheduled = len(rule.arrivals(self.modules.stop - 1, macro.t0, macro.t1))
-            self._send(outputs, ctx.stage + 1, scheduled, "activations")
+            scheduled = len(arrivals(self.modules.stop - 1, rule.fed, macro.t0, macro.t1))
+            self._send(rule.take_outputs(), ctx.stage + 1, scheduled, "activations")
         return graphs
 
     def _backward(self, m: int, macro: MacroTick, graphs: list[Graph | None],
                   downs: Receives) -> None:
         rule, ctx = self.rule, self.ctx
-        rule.mailbox[-1].extend(downs.take(m))
+        rule.feed_messages(downs.take(m))
         rule.backward_macro(macro, graphs)
         if not ctx.is_first:
-            self._send(rule.sent_down, ctx.stage - 1, self._messages(self.modules.start, macro),
-                       "messages")
-            rule.sent_down = []
+            self._send(rule.take_sent_down(), ctx.stage - 1,
+                       self._messages(self.modules.start, macro), "messages")
 
     def _arrivals_below(self, macro: MacroTick) -> range:
         """The ticks the stage below's top module computes in ``macro``: our inputs."""
-        return self.rule.arrivals(self.modules.start - 1, macro.t0, macro.t1)
+        return arrivals(self.modules.start - 1, self.rule.fed, macro.t0, macro.t1)
 
     def _messages(self, g: int, macro: MacroTick) -> int:
-        """How many messages network module g sends below in ``macro``: one per busy tick, or in
-        the drain, with none busy, one for the summed drain messages, which every module but the
-        head has (``TickBatchedSideways.backward_module``)."""
-        busy = self.rule.split_inputs(g - self.rule.first, macro.t0, macro.t1)[1]
-        return busy or int(macro.drain and g < self.depth - 1)
+        """How many messages network module g sends below in ``macro`` (``schedule.messages_sent``)."""
+        busy = split_inputs(g, self.network_modules, self.rule.fed, macro.t0, macro.t1)[1]
+        return messages_sent(busy, macro, g, self.network_modules)
 
     def _post_activations(self, macro: MacroTick, batch: int) -> PendingReceive | None:
         count = len(self._arrivals_below(macro)) if not self.ctx.is_first else 0
@@ -152,15 +148,6 @@ class StagedTickBatched:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state["rule"])
         self.targets.load_state_dict(state["targets"])
-
-
-def forwards_ahead(stage: int, stages: int, macros: int) -> int:
-    """How many forwards a stage runs before its first backward: one more than 1F1B's P-1-s below
-    the top stage. Over a clip the stages' shares of the work vary from macro tick to macro tick
-    (in ``reset`` the lower stages forward early and take their messages late); the spare
-    forward in hand keeps a lower stage busy while the one above runs a longer backward. It costs
-    one macro tick of graphs more, whatever the clip length."""
-    return min(0 if stage == stages - 1 else stages - stage, macros)
 
 
 class Receives:

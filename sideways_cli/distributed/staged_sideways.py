@@ -5,9 +5,8 @@ Within a tick no module depends on another: module d reads what module d-1 wrote
 d+1 sent at the previous tick. So the stages work at once, and what crosses a boundary at tick t
 is needed only at tick t+1: its receive is posted before the tick's compute and waited after it,
 so the transfer overlaps the compute. Both ends of a link know from the clock alone which ticks
-carry a value (module d has a new input at ticks [d, d + fed) and a message at ticks
-[2(D-1) - d, 2(D-1) - d + fed), counted from when the pipeline started empty), so nothing but the
-tensors themselves is sent. The numbers are those of the single-process :class:`SidewaysRule`: the
+carry a value (``schedule.input_ticks`` and ``message_ticks``), so nothing but the tensors
+themselves is sent. The numbers are those of the single-process :class:`SidewaysRule`: the
 same operations on the same values, only spread over processes.
 """
 
@@ -23,6 +22,7 @@ from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.schedule import batch_ticks, input_ticks, message_ticks
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 
@@ -30,38 +30,38 @@ TICK_TAG = 0
 
 
 class StagedSideways:
-    """The tick rule for one stage (``modules`` of a ``depth``-module network) and its links.
+    """The tick rule for one stage (``modules`` of a ``network_modules``-module network) and its
+    links.
 
     ``specs``: every module's per-clip output frame (shape, dtype), from which this stage knows
     what arrives at its lower and upper boundaries before any data flows.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, depth: int, ctx: StageContext,
+    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: StageContext,
                  specs: list[Spec], pipeline: str, update: str, objective: Objective,
                  autocast: Autocast):
         self.rule = SidewaysRule(stack, pipeline, update, objective, autocast,
-                                 first=modules.start, depth=depth)
-        self.modules, self.depth = modules, depth
+                                 first=modules.start, network_modules=network_modules)
+        self.modules, self.network_modules = modules, network_modules
         self.ctx, self.links = ctx, ctx.links
         self.below, self.above = boundary_specs(specs, modules)
-        self.targets = FrameTargets(objective, depth)
+        self.targets = FrameTargets(objective, network_modules)
         self.pending_up: Token | None = None  # what the stage below sent at the last tick
         self.pending_message: torch.Tensor | None = None  # what the stage above sent then
 
     # which ticks a link carries a value, from the clock (ticks since the pipeline started empty)
-    def _has_input(self, d: int, tick: int) -> bool:
-        return d <= tick < d + self.rule.fed
+    def _has_input(self, g: int, tick: int) -> bool:
+        return tick in input_ticks(g, self.rule.fed)
 
-    def _has_message(self, d: int, tick: int) -> bool:
-        first = 2 * (self.depth - 1) - d
-        return first <= tick < first + self.rule.fed
+    def _has_message(self, g: int, tick: int) -> bool:
+        return tick in message_ticks(g, self.network_modules, self.rule.fed)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                     apply_update: ApplyUpdate, shape: torch.Size) -> BatchStats:
         """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
         the last the labels (and, for reconstruction, the clips: its targets)."""
         rule = self.rule
-        if rule.mode == "reset":
+        if rule.pipeline_mode == "reset":
             rule.reset()
             self.pending_up = self.pending_message = None
         frames = shape[2]
@@ -70,7 +70,7 @@ class StagedSideways:
         tokens = clip_tokens(clips, [None] * frames, first_frame) if self.ctx.is_first else []
         if self.ctx.is_last:
             self.targets.keep(clips, labels, shape, first_frame, rule.clock)
-        ticks = frames + (2 * (self.depth - 1) if rule.mode == "reset" else 0)
+        ticks = batch_ticks(frames, self.network_modules, rule.pipeline_mode)
         loss_sum, losses, flushes = 0.0, 0, []
         for i in range(ticks):
             tick = rule.clock
@@ -135,18 +135,17 @@ class StagedSideways:
         self.pending_message = state["pending_message"]
 
 
-
 class FrameTargets:
     """The last stage's targets by frame: frames of earlier clips may still be on their way up."""
 
-    def __init__(self, objective: Objective, depth: int):
-        self.objective, self.depth = objective, depth
+    def __init__(self, objective: Objective, network_modules: int):
+        self.objective, self.network_modules = objective, network_modules
         self.by_frame: dict[int, torch.Tensor] = {}
 
     def keep(self, clips: torch.Tensor | None, labels: torch.Tensor, shape: torch.Size,
              first_frame: int, clock: int) -> None:
         """The batch's targets; ``clock``: the tick the batch starts at (older frames are done)."""
-        oldest = clock - self.depth  # every older frame has reached the top
+        oldest = clock - self.network_modules  # every older frame has reached the top
         self.by_frame = {f: t for f, t in self.by_frame.items() if f >= oldest}
         clips = clips if clips is not None else torch.empty(shape, device="meta")
         for t, target in enumerate(self.objective.frame_targets(clips, labels)):

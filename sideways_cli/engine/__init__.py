@@ -7,31 +7,27 @@ from contextlib import nullcontext
 from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.rule import Autocast, BatchStats, GradientRule
+from sideways_cli.engine.schedule import runs_chunked
 from sideways_cli.engine.sideways import SidewaysRule
+from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.models import FrameStack
-
-
-def batches_ticks(update: str, chunk: int) -> bool:
-    """Whether Sideways runs the chunked executor: weights fixed within a batch, chunk > 1."""
-    return update == "clip" and chunk > 1
 
 
 def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str = "clip",
               chunk: int = 1, objective: Objective = CLASSIFY,
               autocast: Autocast = nullcontext) -> GradientRule:
-    """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module.
-    ``autocast`` is the context its forward passes run in (bf16 with AMP)."""
+    """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module
+    (``schedule.runs_chunked``). ``autocast`` is the context its forward passes run in (bf16
+    with AMP)."""
     if mode == "bp":
         return BackpropRule(model, objective, autocast)
     if mode != "sideways":
         raise ValueError(f"unknown mode {mode!r}")
-    if batches_ticks(update, chunk):
-        from sideways_cli.engine.sideways_batched import TickBatchedSideways
-
+    if runs_chunked(update, chunk):
         return TickBatchedSideways(model, pipeline=pipeline, chunk=chunk, objective=objective,
                                    autocast=autocast)
     return SidewaysRule(model, pipeline=pipeline, update=update, objective=objective, autocast=autocast)
 
 
-__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "batches_ticks",
+__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "TickBatchedSideways",
            "make_rule"]

@@ -70,10 +70,6 @@ class WindowRegister:
         """How many slots hold a value; they are always the newest ones."""
         return len(self.slots)
 
-    @property
-    def newest(self) -> Token:
-        return self.slots[-1]
-
     def tensor(self) -> torch.Tensor:
         """[B, C, k, ...]: the window in time order with zeros for the empty (oldest) slots."""
         values = [slot.value for slot in self.slots]

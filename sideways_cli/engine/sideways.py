@@ -13,7 +13,6 @@ register per module, whatever the clip length.
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from typing import Any
 
@@ -22,20 +21,8 @@ import torch
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.pipeline import ModuleStep, Pipeline, Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.schedule import PIPELINE_MODES, batch_ticks, parse_update
 from sideways_cli.models import FrameStack
-
-PIPELINE_MODES = ("reset", "continuous")
-_EVERY = re.compile(r"every\s+(\d+)\s+ticks?")
-
-
-def parse_update(update: str) -> int | None:
-    """``clip`` -> None (step once per batch); ``every N ticks`` -> N."""
-    if update == "clip":
-        return None
-    match = _EVERY.fullmatch(update.strip())
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"sideways.update must be 'clip' or 'every N ticks' (N >= 1), got {update!r}")
-    return int(match.group(1))
 
 
 class PseudoGradients:
@@ -82,8 +69,8 @@ class PseudoGradients:
 class SidewaysRule:
     """The tick rule over a stack of modules: the whole network, or one stage of it.
 
-    A stage (``first``, ``depth``: the network index of its first module and the network's module
-    count) is what one process runs when the network is split across processes
+    A stage (``first``, ``network_modules``: the network index of its first module and the
+    network's module count D) is what one process runs when the network is split across processes
     (``sideways_cli/distributed``): its bottom module gets the activation the stage below sent
     (``tick(frame=...)``), its top module the message the stage above sent (``tick(message=...)``)
     unless it is the network's head, whose message is its frame's loss gradient; each tick leaves
@@ -92,17 +79,17 @@ class SidewaysRule:
 
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
                  objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
-                 first: int = 0, depth: int | None = None):
+                 first: int = 0, network_modules: int | None = None):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         self.model = model
         self.objective = objective
-        self.mode = pipeline
+        self.pipeline_mode = pipeline
         self.update_every = parse_update(update)
         self.autocast = autocast
         self.first = first
-        self.depth = depth if depth is not None else len(model)
-        self.has_head = first + len(model) == self.depth
+        self.network_modules = network_modules if network_modules is not None else len(model)
+        self.has_head = first + len(model) == self.network_modules
         self.pipeline = Pipeline(model, first)
         size = len(model)
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
@@ -131,11 +118,11 @@ class SidewaysRule:
         the next batch like a live stream, so this batch's losses are the ones that reached the
         top during its T ticks.
         """
-        if self.mode == "reset":
+        if self.pipeline_mode == "reset":
             self.reset()
         tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels), self.fed)
         self.fed += len(tokens)
-        ticks = len(tokens) + (2 * (self.depth - 1) if self.mode == "reset" else 0)
+        ticks = batch_ticks(len(tokens), self.network_modules, self.pipeline_mode)
         loss_sum, losses, updates = 0.0, 0, 0
         for tick in range(ticks):
             loss = self.tick(tokens[tick] if tick < len(tokens) else None)
@@ -157,8 +144,7 @@ class SidewaysRule:
         top = len(self.model) - 1
         if not self.has_head:
             self.messages[top] = message
-        with self.autocast():
-            steps = self.pipeline.forward_tick(frame, with_graph=True)
+        steps = self.forward(frame)
         for step in steps:
             self.current[step.index] = step
             self.stale[step.index] = False
@@ -182,6 +168,12 @@ class SidewaysRule:
         self.ticks_since_update += 1
         self.clock += 1
         return loss_value
+
+    def forward(self, frame: Token | None) -> list[ModuleStep]:
+        """The forward half of a tick: every module with a new input computes its output at its
+        new window, with the graph its VJP will use. (A probe may extend it: ``fidelity.py``.)"""
+        with self.autocast():
+            return self.pipeline.forward_tick(frame, with_graph=True)
 
     def sent_up(self) -> Token | None:
         """The top module's output of the last tick, if it computed one: the next stage's input."""

@@ -41,27 +41,18 @@ import itertools
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
-from sideways_cli.engine.sideways import PIPELINE_MODES, PseudoGradients, parse_update
+from sideways_cli.engine.schedule import (BACKWARD, FORWARD, PIPELINE_MODES, MacroTick,
+                                          chunked_batch_end, drain_ticks, macro_ticks,
+                                          parse_update, split_inputs, stage_order)
+from sideways_cli.engine.sideways import PseudoGradients
 from sideways_cli.models import FrameStack
-
-# 8 already beats BP on CPU (reset mode); 16 is faster still but holds twice the graphs
-DEFAULT_CHUNK = 8
-
-
-@dataclass(frozen=True)
-class MacroTick:
-    """Ticks [t0, t1); ``drain``: the last macro tick of a ``reset`` batch, which takes the drain."""
-
-    t0: int
-    t1: int
-    drain: bool
 
 
 @dataclass
@@ -92,15 +83,16 @@ class TickBatchedSideways:
     inside a macro tick and is refused with ValueError: :class:`SidewaysRule` runs it.
 
     As :class:`SidewaysRule`, it may run one stage of a network split across processes (``first``,
-    ``depth``: the network index of its first module and the network's module count): its bottom
-    module's inputs then come from the stage below (``inbox[0]``), its top's messages from the stage
-    above (``mailbox[-1]``); its top module's outputs wait in ``inbox[-1]`` and its bottom module's
-    messages in ``sent_down`` for the links to carry (``distributed/staged_batched.py``).
+    ``network_modules``: the network index of its first module and the network's module count D):
+    the stage then feeds its bottom module the stage below's outputs (:meth:`feed_inputs`) and its
+    top module the stage above's messages (:meth:`feed_messages`), and hands the links its top
+    module's outputs (:meth:`take_outputs`) and its bottom module's messages
+    (:meth:`take_sent_down`): ``distributed/staged_batched.py``.
     """
 
     def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
-                 chunk: int = DEFAULT_CHUNK, objective: Objective = CLASSIFY,
-                 autocast: Autocast = nullcontext, first: int = 0, depth: int | None = None):
+                 chunk: int = 8, objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
+                 first: int = 0, network_modules: int | None = None):
         if pipeline not in PIPELINE_MODES:
             raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
         if parse_update(update) is not None:
@@ -110,24 +102,25 @@ class TickBatchedSideways:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.model = model
         self.objective = objective
-        self.mode = pipeline
+        self.pipeline_mode = pipeline
         self.chunk = chunk
         self.autocast = autocast
         self.first = first
-        self.depth = depth if depth is not None else len(model)
-        self.has_head = first + len(model) == self.depth
+        self.network_modules = network_modules if network_modules is not None else len(model)
+        self.has_head = first + len(model) == self.network_modules
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.pseudo = PseudoGradients(self.params)
         self.reset()
 
     def reset(self) -> None:
         """Empty the pipeline: no activation or message survives into the next clip."""
-        depth = len(self.model)
+        size = len(self.model)
         self.registers = [WindowRegister(k) for k in self.model.windows]
-        # inbox[d]: inputs module d has not consumed yet (inbox[0] holds the clip's frames, inbox[D]
-        # the logits on their way to the loss); mailbox[d]: messages module d has not used yet
-        self.inbox: list[deque[Token]] = [deque() for _ in range(depth + 1)]
-        self.mailbox: list[deque[torch.Tensor]] = [deque() for _ in range(depth)]
+        # pending_inputs[d]: inputs module d has not consumed yet ([0]: the clip's frames or the
+        # stage below's outputs; [-1]: the top's outputs, logits on their way to the loss or
+        # activations for the stage above); pending_messages[d]: messages module d has not used yet
+        self.pending_inputs: list[deque[Token]] = [deque() for _ in range(size + 1)]
+        self.pending_messages: list[deque[torch.Tensor]] = [deque() for _ in range(size)]
         self.sent_down: list[torch.Tensor] = []  # a stage's bottom messages, for the stage below
         self.clock = 0  # ticks since the pipeline started empty
         self.fed = 0  # frames fed since then
@@ -136,66 +129,69 @@ class TickBatchedSideways:
                     apply_update: ApplyUpdate) -> BatchStats:
         """Same ticks, losses, update as :meth:`SidewaysRule.train_batch`, ``chunk`` at a time."""
         macros = self.start_batch(clips.shape[2])
-        self.inbox[0].extend(clip_tokens(clips, self.objective.frame_targets(clips, labels),
-                                         first_frame=self.fed - clips.shape[2]))
-        loss_sum, losses = 0.0, 0
-        for macro in macros:
-            graphs = self.forward_macro(macro)
-            macro_sum, macro_losses = self.frame_losses()
-            self.backward_macro(macro, graphs)
-            loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
+        self.feed_inputs(clip_tokens(clips, self.objective.frame_targets(clips, labels),
+                                     first_frame=self.fed - clips.shape[2]))
+        loss_sum, losses, graphs = 0.0, 0, {}
+        for action, m in stage_order(0, 1, len(macros)):  # one stage: forward, losses, backward
+            if action == FORWARD:
+                graphs[m] = self.forward_macro(macros[m])
+            elif action == BACKWARD:
+                self.backward_macro(macros[m], graphs.pop(m))
+            else:
+                macro_sum, macro_losses = self.frame_losses()
+                loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
         return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
                           frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
 
     def start_batch(self, frames: int) -> list[MacroTick]:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
-        the macro ticks that process them, in order; the clock moves past them.
-
-        Macro ticks run while some module still gets a new input: the top's last comes D-1 ticks
-        after the last frame. They are counted back from the end so that the last one holds every
-        module's last input when chunk >= D, and the drain folds into it (backward_module).
-        Any macro ticks give the same numbers.
-        """
-        if self.mode == "reset":
+        the macro ticks that process them, in order (``schedule.macro_ticks``); the clock moves
+        past them."""
+        if self.pipeline_mode == "reset":
             self.reset()
         self.fed += frames
-        end = self.fed + (self.depth - 1 if self.mode == "reset" else 0)
-        sizes = uniform(end - self.clock, self.chunk)
-        bounds = list(itertools.accumulate(sizes, initial=self.clock))
+        end = chunked_batch_end(self.fed, self.network_modules, self.pipeline_mode)
+        macros = macro_ticks(self.clock, end, self.chunk, self.pipeline_mode)
         self.clock = end
-        return [MacroTick(t0, t1, self.mode == "reset" and t1 == end)
-                for t0, t1 in zip(bounds, bounds[1:])]
+        return macros
 
     def forward_macro(self, macro: MacroTick) -> list[Graph | None]:
         """Every module's forwards of ticks [t0, t1), bottom-up; the graphs their messages meet."""
-        return [self.forward_module(d, *self.split_inputs(d, macro.t0, macro.t1))
-                for d in range(len(self.model))]
+        return [self.forward_module(d, *self.split_inputs(d, macro)) for d in range(len(self.model))]
 
     def backward_macro(self, macro: MacroTick, graphs: list[Graph | None]) -> None:
         """Every module's messages of ticks [t0, t1) (and the drain), top-down."""
         for d in reversed(range(len(self.model))):
-            self.backward_module(d, self.split_inputs(d, macro.t0, macro.t1)[1], graphs[d], macro.drain)
+            self.backward_module(d, self.split_inputs(d, macro)[1], graphs[d], macro.drain)
 
-    def arrivals(self, g: int, t0: int, t1: int) -> range:
-        """The ticks of [t0, t1) at which network module g gets a new input: frame f enters
-        module g (0-based, of D) at tick f + g, so it has inputs during [g, g + fed)."""
-        return range(max(t0, g), min(t1, g + self.fed))
+    def split_inputs(self, d: int, macro: MacroTick) -> tuple[int, int]:
+        """Module d's inputs in ``macro`` that meet no message (quiet), and those that meet one."""
+        return split_inputs(self.first + d, self.network_modules, self.fed, macro.t0, macro.t1)
 
-    def split_inputs(self, d: int, t0: int, t1: int) -> tuple[int, int]:
-        """How many of module d's inputs arriving in [t0, t1) meet no message (quiet), how many one.
+    # -- what crosses a stage's boundaries (distributed/staged_batched.py) -----------------------
 
-        Frame f's gradient comes back to network module g at tick f + 2(D-1) - g, so it has
-        messages from tick 2(D-1) - g on: until then the gradients have not come down this far.
-        """
-        g = self.first + d
-        first_message = 2 * (self.depth - 1) - g
-        arriving = self.arrivals(g, t0, t1)
-        quiet = len(range(arriving.start, min(arriving.stop, first_message)))
-        return quiet, len(arriving) - quiet
+    def feed_inputs(self, tokens: Iterable[Token]) -> None:
+        """The bottom module's next inputs: a clip's frames, or the stage below's outputs."""
+        self.pending_inputs[0].extend(tokens)
+
+    def take_outputs(self) -> list[torch.Tensor]:
+        """The top module's outputs since the last call: the stage above's inputs."""
+        outputs = [token.value for token in self.pending_inputs[-1]]
+        self.pending_inputs[-1].clear()
+        return outputs
+
+    def feed_messages(self, messages: Iterable[torch.Tensor]) -> None:
+        """The top module's next messages, from the stage above."""
+        self.pending_messages[-1].extend(messages)
+
+    def take_sent_down(self) -> list[torch.Tensor]:
+        """The bottom module's messages since the last call, for the stage below."""
+        sent, self.sent_down = self.sent_down, []
+        return sent
 
     def forward_module(self, d: int, quiet: int, busy: int) -> Graph | None:
         """Module d's outputs for its new inputs, sent up; the graph at the ``busy`` windows."""
-        arrivals = [self.inbox[d].popleft() for _ in range(quiet + busy)]
+        arrivals = [self.pending_inputs[d].popleft() for _ in range(quiet + busy)]
         if not arrivals:
             return None
         sequence, filled = advance(self.registers[d], arrivals)
@@ -210,7 +206,7 @@ class TickBatchedSideways:
             graph = self.graph(d, sequence[quiet:], filled[quiet:])
             output = graph.output.detach()
             values += output.unbind(2) if graph.windows is None else output.split(len(output) // busy)
-        self.inbox[d + 1].extend(Token(v, a.frame, a.target) for v, a in zip(values, arrivals))
+        self.pending_inputs[d + 1].extend(Token(v, a.frame, a.target) for v, a in zip(values, arrivals))
         return graph
 
     def graph(self, d: int, sequence: torch.Tensor, filled: list[int]) -> Graph:
@@ -238,8 +234,8 @@ class TickBatchedSideways:
         over n ticks stacked into one batch it is the mean of their n losses: times n, their sum,
         whose gradient at each tick's logits is that tick's own, in one call instead of n.
         """
-        tokens = list(self.inbox[-1])
-        self.inbox[-1].clear()
+        tokens = list(self.pending_inputs[-1])
+        self.pending_inputs[-1].clear()
         if not tokens:
             return 0.0, 0
         # a graph of its own: the top module's graph is used once, by its backward
@@ -248,7 +244,7 @@ class TickBatchedSideways:
         # the gradient comes back in the logits' own dtype (bf16 under AMP)
         total = self.objective.frame_loss(at_least_fp32(logits), targets) * len(tokens)
         (grads,) = torch.autograd.grad(total, logits)
-        self.mailbox[-1].extend(grads.split(len(tokens[0].value)))
+        self.pending_messages[-1].extend(grads.split(len(tokens[0].value)))
         return total.item(), len(tokens)
 
     def backward_module(self, d: int, busy: int, graph: Graph | None, drain: bool) -> None:
@@ -259,12 +255,13 @@ class TickBatchedSideways:
         fixed), so linear in them. Their sum then stands for them, in the same VJP: added to the
         last busy tick's message, whose window is the last one, or at that window alone.
         """
-        messages = [self.mailbox[d].popleft() for _ in range(busy)]
+        pending = self.pending_messages[d]
+        messages = [pending.popleft() for _ in range(busy)]
         count = busy
-        if drain and self.mailbox[d]:
-            drained = torch.stack(list(self.mailbox[d])).sum(dim=0)
-            self.mailbox[d].clear()
-            count += min(self.fed, 2 * (self.depth - 1 - self.first - d))  # ticks after the last input
+        if drain and pending:
+            drained = torch.stack(list(pending)).sum(dim=0)
+            pending.clear()
+            count += drain_ticks(self.first + d, self.network_modules, self.fed)
             if graph is None:
                 register = self.registers[d]
                 graph = self.graph(d, register.tensor().movedim(2, 0), [register.filled])
@@ -274,8 +271,8 @@ class TickBatchedSideways:
         if not messages:
             return
         below = self.vjp(d, graph, messages, count)
-        if below is not None:  # messages sent into the drain below stay in its mailbox, to be summed
-            (self.mailbox[d - 1] if d > 0 else self.sent_down).extend(below)
+        if below is not None:  # messages sent into the drain below wait there, to be summed
+            (self.pending_messages[d - 1] if d > 0 else self.sent_down).extend(below)
 
     def vjp(self, d: int, graph: Graph, messages: list[torch.Tensor],
             count: int) -> list[torch.Tensor] | None:
@@ -326,23 +323,19 @@ class TickBatchedSideways:
     def state_dict(self) -> dict[str, Any]:
         """Registers, queued inputs and messages, clocks and pseudo-gradient sums: what
         ``pipeline: continuous`` carries into the next batch (detached tensors)."""
+        # "inbox" and "mailbox": the queues' names in checkpoints since the first version
         return {"registers": [r.state() for r in self.registers],
-                "inbox": [[token.state() for token in queue] for queue in self.inbox],
-                "mailbox": [[m.detach() for m in queue] for queue in self.mailbox],
+                "inbox": [[token.state() for token in queue] for queue in self.pending_inputs],
+                "mailbox": [[m.detach() for m in queue] for queue in self.pending_messages],
                 "clock": self.clock, "fed": self.fed, "pseudo": self.pseudo.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for register, saved in zip(self.registers, state["registers"], strict=True):
             register.load_state(saved)
-        self.inbox = [deque(Token.from_state(s) for s in queue) for queue in state["inbox"]]
-        self.mailbox = [deque(queue) for queue in state["mailbox"]]
+        self.pending_inputs = [deque(Token.from_state(s) for s in queue) for queue in state["inbox"]]
+        self.pending_messages = [deque(queue) for queue in state["mailbox"]]
         self.clock, self.fed = state["clock"], state["fed"]
         self.pseudo.load_state_dict(state["pseudo"])
-
-
-def uniform(ticks: int, chunk: int) -> list[int]:
-    """Macro tick sizes, ``chunk`` each but the first (the remainder)."""
-    return ([ticks % chunk] if ticks % chunk else []) + [chunk] * (ticks // chunk)
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:

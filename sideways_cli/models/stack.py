@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -77,3 +77,25 @@ class CausalStream:
             x = module.valid(x)
         return x
 
+
+class CausalNetwork(Protocol):
+    """What evaluation runs: a FrameStack, or a network split across stage processes
+    (``distributed.learner.PipelinedNetwork``)."""
+
+    dtype: torch.dtype
+
+    def stream(self) -> Callable[[torch.Tensor], torch.Tensor]: ...
+
+    def eval(self): ...
+
+    def train(self, mode: bool = True): ...
+
+
+def causal_outputs(model: CausalNetwork, clips: torch.Tensor, frames: int) -> Iterator[torch.Tensor]:
+    """The network's outputs over ``clips`` [B, C, T, ...], ``frames`` frames at a time (time at
+    dim 2): together, exactly the whole-clip forward, in memory bounded by ``frames``."""
+    if frames < 1:
+        raise ValueError(f"an evaluation chunk holds at least one frame, got {frames}")
+    stream = model.stream()
+    for chunk in clips.split(frames, dim=2):
+        yield stream(chunk)

@@ -1,0 +1,96 @@
+"""From a config to the objects a run trains with: the network, its optimizer and schedule, the rule.
+
+Also the checks that belong to those layers (a model that exists at that depth, the engine's
+settings), which ``config.py`` cannot make without importing them: :func:`check` runs them, and
+:func:`resolve_config` loads a config and checks it whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from sideways_cli.config import Config, TrainConfig, load_config
+from sideways_cli.engine import make_rule
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.rule import GradientRule
+from sideways_cli.engine.schedule import PIPELINE_MODES, parse_update
+from sideways_cli.errors import UserError
+from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
+from sideways_cli.runtime import Autocast
+
+IMAGE_CHANNELS = 3
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check(cfg: Config) -> None:
+    """What only the model zoo and the engine can tell: the model exists for the task and has the
+    asked depth; the Sideways settings parse. UserError naming the key and the fix."""
+    if cfg.model.name not in MODELS:
+        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, "
+                        f"got {cfg.model.name!r}")
+    if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
+        wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
+            ", ".join(m for m in MODELS if m not in RECONSTRUCTORS)
+        raise UserError(f"task {cfg.task!r} needs model.name {wanted}, got {cfg.model.name!r} "
+                        "(experiments/reconstruct.yaml is the reconstruction preset)")
+    full = FULL_DEPTH[cfg.model.name]
+    if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
+        raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
+                        f"{cfg.model.name}, got {cfg.model.depth}")
+    if cfg.sideways.pipeline not in PIPELINE_MODES:
+        raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
+                        f"got {cfg.sideways.pipeline!r}")
+    try:
+        parse_update(cfg.sideways.update)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """:func:`config.load_config`, then :func:`check`: a config every layer accepts."""
+    cfg = load_config(path, overrides)
+    check(cfg)
+    return cfg
+
+
+def build_network(cfg: Config, num_classes: int) -> FrameStack:
+    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal; a
+    reconstructor's outputs are the frames' channels, a classifier's the classes."""
+    options: dict = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
+    if cfg.model.width is not None:
+        options["width"] = cfg.model.width
+    if cfg.model.depth is not None:
+        options["depth"] = cfg.model.depth
+    torch.manual_seed(cfg.seed)
+    outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
+    # initialised in float32 whatever the precision, so a float64 run starts from the same weights
+    return build_model(cfg.model.name, outputs, **options).to(PRECISIONS[cfg.precision])
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rule_for(cfg: Config, model: FrameStack, autocast: Autocast) -> GradientRule:
+    """The training rule ``cfg`` asks for over the whole ``model`` in this process."""
+    return make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update,
+                     cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast)

@@ -1,0 +1,172 @@
+"""A run directory: where each file of a run lives, and reading a run back.
+
+    RUN_DIR/
+      config.yaml                  the resolved config, written when training starts
+      metrics.jsonl                a record every train.log_every steps (loss, lr, frames/s, memory)
+      summary.csv                  a row per evaluation
+      summary.json                 the final summary, written last: the run is finished
+      checkpoints/last.pt          resumable (weights, optimizer, schedule, the rule's registers,
+                                   the run's state), every train.checkpoint_every steps
+      checkpoints/best.pt          the best evaluation's weights
+      checkpoints/stages/          a staged run's shards, while they are reassembled into last/best
+      launch.yaml                  the config the stages of a self-launched staged run read
+      confusion_<split>.png        `sideways eval`'s confusion matrix
+
+Every file is written atomically (a temporary file renamed into place), so a kill never leaves half
+of one. ``sideways train``, ``eval``, ``compare --runs``, ``fidelity --run`` and resuming all find
+a run's files through :class:`RunDir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sideways_cli.atomic import replace_atomically, write_text_atomic
+from sideways_cli.config import Config, flat_dict, from_dict, save_config
+from sideways_cli.errors import UserError
+
+CHECKPOINTS = ("last", "best")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str from a stage's set-up message
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.path / "summary.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def launch_config(self) -> Path:
+        return self.path / "launch.yaml"
+
+    def checkpoint(self, which: str = "last") -> Path:
+        return self.path / "checkpoints" / f"{which}.pt"
+
+    def stage_shard(self, which: str, stage: int) -> Path:
+        return self.path / "checkpoints" / "stages" / f"{which}-stage{stage}.pt"
+
+    def confusion(self, split: str) -> Path:
+        return self.path / f"confusion_{split}.png"
+
+    def discard(self) -> None:
+        """--restart: forget the run's state and logs (config.yaml is rewritten anyway), and the
+        figures made from the discarded weights."""
+        for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics):
+            path.unlink(missing_ok=True)
+        for figure in self.path.glob("confusion_*.png"):
+            figure.unlink()
+
+    def write_config(self, cfg: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_yaml)
+
+    def read_config(self) -> Config:
+        if not self.config_yaml.is_file():
+            raise UserError(f"{self.path} has no config.yaml; it was not written by 'sideways train'")
+        return from_dict(yaml.safe_load(self.config_yaml.read_text()) or {}, str(self.config_yaml))
+
+    def load_checkpoint(self, which: str = "last", map_location: Any = "cpu") -> dict[str, Any]:
+        """A checkpoint of this run; UserError naming the file and what to do when it is not there
+        or cannot be read."""
+        path = self.checkpoint(which)
+        if not path.is_file():
+            raise UserError(f"{path} not found; train first with 'sideways train --out {self.path}'")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise UserError(f"{path} cannot be read ({type(exc).__name__}); pass --restart to train "
+                            f"{self.path} from scratch, or a new --out") from None
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary.read_text())
+
+    def read_finished(self, name: str | None = None) -> FinishedRun:
+        """What a finished run's files hold: resolved config, summary, both curves; ``name``
+        (default: the folder's) is how tables and plots call it."""
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a directory; give a run directory written by "
+                            "'sideways train' or 'sideways compare'")
+        if not self.is_finished():
+            raise UserError(f"{self.path} has no summary.json, so its run did not finish; finish it "
+                            f"with 'sideways train CONFIG --out {self.path}' or leave it out")
+        metrics = ([json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+                   if self.metrics.is_file() else [])
+        evaluations = []
+        if self.evaluations.is_file():
+            with self.evaluations.open(newline="") as f:
+                evaluations = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return FinishedRun(name or self.path.name, self.path, flat_dict(self.read_config()),
+                           self.read_summary(), metrics, evaluations)
+
+
+@dataclass
+class FinishedRun:
+    """A finished run as its directory holds it."""
+
+    name: str
+    run_dir: Path
+    config: dict[str, Any]  # resolved config, dotted keys
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]  # metrics.jsonl: the training-loss curve
+    evaluations: list[dict[str, float]]  # summary.csv: the validation curve
+
+
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """Drop the records past ``step`` (and a line cut short by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text_atomic(path, "".join(kept))
+
+
+def trim_csv(path: Path, step: int, header: tuple[str, ...]) -> None:
+    """Keep the header and the rows of steps up to ``step``; write the header if the file is gone."""
+    rows: list[list[str]] = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [row for row in csv.reader(f)][1:]
+    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([list(header), *kept])
+
+    replace_atomically(path, write)
