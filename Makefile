@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench fidelity clean
+.PHONY: demo test test-fast bench fidelity clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: every test that starts no process and takes seconds (CI runs make test).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

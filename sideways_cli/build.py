@@ -62,8 +62,8 @@ def build_network(cfg: Config, num_classes: int) -> FrameStack:
     options: dict = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
     if cfg.model.width is not None:
         options["width"] = cfg.model.width
-    if cfg.model.depth is not None:
-        options["depth"] = cfg.model.depth
+    if cfg.model.depth is not None:  # a classifier's layers below the head, an encoder's levels
+        options["levels" if cfg.task == "reconstruct" else "depth"] = cfg.model.depth
     torch.manual_seed(cfg.seed)
     outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
     # initialised in float32 whatever the precision, so a float64 run starts from the same weights

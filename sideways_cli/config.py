@@ -31,7 +31,9 @@ class ModelConfig:
     name: str = "c3d"  # vgg | c3d | resnet18 (task: classify) | autoencoder (task: reconstruct)
     temporal_kernel: int = 3  # k of every module but the head; 1 = per-frame 2D network
     width: int | None = None  # channels of the first layer; None = the model's own default
-    depth: int | None = None  # modules below the head (the first ones); None = the whole network
+    # how much of the network to keep: a classifier's first N layers below the head, or the
+    # autoencoder's N encoder levels (each mirrored by the decoder); None = the whole network
+    depth: int | None = None
     dropout: float = 0.0  # before the classifier
 
 

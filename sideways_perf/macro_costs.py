@@ -35,8 +35,8 @@ class MacroCosts:
     messages (``vjp_s``); the top's frame losses of n frames (``loss_s``); each module's optimizer
     step (``step_s``); and bytes per frame across each boundary, as in ``balance.ModuleCosts``.
 
-    Between the measured counts a curve is linear, beyond the last it follows the last segment. ``concurrent``: how many processes measured at once (1: alone; see
-    :func:`measure_macro_costs`).
+    Between the measured counts a curve is linear, beyond the last it follows the last segment.
+    ``concurrent``: how many processes measured at once (1: alone; see :func:`measure_macro_costs`).
     """
 
     names: list[str]

@@ -1,20 +1,14 @@
-"""What the command-line tests share: writing a config and invoking the CLI in-process."""
+"""What the command-line tests share: invoking the CLI in-process, through typer's runner or
+through the real entry point (``main``, which turns a UserError into one line and exit 2)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import sys
 
-import yaml
+import pytest
 from typer.testing import CliRunner
 
-from sideways_cli.cli import app
-
-
-def write_config(root: Path, cfg: dict[str, Any], name: str = "tiny.yaml") -> Path:
-    path = root / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from sideways_cli.cli import app, main
 
 
 def invoke(*args):
@@ -22,3 +16,12 @@ def invoke(*args):
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
+
+
+def run_main(args, monkeypatch, capsys) -> tuple[int, str]:
+    """The exit status and standard error of ``sideways ARGS`` through ``main``; an exception it
+    does not turn into an exit (a traceback for the user) fails the test."""
+    monkeypatch.setattr(sys, "argv", ["sideways", *map(str, args)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capsys.readouterr().err

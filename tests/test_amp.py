@@ -9,8 +9,9 @@ import torch
 from sideways_cli.engine import make_rule
 from sideways_cli.errors import UserError
 from sideways_cli.evaluate import evaluate
-from sideways_cli.models import FrameStack, build_model
+from sideways_cli.models import FrameStack
 from sideways_cli.runtime import forward_autocast
+from tiny import random_clips, tiny_network
 
 CPU = torch.device("cpu")
 RULES = {  # (model, temporal kernel, mode, chunk): every executor and both conv paths
@@ -22,13 +23,11 @@ RULES = {  # (model, temporal kernel, mode, chunk): every executor and both conv
 
 
 def tiny(name: str, k: int) -> FrameStack:
-    torch.manual_seed(0)
-    return build_model(name, 5, width=4, temporal_kernel=k, depth=2)
+    return tiny_network(name, k, torch.float32, depth=2)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 3, 6, 16, 16, generator=g), torch.tensor([1, 3])
+    return random_clips(1, 6, size=16)[0]
 
 
 @pytest.mark.parametrize("case", list(RULES))

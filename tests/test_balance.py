@@ -97,7 +97,8 @@ def test_bytes_follow_the_autocast_dtype():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("concurrent", [1, 2])  # 2: another process measures meanwhile
+# 2: another process measures meanwhile
+@pytest.mark.parametrize("concurrent", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
 def test_measure_macro_costs_on_a_tiny_model(concurrent: int):
     torch.manual_seed(0)
     model = build_model("c3d", 10, width=4, depth=2)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import invoke, write_config
+from cli_helpers import invoke, run_main
+from tiny import tiny_run_config
 
 SUMMARY_KEYS = {"mode", "model", "dataset", "steps", "frames_seen", "train_loss", "val_clip_top1",
                 "val_video_top1", "frames_per_s", "peak_mem_mb", "wall_s"}
@@ -20,17 +21,7 @@ SUMMARY_KEYS = {"mode", "model", "dataset", "steps", "frames_seen", "train_loss"
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    cfg = {
-        "seed": 3,
-        "model": {"name": "vgg", "temporal_kernel": 1, "width": 4},
-        "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
-                 "synthetic": {"train_per_class": 1, "val_per_class": 1, "num_frames": 12}},
-        "train": {"steps": 3, "log_every": 1, "warmup_steps": 0},
-        "eval": {"clips_per_video": 2, "batch_size": 8},
-        "sideways": {"chunk": 1},
-    }
-    return write_config(root, cfg)
+    return tiny_run_config(tmp_path_factory.mktemp("cli"))
 
 
 
@@ -129,6 +120,7 @@ def test_in_float64_every_executor_trains_to_the_same_weights(optimizer, tiny_co
     assert json.loads((tmp_path / "eval.json").read_text())["val_clip_top1"] == summary["val_clip_top1"]
 
 
+@pytest.mark.multiprocess
 def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path):
     # with a zero learning rate nothing moves, so equal initial weights mean equal evaluations
     out = tmp_path / "cmp"
@@ -175,9 +167,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["eval", "no-such-run", "--split", "test"], "--split must be val or train"),
     (["compare", "--modes", "bp,magic"], "unknown mode 'magic'"),
 ])
-def test_user_mistakes_are_one_clean_line(args, message, tmp_path):
-    result = run_cli(*args)
+def test_user_mistakes_are_one_clean_line(args, message, monkeypatch, capsys):
+    code, err = run_main(args, monkeypatch, capsys)  # the entry point, in this process
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # one logical line, possibly wrapped
+
+
+@pytest.mark.multiprocess
+def test_a_user_mistake_exits_2_from_a_real_process():
+    result = run_cli("train", "--set", "train.lrr=1")
     assert result.returncode == 2
-    assert message in result.stderr
+    assert "unknown config key 'train.lrr'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert len(result.stderr.strip().splitlines()) <= 3  # one logical line, possibly wrapped
+    assert len(result.stderr.strip().splitlines()) <= 3

@@ -5,33 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
 
-from cli_helpers import invoke, write_config
-from sideways_cli.cli import main
+from cli_helpers import invoke, run_main
 from sideways_cli.comparison import SUMMARY_COLUMNS
+from tiny import tiny_run_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("compare")
-    cfg = {
-        "seed": 3,
-        "model": {"name": "vgg", "temporal_kernel": 1, "width": 4, "depth": 2},
-        "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
-                 "synthetic": {"train_per_class": 1, "val_per_class": 1, "num_frames": 12}},
-        "train": {"steps": 2, "log_every": 1, "warmup_steps": 0},
-        "eval": {"clips_per_video": 2, "batch_size": 8},
-        "sideways": {"chunk": 1},
-    }
-    return write_config(root, cfg)
+    return tiny_run_config(tmp_path_factory.mktemp("compare"),
+                           {"model": {"depth": 2}, "train": {"steps": 2}})
 
 
 
@@ -56,14 +46,7 @@ def assert_png(path: Path) -> None:
     assert height > 200 and width > 200
 
 
-def exit_code_and_stderr(args, monkeypatch, capsys) -> tuple[int, str]:
-    """Run the real entry point, which turns a UserError into one line and exit status 2."""
-    monkeypatch.setattr(sys, "argv", ["sideways", *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
-
-
+@pytest.mark.multiprocess
 def test_compare_writes_json_csv_and_png(pair):
     out, _ = pair
     report = json.loads((out / "compare.json").read_text())
@@ -119,6 +102,7 @@ def test_sweep_variant_and_fidelity(tiny_config, tmp_path, train_in_process):
     assert_png(out / "sweep.png")
 
 
+@pytest.mark.multiprocess
 def test_runs_are_compared_without_training_and_differences_warned(pair, tiny_config, tmp_path):
     out, _ = pair
     other = tmp_path / "bp-lr"
@@ -140,13 +124,14 @@ def test_runs_are_compared_without_training_and_differences_warned(pair, tiny_co
     assert [r["train.lr"] for r in read_csv(tmp_path / "cmp" / "compare.csv")] == ["0.001", "0.01"]
 
 
+@pytest.mark.multiprocess
 def test_rerun_reuses_finished_runs_and_refuses_another_config(pair, monkeypatch, capsys):
     out, args = pair
     stamps = {m: (out / m / "summary.json").stat().st_mtime_ns for m in ("bp", "sideways")}
     result = invoke(*args)
     assert f"reusing {out / 'bp'}" in result.output and f"reusing {out / 'sideways'}" in result.output
     assert stamps == {m: (out / m / "summary.json").stat().st_mtime_ns for m in stamps}
-    code, err = exit_code_and_stderr([*args, "--set", "train.lr=0.5"], monkeypatch, capsys)
+    code, err = run_main([*args, "--set", "train.lr=0.5"], monkeypatch, capsys)
     assert code == 2 and str(out / "bp") in err and "train.lr" in err and "--out" in err
 
 
@@ -165,7 +150,7 @@ def test_rerun_reuses_finished_runs_and_refuses_another_config(pair, monkeypatch
 ])
 def test_mistakes_are_refused_before_training(extra, message, tiny_config, tmp_path, monkeypatch, capsys):
     out = tmp_path / "never"
-    code, err = exit_code_and_stderr(["compare", tiny_config, *extra, "--out", out, "--quiet"],
+    code, err = run_main(["compare", tiny_config, *extra, "--out", out, "--quiet"],
                                      monkeypatch, capsys)
     assert code == 2 and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
@@ -174,12 +159,12 @@ def test_mistakes_are_refused_before_training(extra, message, tiny_config, tmp_p
 
 def test_missing_or_unfinished_runs_are_one_line_errors(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "gone"
-    code, err = exit_code_and_stderr(["compare", "--runs", missing], monkeypatch, capsys)
+    code, err = run_main(["compare", "--runs", missing], monkeypatch, capsys)
     assert code == 2 and str(missing) in err and "Traceback" not in err
     unfinished = tmp_path / "half"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text("mode: bp\n")
-    code, err = exit_code_and_stderr(["compare", "--runs", unfinished], monkeypatch, capsys)
+    code, err = run_main(["compare", "--runs", unfinished], monkeypatch, capsys)
     assert code == 2 and str(unfinished) in err and "summary.json" in err and "--out" in err
 
 

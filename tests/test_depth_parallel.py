@@ -17,11 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
-from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.links import Links
@@ -30,7 +28,7 @@ from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.models import build_model
+from tiny import random_clips, tiny_network, tiny_run_config
 
 # -- the engine: P stages against the single-process engine with the same settings ------------------
 # float64 over several steps of every optimizer: what is compared is the computation, not round-off
@@ -57,16 +55,13 @@ SPAWN_OPTIMIZERS = ["sgd-nesterov", "adamw"]  # plain SGD has no state a step co
 
 
 def network(task: str):
-    torch.manual_seed(0)
     if task == "reconstruct":
-        return build_model("autoencoder", 3, width=4, depth=2).double()
-    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3).double()
+        return tiny_network("autoencoder", levels=2)
+    return tiny_network("c3d", depth=3)
 
 
-def batches():
-    g = torch.Generator().manual_seed(1)  # T = 12: reset batches take 15 ticks
-    return [(torch.randn(2, 3, 12, 16, 16, generator=g, dtype=torch.float64), torch.tensor([1, 3]))
-            for _ in range(ENGINE_STEPS)]
+def batches():  # T = 12: reset batches take 15 ticks
+    return random_clips(ENGINE_STEPS, frames=12, size=16, dtype=torch.float64)
 
 
 def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> None:
@@ -109,6 +104,7 @@ def staged(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("optimizer", SPAWN_OPTIMIZERS)
 @pytest.mark.parametrize("case", list(CASES) + list(THREE_STAGE_CASES))
 def test_stages_give_the_single_process_numbers(case, optimizer, staged, one_thread):
@@ -141,20 +137,14 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("parallel")
-    cfg = {"seed": 3, "mode": "sideways",
-           "model": {"name": "c3d", "temporal_kernel": 3, "width": 4, "depth": 2},
-           "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
-                    "size": 16, "synthetic": {"train_per_class": 2, "val_per_class": 1,
-                                              "num_frames": 12}},
-           "train": {"steps": STEPS, "log_every": 1, "warmup_steps": 2, "checkpoint_every": 3},
-           "eval": {"clips_per_video": 1, "batch_size": 8, "chunk": 4},  # 2 chunks of the clip
-           "sideways": {"pipeline": "continuous", "chunk": 1},
-           "parallel": {"balance": [2, 1], "threads": 1, "timeout_s": 5}}
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    resolve_dataset(load_config(path).data, progress=False)  # generated once, before any run
-    return path
+    return tiny_run_config(tmp_path_factory.mktemp("parallel"), {
+        "mode": "sideways", "model": {"name": "c3d", "temporal_kernel": 3, "depth": 2},
+        "data": {"size": 16, "synthetic": {"train_per_class": 2}},
+        "train": {"steps": STEPS, "warmup_steps": 2, "checkpoint_every": 3},
+        "eval": {"clips_per_video": 1, "chunk": 4},  # 2 chunks of the clip
+        "sideways": {"pipeline": "continuous", "chunk": 1},
+        "parallel": {"balance": [2, 1], "threads": 1, "timeout_s": 5}},
+        generate=True)  # generated once, before any run
 
 
 def start(config: Path, out: Path, *sets: str) -> subprocess.Popen:
@@ -231,6 +221,7 @@ def single(config, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("chunk", [1, 3])  # the tick protocol; the chunked executor, 1F1B
 def test_a_two_stage_run_resumes_and_matches_one_process(chunk, config, single, tmp_path):
     run = tmp_path / "two"
@@ -244,6 +235,7 @@ def test_a_two_stage_run_resumes_and_matches_one_process(chunk, config, single, 
     assert summary["peak_mem_mb"] == max(stage_peaks)
 
 
+@pytest.mark.multiprocess
 def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path):
     """The stages' chunked registers reassemble into the single-process executor's."""
     run = tmp_path / "handover"
@@ -262,6 +254,7 @@ def training(config: Path, run: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.multiprocess
 def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
     run = tmp_path / "killed"
     process = training(config, run)
@@ -275,6 +268,7 @@ def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())  # none left behind
 
 
+@pytest.mark.multiprocess
 def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
     run = tmp_path / "hung"
     process = training(config, run)

@@ -25,7 +25,7 @@ import av
 import numpy as np
 import pytest
 
-from sideways_cli import cli
+from cli_helpers import run_main
 from sideways_cli.data import catalog, sources
 from sideways_cli.data.download import download_dataset
 from sideways_cli.data.extract import UnsafeArchive, extract_once, safe_extract
@@ -196,13 +196,6 @@ def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith((".part", ".tmp"))]
 
 
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["sideways", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code, capsys.readouterr().err
-
-
 # --- whole datasets -----------------------------------------------------------------------
 
 
@@ -213,8 +206,8 @@ def test_ucf101_through_the_cli_with_a_mirror_then_idempotent(server, videos, tm
     indexed = []
     monkeypatch.setattr(catalog, "index_dataset", lambda *a, **k: indexed.append(a), raising=False)
     root = tmp_path / "data"
-    code, err = run_main(monkeypatch, capsys, "download", "ucf101", "--root", root,
-                         "--mirror", server.url + "/", "--quiet")
+    code, err = run_main(["download", "ucf101", "--root", root,
+                         "--mirror", server.url + "/", "--quiet"], monkeypatch, capsys)
     assert code == 0, err
     ds = root / "ucf101"
     for c in UCF_CLASSES:
@@ -230,8 +223,8 @@ def test_ucf101_through_the_cli_with_a_mirror_then_idempotent(server, videos, tm
     assert len(server.requests) == 2 and all(r is None for _, r in server.requests)
 
     server.requests.clear()
-    code, err = run_main(monkeypatch, capsys, "download", "ucf101", "--root", root,
-                         "--mirror", server.url, "--quiet")
+    code, err = run_main(["download", "ucf101", "--root", root,
+                         "--mirror", server.url, "--quiet"], monkeypatch, capsys)
     assert code == 0, err
     assert server.requests == []  # verified files and extraction markers: no network I/O at all
 
@@ -275,7 +268,7 @@ def test_synthetic_uses_the_config_defaults(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_is_one_line(monkeypatch, capsys, tmp_path):
-    code, err = run_main(monkeypatch, capsys, "download", "kinetics", "--root", tmp_path)
+    code, err = run_main(["download", "kinetics", "--root", tmp_path], monkeypatch, capsys)
     assert code == 2
     assert "unknown dataset 'kinetics'; choose from ucf101, hmdb51, synthetic" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -357,8 +350,8 @@ def test_a_changed_local_file_is_refused(server, tmp_path):
 
 
 def test_http_errors_are_one_line_through_the_cli(server, tmp_path, monkeypatch, capsys):
-    code, err = run_main(monkeypatch, capsys, "download", "hmdb51", "--root", tmp_path,
-                         "--mirror", server.url, "--quiet")
+    code, err = run_main(["download", "hmdb51", "--root", tmp_path,
+                         "--mirror", server.url, "--quiet"], monkeypatch, capsys)
     assert code == 2
     assert f"could not download {server.url}/hmdb51_org.rar: HTTP 404" in err and "--mirror" in err
     assert "Traceback" not in err

@@ -13,18 +13,17 @@ from sideways_cli.engine.losses import clip_loss, frame_loss
 from sideways_cli.engine.pipeline import Pipeline, clip_tokens, pipelined_forward
 from sideways_cli.fidelity import gradient_fidelity, make_video, module_gradients
 from sideways_cli.models import ZOO, build_model
+from tiny import random_clips, tiny_network
 
 ZOO_NAMES = sorted(ZOO)
 
 
 def tiny(name: str, k: int = 1, dtype=torch.float64, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(name, 5, width=4, temporal_kernel=k).to(dtype)
+    return tiny_network(name, k, dtype, seed)  # the whole network: every module of the zoo's
 
 
 def random_clip(t: int, b: int = 2, size: int = 16, dtype=torch.float64, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, t, size, size, generator=g, dtype=dtype), torch.tensor([1, 3][:b])
+    return random_clips(1, t, size, dtype, batch=b, seed=seed)[0]
 
 
 def smooth_clip(t: int, stride: float = 1.0, b: int = 2, size: int = 16, dtype=torch.float64):
@@ -154,6 +153,7 @@ def test_top_module_is_exact_on_any_video(name, k):
 
 # -- property 5: fidelity falls as frames grow less alike ---------------------------------------
 
+@pytest.mark.slow
 def test_fidelity_falls_with_frame_distance():
     # In reset mode module 1 pairs a gradient with an activation 2(D-1) frames newer; shuffling
     # pairs frames about T/3 apart, so it only hurts more than natural order when T >> 6(D-1).

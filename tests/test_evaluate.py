@@ -33,7 +33,7 @@ def test_classification_metrics_do_not_depend_on_the_chunk():
 
 def test_reconstruction_metrics_do_not_depend_on_the_chunk():
     torch.manual_seed(0)
-    model = build_model("autoencoder", 3, width=4, depth=2).double()
+    model = build_model("autoencoder", 3, width=4, levels=2).double()
     data = loader()
     whole = evaluate_reconstruction(model, data, CPU, [0.45] * 3, [0.225] * 3, chunk=13)
     for chunk in (1, 5):

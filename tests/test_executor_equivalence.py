@@ -18,7 +18,8 @@ import torch
 from optimizer_helpers import OPTIMIZERS, STEPS, stepper
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
-from sideways_cli.models import FrameStack, build_model
+from sideways_cli.models import FrameStack
+from tiny import random_clips, tiny_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -27,14 +28,11 @@ CHUNKS = [4, 8, 16, 100]  # 8: the default; 100: more than a batch's ticks
 
 
 def network() -> FrameStack:
-    torch.manual_seed(0)
-    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3).double()  # D = 4
+    return tiny_network("c3d", depth=3)  # D = 4
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 3, T, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 3]))
-            for _ in range(STEPS)]
+    return random_clips(STEPS, T, dtype=torch.float64)
 
 
 Trajectory = list[tuple[float, list[torch.Tensor]]]  # per batch: loss, weights after it

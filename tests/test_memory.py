@@ -11,6 +11,8 @@ import pytest
 
 from sideways_cli.memory import fresh_process_env
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_vs_clip_length.py"
 
 

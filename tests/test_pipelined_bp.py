@@ -21,16 +21,18 @@ from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import FrameStack, build_model
 
-# objective -> (model, its first argument, modules per stage)
-SETUPS = {"classify": ("c3d", 5, [2, 1]), "reconstruct": ("autoencoder", 3, [2, 2])}
+pytestmark = [pytest.mark.multiprocess]
+
+# objective -> (model, its first argument, modules per stage, the option that sizes it)
+SETUPS = {"classify": ("c3d", 5, [2, 1], "depth"), "reconstruct": ("autoencoder", 3, [2, 2], "levels")}
 CASES = [(schedule, objective) for schedule in ("gpipe", "1f1b") for objective in SETUPS]
 BATCHES, MICROBATCHES = 3, 2
 
 
 def make_model(objective: str) -> FrameStack:
-    name, outputs, _ = SETUPS[objective]
+    name, outputs, _, size = SETUPS[objective]
     torch.manual_seed(0)
-    return build_model(name, outputs, width=4, depth=2, temporal_kernel=3)
+    return build_model(name, outputs, width=4, temporal_kernel=3, **{size: 2})
 
 
 def make_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:

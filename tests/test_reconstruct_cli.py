@@ -8,25 +8,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import invoke, write_config
+from cli_helpers import invoke
 from sideways_cli.cli import app
+from tiny import tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_reconstruct(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reconstruct")
-    cfg = {
+    return tiny_run_config(tmp_path_factory.mktemp("reconstruct"), {
         "seed": 1, "task": "reconstruct",
-        "model": {"name": "autoencoder", "temporal_kernel": 2, "width": 4, "depth": 2},
-        "data": {"root": str(root / "data"), "clip_len": 5, "batch_size": 4, "num_workers": 0,
-                 "size": 16, "synthetic": {"train_per_class": 1, "val_per_class": 1, "num_frames": 12}},
-        "train": {"steps": 2, "log_every": 1, "warmup_steps": 0},
-        "eval": {"clips_per_video": 1, "batch_size": 8},
-    }
-    return write_config(root, cfg)
+        "model": {"name": "autoencoder", "temporal_kernel": 2, "depth": 2},
+        "data": {"clip_len": 5, "size": 16}, "train": {"steps": 2}, "eval": {"clips_per_video": 1},
+        "sideways": None})
 
 
 
+@pytest.mark.multiprocess
 def test_both_modes_report_psnr_and_eval_reads_it_back(tiny_reconstruct, tmp_path):
     invoke("compare", tiny_reconstruct, "--out", tmp_path, "--quiet")
     for mode in ("bp", "sideways"):

@@ -10,18 +10,17 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.pipeline import pipelined_forward
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.fidelity import make_video, module_gradients
-from sideways_cli.models import build_model
+from tiny import random_clips, tiny_network
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
 
 
 def tiny(k: int = 3, depth: int = 2):
-    torch.manual_seed(0)
-    return build_model("autoencoder", 3, width=4, temporal_kernel=k, depth=depth).double()
+    return tiny_network("autoencoder", k, levels=depth)
 
 
 def clip(t: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(2, 3, t, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_clips(1, t, dtype=torch.float64, seed=seed)[0][0]
 
 
 NO_LABELS = torch.zeros(2, dtype=torch.long)

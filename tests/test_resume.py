@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from sideways_cli.cli import app
-from sideways_cli.config import load_config
-from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.errors import UserError
+from tiny import tiny_run_config
 
 STEPS, EVERY = 10, 3
 CASES = {
@@ -31,22 +29,15 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    cfg = {
+    return tiny_run_config(tmp_path_factory.mktemp("resume"), {
         "seed": 5,
         # causal 3D convolutions (the chunked executor's sequence path) and dropout (the global RNG)
-        "model": {"name": "c3d", "temporal_kernel": 3, "width": 4, "depth": 2, "dropout": 0.3},
-        "data": {"root": str(root / "data"), "clip_len": 6, "batch_size": 4, "num_workers": 0,
-                 "synthetic": {"train_per_class": 2, "val_per_class": 1, "num_frames": 12}},
+        "model": {"name": "c3d", "temporal_kernel": 3, "depth": 2, "dropout": 0.3},
+        "data": {"synthetic": {"train_per_class": 2}},
         # 20 videos, 5 batches an epoch: the run crosses epochs and resumes mid-epoch
         "train": {"steps": STEPS, "log_every": 2, "warmup_steps": 2, "eval_every": 5,
                   "checkpoint_every": EVERY},
-        "eval": {"clips_per_video": 2, "batch_size": 8},
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    resolve_dataset(load_config(path).data, progress=False)  # generated once, before any run
-    return path
+        "sideways": None}, generate=True)  # the default chunk; generated once, before any run
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +105,7 @@ def logged(run: Path) -> tuple[list[tuple], list[list[str]]]:
     return [(m["step"], m["loss"], m["lr"], m["frames_seen"]) for m in metrics], rows
 
 
+@pytest.mark.multiprocess
 def test_killed_runs_resume_to_the_same_weights(config, tmp_path):
     """Each case is killed after its first checkpoint and started again, all three side by side
     (a process spends most of its few seconds importing torch), then compared with the same run

@@ -10,7 +10,8 @@ import torch
 
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
-from sideways_cli.models import FrameStack, build_model
+from sideways_cli.models import FrameStack
+from tiny import random_clips, tiny_network
 
 RULES = {
     "tick, continuous": lambda m: SidewaysRule(m, pipeline="continuous"),
@@ -27,13 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny() -> FrameStack:
-    torch.manual_seed(0)
-    return build_model("c3d", 5, width=4, temporal_kernel=3, depth=3)
+    return tiny_network("c3d", depth=3, dtype=torch.float32)
 
 
 def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 3, 7, 8, 8, generator=g), torch.tensor([1, 3])) for _ in range(count)]
+    return random_clips(count, frames=7)
 
 
 def trainer(model: FrameStack):

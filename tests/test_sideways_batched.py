@@ -10,7 +10,8 @@ import torch
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
-from sideways_cli.models import ZOO, FrameStack, build_model
+from sideways_cli.models import ZOO, FrameStack
+from tiny import random_clips, tiny_network
 
 ZOO_NAMES = sorted(ZOO)
 BATCHES = {"reset": 1, "continuous": 3}  # continuous: the pipeline carries over between batches
@@ -21,16 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(name: str, k: int) -> FrameStack:
-    torch.manual_seed(0)
     # c3d: D = 4, so that T = 7 > 2(D-1) gives every module ticks that meet a message
-    options = {"depth": 3} if name == "c3d" else {}
-    return build_model(name, 5, width=4, temporal_kernel=k, **options).double()
+    return tiny_network(name, k, **({"depth": 3} if name == "c3d" else {}))
 
 
 def clips(t: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 3, t, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 3]))
-            for _ in range(count)]
+    return random_clips(count, t, dtype=torch.float64)
 
 
 def train(rule_class: type, name: str, k: int, t: int, mode: str, **options) -> Record:

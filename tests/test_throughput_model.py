@@ -103,6 +103,7 @@ def test_the_deep_stack_sweeps_to_64_stages():
     assert curve[-1].sizes == [1] * 64
 
 
+@pytest.mark.multiprocess
 def test_measure_link_fits_a_positive_latency_and_bandwidth():
     link = measure_link(sizes=(4, 1 << 16, 1 << 20), repeats=5)
     assert len(link.points) == 15 and {b for b, _ in link.points} == {4, 1 << 16, 1 << 20}

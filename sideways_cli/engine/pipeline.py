@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sideways_cli.engine.schedule import input_ticks
 from sideways_cli.models import FrameStack
 
 
@@ -163,13 +164,13 @@ def clip_tokens(clip: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tenso
 def pipelined_forward(model: FrameStack, clip: torch.Tensor) -> torch.Tensor:
     """Run a clip through the pipeline tick by tick; returns the top outputs in frame order, time at dim 2.
 
-    Takes T + D - 1 ticks: the top emits frame t at tick t + D - 1.
+    Runs until the top module's last input (``schedule.input_ticks``): T + D - 1 ticks.
     """
     pipeline = Pipeline(model)
     tokens = clip_tokens(clip, torch.empty(0))
-    depth = len(model)
+    top = len(model) - 1
     outputs: list[torch.Tensor] = []
-    for tick in range(len(tokens) + depth - 1):
+    for tick in range(input_ticks(top, len(tokens)).stop):
         steps = pipeline.forward_tick(tokens[tick] if tick < len(tokens) else None, with_graph=False)
-        outputs.extend(step.output for step in steps if step.index == depth - 1)
+        outputs.extend(step.output for step in steps if step.index == top)
     return torch.stack(outputs, dim=2)

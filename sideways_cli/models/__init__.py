@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sideways_cli.models.autoencoder import AUTOENCODER_DEPTH, autoencoder
+from sideways_cli.models.autoencoder import AUTOENCODER_LEVELS, autoencoder
 from sideways_cli.models.c3d import C3D_DEPTH, c3d
 from sideways_cli.models.resnet import RESNET18_DEPTH, resnet18
 from sideways_cli.models.stack import FrameStack
@@ -18,7 +18,7 @@ RECONSTRUCTORS: dict[str, Callable[..., FrameStack]] = {"autoencoder": autoencod
 MODELS = {**ZOO, **RECONSTRUCTORS}
 # The largest `model.depth`: modules below the head of each classifier, levels of the encoder.
 FULL_DEPTH: dict[str, int] = {"vgg": VGG_DEPTH, "c3d": C3D_DEPTH, "resnet18": RESNET18_DEPTH,
-                              "autoencoder": AUTOENCODER_DEPTH}
+                              "autoencoder": AUTOENCODER_LEVELS}
 
 
 def build_model(name: str, outputs: int, **options) -> FrameStack:

@@ -14,7 +14,7 @@ from torch import nn
 from sideways_cli.models.blocks import CausalConv, ConvUnit, FrameModule, PerFrame, group_norm
 from sideways_cli.models.stack import FrameStack
 
-AUTOENCODER_DEPTH = 4  # encoder levels; each halves the frame, so 32x32 inputs allow up to 4
+AUTOENCODER_LEVELS = 4  # each halves the frame, so 32x32 inputs allow up to 4
 
 
 class UpUnit(FrameModule):
@@ -43,18 +43,18 @@ class FrameOutput(FrameModule):
 
 
 def autoencoder(channels: int = 3, width: int = 8, temporal_kernel: int = 3, in_channels: int = 3,
-                depth: int = 3, dropout: float = 0.0) -> FrameStack:
-    """``depth`` encoder levels, then ``depth - 1`` upsampling units and the output module:
-    2 x depth modules in all. ``channels`` is the output's (the frames'); ``dropout`` is unused."""
+                levels: int = 3, dropout: float = 0.0) -> FrameStack:
+    """``levels`` encoder levels, then ``levels - 1`` upsampling units and the output module:
+    2 x levels modules in all (``model.depth`` sets ``levels``). ``channels`` is the output's (the frames'); ``dropout`` is unused."""
     modules: list[FrameModule] = []
     names, widths, cin = [], [], in_channels
-    for level in range(depth):
+    for level in range(levels):
         cout = width * 2 ** level
         modules.append(ConvUnit(cin, cout, k=temporal_kernel, pool=True))
         names.append(f"enc{level + 1}")
         widths.append(cout)
         cin = cout
-    for level in reversed(range(depth - 1)):
+    for level in reversed(range(levels - 1)):
         modules.append(UpUnit(cin, widths[level]))
         names.append(f"dec{level + 2}")
         cin = widths[level]

@@ -1,0 +1,84 @@
+"""The package's imports flow one way, from the command line down to the foundations: a module
+imports nothing of a layer above its own, wherever the import statement sits (function-level
+imports included), and the training package imports nothing of the analysis one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sideways_cli"
+# layer of each module (by dotted name under sideways_cli, or its subpackage): lower is more basic
+LAYERS = {
+    "errors": 0, "atomic": 0, "progress": 0, "memory": 0, "runtime": 0, "report": 0,
+    "config": 1, "plots": 1,
+    "data": 2, "models": 2,
+    "engine": 3,
+    "build": 4, "loaders": 4, "rundir": 4, "resume": 4, "evaluate": 4, "reconstruction": 4,
+    "learner": 4,
+    "distributed": 5, "train": 5,
+    "fidelity": 6, "stream": 6, "isolated": 6, "comparison": 6,
+    "cli": 7, "__main__": 7,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(name: str) -> int:
+    top = name.split(".")[0]
+    if top not in LAYERS:
+        raise AssertionError(f"sideways_cli.{name} has no layer in LAYERS: add it")
+    return LAYERS[top]
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in the file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = module_name(path).split(".")[: -node.level if path.name != "__init__.py" else None]
+                if path.name == "__init__.py" and node.level > 1:
+                    base = base[: 1 - node.level]
+                target = ".".join(["sideways_cli", *base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            found.append((node.lineno, target))
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
+                      if target == "sideways_cli"]  # "from sideways_cli import cli"
+    return found
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p) or "sideways_cli")
+def test_no_module_imports_a_layer_above_its_own(path):
+    name = module_name(path)
+    if not name:
+        return  # the package's __init__
+    for line, target in imports(path):
+        assert not target.startswith("sideways_perf"), \
+            f"{path.name}:{line} imports {target}: the analysis package stays out of training"
+        if target.startswith("sideways_cli.") and target != "sideways_cli":
+            imported = target[len("sideways_cli."):]
+            assert layer(imported) <= layer(name), \
+                f"sideways_cli.{name} (layer {layer(name)}) imports {target} (layer {layer(imported)})"
+
+
+def test_every_module_has_a_layer():
+    for path in FILES:
+        if module_name(path):
+            layer(module_name(path))
+
+
+def test_config_needs_neither_the_engine_nor_the_models():
+    targets = {target for _, target in imports(PACKAGE / "config.py")}
+    assert not any(t.startswith(("sideways_cli.engine", "sideways_cli.models")) for t in targets)
