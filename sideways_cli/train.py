@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from sideways_cli.build import PRECISIONS
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
@@ -93,8 +95,8 @@ class Session:
     """One start of a run: the steps not yet done, their logs, evaluations and checkpoints, then
     the final evaluation and the summary."""
 
-    def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: Learner, device,
-                 autocast: Autocast, log: Log, previous: PreviousRun | None):
+    def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: Learner,
+                 device: torch.device, autocast: Autocast, log: Log, previous: PreviousRun | None):
         self.cfg, self.run, self.data, self.learner = cfg, run, data, learner
         self.device, self.autocast, self.log = device, autocast, log
         self.state = previous.state if previous is not None else RunState()
