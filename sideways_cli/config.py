@@ -124,7 +124,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False  # deterministic algorithms only: the same numbers every run
     amp: bool = False  # bf16 autocast for the forward passes; weights and optimizer stay fp32
-    precision: str = "float32"  # float32 | float64: weights, activations and gradients (float64: to check equalities)
+    # float32 | float64: weights, activations, gradients (float64: to check that numbers agree)
+    precision: str = "float32"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,7 +2,8 @@
 
 Both rules evaluate the same way: the causal network over each clip (the pipelined forward computes
 the same function), run a time chunk at a time so that memory does not grow with the clip length;
-clip prediction = mean of the per-frame softmax, video prediction = mean of its clips' predictions. Mean class accuracy is the mean over classes of the video-level
+clip prediction = mean of the per-frame softmax, video prediction = mean of its clips'
+predictions. Mean class accuracy is the mean over classes of the video-level
 recall, which weighs every class alike whatever its number of videos.
 """
 

@@ -12,7 +12,7 @@ import torch
 from sideways_cli.build import build_network, make_optimizer, make_schedule, rule_for
 from sideways_cli.config import Config
 from sideways_cli.engine.rule import BatchStats
-from sideways_cli.evaluate import CausalNetwork
+from sideways_cli.models.stack import CausalNetwork
 from sideways_cli.resume import carried_rule_state
 from sideways_cli.rundir import save_checkpoint
 from sideways_cli.runtime import Autocast

@@ -33,7 +33,8 @@ from sideways_cli.progress import progress_bar
 from sideways_cli.report import write_json
 from sideways_cli.resume import PreviousRun, RunState, find_previous_run, restore_rng
 from sideways_cli.rundir import RunDir, trim_csv, trim_jsonl
-from sideways_cli.runtime import Autocast, forward_autocast, resolve_device, seed_everything, set_deterministic
+from sideways_cli.runtime import (Autocast, forward_autocast, resolve_device, seed_everything,
+                                  set_deterministic)
 
 Log = Callable[[str], None]
 
