@@ -104,10 +104,12 @@ class SidewaysEngineConfig:
 
 @dataclass
 class ParallelConfig:
-    """Depth parallelism: the module stack split into contiguous stages, one process each
-    (README, "Depth-parallel training"). None of these keys changes the numbers."""
+    """Data and depth parallelism: replicas of the network, each fed a shard of every batch, each
+    split into contiguous stages, one process (one device) per stage of every replica: replicas x
+    stages processes (README, "Parallel training"). None of these keys changes the numbers."""
 
-    stages: int = 1  # processes (one device each on GPUs); 1 = the single-process engine
+    replicas: int = 1  # copies of the whole pipeline, data-parallel; each gets batch_size / replicas
+    stages: int = 1  # processes per replica (one device each on GPUs); 1 = the single-process engine
     balance: str | list[int] = "auto"  # auto: by measured per-module cost | modules per stage
     schedule: str = "gpipe"  # mode bp across stages: torch.distributed.pipelining's gpipe | 1f1b
     microbatches: int = 4  # mode bp across stages: clips of a batch split into this many
@@ -273,7 +275,7 @@ def _validate_parallel(cfg: Config) -> None:
     p = cfg.parallel
     _choice("parallel.schedule", p.schedule, ("gpipe", "1f1b"))
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
-    for key in ("stages", "microbatches"):
+    for key in ("replicas", "stages", "microbatches"):
         if getattr(p, key) < 1:
             raise UserError(f"config key 'parallel.{key}' must be >= 1, got {getattr(p, key)}")
     if p.threads is not None and p.threads < 1:
@@ -287,9 +289,13 @@ def _validate_parallel(cfg: Config) -> None:
                                                          or min(p.balance) < 1):
         raise UserError(f"config key 'parallel.balance' must list parallel.stages={p.stages} "
                         f"module counts, each >= 1, got {p.balance}")
-    if cfg.mode == "bp" and p.stages > 1 and cfg.data.batch_size % p.microbatches:
+    if cfg.data.batch_size % p.replicas:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of "
-                        f"parallel.microbatches={p.microbatches} for pipelined BP")
+                        f"parallel.replicas={p.replicas}: every replica trains an equal shard")
+    shard = cfg.data.batch_size // p.replicas
+    if cfg.mode == "bp" and p.stages > 1 and shard % p.microbatches:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} / parallel.replicas={p.replicas} "
+                        f"must be a multiple of parallel.microbatches={p.microbatches} for pipelined BP")
 
 
 def _validate_data(d: DataConfig) -> None:

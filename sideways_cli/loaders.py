@@ -14,11 +14,12 @@ from sideways_cli.data.transforms import ClipTransform, default_flip, default_re
 from sideways_cli.errors import UserError
 
 
-def data_loaders(cfg: Config, data: DatasetIndex,
-                 start: Position = (0, 0)) -> tuple[GuardedLoader, GuardedLoader]:
+def data_loaders(cfg: Config, data: DatasetIndex, start: Position = (0, 0),
+                 shard: tuple[int, int] = (0, 1)) -> tuple[GuardedLoader, GuardedLoader]:
     """Train and val loaders; each reports videos that fail to decode and stops the run when a
     split has more than data.max_bad_fraction of them (counting those found at indexing). The
-    training batches start at (epoch, position) ``start``."""
+    training batches start at (epoch, position) ``start``; ``shard`` (replica, replicas): this
+    replica's share of every batch and of the validation clips."""
     d = cfg.data
     train_tf = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
                              flip=default_flip(d.dataset, d.flip))
@@ -29,14 +30,14 @@ def data_loaders(cfg: Config, data: DatasetIndex,
         raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
                         "training videos; lower data.batch_size")
     loader = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                          seed=cfg.seed, drop_last=True, start=start)
-    return _guarded(cfg, data, "train", loader), eval_loader(cfg, data, "val")
+                          seed=cfg.seed, drop_last=True, start=start, shard=shard)
+    return _guarded(cfg, data, "train", loader), eval_loader(cfg, data, "val", shard=shard)
 
 
 def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
-                clips_per_video: int | None = None) -> GuardedLoader:
+                clips_per_video: int | None = None, shard: tuple[int, int] = (0, 1)) -> GuardedLoader:
     """Evaluation clips of ``split``: ``clips_per_video`` (default eval.clips_per_video) evenly
-    spaced clips per video, centre crop, no flip."""
+    spaced clips per video, centre crop, no flip; ``shard``: every replicas-th clip."""
     d = cfg.data
     dataset = ClipDataset(data.split(split), clip_len=d.clip_len,
                           frame_stride=d.frame_stride, shuffle_frames=d.shuffle_frames, train=False,
@@ -44,7 +45,7 @@ def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
                           decoder_backend=d.decoder,
                           transform=ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize)))
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
-                          seed=cfg.seed, drop_last=False)
+                          seed=cfg.seed, drop_last=False, shard=shard)
     return _guarded(cfg, data, split, loader)
 
 

@@ -8,7 +8,7 @@ video PSNR): 10 log10(1 / MSE).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from rich.progress import Progress
@@ -17,6 +17,16 @@ from sideways_cli.engine.losses import at_least_fp32
 from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
 from sideways_cli.runtime import Autocast
+
+
+class Shards(Protocol):
+    """How the totals of this process's share of a split become the whole split's, when replicas
+    evaluate a share each (``distributed.replicas.ReplicaGroup``)."""
+
+    def sum_(self, tensor: torch.Tensor, doing: str) -> torch.Tensor: ...
+
+    def max_(self, tensor: torch.Tensor, doing: str) -> torch.Tensor: ...
+
 
 # a frame reconstructed exactly has infinite PSNR; cap it so means stay finite
 _MIN_MSE = 1e-10
@@ -43,10 +53,11 @@ def frame_psnr(output: torch.Tensor, target: torch.Tensor, mean: Sequence[float]
 def evaluate_reconstruction(model: CausalNetwork, loader: Iterable[dict], device: torch.device,
                             mean: Sequence[float], std: Sequence[float], split: str = "val",
                             autocast: Autocast = nullcontext, bar: Progress | None = None,
-                            *, chunk: int) -> dict[str, float]:
+                            *, chunk: int, shards: Shards | None = None) -> dict[str, float]:
     """``<split>_mse`` (normalised units, the training loss) and ``<split>_psnr`` (dB, mean over
     frames) of every clip the loader yields; forward passes in ``autocast``, ``chunk`` frames at a
-    time (the outputs are frames too, so each chunk's are scored and dropped), a task on ``bar``."""
+    time (the outputs are frames too, so each chunk's are scored and dropped), a task on ``bar``;
+    ``shards``: the loader holds this replica's share, the totals are summed over the replicas."""
     was_training = model.training
     model.eval()
     squared, elements, psnr_sum, frames, clips = 0.0, 0, 0.0, 0, 0
@@ -62,5 +73,10 @@ def evaluate_reconstruction(model: CausalNetwork, loader: Iterable[dict], device
         elements += x.numel()
         clips += len(x)
     model.train(was_training)
+    if shards is not None:
+        totals = torch.tensor([squared, elements, psnr_sum, frames, clips], dtype=torch.float64)
+        shards.sum_(totals, "summing the evaluation")
+        squared, elements, psnr_sum, frames, clips = totals.tolist()
+        clips = int(clips)
     return {f"{split}_mse": squared / max(elements, 1), f"{split}_psnr": psnr_sum / max(frames, 1),
             f"{split}_clips": clips}

@@ -22,8 +22,8 @@ from sideways_cli.rundir import RunDir
 
 # how the work is spread, logged or chunked, never what is computed
 MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk",
-              "parallel.stages", "parallel.balance", "parallel.schedule", "parallel.microbatches",
-              "parallel.threads", "parallel.timeout_s", "parallel.backend")
+              "parallel.replicas", "parallel.stages", "parallel.balance", "parallel.schedule",
+              "parallel.microbatches", "parallel.threads", "parallel.timeout_s", "parallel.backend")
 
 
 @dataclass

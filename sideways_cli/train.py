@@ -14,17 +14,20 @@ import json
 import math
 import time
 from pathlib import Path
+from contextlib import nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from sideways_cli.build import PRECISIONS
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.distributed import runner
 from sideways_cli.distributed.context import StageContext, join, launched, leave
-from sideways_cli.distributed.launch import run_as_stages
+from sideways_cli.distributed.launch import run_as_processes
 from sideways_cli.distributed.learner import DistributedLearner
+from sideways_cli.distributed.replicated import ReplicatedLearner
 from sideways_cli.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
 from sideways_cli.learner import Learner, LocalLearner
 from sideways_cli.loaders import data_loaders, forever
@@ -47,44 +50,53 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     it and ends exactly where an uninterrupted one would; a finished run only returns its summary.
     ``restart`` discards what ``out_dir`` holds first.
 
-    With ``parallel.stages`` > 1 this process is one stage of a job started by torchrun (or by
-    ``sideways train``, through the same launcher): the first stage runs this loop, the others
-    follow its commands and return None.
+    With ``parallel.replicas`` or ``parallel.stages`` > 1 this process is one of a job started by
+    torchrun (or by ``sideways train``, through the same launcher): every replica's first stage
+    runs this loop on its shard of the data (only global rank 0 logs and writes), the other
+    stages follow their first stage's commands and return None.
     """
     set_deterministic(cfg.deterministic)  # before anything touches CUDA
-    stage = None
-    if cfg.parallel.stages > 1:
-        if not launched():  # start one process per stage, each training this config
-            return run_as_stages(cfg, RunDir(out_dir), quiet, restart)
-        stage = join(cfg)
-        if not stage.is_first:
-            runner.follow(cfg, stage)
+    ctx = None
+    if cfg.parallel.stages > 1 or cfg.parallel.replicas > 1:
+        if not launched():  # start every process of the job, each training this config
+            return run_as_processes(cfg, RunDir(out_dir), quiet, restart)
+        ctx = join(cfg)
+        if not ctx.is_first:
+            runner.follow(cfg, ctx)
             leave()
             return None
-    summary = _train(cfg, RunDir(out_dir), quiet, log, restart, stage)
-    if stage is not None:  # not after a failure: tearing down a group with a dead member may hang
+        if not ctx.is_writer:  # another replica's first stage: the same loop, silently
+            quiet, log = True, _silent
+    summary = _train(cfg, RunDir(out_dir), quiet, log, restart, ctx)
+    if ctx is not None:  # not after a failure: tearing down a group with a dead member may hang
         leave()
-    return None if stage is not None and stage.reports_to_parent else summary
+    return None if ctx is not None and (ctx.reports_to_parent or not ctx.is_writer) else summary
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
-           stage: StageContext | None) -> dict[str, Any]:
-    device = stage.device if stage is not None else resolve_device(cfg.device)
+           ctx: StageContext | None) -> dict[str, Any]:
+    device = ctx.device if ctx is not None else resolve_device(cfg.device)
     autocast = forward_autocast(device, cfg.amp)  # refuses AMP where it cannot run
-    if restart:
+    writer = ctx is None or ctx.is_writer
+    if restart and writer:
         run.discard()
+    in_turn(ctx, lambda: None)  # the others read the run directory once it is discarded
     previous = find_previous_run(run, cfg, device)
     if previous is not None and previous.summary is not None:
         log(f"{run.path} has finished its {previous.step} steps; not training it again "
             "(--restart discards it)")
-        if stage is not None:
-            runner.start(stage, {"finished": True})
+        if ctx is not None and ctx.stages > 1:
+            runner.start(ctx, {"finished": True})
         return previous.summary
-    run.write_config(cfg)
-    data = resolve_dataset(cfg.data, progress=not quiet)
-    learner: Learner = (LocalLearner(cfg, len(data.classes), device, autocast) if stage is None else
-                        DistributedLearner(cfg, stage, len(data.classes), run, previous is not None))
-    session = Session(cfg, run, data, learner, device, autocast, log, previous)
+    if writer:
+        run.write_config(cfg)
+    data = in_turn(ctx, lambda: resolve_dataset(cfg.data, progress=not quiet))
+    learner = make_learner(cfg, len(data.classes), device, autocast, ctx, run, previous is not None)
+    session = Session(cfg, run, data, learner, device, autocast, log, previous, ctx)
     session.train_steps(quiet)
     summary = session.finish(quiet)
     log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
@@ -92,17 +104,43 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     return summary
 
 
+def in_turn(ctx: StageContext | None, work: Callable[[], Any]) -> Any:
+    """``work`` on global rank 0 first, then on every other replica's first stage: what prepares
+    shared files (a dataset generated or indexed on first use) is done once."""
+    if ctx is None or ctx.replicas == 1:
+        return work()
+    result = work() if ctx.is_writer else None
+    dist.barrier(group=ctx.leaders)  # with the start-up's patience
+    return result if ctx.is_writer else work()
+
+
+def make_learner(cfg: Config, num_classes: int, device: torch.device, autocast: Autocast,
+                 ctx: StageContext | None, run: RunDir, resume: bool) -> Learner:
+    """This process's learner: the whole network, one replica of it, or (with stages) stage 0 of
+    its replica's pipeline."""
+    if ctx is None:
+        return LocalLearner(cfg, num_classes, device, autocast)
+    if ctx.stages == 1:
+        return ReplicatedLearner(cfg, num_classes, device, autocast, ctx.across)
+    return DistributedLearner(cfg, ctx, num_classes, run, resume)
+
+
 class Session:
     """One start of a run: the steps not yet done, their logs, evaluations and checkpoints, then
-    the final evaluation and the summary."""
+    the final evaluation and the summary. With replicas every replica's first stage runs one, on
+    its shard of the data, in step with the others; only global rank 0's writes files."""
 
     def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: Learner,
-                 device: torch.device, autocast: Autocast, log: Log, previous: PreviousRun | None):
+                 device: torch.device, autocast: Autocast, log: Log, previous: PreviousRun | None,
+                 ctx: StageContext | None = None):
         self.cfg, self.run, self.data, self.learner = cfg, run, data, learner
         self.device, self.autocast, self.log = device, autocast, log
+        self.writer = ctx is None or ctx.is_writer
+        self.shards = ctx.across if ctx is not None and ctx.replicas > 1 else None
+        shard = (ctx.replica, ctx.replicas) if ctx is not None else (0, 1)
         self.state = previous.state if previous is not None else RunState()
         self.started = time.perf_counter() - self.state.wall_s  # wall_s: over every start
-        self.train_loader, self.val_loader = data_loaders(cfg, data, start=self.state.data_position)
+        self.train_loader, self.val_loader = data_loaders(cfg, data, self.state.data_position, shard)
         seed_everything(cfg.seed)
         self.first_step, continued = 1, None
         if previous is not None:
@@ -111,20 +149,21 @@ class Session:
             self.train_loader.failed.update(self.state.unreadable)  # reported once, over every start
             self.first_step = previous.step + 1
             log(f"resuming {run.path} from step {previous.step}")
-            # a kill after the checkpoint may have logged steps the resumed run will redo
-            trim_jsonl(run.metrics, previous.step)
+            if self.writer:  # a kill after the checkpoint may have logged steps to be redone
+                trim_jsonl(run.metrics, previous.step)
             # the checkpoint at the last step comes before the final evaluation, which is redone
             final = previous.step >= cfg.train.steps
             continued = (previous.step - final, self.state.best)
-        self.evaluations = Evaluations(run, self.started, cfg.task, continued)
+        self.evaluations = Evaluations(run, self.started, cfg.task, continued, self.writer)
         self.val: dict[str, float] = {}
 
     def train_steps(self, quiet: bool) -> None:
         """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
         cfg, state = self.cfg, self.state
         sampler, batches = self.train_loader.loader.batch_sampler, forever(self.train_loader)
-        with self.run.metrics.open("a" if self.first_step > 1 else "w") as metrics, \
-                progress_bar(quiet) as bar, PeakMemory(self.device) as memory:
+        metrics_file = (self.run.metrics.open("a" if self.first_step > 1 else "w") if self.writer
+                        else nullcontext())
+        with metrics_file as metrics, progress_bar(quiet) as bar, PeakMemory(self.device) as memory:
             self.memory = memory
             task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps,
                                 completed=self.first_step - 1, info="") if bar else None
@@ -132,8 +171,10 @@ class Session:
                 self.train_step(batches)
                 state.data_position = sampler.advance(state.data_position)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    metrics.write(json.dumps(self.record(step)) + "\n")
-                    metrics.flush()
+                    record = self.record(step)  # on every replica: it gathers their peaks
+                    if metrics is not None:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                     self.evaluate(step, bar)
                 if bar:
@@ -171,7 +212,7 @@ class Session:
 
     def evaluate(self, step: int, bar) -> None:
         self.val = evaluate_split(self.cfg, self.learner.model, self.val_loader, self.data,
-                                  self.device, "val", self.autocast, bar)
+                                  self.device, "val", self.autocast, bar, self.shards)
         self.evaluations.record(step, self.state.frames_seen, self.state.loss(), self.val,
                                 lambda path: self.save(path, step))
         self.log(evaluation_line(step, self.cfg.train.steps, self.val,
@@ -198,7 +239,7 @@ class Session:
             self.checkpoint(steps)
         with progress_bar(quiet) as bar:
             self.val = evaluate_split(cfg, self.learner.model, self.val_loader, self.data, self.device,
-                                      "val", self.autocast, bar)
+                                      "val", self.autocast, bar, self.shards)
         summary = {
             "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset,
             "seed": cfg.seed, "steps": steps, "updates": state.updates,
@@ -211,7 +252,8 @@ class Session:
                                 lambda path: self.save(path, steps, summary=summary))
         self.checkpoint(steps, summary=summary)
         self.learner.close()
-        write_json(self.run.summary, summary)
+        if self.writer:
+            write_json(self.run.summary, summary)
         return summary
 
 
@@ -226,27 +268,33 @@ class Evaluations:
                  "reconstruct": ("val_mse", "val_psnr")}
 
     def __init__(self, run: RunDir, started: float, task: str,
-                 continued: tuple[int, float] | None = None):
+                 continued: tuple[int, float] | None = None, writes: bool = True):
         """``continued``: (the last step whose rows stand, the best primary metric so far) when a
-        run resumes; the rows after that step are dropped."""
-        self.path, self.best_path = run.evaluations, run.checkpoint("best")
+        run resumes; the rows after that step are dropped. ``writes``: False on every replica
+        but the first, which keeps the same best (and calls ``save_best`` alike: saving gathers
+        from every replica) but writes no row."""
+        self.path, self.best_path, self.writes = run.evaluations, run.checkpoint("best"), writes
         self.started = started
         self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
         self.primary = PRIMARY_METRIC[task]
         self.best = -math.inf
+        if continued is not None:
+            kept, self.best = continued
+        if not writes:
+            return
         if continued is None:
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.keys)
         else:
-            kept, self.best = continued
             trim_csv(self.path, kept, self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
                save_best: Callable[[Path], None]) -> None:
         row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
                "wall_s": time.perf_counter() - self.started, **val}
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[key] for key in self.keys])
+        if self.writes:
+            with self.path.open("a", newline="") as f:
+                csv.writer(f).writerow([row[key] for key in self.keys])
         if val[self.primary] > self.best:
             self.best = val[self.primary]
             save_best(self.best_path)

@@ -287,22 +287,27 @@ def build_loader(
     *,
     pin_memory: bool = False,
     start: Position = (0, 0),
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader whose batches depend only on `seed`, never on `num_workers`.
 
     `shuffle` (training): an endless stream of batches, epoch after epoch, from (epoch, position)
     `start` (:class:`SeededBatchSampler`; each item a :class:`Draw`). Otherwise one pass over the
-    dataset in its order.
+    dataset in its order. `shard` (index, count): training batches are that slice of every batch
+    of `batch_size`; one pass takes every count-th item from the index-th.
     """
     workers = max(0, num_workers)
     extra: dict[str, Any] = {}
     if workers:
         extra = dict(persistent_workers=True, multiprocessing_context=_worker_context())
     if shuffle:
-        sampler = SeededBatchSampler(len(dataset), batch_size, seed, drop_last=drop_last, start=start)
+        sampler = SeededBatchSampler(len(dataset), batch_size, seed, drop_last=drop_last, start=start,
+                                     shard=shard)
         extra["batch_sampler"] = sampler
     else:
-        extra.update(batch_size=batch_size, drop_last=drop_last)
+        index, count = shard
+        extra.update(batch_size=batch_size, drop_last=drop_last,
+                     sampler=range(index, len(dataset), count) if count > 1 else None)
     return DataLoader(
         dataset,
         num_workers=workers,

@@ -50,12 +50,19 @@ class SeededBatchSampler(Sampler[list[Draw]]):
     worker iterator does at start-up): every ``iter()`` starts again at ``start``, and the one pass
     the trainer makes never ends. The DataLoader draws batches ahead of what the trainer has
     consumed (prefetching), so the trainer tracks its position itself with :meth:`advance`.
+
+    ``shard`` (index, count): yield only that equal slice of every batch, as replica ``index`` of
+    ``count`` data-parallel replicas does; the shards of a batch are the whole batch, in order.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, drop_last: bool = True,
-                 start: Position = (0, 0)):
+                 start: Position = (0, 0), shard: tuple[int, int] = (0, 1)):
         if num_items < 1 or batch_size < 1 or (drop_last and batch_size > num_items):
             raise ValueError(f"cannot draw batches of {batch_size} from {num_items} items")
+        index, count = shard
+        if batch_size % count or not 0 <= index < count:
+            raise ValueError(f"cannot cut batches of {batch_size} into shard {index} of {count}")
+        self.shard = shard
         self.num_items, self.batch_size, self.seed, self.drop_last = num_items, batch_size, seed, drop_last
         self.start = self.normalise(start)
         self._order: tuple[int, list[int]] = (-1, [])  # the last epoch's permutation
@@ -82,7 +89,9 @@ class SeededBatchSampler(Sampler[list[Draw]]):
         return [Draw(self._order[1][p], item_seed(self.seed, epoch, p)) for p in range(position, stop)]
 
     def __iter__(self) -> Iterator[list[Draw]]:
+        index, count = self.shard
+        size = self.batch_size // count
         at = self.start
         while True:
-            yield self.batch(at)
+            yield self.batch(at)[index * size:(index + 1) * size]
             at = self.advance(at)

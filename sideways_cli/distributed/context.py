@@ -1,8 +1,13 @@
-"""This process's place in a depth-parallel job: which stage it is, its device, its process group.
+"""This process's place in a parallel job: which replica and stage it is, its device, its groups.
 
 torchrun (or ``sideways train``, which launches through the same elastic agent) starts one process
-per stage and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
-rank r runs stage r.
+per stage of every replica, ``parallel.replicas`` x ``parallel.stages`` in all, and sets RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The layout, in one place
+(:func:`join`): rank r is stage r % P of replica r // P, so a replica's stages are consecutive ranks
+(on one node with enough GPUs); the job is a 2-D DeviceMesh ("replica", "stage"): along "stage",
+one replica's pipeline (its links and commands); along "replica", one stage of every replica (its
+gradient averaging). Global rank 0, replica 0's first stage, logs, evaluates (gathering every
+replica's share) and writes the run directory; every replica's first stage loads its data.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from sideways_cli.config import Config
 from sideways_cli.distributed.links import Links
+from sideways_cli.distributed.replicas import ReplicaGroup
 from sideways_cli.errors import UserError
 from sideways_cli.runtime import resolve_device
 
@@ -29,16 +36,24 @@ STARTED_BY_SIDEWAYS = "SIDEWAYS_STAGE_OF_LAUNCHER"  # set for the stages launch.
 
 
 def launched() -> bool:
-    """True inside a process started by torchrun or by :func:`launch.launch_stages`."""
+    """True inside a process started by torchrun or by :func:`launch.launch`."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 @dataclass
 class StageContext:
+    """Stage ``stage`` of ``stages`` of replica ``replica``; ``links`` to its replica's other
+    stages; ``across``: this stage of every replica (None with a single replica)."""
+
     stage: int
     stages: int
     device: torch.device
     links: Links
+    replica: int = 0
+    replicas: int = 1
+    across: ReplicaGroup | None = None
+    mesh: DeviceMesh | None = None
+    leaders: dist.ProcessGroup | None = None  # every replica's first stage, with start-up patience
 
     @property
     def reports_to_parent(self) -> bool:
@@ -53,6 +68,11 @@ class StageContext:
     def is_last(self) -> bool:
         return self.stage == self.stages - 1
 
+    @property
+    def is_writer(self) -> bool:
+        """Global rank 0: the one process that logs and writes the run directory."""
+        return self.replica == 0 and self.stage == 0
+
 
 def die_with_launcher() -> None:
     """Linux: end this stage when its launcher ends, even by SIGKILL, which gives the launcher no
@@ -66,26 +86,51 @@ def die_with_launcher() -> None:
 
 
 def join(cfg: Config) -> StageContext:
-    """Join the job's process group as the stage of this process's rank."""
+    """Join the job as the replica and stage of this process's rank."""
     die_with_launcher()
-    stages = int(os.environ["WORLD_SIZE"])
-    if stages != cfg.parallel.stages:
-        raise UserError(f"the launcher started {stages} processes but parallel.stages is "
-                        f"{cfg.parallel.stages}; pass --set parallel.stages={stages} (or launch "
-                        f"{cfg.parallel.stages} processes)")
+    world = int(os.environ["WORLD_SIZE"])
+    replicas, stages = cfg.parallel.replicas, cfg.parallel.stages
+    if world != replicas * stages:
+        raise UserError(f"the launcher started {world} processes but parallel.replicas x "
+                        f"parallel.stages is {replicas} x {stages} = {replicas * stages}; launch "
+                        f"{replicas * stages} (torchrun --nproc-per-node {replicas * stages} on one "
+                        f"node), or set parallel.replicas and parallel.stages to multiply to {world}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = stage_device(cfg.device, local_rank)
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    local_stages = int(os.environ.get("LOCAL_WORLD_SIZE", stages))
-    torch.set_num_threads(cfg.parallel.threads or max(1, (os.cpu_count() or 1) // local_stages))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.parallel.threads or max(1, (os.cpu_count() or 1) // local_world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
-    stage = dist.get_rank()
-    return StageContext(stage, stages, device, Links(stage, stages, cfg.parallel.timeout_s, device))
+    replica, stage = divmod(dist.get_rank(), stages)
+    if replicas == 1:  # the whole job is one pipeline: the default group
+        links = Links(stage, stages, cfg.parallel.timeout_s, device)
+        return StageContext(stage, stages, device, links)
+    return _mesh_context(cfg, replica, stage, device)
+
+
+def _mesh_context(cfg: Config, replica: int, stage: int, device: torch.device) -> StageContext:
+    """The groups of R > 1 replicas: every process creates every group, in the same order.
+    Replica groups wait ``parallel.timeout_s`` at most (their collectives include DDP's, which
+    nothing else bounds); a replica's stages wait as its links say."""
+    replicas, stages = cfg.parallel.replicas, cfg.parallel.stages
+    ranks = torch.arange(replicas * stages).view(replicas, stages)
+    pipelines = [dist.new_group(ranks[r].tolist(), timeout=STARTUP_TIMEOUT) for r in range(replicas)]
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    across = [dist.new_group(ranks[:, s].tolist(), timeout=timeout) for s in range(stages)]
+    leaders = dist.new_group(ranks[:, 0].tolist(), timeout=STARTUP_TIMEOUT)
+    mesh = DeviceMesh.from_group([across[stage], pipelines[replica]], device.type, mesh=ranks,
+                                 mesh_dim_names=("replica", "stage"))
+    links = Links(stage, stages, cfg.parallel.timeout_s, device, ranks=ranks[replica].tolist(),
+                  group=mesh.get_group("stage"), replica=replica)
+    group = ReplicaGroup(mesh.get_group("replica"), replica, replicas, stage, stages,
+                         cfg.parallel.timeout_s, device)
+    return StageContext(stage, stages, device, links, replica, replicas, group, mesh,
+                        leaders if stage == 0 else None)
 
 
 def stage_device(name: str, local_rank: int) -> torch.device:

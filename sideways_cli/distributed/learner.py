@@ -53,6 +53,8 @@ class DistributedLearner:
     def __init__(self, cfg: Config, ctx: StageContext, num_classes: int, run: RunDir, resume: bool):
         autocast = forward_autocast(ctx.device, cfg.amp)
         sizes = stage_sizes(cfg, build_network(cfg, num_classes), ctx.device, autocast)
+        if ctx.across is not None:  # every replica splits the network as replica 0 measured it
+            sizes = ctx.across.gather(sizes, "agreeing on the stages' sizes")[0]
         start(ctx, {"classes": num_classes, "sizes": sizes, "out_dir": str(run.path),
                     "resume": str(run.checkpoint()) if resume else None})
         self.cfg, self.ctx, self.run = cfg, ctx, run
@@ -66,13 +68,17 @@ class DistributedLearner:
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor) -> BatchStats:
         self.commands.send(Command.TRAIN, *clips.shape)
-        return self.worker.train_batch(clips, labels, clips.shape)
+        stats = self.worker.train_batch(clips, labels, clips.shape)
+        return stats if self.ctx.across is None else self.ctx.across.batch_stats(stats)
 
     def save(self, path: Path, payload: dict[str, Any]) -> None:
-        """Every stage writes its shard; stage 0 then reassembles them into ``path``."""
+        """Every stage writes its shard; stage 0 then reassembles them into ``path`` (with
+        replicas, replica 0's stages write, from every replica's registers)."""
         which = path.stem
         self.commands.send(Command.SAVE, CHECKPOINTS.index(which))
         save_shard(self.worker, self.run, which)
+        if self.ctx.replica != 0:
+            return
         paths = [self.run.stage_shard(which, s) for s in range(self.ctx.stages)]
         shards = [torch.load(p, map_location=self.ctx.device, weights_only=False) for p in paths]
         learner = reassemble(shards, self.cfg)
@@ -89,9 +95,14 @@ class DistributedLearner:
         self.worker.load(ckpt)
 
     def peaks_mb(self, own_mb: float) -> list[float]:
-        """Each stage's peak memory so far, bottom stage first, given this (the first) stage's."""
+        """Each stage's peak memory so far, bottom stage first, given this (the first) stage's;
+        with replicas, each stage's largest over them."""
         self.commands.send(Command.MEMORY)
-        return self.worker.gather_peaks(own_mb)
+        peaks = self.worker.gather_peaks(own_mb)
+        if self.ctx.across is None:
+            return peaks
+        return self.ctx.across.max_(torch.tensor(peaks, dtype=torch.float64),
+                                    "gathering the replicas' peak memory").tolist()
 
     def close(self) -> None:
         self.commands.send(Command.STOP)

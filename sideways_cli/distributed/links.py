@@ -8,6 +8,7 @@ launcher stops the whole job instead of leaving it blocked for c10d's default ha
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,25 +22,35 @@ class StageFailure(RuntimeError):
 
 
 class Links:
-    """This stage's sends and receives; ``device`` is where tensors live for the backend."""
+    """This stage's sends and receives to the other stages of its replica, which it names by
+    stage index; ``device`` is where tensors live for the backend.
 
-    def __init__(self, rank: int, stages: int, timeout_s: float, device: torch.device):
+    ``ranks``: each stage's global rank (default: stage s is rank s, a single replica);
+    ``group``: the replica's stages, over which :meth:`all_reduce` sums (default: every process);
+    ``replica``: which replica this is, for messages (None: a single one).
+    """
+
+    def __init__(self, rank: int, stages: int, timeout_s: float, device: torch.device,
+                 ranks: list[int] | None = None, group: dist.ProcessGroup | None = None,
+                 replica: int | None = None):
         self.rank, self.stages = rank, stages
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device
+        self.ranks = ranks if ranks is not None else list(range(stages))
+        self.group, self.replica = group, replica
         self.in_flight: list[tuple[dist.Work, torch.Tensor, int]] = []  # sends not yet complete
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         """Start sending ``tensor`` to stage ``dst``; it stays referenced until :meth:`settle`.
         ``tag`` keeps apart traffic that shares a pair of stages (ticks, targets, evaluation)."""
         tensor = tensor.detach().contiguous()
-        self.in_flight.append((dist.isend(tensor, dst, tag=tag), tensor, dst))
+        self.in_flight.append((dist.isend(tensor, self.ranks[dst], tag=tag), tensor, dst))
 
     def receive(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int,
                 what: str, tag: int) -> PendingReceive:
         """Post a receive from stage ``src`` now (so it overlaps compute); ``.wait()`` it later."""
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        return PendingReceive(self, dist.irecv(buffer, src, tag=tag), buffer, src, what)
+        return PendingReceive(self, dist.irecv(buffer, self.ranks[src], tag=tag), buffer, src, what)
 
     def settle(self) -> None:
         """Wait until every send has left: a neighbour that stopped reading is found here too."""
@@ -61,9 +72,9 @@ class Links:
         return self.receive(shape, _DTYPES[header[0]], src, what, tag).wait()
 
     def all_reduce(self, tensor: torch.Tensor, doing: str) -> None:
-        """Sum ``tensor`` over the stages in place."""
+        """Sum ``tensor`` over the replica's stages in place."""
         try:
-            work = dist.all_reduce(tensor, async_op=True)
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
         except RuntimeError as exc:
             raise self.failure(None, doing, exc) from None
         self.wait(work, None, doing)
@@ -71,13 +82,11 @@ class Links:
     def wait(self, work: dist.Work, peer: int | None, doing: str,
              timeout: timedelta | None = None) -> None:
         """Wait ``timeout`` (default ``parallel.timeout_s``) for ``work``, else StageFailure."""
-        timeout = timeout or self.timeout
-        try:
-            completed = work.wait(timeout)
-        except RuntimeError as exc:
-            raise self.failure(peer, doing, exc, timeout) from None
-        if completed is False:  # some backends report a timeout by returning False
-            raise self.failure(peer, doing, None, timeout)
+        bounded_wait(work, timeout or self.timeout,
+                     lambda exc, waited: self.failure(peer, doing, exc, waited))
+
+    def name(self, stage: int) -> str:
+        return f"stage {stage}" if self.replica is None else f"replica {self.replica} stage {stage}"
 
     def failure(self, peer: int | None, doing: str, exc: BaseException | None,
                 timeout: timedelta | None = None) -> StageFailure:
@@ -85,15 +94,29 @@ class Links:
         stages, it is the other one)."""
         if peer is None and self.stages == 2:
             peer = 1 - self.rank
-        text = str(exc).lower() if exc is not None else "timed out"
-        who = f"stage {peer}" if peer is not None else "another stage"
-        seconds = (timeout or self.timeout).total_seconds()
-        if "timed out" in text or "timeout" in text:
-            why = (f"{who} sent nothing for {seconds:.0f} s: it hung or is far slower than this "
-                   f"stage (raise parallel.timeout_s if it is only slow)")
-        else:
-            why = f"{who} closed its connection: it died ({str(exc).splitlines()[0]})"
-        return StageFailure(f"stage {self.rank}, {doing}: {why}")
+        who = self.name(peer) if peer is not None else "another stage"
+        return StageFailure(f"{self.name(self.rank)}, {doing}: "
+                            f"{why_silent(who, exc, timeout or self.timeout)}")
+
+
+def bounded_wait(work: dist.Work, timeout: timedelta,
+                 failure: Callable[[BaseException | None, timedelta], StageFailure]) -> None:
+    """Wait ``timeout`` for ``work``; raise ``failure(exception, timeout)`` if it fails or hangs."""
+    try:
+        completed = work.wait(timeout)
+    except RuntimeError as exc:
+        raise failure(exc, timeout) from None
+    if completed is False:  # some backends report a timeout by returning False
+        raise failure(None, timeout)
+
+
+def why_silent(who: str, exc: BaseException | None, timeout: timedelta) -> str:
+    """Why ``who`` failed to answer: it hung (a timeout) or it died (its connection closed)."""
+    text = str(exc).lower() if exc is not None else "timed out"
+    if "timed out" in text or "timeout" in text:
+        return (f"{who} sent nothing for {timeout.total_seconds():.0f} s: it hung or is far "
+                f"slower than this process (raise parallel.timeout_s if it is only slow)")
+    return f"{who} closed its connection: it died ({str(exc).splitlines()[0]})"
 
 
 class PendingReceive:

@@ -20,6 +20,7 @@ from sideways_cli.build import build_network, make_optimizer, make_schedule
 from sideways_cli.config import Config
 from sideways_cli.distributed.context import STARTUP_TIMEOUT, StageContext
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
+from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
 from sideways_cli.distributed.shards import (batched_for_stage, merge_batched, merge_optimizers,
                                              merge_sideways, model_state_for_stage,
                                              model_state_to_network, optimizer_for_stage,
@@ -78,9 +79,13 @@ class StageWorker:
         else:
             self.rule = PipelinedBackprop(self.stack, ctx.stage, ctx.stages, cfg.parallel.schedule,
                                           cfg.parallel.microbatches, self.objective, ctx.device,
-                                          self.autocast)
+                                          self.autocast, group=ctx.links.group)
 
     def apply_update(self) -> None:
+        """With replicas, this stage's gradients are first averaged over them (every replica's
+        stage steps at the same point of the schedule)."""
+        if self.ctx.across is not None:
+            self.ctx.across.average_gradients(self.stack.parameters())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -154,6 +159,8 @@ class StageWorker:
             if self.cfg.mode == "sideways":
                 for_stage = batched_for_stage if chunked(self.cfg) else sideways_for_stage
                 rule = for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
+            if self.ctx.across is not None:  # the whole batch's registers: this replica's slice
+                rule = replica_share(rule, self.ctx.replica, self.ctx.replicas)
             self.rule.load_state_dict(rule)
         stage_rng = ckpt["resume"].get("stage_rng")
         if stage_rng is not None and not self.ctx.is_first:
@@ -196,7 +203,7 @@ class CommandChannel:
     def _broadcast(self, slots: torch.Tensor, doing: str) -> None:
         links = self.ctx.links
         try:
-            work = dist.broadcast(slots, src=0, async_op=True)
+            work = dist.broadcast(slots, src=links.ranks[0], group=links.group, async_op=True)
         except RuntimeError as exc:
             raise links.failure(0, doing, exc) from None
         # the first command may wait for stage 0 to load its first batch
@@ -205,9 +212,11 @@ class CommandChannel:
 
 
 def start(ctx: StageContext, setup: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stage 0 tells every stage how to build itself (classes, balance, checkpoint to resume)."""
+    """A replica's stage 0 tells its other stages how to build themselves (classes, balance,
+    checkpoint to resume)."""
     box = [setup]
-    dist.broadcast_object_list(box, src=0)  # the process group's start-up timeout
+    links = ctx.links  # the process group's start-up timeout
+    dist.broadcast_object_list(box, src=links.ranks[0], group=links.group)
     return box[0]
 
 
@@ -239,6 +248,13 @@ def follow(cfg: Config, ctx: StageContext) -> None:
 
 
 def save_shard(worker: StageWorker, run: RunDir, which: str) -> None:
-    save_checkpoint(worker.shard(), run.stage_shard(which, worker.ctx.stage))
-    done = torch.ones(1, device=worker.ctx.device)  # a barrier with a timeout
-    worker.ctx.links.all_reduce(done, f"saving the {which} checkpoint")
+    """This stage's shard of a checkpoint; with replicas, replica 0's stage writes it, holding
+    the whole batch's registers gathered from every replica's stage."""
+    shard, ctx = worker.shard(), worker.ctx
+    if ctx.across is not None:
+        shard["rule"] = merge_replica_states(ctx.across.gather(on_cpu(shard["rule"]),
+                                                                "gathering the registers"))
+    if ctx.replica == 0:
+        save_checkpoint(shard, run.stage_shard(which, ctx.stage))
+    done = torch.ones(1, device=ctx.device)  # a barrier with a timeout
+    ctx.links.all_reduce(done, f"saving the {which} checkpoint")
