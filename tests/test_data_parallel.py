@@ -23,7 +23,7 @@ from sideways_cli.data.sampler import SeededBatchSampler
 from sideways_cli.distributed.replica_state import merge_replica_states, replica_share
 from sideways_cli.distributed.replicas import BUCKET_BYTES, _buckets
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
-from test_depth_parallel import kill_after_checkpoint, stage_pids, start
+from test_depth_parallel import descendants, kill_after_checkpoint, stage_pids, start
 from tiny import random_clips, tiny_network, tiny_run_config
 
 STEPS = 4
@@ -52,6 +52,12 @@ def launched(config: Path, out: Path, *sets: str) -> Path:
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     return out
+
+
+def torchrun(config: Path, out: Path, *extra: str, sets: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", *extra, "-m",
+            "sideways_cli", "train", str(config), "--out", str(out), "--quiet"]
+    return args + [a for s in sets for a in ("--set", s)]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -111,31 +117,57 @@ def test_updates_every_n_ticks_resume_from_one_process_into_2_replicas(config, t
 
 
 @pytest.mark.multiprocess
-def test_a_killed_replica_ends_the_job_naming_it(config, tmp_path):
+def test_a_killed_replica_ends_the_job_naming_it_and_leaves_no_process(config, tmp_path):
     run = tmp_path / "run"
-    process = start(config, run, "mode=sideways", "parallel.replicas=2", "train.steps=100000")
+    process = start(config, run, "mode=sideways", "parallel.replicas=2", "train.steps=100000",
+                    "data.num_workers=1")
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+    everything = descendants(process.pid)  # the agent, the replicas, their loader workers
     ranks = stage_pids(process)
+    assert len(everything) > len(ranks) + 1
     killed = time.monotonic()
     os.kill(ranks[1], signal.SIGKILL)
     _, err = process.communicate(timeout=60)
     assert time.monotonic() - killed < 60 and process.returncode != 0
     assert "replica 1 stage 0 was killed by SIGKILL" in err
-    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
+    while any(Path(f"/proc/{pid}").exists() for pid in everything):
+        assert time.monotonic() - killed < 60, "a process outlived the job"
+        time.sleep(0.1)
 
 
 @pytest.mark.multiprocess
 def test_torchrun_with_the_wrong_number_of_processes_is_told_what_to_pass(config, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "3", "-m", "sideways_cli", "train", str(config),
-                             "--set", "parallel.replicas=2", "--out", str(tmp_path / "run"), "--quiet"],
+    result = subprocess.run(torchrun(config, tmp_path / "run", "--nproc-per-node", "3",
+                                     sets=["parallel.replicas=2"]),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in result.stderr
     assert "--nproc-per-node 2" in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_torchrun_restarts_a_killed_replica_and_the_job_resumes_from_its_checkpoint(config, tmp_path):
+    """torchrun's elastic agent (--max-restarts) starts every process again after one dies; they
+    resume from the last checkpoint and end where an uninterrupted run ends."""
+    settings = ["mode=sideways", "train.optimizer=adamw", "train.lr=0.01", "train.steps=8"]
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        torchrun(config, run, "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.5",
+                 sets=[*settings, "parallel.replicas=2"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.kill(stage_pids(process)[1], signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "replica 1 stage 0 closed its connection" in err  # the first attempt's end
+    assert_same_run(run, one_process(config, tmp_path / "straight", *settings))
 
 
 # -- in-process: the pieces ---------------------------------------------------------------------

@@ -187,7 +187,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def stage_pids(process: subprocess.Popen) -> dict[int, int]:
-    """rank -> pid of the stage processes the launcher started (each in a session of its own)."""
+    """rank -> pid of the stage processes the launcher started (each in a session of its own);
+    their data-loader workers inherit RANK but come after them in the walk."""
     pids = {}
     for pid in descendants(process.pid):
         try:
@@ -196,7 +197,7 @@ def stage_pids(process: subprocess.Popen) -> dict[int, int]:
             continue
         rank = [e for e in env if e.startswith(b"RANK=")]
         if rank:
-            pids[int(rank[0][5:])] = pid
+            pids.setdefault(int(rank[0][5:]), pid)
     return pids
 
 

@@ -104,13 +104,26 @@ def join(cfg: Config) -> StageContext:
     torch.set_num_threads(cfg.parallel.threads or max(1, (os.cpu_count() or 1) // local_world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    _init_process_group(backend, device)
     replica, stage = divmod(dist.get_rank(), stages)
     if replicas == 1:  # the whole job is one pipeline: the default group
         links = Links(stage, stages, cfg.parallel.timeout_s, device)
         return StageContext(stage, stages, device, links)
     return _mesh_context(cfg, replica, stage, device)
+
+
+def _init_process_group(backend: str, device: torch.device) -> None:
+    """The default group, over a store whose keys are this attempt's own.
+
+    torchrun's elastic agent hands every restart of the workers the same store (its rendezvous
+    store, MASTER_ADDR:MASTER_PORT), so a restarted process could read the address a dead one
+    published under the same key and fail to connect. Prefixing every key with the restart count
+    (TORCHELASTIC_RESTART_COUNT) keeps the attempts apart; every group made later shares it."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=STARTUP_TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"sideways/attempt_{attempt}/", store),
+                            rank=rank, world_size=world, timeout=STARTUP_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def _mesh_context(cfg: Config, replica: int, stage: int, device: torch.device) -> StageContext:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sideways_cli.config import Config
+from sideways_cli.distributed.links import StageFailure
 from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
 from sideways_cli.distributed.replicas import ReplicaGroup, is_link_failure
 from sideways_cli.engine.rule import BatchStats
@@ -40,6 +41,8 @@ class ReplicatedLearner(LocalLearner):
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor) -> BatchStats:
         try:
             stats = super().train_batch(clips, labels)
+        except StageFailure:  # named already (the averaging before a Sideways step)
+            raise
         except RuntimeError as exc:  # DDP's all_reduce in the backward pass: a replica is gone
             if not is_link_failure(exc):
                 raise
