@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_clip_length.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/depth_parallel.py
+	$(BIN)/python benchmarks/data_parallel.py
 
 # Static video with per-frame modules: Sideways == BP (cosine 1); shuffled frames: the bottom falls.
 fidelity: $(STAMP)

@@ -43,7 +43,8 @@ def evaluate(model: CausalNetwork, loader: Iterable[dict], num_videos: int, num_
 def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_videos: int,
                             num_classes: int, device: torch.device, split: str = "val",
                             autocast: Autocast = nullcontext, bar: Progress | None = None,
-                            *, chunk: int, shards: Shards | None = None) -> tuple[dict[str, float], torch.Tensor]:
+                            *, chunk: int, shards: Shards | None = None
+                            ) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted].
     The forward passes run in ``autocast`` (bf16 with AMP), ``chunk`` frames at a time; ``bar``
     gets a task for the batches. ``shards``: the loader holds this replica's share of the split,

@@ -74,12 +74,11 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert sa[key] == sb[key], key
 
 
-CASES = {  # name -> (settings, replicas and stages)
+# name -> (settings, replicas and stages); Sideways with AdamW at R=2 is the torchrun restart test's
+CASES = {
     "bp, sgd, R=2": (["mode=bp"], ["parallel.replicas=2"]),
     "bp, adamw, R=2 x P=2": (["mode=bp", "train.optimizer=adamw", "train.lr=0.01"],
                              ["parallel.replicas=2", "parallel.stages=2", "parallel.balance=[2,1]"]),
-    "sideways, adamw, R=2": (["mode=sideways", "train.optimizer=adamw", "train.lr=0.01"],
-                             ["parallel.replicas=2"]),
     "sideways, sgd, R=2 x P=2": (["mode=sideways"],
                                  ["parallel.replicas=2", "parallel.stages=2", "parallel.balance=[2,1]"]),
 }
@@ -140,11 +139,11 @@ def test_a_killed_replica_ends_the_job_naming_it_and_leaves_no_process(config, t
 
 @pytest.mark.multiprocess
 def test_torchrun_with_the_wrong_number_of_processes_is_told_what_to_pass(config, tmp_path):
-    result = subprocess.run(torchrun(config, tmp_path / "run", "--nproc-per-node", "3",
+    result = subprocess.run(torchrun(config, tmp_path / "run", "--nproc-per-node", "1",
                                      sets=["parallel.replicas=2"]),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in result.stderr
+    assert "started 1 process but parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in result.stderr
     assert "--nproc-per-node 2" in result.stderr
 
 

@@ -91,8 +91,9 @@ def join(cfg: Config) -> StageContext:
     world = int(os.environ["WORLD_SIZE"])
     replicas, stages = cfg.parallel.replicas, cfg.parallel.stages
     if world != replicas * stages:
-        raise UserError(f"the launcher started {world} processes but parallel.replicas x "
-                        f"parallel.stages is {replicas} x {stages} = {replicas * stages}; launch "
+        started = f"{world} process" + "es" * (world != 1)
+        raise UserError(f"the launcher started {started} but parallel.replicas x parallel.stages is "
+                        f"{replicas} x {stages} = {replicas * stages}; launch "
                         f"{replicas * stages} (torchrun --nproc-per-node {replicas * stages} on one "
                         f"node), or set parallel.replicas and parallel.stages to multiply to {world}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
