@@ -19,6 +19,8 @@ from sideways_cli.engine.rule import GradientRule
 from sideways_cli.engine.schedule import PIPELINE_MODES, parse_update
 from sideways_cli.errors import UserError
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
+from sideways_cli.models.user import (BuilderError, absolute, build_user_model, check_outputs,
+                                      is_user_builder, load_builder)
 from sideways_cli.runtime import Autocast
 
 IMAGE_CHANNELS = 3
@@ -28,9 +30,38 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 def check(cfg: Config) -> None:
     """What only the model zoo and the engine can tell: the model exists for the task and has the
     asked depth; the Sideways settings parse. UserError naming the key and the fix."""
+    if is_user_builder(cfg.model.name):
+        _check_user_model(cfg)
+    else:
+        _check_zoo_model(cfg)
+    if cfg.sideways.pipeline not in PIPELINE_MODES:
+        raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
+                        f"got {cfg.sideways.pipeline!r}")
+    try:
+        parse_update(cfg.sideways.update)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_user_model(cfg: Config) -> None:
+    """A user's builder is imported now, so a wrong path fails before any data is touched. The
+    zoo's keys (model.width, depth, temporal_kernel, dropout) are not its: a preset's stay unused,
+    and the builder's own options come from model.args."""
+    try:
+        cfg.model.name = absolute(cfg.model.name)
+        load_builder(cfg.model.name)
+    except BuilderError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_zoo_model(cfg: Config) -> None:
     if cfg.model.name not in MODELS:
-        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, "
-                        f"got {cfg.model.name!r}")
+        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, or a builder "
+                        f"of your own ('package.module:function', 'path/to/file.py'), got "
+                        f"{cfg.model.name!r}")
+    if cfg.model.args:
+        raise UserError(f"config key 'model.args' is for a builder of your own; {cfg.model.name} "
+                        "takes model.width, model.depth, model.temporal_kernel, model.dropout")
     if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
         wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
             ", ".join(m for m in MODELS if m not in RECONSTRUCTORS)
@@ -40,13 +71,6 @@ def check(cfg: Config) -> None:
     if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
         raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
                         f"{cfg.model.name}, got {cfg.model.depth}")
-    if cfg.sideways.pipeline not in PIPELINE_MODES:
-        raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
-                        f"got {cfg.sideways.pipeline!r}")
-    try:
-        parse_update(cfg.sideways.update)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
 
 
 def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Config:
@@ -59,6 +83,8 @@ def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Con
 def build_network(cfg: Config, num_classes: int) -> FrameStack:
     """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal; a
     reconstructor's outputs are the frames' channels, a classifier's the classes."""
+    if is_user_builder(cfg.model.name):
+        return _build_user_network(cfg, num_classes)
     options: dict = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
     if cfg.model.width is not None:
         options["width"] = cfg.model.width
@@ -68,6 +94,18 @@ def build_network(cfg: Config, num_classes: int) -> FrameStack:
     outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
     # initialised in float32 whatever the precision, so a float64 run starts from the same weights
     return build_model(cfg.model.name, outputs, **options).to(PRECISIONS[cfg.precision])
+
+
+def _build_user_network(cfg: Config, num_classes: int) -> FrameStack:
+    torch.manual_seed(cfg.seed)
+    reconstruct = cfg.task == "reconstruct"
+    outputs = IMAGE_CHANNELS if reconstruct else num_classes
+    try:
+        model = build_user_model(cfg.model.name, outputs, cfg.model.args)
+        check_outputs(cfg.model.name, model, outputs, cfg.data.size, reconstruct)
+    except BuilderError as exc:
+        raise UserError(str(exc)) from None
+    return model.to(PRECISIONS[cfg.precision])
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -35,6 +35,9 @@ class ModelConfig:
     # autoencoder's N encoder levels (each mirrored by the decoder); None = the whole network
     depth: int | None = None
     dropout: float = 0.0  # before the classifier
+    # a builder of your own (model.name 'package.module:function' or 'file.py'): its keyword
+    # arguments, e.g. --set model.args.width=16
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +159,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        if typing.get_origin(t) is dict and isinstance(value, dict):
+            return dict(value)
         if typing.get_origin(t) is list and isinstance(value, list):
             return [_coerce(f"{key}[{i}]", item, typing.get_args(t)[0]) for i, item in enumerate(value)]
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -180,8 +185,19 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
             if not isinstance(value, dict):
                 raise UserError(f"config key {key!r} in {source} is a section; give it a mapping")
             _apply(getattr(obj, name), value, key + ".", source)
+        elif typing.get_origin(hints[name]) is dict and isinstance(value, dict):
+            # a mapping merges: --set model.args.width=16 keeps the YAML's other arguments
+            setattr(obj, name, _merged(getattr(obj, name), value))
         else:
             setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 # YAML 1.1 reads 1e-3 as text (it wants 1.0e-3); on a command line it can only mean a number.

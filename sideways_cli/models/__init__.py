@@ -1,11 +1,14 @@
 """The model zoo, chosen by ``model.name``: classifiers for ``task: classify``, the
-encoder-decoder for ``task: reconstruct``."""
+encoder-decoder for ``task: reconstruct``; and the building blocks for networks of your own
+(``models/user.py`` loads them)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from sideways_cli.models.autoencoder import AUTOENCODER_LEVELS, autoencoder
+from sideways_cli.models.blocks import (CausalConv, ClassifierHead, ConvUnit, FrameModule, PerFrame,
+                                        ResidualBlock, batch_to_frames, frames_to_batch, group_norm)
 from sideways_cli.models.c3d import C3D_DEPTH, c3d
 from sideways_cli.models.resnet import RESNET18_DEPTH, resnet18
 from sideways_cli.models.stack import FrameStack
@@ -28,4 +31,7 @@ def build_model(name: str, outputs: int, **options) -> FrameStack:
     return MODELS[name](outputs, **options)
 
 
-__all__ = ["FULL_DEPTH", "MODELS", "RECONSTRUCTORS", "ZOO", "FrameStack", "build_model"]
+# the public surface for writing networks of your own (README, "Bring your own network")
+__all__ = ["FULL_DEPTH", "MODELS", "RECONSTRUCTORS", "ZOO", "FrameStack", "build_model",
+           "FrameModule", "CausalConv", "ConvUnit", "ResidualBlock", "ClassifierHead", "PerFrame",
+           "group_norm", "frames_to_batch", "batch_to_frames"]
