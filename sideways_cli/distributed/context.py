@@ -54,6 +54,8 @@ class StageContext:
     across: ReplicaGroup | None = None
     mesh: DeviceMesh | None = None
     leaders: dist.ProcessGroup | None = None  # every replica's first stage, with start-up patience
+    # pipelined BP: the replica's stages, waiting parallel.timeout_s at most (see join)
+    schedule_group: dist.ProcessGroup | None = None
 
     @property
     def reports_to_parent(self) -> bool:
@@ -107,10 +109,21 @@ def join(cfg: Config) -> StageContext:
         torch.cuda.set_device(device)
     _init_process_group(backend, device)
     replica, stage = divmod(dist.get_rank(), stages)
+    # torch.distributed.pipelining waits on its sends and receives with no timeout of its own, so
+    # only its group's bounds them: parallel.timeout_s, where the other groups have the start-up's
+    # patience. Every process creates every group, in the same order.
+    schedules = None
+    if cfg.mode == "bp" and stages > 1:
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        schedules = [dist.new_group(list(range(r * stages, (r + 1) * stages)), timeout=timeout)
+                     for r in range(replicas)]
     if replicas == 1:  # the whole job is one pipeline: the default group
         links = Links(stage, stages, cfg.parallel.timeout_s, device)
-        return StageContext(stage, stages, device, links)
-    return _mesh_context(cfg, replica, stage, device)
+        ctx = StageContext(stage, stages, device, links)
+    else:
+        ctx = _mesh_context(cfg, replica, stage, device)
+    ctx.schedule_group = schedules[replica] if schedules else None
+    return ctx
 
 
 def _init_process_group(backend: str, device: torch.device) -> None:

@@ -110,6 +110,13 @@ def bounded_wait(work: dist.Work, timeout: timedelta,
         raise failure(None, timeout)
 
 
+def is_link_failure(exc: BaseException) -> bool:
+    """Whether a collective failed because a peer timed out or closed its connection."""
+    text = str(exc).lower()
+    return any(sign in text for sign in ("timed out", "timeout", "connection closed",
+                                         "connection reset", "broken pipe"))
+
+
 def why_silent(who: str, exc: BaseException | None, timeout: timedelta) -> str:
     """Why ``who`` failed to answer: it hung (a timeout) or it died (its connection closed)."""
     text = str(exc).lower() if exc is not None else "timed out"

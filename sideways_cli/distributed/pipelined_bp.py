@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from sideways_cli.distributed.links import StageFailure, is_link_failure
 from sideways_cli.engine.losses import Objective, at_least_fp32
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
 from sideways_cli.models import FrameStack
@@ -98,6 +99,7 @@ class PipelinedBackprop:
         self.microbatches = microbatches
         self.module = _StageForward(stack, autocast)
         self.stage = PipelineStage(self.module, stage, stages, device, group=group)
+        self.schedule_name = schedule
         self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=self._microbatch_loss,
                                             scale_grads=False)
         self._shape: torch.Size | None = None  # the batch shape the buffers were sized for
@@ -135,6 +137,12 @@ class PipelinedBackprop:
         losses: list[torch.Tensor] = []
         try:
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        except RuntimeError as exc:  # a send or receive of the schedule: a neighbour hung or died
+            if not is_link_failure(exc):
+                raise
+            raise StageFailure(f"stage {self.stage.stage_index}, the {self.schedule_name} "
+                               f"schedule: a neighbouring stage hung or died "
+                               f"({str(exc).splitlines()[0]})") from None
         finally:
             self._clips = self._labels = None
         apply_update()

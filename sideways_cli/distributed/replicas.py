@@ -87,13 +87,6 @@ class ReplicaGroup:
                             f"{why_silent(f'{other} stage {self.stage}', exc, self.timeout)}")
 
 
-def is_link_failure(exc: BaseException) -> bool:
-    """Whether a collective failed because a peer timed out or closed its connection."""
-    text = str(exc).lower()
-    return any(sign in text for sign in ("timed out", "timeout", "connection closed",
-                                         "connection reset", "broken pipe"))
-
-
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Consecutive runs of tensors of one dtype and device, each at most BUCKET_BYTES (or one)."""
     buckets: list[list[torch.Tensor]] = []

@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sideways_cli.config import Config
-from sideways_cli.distributed.links import StageFailure
+from sideways_cli.distributed.links import StageFailure, is_link_failure
 from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
-from sideways_cli.distributed.replicas import ReplicaGroup, is_link_failure
+from sideways_cli.distributed.replicas import ReplicaGroup
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.learner import LocalLearner
 from sideways_cli.runtime import Autocast

@@ -79,7 +79,7 @@ class StageWorker:
         else:
             self.rule = PipelinedBackprop(self.stack, ctx.stage, ctx.stages, cfg.parallel.schedule,
                                           cfg.parallel.microbatches, self.objective, ctx.device,
-                                          self.autocast, group=ctx.links.group)
+                                          self.autocast, group=ctx.schedule_group)
 
     def apply_update(self) -> None:
         """With replicas, this stage's gradients are first averaged over them (every replica's
