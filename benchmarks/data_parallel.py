@@ -1,16 +1,16 @@
 """Data parallelism on this machine: BP and Sideways at R = 1 and R = 2 replicas, and R = 2 x P = 1
 against P = 2 x R = 1, in one run.
 
-    python benchmarks/data_parallel.py [--repeats 7] [--batches 8] [--set KEY=VALUE ...]
+    python benchmarks/data_parallel.py [--repeats 9] [--batches 12] [--set KEY=VALUE ...]
 
 Two processes (gloo, one thread and one core each) are spawned once; every repeat then runs each
 setting in turn, interleaved, so that machine noise hits all alike; ratios are medians of each
-repeat's ratio. The table gives the median over repeats
-of each setting's frames/s of the global batch (``data.batch_size`` random clips of the preset's
-model and optimizer, no data loading), trained by the learners ``sideways train`` uses:
+repeat's ratio. The table gives the median over repeats of each setting's frames/s of the global
+batch (``data.batch_size`` random clips of the preset's model and optimizer, no data loading),
+trained by the learners ``sideways train`` uses:
 
 * R=1: ``LocalLearner`` over the whole batch on the first process, the other idle; and over
-  half the batch, what each replica of R=2 trains (smaller kernels: each clip costs more);
+  half the batch, what each replica of R=2 trains (smaller kernels);
 * R=2: ``ReplicatedLearner`` on both, half the batch each, its gradients averaged over the two
   (BP: DistributedDataParallel, during the backward pass; Sideways: the bucketed all_reduce
   before each step) and the batch's loss summed;
@@ -194,8 +194,8 @@ def ratios(runs: dict[str, list[float]], all_reduce: float, frames_per_batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per setting and repeat")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting and repeat")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--json", type=Path, default=RESULTS / "data_parallel.json")
     args = parser.parse_args()
