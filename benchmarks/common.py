@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
 
 import torch
 from rich.console import Console
@@ -53,3 +57,24 @@ def emit(title: str, columns: list[str], rows: list[list], payload: dict, json_p
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {json_path}")
+
+
+def interleaved_arguments(description: str, json_path: Path, repeats: int,
+                          batches: int) -> argparse.Namespace:
+    """The options of a benchmark that interleaves its settings over repeats in two processes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--batches", type=int, default=batches,
+                        help="timed batches per setting and repeat")
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    parser.add_argument("--json", type=Path, default=json_path)
+    return parser.parse_args()
+
+
+def spawn_two(worker: Callable[..., None], *args: Any, raw: Path) -> Any:
+    """Run ``worker(rank, *args, raw)`` in two spawned processes; what rank 0 saved to ``raw``."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    mp.spawn(worker, args=(*args, str(raw)), nprocs=2)
+    result = torch.load(raw)
+    raw.unlink()
+    return result

@@ -26,7 +26,6 @@ trained by the learners ``sideways train`` uses:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -35,10 +34,9 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import depth_parallel
-from common import PRESET, emit, random_batch
+from common import PRESET, emit, interleaved_arguments, random_batch, spawn_two
 from sideways_cli.build import build_network
 from sideways_cli.config import load_config
 from sideways_cli.distributed.balance import measure_module_costs, partition
@@ -193,23 +191,14 @@ def ratios(runs: dict[str, list[float]], all_reduce: float, frames_per_batch: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting and repeat")
-    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
-    parser.add_argument("--json", type=Path, default=RESULTS / "data_parallel.json")
-    args = parser.parse_args()
+    args = interleaved_arguments(__doc__.splitlines()[0], RESULTS / "data_parallel.json", 9, 12)
 
     cfg = load_config(PRESET, args.set)
     torch.set_num_threads(1)
     frame = (cfg.data.batch_size, 3, cfg.data.size, cfg.data.size)
     sizes = partition(measure_module_costs(build_network(cfg, 10), frame, repeats=9).total_s, 2)
-    out = RESULTS / "data_parallel_raw.pt"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    mp.spawn(worker, args=(free_port(), args.set, sizes, args.repeats, args.batches, str(out)),
-             nprocs=2)
-    runs = torch.load(out)
-    out.unlink()
+    runs = spawn_two(worker, free_port(), args.set, sizes, args.repeats, args.batches,
+                     raw=RESULTS / "data_parallel_raw.pt")
     fps = {name: statistics.median(values) for name, values in runs["fps"].items()}
     timed = {name: statistics.median(values) for name, values in runs["collective_share"].items()}
     b, t = cfg.data.batch_size, cfg.data.clip_len

@@ -25,7 +25,6 @@ rule's from per-module tick costs. Their P = 1..64 sweeps are plotted.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from contextlib import nullcontext
@@ -33,9 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from common import PRESET, emit
+from common import PRESET, emit, interleaved_arguments, spawn_two
 from sideways_cli.build import build_network, make_optimizer
 from sideways_cli.config import load_config
 from sideways_cli.distributed.balance import measure_module_costs, partition
@@ -197,12 +195,7 @@ def ceiling(fps: dict[str, float], module_s: list[float], sizes: list[int]) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=4, help="timed batches per setting and repeat")
-    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
-    parser.add_argument("--json", type=Path, default=RESULTS / "depth_parallel.json")
-    args = parser.parse_args()
+    args = interleaved_arguments(__doc__.splitlines()[0], RESULTS / "depth_parallel.json", 3, 4)
 
     cfg = load_config(PRESET, args.set)
     torch.set_num_threads(1)
@@ -214,12 +207,8 @@ def main() -> None:
     alone = measure_macro_costs(build_network(cfg, 10), frame, repeats=7)
     loaded = measure_macro_costs(build_network(cfg, 10), frame, repeats=7, concurrent=2)
     link = measure_link()
-    out = RESULTS / "depth_parallel_raw.pt"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    mp.spawn(worker, args=(free_port(), args.set, sizes, args.repeats, args.batches, str(out)),
-             nprocs=2)
-    runs = torch.load(out)
-    out.unlink()
+    runs = spawn_two(worker, free_port(), args.set, sizes, args.repeats, args.batches,
+                     raw=RESULTS / "depth_parallel_raw.pt")
     fps = {name: statistics.median(values) for name, values in runs.items()}
 
     b, t = cfg.data.batch_size, cfg.data.clip_len
