@@ -101,8 +101,7 @@ class DistributedLearner:
         peaks = self.worker.gather_peaks(own_mb)
         if self.ctx.across is None:
             return peaks
-        return self.ctx.across.max_(torch.tensor(peaks, dtype=torch.float64),
-                                    "gathering the replicas' peak memory").tolist()
+        return self.ctx.across.largest(peaks, "gathering the replicas' peak memory")
 
     def close(self) -> None:
         self.commands.send(Command.STOP)

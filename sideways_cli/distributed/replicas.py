@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sideways_cli.distributed.links import StageFailure, bounded_wait, why_silent
+from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
 from sideways_cli.engine.rule import BatchStats
 
 BUCKET_BYTES = 25 << 20  # gradients reduced per collective call: as DistributedDataParallel does
@@ -63,6 +64,18 @@ class ReplicaGroup:
         self._reduce(moved, dist.ReduceOp.MAX, doing)
         tensor.copy_(moved)
         return tensor
+
+    def largest(self, values: list[float], doing: str) -> list[float]:
+        """Each of ``values`` (the same length on every replica): its largest over the replicas."""
+        return self.max_(torch.tensor(values, dtype=torch.float64), doing).tolist()
+
+    def whole_batch(self, rule_state: Any) -> Any:
+        """A rule's registers for the whole batch, from every replica's for its shard."""
+        return merge_replica_states(self.gather(on_cpu(rule_state), "gathering the registers"))
+
+    def own_share(self, rule_state: Any) -> Any:
+        """This replica's slice of the whole batch's registers (the inverse of :meth:`whole_batch`)."""
+        return replica_share(rule_state, self.replica, self.replicas)
 
     def gather(self, obj: Any, doing: str) -> list[Any]:
         """Every replica's ``obj`` (picklable), in replica order."""

@@ -15,7 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sideways_cli.config import Config
 from sideways_cli.distributed.links import StageFailure, is_link_failure
-from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
 from sideways_cli.distributed.replicas import ReplicaGroup
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.learner import LocalLearner
@@ -51,15 +50,11 @@ class ReplicatedLearner(LocalLearner):
 
     def rule_state(self, resuming: bool) -> dict[str, Any] | None:
         """The whole batch's registers, gathered from every replica to replica 0, which writes."""
-        state = {}
-        if resuming:
-            gathered = self.across.gather(on_cpu(self.rule.state_dict()), "gathering the registers")
-            state = merge_replica_states(gathered)
+        state = self.across.whole_batch(self.rule.state_dict()) if resuming else {}
         return state if self.across.replica == 0 else None
 
     def own_share(self, state: dict[str, Any]) -> dict[str, Any]:
-        return replica_share(state, self.across.replica, self.across.replicas)
+        return self.across.own_share(state)
 
     def peaks_mb(self, own_mb: float) -> list[float]:
-        peak = torch.tensor([own_mb], dtype=torch.float64)
-        return self.across.max_(peak, "gathering the replicas' peak memory").tolist()
+        return self.across.largest([own_mb], "gathering the replicas' peak memory")

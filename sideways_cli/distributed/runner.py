@@ -20,7 +20,6 @@ from sideways_cli.build import build_network, make_optimizer, make_schedule
 from sideways_cli.config import Config
 from sideways_cli.distributed.context import STARTUP_TIMEOUT, StageContext
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
-from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
 from sideways_cli.distributed.shards import (batched_for_stage, merge_batched, merge_optimizers,
                                              merge_sideways, model_state_for_stage,
                                              model_state_to_network, optimizer_for_stage,
@@ -160,7 +159,7 @@ class StageWorker:
                 for_stage = batched_for_stage if chunked(self.cfg) else sideways_for_stage
                 rule = for_stage(rule, self.modules, self.ctx.stage, self.ctx.stages)
             if self.ctx.across is not None:  # the whole batch's registers: this replica's slice
-                rule = replica_share(rule, self.ctx.replica, self.ctx.replicas)
+                rule = self.ctx.across.own_share(rule)
             self.rule.load_state_dict(rule)
         stage_rng = ckpt["resume"].get("stage_rng")
         if stage_rng is not None and not self.ctx.is_first:
@@ -252,8 +251,7 @@ def save_shard(worker: StageWorker, run: RunDir, which: str) -> None:
     the whole batch's registers gathered from every replica's stage."""
     shard, ctx = worker.shard(), worker.ctx
     if ctx.across is not None:
-        shard["rule"] = merge_replica_states(ctx.across.gather(on_cpu(shard["rule"]),
-                                                                "gathering the registers"))
+        shard["rule"] = ctx.across.whole_batch(shard["rule"])
     if ctx.replica == 0:
         save_checkpoint(shard, run.stage_shard(which, ctx.stage))
     done = torch.ones(1, device=ctx.device)  # a barrier with a timeout
