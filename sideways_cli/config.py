@@ -109,7 +109,8 @@ class SidewaysEngineConfig:
 class ParallelConfig:
     """Data and depth parallelism: replicas of the network, each fed a shard of every batch, each
     split into contiguous stages, one process (one device) per stage of every replica: replicas x
-    stages processes (README, "Parallel training"). None of these keys changes the numbers."""
+    stages processes (README, "Depth-parallel training", "Data-parallel training"). None of these
+    keys changes the numbers."""
 
     replicas: int = 1  # copies of the whole pipeline, data-parallel; each gets batch_size / replicas
     stages: int = 1  # processes per replica (one device each on GPUs); 1 = the single-process engine
