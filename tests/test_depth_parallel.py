@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import spawned
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
 from sideways_cli.distributed.context import StageContext
-from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.distributed.staged_batched import StagedTickBatched
@@ -64,11 +63,10 @@ def batches():  # T = 12: reset batches take 15 ticks
     return random_clips(ENGINE_STEPS, frames=12, size=16, dtype=torch.float64)
 
 
-def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> None:
+def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
     """Stage ``rank`` of every case in turn, in one process group (spawning is the slow part)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=stages)
+    spawned.join(rank, stages, f"{out}/rendezvous-{stages}")
     for (case, (pipeline, update, chunk, task, sizes)), optimizer in itertools.product(
             cases.items(), SPAWN_OPTIMIZERS):
         model = network(task)
@@ -93,14 +91,14 @@ def stage_process(rank: int, port: int, out: str, cases: dict, stages: int) -> N
             stats.append((s.loss, s.losses, s.updates))
         torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
                    f"{out}/{case}-{optimizer}-stage{rank}.pt")
-    dist.destroy_process_group()
+    spawned.leave()
 
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("staged")
-    mp.spawn(stage_process, args=(free_port(), str(out), CASES, 2), nprocs=2)
-    mp.spawn(stage_process, args=(free_port(), str(out), THREE_STAGE_CASES, 3), nprocs=3)
+    mp.spawn(stage_process, args=(str(out), CASES, 2), nprocs=2)
+    mp.spawn(stage_process, args=(str(out), THREE_STAGE_CASES, 3), nprocs=3)
     return out
 
 
@@ -276,6 +274,13 @@ def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
     pids = stage_pids(process)
     stopped = time.monotonic()
     os.kill(pids[1], signal.SIGSTOP)  # alive, holding its sockets, doing nothing
+    deadline = stopped + 45
+    while Path(f"/proc/{pids[0]}").exists():  # stage 0 finds the silence and ends the job
+        assert time.monotonic() < deadline, "stage 0 did not notice its silent neighbour"
+        time.sleep(0.05)
+    # torch's agent now sends SIGTERM, which a stopped process takes only once continued, and
+    # waits a fixed 30 s before SIGKILL (README): continue it, so that wait is not the test's
+    os.kill(pids[1], signal.SIGCONT)
     _, err = process.communicate(timeout=60)
     assert time.monotonic() - stopped < 60
     assert process.returncode != 0

@@ -7,14 +7,13 @@ magnitude, so weights after AdamW barely move when every gradient is off by a co
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import spawned
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.stages import stage_ranges, stage_stack
 from sideways_cli.engine.backprop import BackpropRule
@@ -59,36 +58,27 @@ def train(rule, params: list[torch.nn.Parameter], batches, first: bool, last: bo
     return {"losses": losses, "grads": grads, "weights": [p.detach().clone() for p in params]}
 
 
-def _worker(rank: int, port: int, batches, out: Path) -> None:
+def _worker(rank: int, batches, out: Path) -> None:
     torch.set_num_threads(1)  # two processes on a small machine: no oversubscription
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    try:
-        results = {}
-        for schedule, objective in CASES:
-            model = make_model(objective)
-            stack = stage_stack(model, stage_ranges(SETUPS[objective][2])[rank])
-            rule = PipelinedBackprop(stack, rank, 2, schedule, MICROBATCHES, OBJECTIVES[objective],
-                                     torch.device("cpu"))
-            # the runtime sends the clips to the last stage when they are the targets
-            last_gets_clips = objective == "reconstruct"
-            results[schedule, objective] = train(rule, list(stack.parameters()), batches,
-                                                 rank == 0 or last_gets_clips, rank == 1)
-        torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    spawned.join(rank, 2, out / "rendezvous")
+    results = {}
+    for schedule, objective in CASES:
+        model = make_model(objective)
+        stack = stage_stack(model, stage_ranges(SETUPS[objective][2])[rank])
+        rule = PipelinedBackprop(stack, rank, 2, schedule, MICROBATCHES, OBJECTIVES[objective],
+                                 torch.device("cpu"))
+        # the runtime sends the clips to the last stage when they are the targets
+        last_gets_clips = objective == "reconstruct"
+        results[schedule, objective] = train(rule, list(stack.parameters()), batches,
+                                             rank == 0 or last_gets_clips, rank == 1)
+    torch.save(results, out / f"rank{rank}.pt")
+    spawned.leave()
 
 
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("pipelined_bp")
-    mp.spawn(_worker, args=(free_port(), make_batches(), out), nprocs=2)
+    mp.spawn(_worker, args=(make_batches(), out), nprocs=2)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
