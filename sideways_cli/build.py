@@ -19,8 +19,11 @@ from sideways_cli.engine.rule import GradientRule
 from sideways_cli.engine.schedule import PIPELINE_MODES, parse_update
 from sideways_cli.errors import UserError
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
+from sideways_cli.models.torchvision_nets import (RESERVED_ARGS, TorchvisionError, arch_of,
+                                                  build_torchvision, is_torchvision)
 from sideways_cli.models.user import (BuilderError, absolute, build_user_model, check_outputs,
                                       is_user_builder, load_builder)
+from sideways_cli.models.weights import WeightsError, load_weights
 from sideways_cli.runtime import Autocast
 
 IMAGE_CHANNELS = 3
@@ -30,10 +33,15 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 def check(cfg: Config) -> None:
     """What only the model zoo and the engine can tell: the model exists for the task and has the
     asked depth; the Sideways settings parse. UserError naming the key and the fix."""
-    if is_user_builder(cfg.model.name):
+    if is_torchvision(cfg.model.name):
+        _check_torchvision_model(cfg)
+    elif is_user_builder(cfg.model.name):
         _check_user_model(cfg)
     else:
         _check_zoo_model(cfg)
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
+                        "dict saved with torch.save (a relative path is from the working directory)")
     if cfg.sideways.pipeline not in PIPELINE_MODES:
         raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
                         f"got {cfg.sideways.pipeline!r}")
@@ -54,11 +62,27 @@ def _check_user_model(cfg: Config) -> None:
         raise UserError(str(exc)) from None
 
 
+def _check_torchvision_model(cfg: Config) -> None:
+    """Only the name and the task: the network itself is built (seconds, for the largest) when
+    the run needs it. model.width, depth and temporal_kernel are not its keys, as for a builder."""
+    try:
+        arch_of(cfg.model.name)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
+    if cfg.task == "reconstruct":
+        raise UserError(f"task 'reconstruct' needs model.name {', '.join(RECONSTRUCTORS)} or a "
+                        f"builder of your own; {cfg.model.name} is a classifier")
+    reserved = [key for key in RESERVED_ARGS if key in cfg.model.args]
+    if reserved:
+        raise UserError(f"config key 'model.args.{reserved[0]}' is not for {cfg.model.name}: the "
+                        "classes come from the dataset, pretrained weights from model.weights")
+
+
 def _check_zoo_model(cfg: Config) -> None:
     if cfg.model.name not in MODELS:
-        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, or a builder "
-                        f"of your own ('package.module:function', 'path/to/file.py'), got "
-                        f"{cfg.model.name!r}")
+        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, "
+                        "'torchvision:<arch>' (e.g. torchvision:resnet18), or a builder of your "
+                        f"own ('package.module:function', 'path/to/file.py'), got {cfg.model.name!r}")
     if cfg.model.args:
         raise UserError(f"config key 'model.args' is for a builder of your own; {cfg.model.name} "
                         "takes model.width, model.depth, model.temporal_kernel, model.dropout")
@@ -80,32 +104,52 @@ def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Con
     return cfg
 
 
-def build_network(cfg: Config, num_classes: int) -> FrameStack:
-    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal; a
-    reconstructor's outputs are the frames' channels, a classifier's the classes."""
-    if is_user_builder(cfg.model.name):
-        return _build_user_network(cfg, num_classes)
+def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> FrameStack:
+    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal, then
+    from ``model.weights`` if set and ``pretrained`` (False: a checkpoint's weights replace them
+    at once, so the file need not exist any more); a reconstructor's outputs are the frames'
+    channels, a classifier's the classes."""
+    torch.manual_seed(cfg.seed)
+    outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
+    if is_torchvision(cfg.model.name):
+        model = _build_torchvision_network(cfg, outputs)
+    elif is_user_builder(cfg.model.name):
+        model = _build_user_network(cfg, outputs)
+    else:
+        model = _build_zoo_network(cfg, outputs)
+    if cfg.model.weights and pretrained:
+        try:
+            load_weights(model, Path(cfg.model.weights), cfg.model.new_head)
+        except WeightsError as exc:
+            raise UserError(str(exc)) from None
+    # initialised in float32 whatever the precision, so a float64 run starts from the same weights
+    return model.to(PRECISIONS[cfg.precision])
+
+
+def _build_zoo_network(cfg: Config, outputs: int) -> FrameStack:
     options: dict = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
     if cfg.model.width is not None:
         options["width"] = cfg.model.width
     if cfg.model.depth is not None:  # a classifier's layers below the head, an encoder's levels
         options["levels" if cfg.task == "reconstruct" else "depth"] = cfg.model.depth
-    torch.manual_seed(cfg.seed)
-    outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
-    # initialised in float32 whatever the precision, so a float64 run starts from the same weights
-    return build_model(cfg.model.name, outputs, **options).to(PRECISIONS[cfg.precision])
+    return build_model(cfg.model.name, outputs, **options)
 
 
-def _build_user_network(cfg: Config, num_classes: int) -> FrameStack:
-    torch.manual_seed(cfg.seed)
+def _build_torchvision_network(cfg: Config, outputs: int) -> FrameStack:
+    try:
+        return build_torchvision(cfg.model.name, outputs, cfg.model.norm, cfg.model.args)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _build_user_network(cfg: Config, outputs: int) -> FrameStack:
     reconstruct = cfg.task == "reconstruct"
-    outputs = IMAGE_CHANNELS if reconstruct else num_classes
     try:
         model = build_user_model(cfg.model.name, outputs, cfg.model.args)
         check_outputs(cfg.model.name, model, outputs, cfg.data.size, reconstruct)
     except BuilderError as exc:
         raise UserError(str(exc)) from None
-    return model.to(PRECISIONS[cfg.precision])
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

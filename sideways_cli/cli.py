@@ -12,15 +12,19 @@ from rich.console import Console
 
 from sideways_cli import comparison
 from sideways_cli.build import build_network, resolve_config
+from sideways_cli.check import (balance_lines, check_network, contract_table, costs_table,
+                                failure_line, not_applicable_lines)
 from sideways_cli.config import Config, from_dict
+from sideways_cli.contract import causes
 from sideways_cli.data import catalog
 from sideways_cli.data.decode import DecodeError
 from sideways_cli.data.download import DOWNLOADABLE, download_dataset
 from sideways_cli.distributed.links import StageFailure
 from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.errors import UserError, print_user_error
 from sideways_cli.evaluate import evaluate_split, evaluate_with_confusion
-from sideways_cli.fidelity import VIDEO_KINDS, fidelity_batch, gradient_fidelity
+from sideways_cli.fidelity import fidelity_batch, gradient_fidelity
 from sideways_cli.loaders import eval_loader
 from sideways_cli.plots import confusion_png
 from sideways_cli.progress import progress_bar
@@ -141,7 +145,7 @@ def evaluate_run(
     device = resolve_device(cfg.device)
     autocast = forward_autocast(device, cfg.amp)  # evaluated as the run was trained
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
-    model = build_network(cfg, len(ckpt["classes"]))
+    model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
     views_text = f"{views} clips x 1 centre crop per video"
@@ -227,6 +231,33 @@ def compare(
         print_whole(compare_table(means, title=f"mean over folds {folds}",
                                   settings=[{"mode": m["mode"], **m["settings"]} for m in means]))
     console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
+
+
+@app.command()
+def check(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check that the configured network keeps the frame-step contract the engine relies on
+    (tick path == clip, causal, per sample, Sideways == BP where it must be); print its
+    per-module costs and the stage splits balance: auto would choose. Exit 1 if a property fails."""
+    cfg = resolve(config, set_, None)
+    data = catalog.resolve_dataset(cfg.data, progress=not quiet)
+    report = check_network(cfg, len(data.classes))
+    if json_path:
+        write_json(json_path, report.as_dict())
+    print_whole(contract_table(report))
+    for line in not_applicable_lines(report):
+        console.print(f"[dim]n/a {line}[/]", highlight=False, soft_wrap=True)
+    print_whole(costs_table(report))
+    for line in balance_lines(report):
+        console.print(line)
+    for row in causes(report.rows):
+        err_console.print(f"[red]error:[/] {failure_line(row)}", highlight=False, soft_wrap=True)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

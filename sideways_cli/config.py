@@ -24,6 +24,7 @@ PRECISIONS = ("float32", "float64")
 TASKS = ("classify", "reconstruct")
 DATASETS = ("synthetic", "ucf101", "hmdb51", "list", "folder")
 MULTI_FOLD = ("ucf101", "hmdb51")  # the others have a single train/val split
+NORMS = ("group", "frozen")  # model.norm; models/norms.py implements them
 
 
 @dataclass
@@ -35,9 +36,15 @@ class ModelConfig:
     # autoencoder's N encoder levels (each mirrored by the decoder); None = the whole network
     depth: int | None = None
     dropout: float = 0.0  # before the classifier
-    # a builder of your own (model.name 'package.module:function' or 'file.py'): its keyword
-    # arguments, e.g. --set model.args.width=16
+    # a builder of your own (model.name 'package.module:function' or 'file.py') or torchvision's
+    # ('torchvision:resnet18'): its keyword arguments, e.g. --set model.args.width=16
     args: dict[str, Any] = field(default_factory=dict)
+    # torchvision networks' BatchNorms become: group (per-frame GroupNorm after weight-standardised
+    # convs) | frozen (BatchNorm fixed at its running statistics: keeps pretrained numbers)
+    norm: str = "group"
+    # a state-dict file the built network starts from (made absolute when the config is read)
+    weights: str | None = None
+    new_head: bool = False  # with model.weights: the head keeps its fresh init (another class count)
 
 
 @dataclass
@@ -246,6 +253,9 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         _apply(cfg, data, "", str(path))
     for text in overrides or []:
         _apply(cfg, parse_override(text), "", f"--set {text}")
+    if cfg.model.weights:
+        # the run directory's config then names the same file from anywhere
+        cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
     validate(cfg)
     return cfg
 
@@ -269,6 +279,10 @@ def validate(cfg: Config) -> None:
     _choice("train.schedule", cfg.train.schedule, ("cosine", "constant"))
     _choice("data.decoder", cfg.data.decoder, ("auto", "decord", "pyav"))
     _choice("data.dataset", cfg.data.dataset, DATASETS)
+    _choice("model.norm", cfg.model.norm, NORMS)
+    if cfg.model.new_head and not cfg.model.weights:
+        raise UserError("config key 'model.new_head' keeps the head fresh when loading "
+                        "model.weights; set model.weights=PATH too, or drop model.new_head")
     positive = {"model.temporal_kernel": cfg.model.temporal_kernel, "data.clip_len": cfg.data.clip_len,
                 "data.frame_stride": cfg.data.frame_stride, "data.batch_size": cfg.data.batch_size,
                 "data.size": cfg.data.size, "train.steps": cfg.train.steps,

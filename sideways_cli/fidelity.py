@@ -25,38 +25,12 @@ from sideways_cli.data.datasets import collate_clips
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
 from sideways_cli.engine.pipeline import ModuleStep, Token
+from sideways_cli.engine.probes import make_video, module_gradients
 from sideways_cli.engine.schedule import message_frame
 from sideways_cli.errors import UserError
 from sideways_cli.loaders import eval_loader
 from sideways_cli.models import FrameStack
 from sideways_cli.rundir import RunDir
-
-VIDEO_KINDS = ("natural", "static", "shuffled")
-
-
-def make_video(clips: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
-    """natural: as decoded; static: the first frame repeated; shuffled: frames in random order."""
-    if kind == "static":
-        return clips[:, :, :1].expand_as(clips).contiguous()
-    if kind == "shuffled":
-        order = torch.randperm(clips.shape[2], generator=torch.Generator().manual_seed(seed))
-        return clips[:, :, order]
-    if kind != "natural":
-        raise ValueError(f"video must be one of {VIDEO_KINDS}, got {kind!r}")
-    return clips
-
-
-def module_gradients(model: FrameStack, rule, clips: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """One flat gradient vector per module, computed by ``rule`` without changing the weights."""
-    model.zero_grad(set_to_none=True)
-    rule.train_batch(clips, labels, apply_update=lambda: None)
-    flat = []
-    for module in model.stack:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
-        flat.append(torch.cat([g.flatten() for g in grads]))
-    model.zero_grad(set_to_none=True)
-    return flat
-
 
 class TickMatchedSideways(SidewaysRule):
     """The reference tick rule (``pipeline: reset``) that also takes each message's parameter VJP at
@@ -144,7 +118,7 @@ def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
     ckpt = RunDir(run_dir).load_checkpoint()
     cfg = from_dict(ckpt["config"], str(RunDir(run_dir).checkpoint()))
     data = resolve_dataset(cfg.data, progress=progress)
-    model = build_network(cfg, len(ckpt["classes"]))
+    model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     clips, labels = fidelity_batch(cfg, data)
     return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])

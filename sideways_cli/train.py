@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sideways_cli.build import PRECISIONS
+from sideways_cli.check import refuse_broken_builder
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.distributed import runner
@@ -32,6 +33,7 @@ from sideways_cli.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_lin
 from sideways_cli.learner import Learner, LocalLearner
 from sideways_cli.loaders import data_loaders, forever
 from sideways_cli.memory import PeakMemory
+from sideways_cli.models.user import is_user_builder
 from sideways_cli.progress import progress_bar
 from sideways_cli.report import write_json
 from sideways_cli.resume import PreviousRun, RunState, find_previous_run, restore_rng
@@ -95,6 +97,8 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     if writer:
         run.write_config(cfg)
     data = in_turn(ctx, lambda: resolve_dataset(cfg.data, progress=not quiet))
+    if writer and is_user_builder(cfg.model.name):
+        refuse_broken_builder(cfg, len(data.classes))  # a second, before any step is spent
     learner = make_learner(cfg, len(data.classes), device, autocast, ctx, run, previous is not None)
     session = Session(cfg, run, data, learner, device, autocast, log, previous, ctx)
     session.train_steps(quiet)

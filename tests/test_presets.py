@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sideways_cli.config import load_config
+from sideways_cli.build import resolve_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 
@@ -14,12 +14,12 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.y
 def test_the_presets_are_there():
     names = {p.stem for p in PRESETS}
     assert {"synthetic", "smoothness", "reconstruct", "stream", "ucf101_vgg", "ucf101_c3d",
-            "hmdb51_vgg", "hmdb51_c3d"} <= names
+            "hmdb51_vgg", "hmdb51_c3d", "per_frame_resnet18", "torchvision_r2plus1d"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_loads_and_says_how_to_run_it(path):
-    load_config(path)
+    resolve_config(path)  # every layer's checks: a torchvision network's name and keys too
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     assert "sideways " in text and "Expected on 2 CPU cores" in text and "TODO" not in text

@@ -130,16 +130,16 @@ def loss_target(objective: Objective, frame_shape: tuple[int, ...], device: torc
 
 
 def measure_module_costs(model: FrameStack, frame_shape: tuple[int, ...], repeats: int = 5,
-                         device: torch.device | str = "cpu",
-                         autocast: Autocast = nullcontext) -> ModuleCosts:
+                         device: torch.device | str = "cpu", autocast: Autocast = nullcontext,
+                         objective: Objective = CLASSIFY) -> ModuleCosts:
     """Median seconds per module of one tick's forward (with its graph) and one message's VJP
     (``model`` on ``device``). One warm-up round, then ``repeats`` rounds, each timing every
     module in turn, so that machine noise (other processes, frequency changes) falls on all
     modules alike."""
     device = torch.device(device)
     frames = zero_frames(model, frame_shape, autocast)
-    rules = module_rules(model, CLASSIFY, autocast)
-    target = loss_target(CLASSIFY, frame_shape, device)
+    rules = module_rules(model, objective, autocast)
+    target = loss_target(objective, frame_shape, device)
     forward: list[list[float]] = [[] for _ in frames]
     backward: list[list[float]] = [[] for _ in frames]
     for round_ in range(repeats + 1):

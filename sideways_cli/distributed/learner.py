@@ -15,6 +15,7 @@ from sideways_cli.distributed.balance import measure_module_costs, resolve_balan
 from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.runner import (Command, CommandChannel, StageWorker, reassemble,
                                              save_shard, start)
+from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.models import FrameStack
 from sideways_cli.rundir import CHECKPOINTS, RunDir, save_checkpoint
@@ -112,5 +113,6 @@ def stage_sizes(cfg: Config, model: FrameStack, device: torch.device, autocast: 
     costs = None
     if cfg.parallel.balance == "auto":
         frame = (cfg.data.batch_size, 3, cfg.data.size, cfg.data.size)
-        costs = measure_module_costs(model.to(device), frame, device=device, autocast=autocast).total_s
+        costs = measure_module_costs(model.to(device), frame, device=device, autocast=autocast,
+                                     objective=OBJECTIVES[cfg.task]).total_s
     return resolve_balance(cfg.parallel.balance, cfg.parallel.stages, len(model), costs, model.names)

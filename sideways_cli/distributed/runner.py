@@ -19,7 +19,6 @@ import torch.distributed as dist
 from sideways_cli.build import build_network, make_optimizer, make_schedule
 from sideways_cli.config import Config
 from sideways_cli.distributed.context import STARTUP_TIMEOUT, StageContext
-from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.shards import (batched_for_stage, merge_batched, merge_optimizers,
                                              merge_sideways, model_state_for_stage,
                                              model_state_to_network, optimizer_for_stage,
@@ -76,6 +75,10 @@ class StageWorker:
             else:
                 self.rule = StagedSideways(*stage, cfg.sideways.update, self.objective, self.autocast)
         else:
+            # imported here: torch.distributed.pipelining takes seconds to import (torch._dynamo,
+            # DTensor), which every process of every command would pay otherwise
+            from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
+
             self.rule = PipelinedBackprop(self.stack, ctx.stage, ctx.stages, cfg.parallel.schedule,
                                           cfg.parallel.microbatches, self.objective, ctx.device,
                                           self.autocast, group=ctx.schedule_group)

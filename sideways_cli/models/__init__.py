@@ -10,6 +10,7 @@ from sideways_cli.models.autoencoder import AUTOENCODER_LEVELS, autoencoder
 from sideways_cli.models.blocks import (CausalConv, ClassifierHead, ConvUnit, FrameModule, PerFrame,
                                         ResidualBlock, batch_to_frames, frames_to_batch, group_norm)
 from sideways_cli.models.c3d import C3D_DEPTH, c3d
+from sideways_cli.models.norms import FrameGroupNorm, FrozenBatchNorm
 from sideways_cli.models.resnet import RESNET18_DEPTH, resnet18
 from sideways_cli.models.stack import FrameStack
 from sideways_cli.models.vgg import VGG_DEPTH, vgg
@@ -34,4 +35,4 @@ def build_model(name: str, outputs: int, **options) -> FrameStack:
 # the public surface for writing networks of your own (README, "Bring your own network")
 __all__ = ["FULL_DEPTH", "MODELS", "RECONSTRUCTORS", "ZOO", "FrameStack", "build_model",
            "FrameModule", "CausalConv", "ConvUnit", "ResidualBlock", "ClassifierHead", "PerFrame",
-           "group_norm", "frames_to_batch", "batch_to_frames"]
+           "group_norm", "frames_to_batch", "batch_to_frames", "FrozenBatchNorm", "FrameGroupNorm"]

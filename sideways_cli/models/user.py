@@ -33,6 +33,10 @@ class BuilderError(ValueError):
 
 
 def is_user_builder(name: str) -> bool:
+    # 'torchvision:<arch>' has a colon too, but names an adapter (torchvision_nets.py), not a
+    # function to import
+    if name.startswith("torchvision:"):
+        return False
     return ":" in name or name.endswith(".py")
 
 

@@ -1,0 +1,160 @@
+"""torchvision's networks as frame-step stacks: ``model.name: "torchvision:<arch>"``.
+
+The image classifiers (ResNets, MobileNetV3, EfficientNets, VGGs) are per-frame 2D networks, the
+paper's own setting (SIDEWAYS.md: every k_d = 1): each module folds time into the batch and runs
+torchvision's layers on every frame. The video ResNets are made causal (torchvision_video.py).
+The network is cut at its natural stages, each one module, and every torchvision layer keeps its
+attribute name, so the stack's state dict is torchvision's with ``stack.<d>.`` in front
+(weights.py maps one onto the other). torchvision builds it with ``weights=None``: nothing is ever
+downloaded; pretrained numbers come from a file, ``model.weights``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sideways_cli.models.blocks import FrameModule, batch_to_frames, frames_to_batch
+from sideways_cli.models.norms import replace_batchnorm, trainable_batchnorm
+from sideways_cli.models.stack import FrameStack
+from sideways_cli.models.torchvision_video import make_causal, video_modules
+
+PREFIX = "torchvision:"
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+MOBILENETS = ("mobilenet_v3_small", "mobilenet_v3_large")
+EFFICIENTNETS = tuple(f"efficientnet_b{i}" for i in range(8)) + tuple(
+    f"efficientnet_v2_{s}" for s in "sml")
+VGGS = tuple(f"vgg{n}{bn}" for n in (11, 13, 16, 19) for bn in ("", "_bn"))
+VIDEO_NETS = ("r3d_18", "mc3_18", "r2plus1d_18")
+ARCHS = RESNETS + MOBILENETS + EFFICIENTNETS + VGGS + VIDEO_NETS
+# set by the adapter, never by model.args
+RESERVED_ARGS = ("weights", "num_classes")
+
+
+class TorchvisionError(ValueError):
+    """A torchvision network that cannot be built as asked; the message says why."""
+
+
+def is_torchvision(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def arch_of(name: str) -> str:
+    """The architecture ``model.name`` names; TorchvisionError listing the supported ones."""
+    arch = name[len(PREFIX):]
+    if arch not in ARCHS:
+        raise TorchvisionError(f"model.name {name!r}: unknown torchvision architecture; "
+                               f"supported: {', '.join(ARCHS)}")
+    return arch
+
+
+class FrameLayers(FrameModule):
+    """torchvision layers run on every frame (window 1), registered under their own names."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        super().__init__()
+        for name, layer in layers:
+            self.add_module(name, layer)
+
+    def valid(self, x: torch.Tensor) -> torch.Tensor:
+        y = frames_to_batch(x)
+        for layer in self.children():
+            y = layer(y)
+        return batch_to_frames(y, x.shape[2])
+
+
+class FrameHead(FrameLayers):
+    """Pool, flatten, classify every frame: [B, C, T, H, W] -> logits [B, K, T]."""
+
+    def __init__(self, pool: nn.Module, name: str, classifier: nn.Module):
+        super().__init__([("avgpool", pool), ("flatten", nn.Flatten(1)), (name, classifier)])
+
+    def valid(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[0], x.shape[2]
+        y = frames_to_batch(x)
+        for layer in self.children():
+            y = layer(y)
+        return y.reshape(b, t, -1).transpose(1, 2)
+
+
+def _indexed(name: str, sequential: nn.Sequential, indices: list[int]) -> FrameLayers:
+    """Some layers of a Sequential under its name and their own indices: ``features.5`` stays
+    ``features.5`` in the state dict."""
+    part = nn.Sequential(OrderedDict((str(i), sequential[i]) for i in indices))
+    return FrameLayers([(name, part)])
+
+
+def _resnet(net: nn.Module) -> list[tuple[str, FrameModule]]:
+    stem = FrameLayers([(n, getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool")])
+    layers = [(f"layer{i}", FrameLayers([(f"layer{i}", getattr(net, f"layer{i}"))]))
+              for i in range(1, 5)]
+    return [("stem", stem), *layers, ("head", FrameHead(net.avgpool, "fc", net.fc))]
+
+
+def _blocks(net: nn.Module) -> list[tuple[str, FrameModule]]:
+    """MobileNetV3 and EfficientNet: features.0 is the stem; each further entry of ``features``
+    (an inverted residual block, or an EfficientNet stage of them) one module."""
+    modules: list[tuple[str, FrameModule]] = [
+        (f"features.{i}", _indexed("features", net.features, [i])) for i in range(len(net.features))]
+    return [*modules, ("head", FrameHead(net.avgpool, "classifier", net.classifier))]
+
+
+def _vgg(net: nn.Module) -> list[tuple[str, FrameModule]]:
+    """VGG's features cut after every max-pool: one module per resolution."""
+    modules: list[tuple[str, FrameModule]] = []
+    start = 0
+    for i, layer in enumerate(net.features):
+        if isinstance(layer, nn.MaxPool2d):
+            modules.append((f"features.{start}-{i}",
+                            _indexed("features", net.features, list(range(start, i + 1)))))
+            start = i + 1
+    return [*modules, ("head", FrameHead(net.avgpool, "classifier", net.classifier))]
+
+
+def _family(arch: str) -> Callable[[nn.Module], list[tuple[str, FrameModule]]]:
+    if arch in RESNETS:
+        return _resnet
+    if arch in VGGS:
+        return _vgg
+    if arch in VIDEO_NETS:
+        return video_modules
+    return _blocks
+
+
+def _torchvision_builder(arch: str) -> Callable[..., nn.Module]:
+    import torchvision.models  # imported on use: it costs seconds, and most runs need none of it
+    import torchvision.models.video
+
+    return getattr(torchvision.models.video if arch in VIDEO_NETS else torchvision.models, arch)
+
+
+def build_torchvision(name: str, num_classes: int, norm: str = "group",
+                      args: dict[str, Any] | None = None) -> FrameStack:
+    """``torchvision:<arch>`` with ``num_classes`` per-frame outputs, its BatchNorms replaced as
+    ``norm`` says (norms.py), ``args`` passed to torchvision's builder."""
+    arch = arch_of(name)
+    args = dict(args or {})
+    reserved = [key for key in RESERVED_ARGS if key in args]
+    if reserved:
+        raise TorchvisionError(f"model.args.{reserved[0]} is set by sideways for {name} (the "
+                               "classes come from the dataset, weights from model.weights); drop it")
+    builder = _torchvision_builder(arch)
+    call = f"torchvision.models.{arch}(weights=None, num_classes={num_classes}" + "".join(
+        f", {k}={v!r}" for k, v in args.items()) + ")"
+    try:
+        net = builder(weights=None, num_classes=num_classes, **args)
+    except Exception as exc:  # a wrong model.args: torchvision's own message, in one line
+        raise TorchvisionError(f"model.name {name!r}: {call} raised {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if arch in VIDEO_NETS:
+        make_causal(net)
+    replace_batchnorm(net, norm)
+    parts = _family(arch)(net)
+    stack = FrameStack([module for _, module in parts], [part for part, _ in parts])
+    assert not trainable_batchnorm(stack), "every BatchNorm was replaced"
+    return stack
