@@ -9,12 +9,12 @@ repeat's ratio. The table gives the median over repeats of each setting's frames
 batch (``data.batch_size`` random clips of the preset's model and optimizer, no data loading),
 trained by the learners ``sideways train`` uses:
 
-* R=1: ``LocalLearner`` over the whole batch on the first process, the other idle; and over
+* R=1: one process's ``StageLearner`` over the whole batch on the first process, the other idle; and over
   half the batch, what each replica of R=2 trains (smaller kernels);
 * R=2: ``ReplicatedLearner`` on both, half the batch each, its gradients averaged over the two
   (BP: DistributedDataParallel, during the backward pass; Sideways: the bucketed all_reduce
   before each step) and the batch's loss summed;
-* R=2, no averaging: the same halves trained side by side by ``LocalLearner``, no collective at
+* R=2, no averaging: the same halves trained side by side by one-process ``StageLearner``s, no collective at
   all: what sharing the machine costs each process. 1 - R=2 / this is what averaging costs a step:
   the all-reduce itself, and waiting for the slower replica (the step's noise). The all-reduce
   alone (the gradients' size, bucketed as the learners do, back to back) is timed as well;
@@ -42,9 +42,8 @@ from sideways_cli.config import load_config
 from sideways_cli.distributed.balance import measure_module_costs, partition
 from sideways_cli.distributed.launch import free_port
 from sideways_cli.distributed.replicas import ReplicaGroup
-from sideways_cli.distributed.replicated import ReplicatedLearner
-from sideways_cli.learner import LocalLearner
-from sideways_cli.runtime import forward_autocast
+from sideways_cli.distributed.stage_learner import StageLearner
+from sideways_cli.distributed.topology import Topology, make_topology
 
 RESULTS = Path(__file__).parent / "results"
 CPU = torch.device("cpu")
@@ -96,13 +95,14 @@ def run_replicas(overrides: list[str], rank: int, setting: str, batches: int):
     clips, labels = random_batch(cfg)
     share = len(clips) // shards
     clips, labels = clips[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
-    autocast = forward_autocast(CPU, False)
     group = None
     if replicas > 1 and averaged:
         group = TimedReplicaGroup(dist.group.WORLD, rank, replicas, 0, 1, 120, CPU)
-        learner = ReplicatedLearner(cfg, 10, CPU, autocast, group)
-    else:
-        learner = LocalLearner(cfg, 10, CPU, autocast)
+        topology = Topology(CPU, replicas=replicas, replica=rank, hang_timeout_s=120, across=group)
+    else:  # one process's learner over this process's share of the batch
+        cfg.data.batch_size = share
+        topology = Topology(CPU, hang_timeout_s=120)
+    learner = StageLearner(cfg, topology, 10)
     learner.train_batch(clips, labels)  # warm-up: allocators, kernels, DDP's buckets
     if replicas > 1:
         dist.barrier()
@@ -147,13 +147,14 @@ def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = load_config(PRESET, overrides)
+    stages = make_topology(1, 2, CPU, 120)  # for depth_parallel's settings
     alone_s = all_reduce_s(cfg)
     fps: dict[str, list[float]] = {name: [] for name in SETTINGS}
     collective_share: dict[str, list[float]] = {}
     for _ in range(repeats):
         for name, setting in SETTINGS.items():
             if isinstance(setting, str):
-                value = depth_parallel.run_setting(cfg, rank, setting, sizes, batches)
+                value = depth_parallel.run_setting(cfg, rank, setting, sizes, batches, stages)
             else:
                 value = run_replicas(overrides, rank, name, batches)
                 if value is not None:

@@ -37,13 +37,12 @@ from common import PRESET, emit, interleaved_arguments, spawn_two
 from sideways_cli.build import build_network, make_optimizer
 from sideways_cli.config import load_config
 from sideways_cli.distributed.balance import measure_module_costs, partition
-from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.launch import free_port
-from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli.distributed.topology import Topology, make_topology
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
 from sideways_perf.chunked_model import predict_chunked, sweep_chunked
@@ -70,7 +69,7 @@ SETTINGS = {
 }
 
 
-def build(cfg, rank: int, setting: str, sizes: list[int]):
+def build(cfg, rank: int, setting: str, sizes: list[int], topology: Topology):
     """A fresh network (same seed for all), this rank's stage of it, its optimizer and rule."""
     kind, stages, _, pipeline, chunk = SETTINGS[setting]
     model = build_network(cfg, 10)
@@ -83,14 +82,12 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
     stack = stage_stack(model, modules)
     optimizer = make_optimizer(cfg.train, stack)
     if kind == "sideways":
-        cpu = torch.device("cpu")
-        ctx = StageContext(rank, stages, cpu, Links(rank, stages, 120, cpu))
         specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
         if chunk > 1:
-            rule = StagedTickBatched(stack, modules, len(model), ctx, specs, pipeline, chunk,
+            rule = StagedTickBatched(stack, modules, len(model), topology, specs, pipeline, chunk,
                                      CLASSIFY, nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), ctx, specs, pipeline, "clip",
+            rule = StagedSideways(stack, modules, len(model), topology, specs, pipeline, "clip",
                                   CLASSIFY, nullcontext)
     else:
         rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,
@@ -98,7 +95,8 @@ def build(cfg, rank: int, setting: str, sizes: list[int]):
     return rule, optimizer
 
 
-def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) -> float | None:
+def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int,
+                topology: Topology) -> float | None:
     """frames/s of ``setting`` on rank 0 (None elsewhere); rank 1 idles through P = 1 settings
     but :data:`SIDE_BY_SIDE`."""
     kind, stages, threads, _, _ = SETTINGS[setting]
@@ -107,7 +105,7 @@ def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) ->
         dist.barrier()
         return None
     torch.set_num_threads(threads)
-    rule, optimizer = build(cfg, rank, setting, sizes)
+    rule, optimizer = build(cfg, rank, setting, sizes, topology)
     g = torch.Generator().manual_seed(0)
     shape = (cfg.data.batch_size, 3, cfg.data.clip_len, cfg.data.size, cfg.data.size)
     clips, labels = torch.randn(shape, generator=g), torch.randint(0, 10, (shape[0],), generator=g)
@@ -119,8 +117,8 @@ def run_setting(cfg, rank: int, setting: str, sizes: list[int], batches: int) ->
     def one_batch() -> None:
         if stages == 1:
             rule.train_batch(clips, labels, apply_update)
-        elif kind == "sideways":
-            rule.train_batch(clips, labels, apply_update, clips.shape)
+        elif kind == "sideways":  # the batch's statistics summed over the stages, as in training
+            topology.batch_stats(rule.train_batch(clips, labels, apply_update, clips.shape))
         else:
             rule.train_batch(clips, labels, apply_update)
 
@@ -142,10 +140,11 @@ def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = load_config(PRESET, overrides)
+    topology = make_topology(1, 2, torch.device("cpu"), 120)
     fps: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(repeats):
         for name in SETTINGS:
-            value = run_setting(cfg, rank, name, sizes, batches)
+            value = run_setting(cfg, rank, name, sizes, batches, topology)
             if value is not None:
                 fps[name].append(value)
     if rank == 0:

@@ -125,8 +125,11 @@ class ParallelConfig:
     schedule: str = "gpipe"  # mode bp across stages: torch.distributed.pipelining's gpipe | 1f1b
     microbatches: int = 4  # mode bp across stages: clips of a batch split into this many
     threads: int | None = None  # CPU threads per stage process; None: the cores shared out
-    timeout_s: float = 20.0  # a stage silent this long is taken as hung and the job stops (< 60 s)
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # a neighbour silent this long in the middle of a step is taken as hung and the job stops;
+    # None: 20 s on the CPU, 300 s on CUDA (where cuDNN's first autotuning takes a while). Start-up,
+    # evaluations and checkpoint writes wait longer (distributed/topology.py, PATIENT)
+    timeout_s: float | None = None
+    backend: str = "auto"  # auto | nccl (CUDA) | gloo (CPU): the one that moves the device's tensors
 
 
 @dataclass
@@ -137,6 +140,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False  # deterministic algorithms only: the same numbers every run
     amp: bool = False  # bf16 autocast for the forward passes; weights and optimizer stay fp32
+    # float32 matrix products and convolutions in TF32 on Ampere and later GPUs: several times
+    # faster, ~1e-3 relative; false: exact float32. float64 and the CPU are not affected
+    tf32: bool = True
     # float32 | float64: weights, activations, gradients (float64: to check that numbers agree)
     precision: str = "float32"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -311,7 +317,7 @@ def _validate_parallel(cfg: Config) -> None:
             raise UserError(f"config key 'parallel.{key}' must be >= 1, got {getattr(p, key)}")
     if p.threads is not None and p.threads < 1:
         raise UserError(f"config key 'parallel.threads' must be >= 1, got {p.threads}")
-    if p.timeout_s <= 0:
+    if p.timeout_s is not None and p.timeout_s <= 0:
         raise UserError(f"config key 'parallel.timeout_s' must be > 0, got {p.timeout_s}")
     if isinstance(p.balance, str) and p.balance != "auto":
         raise UserError(f"config key 'parallel.balance' must be auto or a list of modules per "

@@ -83,7 +83,7 @@ class RunState:
 
 @dataclass
 class PreviousRun:
-    checkpoint: dict[str, Any]  # tensors already on the run's device
+    checkpoint: dict[str, Any]  # on the CPU, one process's layout (a parallel job's merged)
     summary: dict[str, Any] | None  # set when the run is finished
 
     @property
@@ -102,7 +102,7 @@ def find_previous_run(run: RunDir, cfg: Config, device: torch.device) -> Previou
     """
     if not run.checkpoint().is_file():
         return None
-    ckpt = run.load_checkpoint(map_location=device)
+    ckpt = run.load_checkpoint()
     differing = config_differences(from_dict(ckpt["config"], str(run.checkpoint())), cfg)
     trained_on = ckpt.get("resume", {}).get("device", device.type)
     if trained_on != device.type:
@@ -143,14 +143,22 @@ def carried_rule_state(state: dict[str, Any], cfg: Config) -> dict[str, Any] | N
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random stream the training process draws from (dropout, any torch.rand)."""
+    """Every random stream the training process draws from (dropout, any torch.rand): the CPU's,
+    Python's and, on CUDA, its own GPU's."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    # set_rng_state wants CPU byte tensors; the checkpoint was mapped onto the run's device
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    random.setstate(state["python"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    random.setstate(_tuples(state["python"]))
+    cuda = state["cuda"]
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, list):  # written before each process kept its own GPU's stream
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def _tuples(state: Any) -> Any:
+    """Python's random state as random.setstate wants it (a loaded checkpoint may hold lists)."""
+    return tuple(_tuples(item) for item in state) if isinstance(state, (list, tuple)) else state

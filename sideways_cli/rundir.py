@@ -8,7 +8,8 @@
       checkpoints/last.pt          resumable (weights, optimizer, schedule, the rule's registers,
                                    the run's state), every train.checkpoint_every steps
       checkpoints/best.pt          the best evaluation's weights
-      checkpoints/stages/          a staged run's shards, while they are reassembled into last/best
+      checkpoints/shards/          a parallel job's checkpoints: every process writes its own
+                                   shard there, and last.pt / best.pt name the ones they are made of
       launch.yaml                  the config the stages of a self-launched staged run read
       confusion_<split>.png        `sideways eval`'s confusion matrix
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ import yaml
 from sideways_cli.atomic import replace_atomically, write_text_atomic
 from sideways_cli.config import Config, flat_dict, from_dict, save_config
 from sideways_cli.errors import UserError
+from sideways_cli.resharding import merge_shards, stage_rules_merger, with_learner
 
 CHECKPOINTS = ("last", "best")
+_SHARD = re.compile(r"^(?P<which>\w+)-step(?P<step>\d+)-rank(?P<rank>\d+)\.pt$")
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,21 @@ class RunDir:
     def checkpoint(self, which: str = "last") -> Path:
         return self.path / "checkpoints" / f"{which}.pt"
 
-    def stage_shard(self, which: str, stage: int) -> Path:
-        return self.path / "checkpoints" / "stages" / f"{which}-stage{stage}.pt"
+    @property
+    def shards(self) -> Path:
+        return self.path / "checkpoints" / "shards"
+
+    def shard(self, which: str, step: int, rank: int) -> Path:
+        """Process ``rank``'s part of checkpoint ``which`` at ``step`` in a parallel job."""
+        return self.shards / f"{which}-step{step:08d}-rank{rank}.pt"
+
+    def drop_shards_before(self, which: str, step: int) -> None:
+        """Remove checkpoint ``which``'s shards of steps before ``step``: once ``which``.pt names
+        the new ones nothing reads them. (Later steps' may be being written already.)"""
+        for path in self.shards.glob(f"{which}-step*"):
+            match = _SHARD.match(path.name.removesuffix(".tmp"))
+            if match and match["which"] == which and int(match["step"]) < step:
+                path.unlink(missing_ok=True)
 
     def confusion(self, split: str) -> Path:
         return self.path / f"confusion_{split}.png"
@@ -76,6 +93,8 @@ class RunDir:
         figures made from the discarded weights."""
         for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics):
             path.unlink(missing_ok=True)
+        for shard in self.shards.glob("*"):
+            shard.unlink()
         for figure in self.path.glob("confusion_*.png"):
             figure.unlink()
 
@@ -88,14 +107,30 @@ class RunDir:
             raise UserError(f"{self.path} has no config.yaml; it was not written by 'sideways train'")
         return from_dict(yaml.safe_load(self.config_yaml.read_text()) or {}, str(self.config_yaml))
 
-    def load_checkpoint(self, which: str = "last", map_location: Any = "cpu") -> dict[str, Any]:
-        """A checkpoint of this run; UserError naming the file and what to do when it is not there
-        or cannot be read."""
+    def load_checkpoint(self, which: str = "last") -> dict[str, Any]:
+        """A checkpoint of this run, on the CPU, as one process would have written it (a parallel
+        job's shards merged: ``resharding.py``); UserError naming the file and what to do when it
+        is not there or cannot be read. Nothing in it can run code: only tensors and plain data
+        are unpickled."""
         path = self.checkpoint(which)
         if not path.is_file():
             raise UserError(f"{path} not found; train first with 'sideways train --out {self.path}'")
+        ckpt = self._read(path)
+        if "shards" in ckpt:
+            shards = [self._read(self.shards / name) for name in ckpt["shards"]]
+            merge = stage_rules_merger(ckpt["config"]["mode"], ckpt["config"]["sideways"]["update"],
+                                       ckpt["config"]["sideways"]["chunk"])
+            ckpt = with_learner(ckpt, merge_shards(shards, ckpt["topology"]["replicas"],
+                                                   ckpt["topology"]["stages"], merge))
+        return ckpt
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            raise UserError(f"{path} not found, though {self.checkpoint()} or "
+                            f"{self.checkpoint('best')} names it; pass --restart to train "
+                            f"{self.path} from scratch, or a new --out")
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
             raise UserError(f"{path} cannot be read ({type(exc).__name__}); pass --restart to train "
                             f"{self.path} from scratch, or a new --out") from None

@@ -1,10 +1,13 @@
-"""The training loop: batches in, a :class:`~sideways_cli.learner.Learner` steps, evaluations,
-checkpoints and metrics out.
+"""The training loop: batches in, a :class:`~sideways_cli.distributed.stage_learner.StageLearner`
+steps, evaluations, checkpoints and metrics out.
 
-It knows nothing of how gradients are made (the learner's rule fills ``param.grad`` and steps), nor
-of where the learner runs (this process or P stage processes). A run directory with a resumable
-``checkpoints/last.pt`` is continued from it (``resume.py``), ending exactly where an
-uninterrupted run would.
+Every process of a job runs this same loop (SPMD): one process alone, or each of the replicas x
+stages processes of a parallel job, each over its own slice of the network (``distributed/``).
+They walk the same deterministic sampler, step together and agree on every statistic; only global
+rank 0 logs and writes the run's shared files, and each process writes its own checkpoint shard.
+It knows nothing of how gradients are made (the learner's rule fills ``param.grad`` and steps). A
+run directory with a resumable ``checkpoints/last.pt`` is continued from it (``resume.py``),
+ending exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -13,33 +16,29 @@ import csv
 import json
 import math
 import time
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from sideways_cli.build import PRECISIONS
 from sideways_cli.check import refuse_broken_builder
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
-from sideways_cli.distributed import runner
-from sideways_cli.distributed.context import StageContext, join, launched, leave
 from sideways_cli.distributed.launch import run_as_processes
-from sideways_cli.distributed.learner import DistributedLearner
-from sideways_cli.distributed.replicated import ReplicatedLearner
+from sideways_cli.distributed.stage_learner import StageLearner
+from sideways_cli.distributed.topology import Topology, join, launched, leave, single
 from sideways_cli.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
-from sideways_cli.learner import Learner, LocalLearner
 from sideways_cli.loaders import data_loaders, forever
 from sideways_cli.memory import PeakMemory
 from sideways_cli.models.user import is_user_builder
 from sideways_cli.progress import progress_bar
 from sideways_cli.report import write_json
-from sideways_cli.resume import PreviousRun, RunState, find_previous_run, restore_rng
-from sideways_cli.rundir import RunDir, trim_csv, trim_jsonl
-from sideways_cli.runtime import (Autocast, forward_autocast, resolve_device, seed_everything,
-                                  set_deterministic)
+from sideways_cli.resume import PreviousRun, RunState, find_previous_run
+from sideways_cli.resharding import with_learner
+from sideways_cli.rundir import RunDir, save_checkpoint, trim_csv, trim_jsonl
+from sideways_cli.runtime import forward_autocast, seed_everything, set_deterministic
 
 Log = Callable[[str], None]
 
@@ -53,26 +52,20 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     ``restart`` discards what ``out_dir`` holds first.
 
     With ``parallel.replicas`` or ``parallel.stages`` > 1 this process is one of a job started by
-    torchrun (or by ``sideways train``, through the same launcher): every replica's first stage
-    runs this loop on its shard of the data (only global rank 0 logs and writes), the other
-    stages follow their first stage's commands and return None.
+    torchrun (or by ``sideways train``, through the same launcher): each runs this loop over its
+    own slice; only global rank 0 logs and returns the summary, the others return None.
     """
     set_deterministic(cfg.deterministic)  # before anything touches CUDA
-    ctx = None
-    if cfg.parallel.stages > 1 or cfg.parallel.replicas > 1:
-        if not launched():  # start every process of the job, each training this config
-            return run_as_processes(cfg, RunDir(out_dir), quiet, restart)
-        ctx = join(cfg)
-        if not ctx.is_first:
-            runner.follow(cfg, ctx)
-            leave()
-            return None
-        if not ctx.is_writer:  # another replica's first stage: the same loop, silently
-            quiet, log = True, _silent
-    summary = _train(cfg, RunDir(out_dir), quiet, log, restart, ctx)
-    if ctx is not None:  # not after a failure: tearing down a group with a dead member may hang
-        leave()
-    return None if ctx is not None and (ctx.reports_to_parent or not ctx.is_writer) else summary
+    if cfg.parallel.stages * cfg.parallel.replicas == 1:
+        return _train(cfg, RunDir(out_dir), quiet, log, restart, single(cfg))
+    if not launched():  # start every process of the job, each training this config
+        return run_as_processes(cfg, RunDir(out_dir), quiet, restart)
+    topology = join(cfg)
+    if not topology.is_writer:
+        quiet, log = True, _silent
+    summary = _train(cfg, RunDir(out_dir), quiet, log, restart, topology)
+    leave()  # not after a failure: tearing down a group with a dead member may hang
+    return summary if topology.is_writer and not topology.reports_to_parent else None
 
 
 def _silent(_: str) -> None:
@@ -80,27 +73,27 @@ def _silent(_: str) -> None:
 
 
 def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
-           ctx: StageContext | None) -> dict[str, Any]:
-    device = ctx.device if ctx is not None else resolve_device(cfg.device)
-    autocast = forward_autocast(device, cfg.amp)  # refuses AMP where it cannot run
-    writer = ctx is None or ctx.is_writer
-    if restart and writer:
+           topology: Topology) -> dict[str, Any]:
+    forward_autocast(topology.device, cfg.amp)  # refuses AMP where it cannot run, before any work
+    if restart and topology.is_writer:
         run.discard()
-    in_turn(ctx, lambda: None)  # the others read the run directory once it is discarded
-    previous = find_previous_run(run, cfg, device)
+    topology.barrier("waiting for the run directory")  # the others read it once discarded
+    previous = find_previous_run(run, cfg, topology.device)
     if previous is not None and previous.summary is not None:
         log(f"{run.path} has finished its {previous.step} steps; not training it again "
             "(--restart discards it)")
-        if ctx is not None and ctx.stages > 1:
-            runner.start(ctx, {"finished": True})
         return previous.summary
-    if writer:
+    if topology.is_writer:
         run.write_config(cfg)
-    data = in_turn(ctx, lambda: resolve_dataset(cfg.data, progress=not quiet))
-    if writer and is_user_builder(cfg.model.name):
+    # rank 0 first: a dataset generated or indexed on first use is prepared once
+    data = resolve_dataset(cfg.data, progress=not quiet) if topology.is_writer else None
+    topology.barrier("waiting for the dataset")
+    if data is None:
+        data = resolve_dataset(cfg.data, progress=False)
+    if topology.is_writer and is_user_builder(cfg.model.name):
         refuse_broken_builder(cfg, len(data.classes))  # a second, before any step is spent
-    learner = make_learner(cfg, len(data.classes), device, autocast, ctx, run, previous is not None)
-    session = Session(cfg, run, data, learner, device, autocast, log, previous, ctx)
+    learner = StageLearner(cfg, topology, len(data.classes))
+    session = Session(cfg, run, data, learner, log, previous)
     session.train_steps(quiet)
     summary = session.finish(quiet)
     log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
@@ -108,48 +101,26 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     return summary
 
 
-def in_turn(ctx: StageContext | None, work: Callable[[], Any]) -> Any:
-    """``work`` on global rank 0 first, then on every other replica's first stage: what prepares
-    shared files (a dataset generated or indexed on first use) is done once."""
-    if ctx is None or ctx.replicas == 1:
-        return work()
-    result = work() if ctx.is_writer else None
-    dist.barrier(group=ctx.leaders)  # with the start-up's patience
-    return result if ctx.is_writer else work()
-
-
-def make_learner(cfg: Config, num_classes: int, device: torch.device, autocast: Autocast,
-                 ctx: StageContext | None, run: RunDir, resume: bool) -> Learner:
-    """This process's learner: the whole network, one replica of it, or (with stages) stage 0 of
-    its replica's pipeline."""
-    if ctx is None:
-        return LocalLearner(cfg, num_classes, device, autocast)
-    if ctx.stages == 1:
-        return ReplicatedLearner(cfg, num_classes, device, autocast, ctx.across)
-    return DistributedLearner(cfg, ctx, num_classes, run, resume)
-
-
 class Session:
-    """One start of a run: the steps not yet done, their logs, evaluations and checkpoints, then
-    the final evaluation and the summary. With replicas every replica's first stage runs one, on
-    its shard of the data, in step with the others; only global rank 0's writes files."""
+    """One start of a run on one process: the steps not yet done, their logs, evaluations and
+    checkpoints, then the final evaluation and the summary. Every process of a job runs one, in
+    step with the others (the first stage of each replica on that replica's shard of the data);
+    only global rank 0's writes the run's shared files."""
 
-    def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: Learner,
-                 device: torch.device, autocast: Autocast, log: Log, previous: PreviousRun | None,
-                 ctx: StageContext | None = None):
-        self.cfg, self.run, self.data, self.learner = cfg, run, data, learner
-        self.device, self.autocast, self.log = device, autocast, log
-        self.writer = ctx is None or ctx.is_writer
-        self.shards = ctx.across if ctx is not None and ctx.replicas > 1 else None
-        shard = (ctx.replica, ctx.replicas) if ctx is not None else (0, 1)
+    def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: StageLearner,
+                 log: Log, previous: PreviousRun | None):
+        self.cfg, self.run, self.data, self.learner, self.log = cfg, run, data, learner, log
+        self.topology = topology = learner.topology
+        self.device, self.autocast = topology.device, learner.autocast
+        self.writer = topology.is_writer
         self.state = previous.state if previous is not None else RunState()
         self.started = time.perf_counter() - self.state.wall_s  # wall_s: over every start
-        self.train_loader, self.val_loader = data_loaders(cfg, data, self.state.data_position, shard)
-        seed_everything(cfg.seed)
+        self.train_loader, self.val_loader = data_loaders(cfg, data, self.state.data_position,
+                                                          (topology.replica, topology.replicas))
+        seed_everything(cfg.seed + topology.stage)  # each stage its own stream (dropout)
         self.first_step, continued = 1, None
         if previous is not None:
             learner.load(previous.checkpoint)
-            restore_rng(previous.checkpoint["resume"]["rng"])
             self.train_loader.failed.update(self.state.unreadable)  # reported once, over every start
             self.first_step = previous.step + 1
             log(f"resuming {run.path} from step {previous.step}")
@@ -164,7 +135,9 @@ class Session:
     def train_steps(self, quiet: bool) -> None:
         """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
         cfg, state = self.cfg, self.state
-        sampler, batches = self.train_loader.loader.batch_sampler, forever(self.train_loader)
+        sampler = self.train_loader.loader.batch_sampler
+        # only the first stage reads clips; the others know the batch's shape from the config
+        batches = forever(self.train_loader) if self.topology.is_first else None
         metrics_file = (self.run.metrics.open("a" if self.first_step > 1 else "w") if self.writer
                         else nullcontext())
         with metrics_file as metrics, progress_bar(quiet) as bar, PeakMemory(self.device) as memory:
@@ -175,7 +148,7 @@ class Session:
                 self.train_step(batches)
                 state.data_position = sampler.advance(state.data_position)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    record = self.record(step)  # on every replica: it gathers their peaks
+                    record = self.record(step)  # on every process: it gathers their peaks
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
@@ -188,12 +161,14 @@ class Session:
                     self.checkpoint(step)
             self.update_peaks()  # training's, not the final evaluation's
 
-    def train_step(self, batches: Iterator[dict]) -> None:
+    def train_step(self, batches: Iterator[dict] | None) -> None:
         """The next batch through the learner; the time spent waiting for it and training on it."""
         state, started = self.state, time.perf_counter()
-        batch = next(batches)
-        clips = batch["clip"].to(self.device, PRECISIONS[self.cfg.precision])
-        labels = batch["label"].to(self.device)
+        clips = labels = None
+        if batches is not None:
+            batch = next(batches)
+            clips = batch["clip"].to(self.device, PRECISIONS[self.cfg.precision])
+            labels = batch["label"].to(self.device)
         loaded = time.perf_counter()
         stats = self.learner.train_batch(clips, labels)
         state.wait_s += loaded - started
@@ -214,17 +189,42 @@ class Session:
                 "data_wait_share": state.wait_s / (state.wait_s + state.compute_s), **state.peaks(),
                 "wall_s": time.perf_counter() - self.started}
 
+    def validation(self, bar) -> dict[str, float]:
+        """The validation metrics, on every process (each replica's first stage evaluates its
+        share of the split, through its stages)."""
+        return self.learner.evaluated(lambda network: evaluate_split(
+            self.cfg, network, self.val_loader, self.data, self.device, "val", self.autocast, bar,
+            self.topology.across))
+
     def evaluate(self, step: int, bar) -> None:
-        self.val = evaluate_split(self.cfg, self.learner.model, self.val_loader, self.data,
-                                  self.device, "val", self.autocast, bar, self.shards)
+        self.val = self.validation(bar)
         self.evaluations.record(step, self.state.frames_seen, self.state.loss(), self.val,
-                                lambda path: self.save(path, step))
+                                lambda which: self.save(which, step))
         self.log(evaluation_line(step, self.cfg.train.steps, self.val,
                                  time.perf_counter() - self.started))
 
-    def save(self, path: Path, step: int, **extra: Any) -> None:
-        self.learner.save(path, {"step": step, "config": to_dict(self.cfg),
-                                 "classes": self.data.classes, **extra})
+    def save(self, which: str, step: int, **extra: Any) -> None:
+        """Checkpoint ``which`` (last, best) at ``step``, by every process: its learner's part;
+        ``extra`` (``resume``: the run's state, ``summary``) goes with it.
+
+        One process writes the ordinary checkpoint. In a parallel job each writes its own shard,
+        all wait for all, then rank 0 writes ``which``.pt naming them: until that rename the old
+        checkpoint and its shards stand whole, so a kill at any point leaves one to resume from."""
+        payload = {"step": step, "config": to_dict(self.cfg), "classes": self.data.classes, **extra}
+        shard = self.learner.shard(resuming="resume" in extra)
+        path, topology = self.run.checkpoint(which), self.topology
+        if not topology.distributed:
+            save_checkpoint(with_learner(payload, shard), path)
+            return
+        save_checkpoint(shard, self.run.shard(which, step, topology.rank))
+        topology.barrier(f"saving the {which} checkpoint")
+        if not self.writer:
+            return
+        ranks = range(topology.replicas * topology.stages)
+        save_checkpoint({**payload, "shards": [self.run.shard(which, step, r).name for r in ranks],
+                         "topology": {"replicas": topology.replicas, "stages": topology.stages}},
+                        path)
+        self.run.drop_shards_before(which, step)
 
     def checkpoint(self, step: int, **extra: Any) -> None:
         """checkpoints/last.pt with what a restart needs to continue as if never stopped (the
@@ -233,7 +233,7 @@ class Session:
         state.wall_s = time.perf_counter() - self.started
         state.best = self.evaluations.best
         state.unreadable = dict(self.train_loader.failed)
-        self.save(self.run.checkpoint(), step, resume=state.to_checkpoint(self.device), **extra)
+        self.save("last", step, resume=state.to_checkpoint(self.device), **extra)
 
     def finish(self, quiet: bool) -> dict[str, Any]:
         """The final evaluation and the summary (after a last checkpoint, so that a kill during a
@@ -242,8 +242,7 @@ class Session:
         if self.first_step <= steps:
             self.checkpoint(steps)
         with progress_bar(quiet) as bar:
-            self.val = evaluate_split(cfg, self.learner.model, self.val_loader, self.data, self.device,
-                                      "val", self.autocast, bar, self.shards)
+            self.val = self.validation(bar)
         summary = {
             "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset,
             "seed": cfg.seed, "steps": steps, "updates": state.updates,
@@ -253,9 +252,8 @@ class Session:
             **state.peaks(), "wall_s": time.perf_counter() - self.started,
         }
         self.evaluations.record(steps, state.frames_seen, summary["train_loss"], self.val,
-                                lambda path: self.save(path, steps, summary=summary))
+                                lambda which: self.save(which, steps, summary=summary))
         self.checkpoint(steps, summary=summary)
-        self.learner.close()
         if self.writer:
             write_json(self.run.summary, summary)
         return summary
@@ -274,10 +272,10 @@ class Evaluations:
     def __init__(self, run: RunDir, started: float, task: str,
                  continued: tuple[int, float] | None = None, writes: bool = True):
         """``continued``: (the last step whose rows stand, the best primary metric so far) when a
-        run resumes; the rows after that step are dropped. ``writes``: False on every replica
-        but the first, which keeps the same best (and calls ``save_best`` alike: saving gathers
-        from every replica) but writes no row."""
-        self.path, self.best_path, self.writes = run.evaluations, run.checkpoint("best"), writes
+        run resumes; the rows after that step are dropped. ``writes``: False on every process of
+        a job but global rank 0, which keep the same best (and call ``save_best`` alike: every
+        process writes its shard) but write no row."""
+        self.path, self.writes = run.evaluations, writes
         self.started = started
         self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
         self.primary = PRIMARY_METRIC[task]
@@ -293,7 +291,7 @@ class Evaluations:
             trim_csv(self.path, kept, self.keys)
 
     def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
-               save_best: Callable[[Path], None]) -> None:
+               save: Callable[[str], None]) -> None:
         row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
                "wall_s": time.perf_counter() - self.started, **val}
         if self.writes:
@@ -301,4 +299,4 @@ class Evaluations:
                 csv.writer(f).writerow([row[key] for key in self.keys])
         if val[self.primary] > self.best:
             self.best = val[self.primary]
-            save_best(self.best_path)
+            save("best")

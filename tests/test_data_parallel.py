@@ -20,8 +20,9 @@ import torch
 
 from cli_helpers import invoke
 from sideways_cli.data.sampler import SeededBatchSampler
-from sideways_cli.distributed.replica_state import merge_replica_states, replica_share
 from sideways_cli.distributed.replicas import BUCKET_BYTES, _buckets
+from sideways_cli.resharding import merge_replica_states, replica_share
+from sideways_cli.rundir import RunDir
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from test_depth_parallel import descendants, kill_after_checkpoint, stage_pids, start
 from tiny import random_clips, tiny_network, tiny_run_config
@@ -65,7 +66,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (a, b)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
-    wa, wb = (torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"] for run in (a, b))
+    wa, wb = (RunDir(run).load_checkpoint()["model"] for run in (a, b))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-11, atol=1e-13)
     sa, sb = (json.loads((run / "summary.json").read_text()) for run in (a, b))

@@ -20,11 +20,12 @@ import torch.multiprocessing as mp
 import spawned
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
-from sideways_cli.distributed.context import StageContext
 from sideways_cli.distributed.links import Links
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_sideways import StagedSideways
+from sideways_cli.distributed.topology import make_topology
+from sideways_cli.rundir import RunDir
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
 from tiny import random_clips, tiny_network, tiny_run_config
@@ -67,26 +68,26 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
     """Stage ``rank`` of every case in turn, in one process group (spawning is the slow part)."""
     torch.set_num_threads(1)
     spawned.join(rank, stages, f"{out}/rendezvous-{stages}")
+    topology = make_topology(1, stages, torch.device("cpu"), 30)
     for (case, (pipeline, update, chunk, task, sizes)), optimizer in itertools.product(
             cases.items(), SPAWN_OPTIMIZERS):
         model = network(task)
         modules = stage_ranges(sizes)[rank]
         stack = stage_stack(model, modules)
-        cpu = torch.device("cpu")
-        ctx = StageContext(rank, len(sizes), cpu, Links(rank, len(sizes), 30, cpu))
-        last = ctx.is_last
+        last = topology.is_last
         specs = output_specs(model, (3, 16, 16))
         if chunk > 1:
-            rule = StagedTickBatched(stack, modules, len(model), ctx, specs, pipeline, chunk,
+            rule = StagedTickBatched(stack, modules, len(model), topology, specs, pipeline, chunk,
                                      OBJECTIVES[task], nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), ctx, specs, pipeline, update,
+            rule = StagedSideways(stack, modules, len(model), topology, specs, pipeline, update,
                                   OBJECTIVES[task], nullcontext)
         apply_update, schedule_step = stepper(optimizer, stack)
         stats = []
         for clips, labels in batches():
             mine = clips if rank == 0 or (last and task == "reconstruct") else None
-            s = rule.train_batch(mine, labels if last else None, apply_update, clips.shape)
+            s = topology.batch_stats(rule.train_batch(mine, labels if last else None, apply_update,
+                                                      clips.shape))
             schedule_step()
             stats.append((s.loss, s.losses, s.updates))
         torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},
@@ -160,7 +161,8 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+    """The network's weights in the run's last checkpoint (a parallel job's shards merged)."""
+    return RunDir(run).load_checkpoint()["model"]
 
 
 def losses(run: Path) -> list[float]:
@@ -315,7 +317,9 @@ def test_a_silent_collective_names_the_stage_when_it_can():
     backend does not say which."""
     timeout = RuntimeError("Timed out waiting 5000ms for recv operation to complete")
     cpu = torch.device("cpu")
-    two = Links(0, 2, 5, cpu).failure(None, "summing the batch's losses", timeout)
+    unused = dict(up=None, down=None, pipeline=None)  # naming needs no group
+    two = Links(0, 2, 5, cpu, [0, 1], **unused).failure(None, "summing the batch's losses", timeout)
     assert str(two).startswith("stage 0, summing the batch's losses: stage 1 sent nothing for 5 s")
-    three = Links(2, 3, 5, cpu).failure(None, "summing the batch's losses", timeout)
+    three = Links(2, 3, 5, cpu, [0, 1, 2], **unused).failure(None, "summing the batch's losses",
+                                                            timeout)
     assert "another stage sent nothing for 5 s" in str(three)

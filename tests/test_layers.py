@@ -17,7 +17,7 @@ LAYERS = {
     "data": 2, "models": 2,
     "engine": 3,
     "build": 4, "loaders": 4, "rundir": 4, "resume": 4, "evaluate": 4, "reconstruction": 4,
-    "learner": 4, "contract": 4,
+    "contract": 4, "resharding": 4,
     "distributed": 5, "check": 5, "train": 5,
     "fidelity": 6, "stream": 6, "isolated": 6, "comparison": 6,
     "cli": 7, "__main__": 7,

@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 from sideways_cli.config import Config, save_config
-from sideways_cli.distributed.context import STARTED_BY_SIDEWAYS
+from sideways_cli.distributed.topology import STARTED_BY_SIDEWAYS, process_name
 from sideways_cli.errors import UserError
 from sideways_cli.rundir import RunDir
 
@@ -63,12 +63,6 @@ def launch(replicas: int, stages: int, argv: list[str]) -> None:
         elastic_launch(config, sys.executable)("-m", "sideways_cli", *argv)
     except ChildFailedError as exc:
         raise UserError(describe_failure(exc, replicas, stages)) from None
-
-
-def process_name(rank: int, replicas: int, stages: int) -> str:
-    """How messages call the process of global rank ``rank`` (the layout of ``context.join``)."""
-    replica, stage = divmod(rank, stages)
-    return f"stage {stage}" if replicas == 1 else f"replica {replica} stage {stage}"
 
 
 def describe_failure(exc, replicas: int = 1, stages: int = 1) -> str:

@@ -1,7 +1,7 @@
 """Point-to-point traffic between stages over torch.distributed, with every wait bounded.
 
 A stage that dies closes its sockets; one that hangs sends nothing. Either way its neighbour's
-wait ends, within ``timeout_s`` at the latest, in a :class:`StageFailure` naming the stage, so the
+wait ends, within ``parallel.timeout_s`` at the latest, in a :class:`StageFailure` naming the stage, so the
 launcher stops the whole job instead of leaving it blocked for c10d's default half hour.
 """
 
@@ -25,63 +25,91 @@ class Links:
     """This stage's sends and receives to the other stages of its replica, which it names by
     stage index; ``device`` is where tensors live for the backend.
 
-    ``ranks``: each stage's global rank (default: stage s is rank s, a single replica);
-    ``group``: the replica's stages, over which :meth:`all_reduce` sums (default: every process);
-    ``replica``: which replica this is, for messages (None: a single one).
+    ``ranks``: each stage's global rank. ``up`` and ``down``: the groups that carry traffic toward
+    higher and lower stages (one each, so that NCCL's in-order execution per group can never
+    make a receive wait behind a send it is itself waited for: ``topology.py``); ``pipeline``:
+    the replica's stages, over which :meth:`all_reduce` sums. ``replica``: which replica this is,
+    for messages (None: a single one). Between a pair of stages, the k-th send in one direction
+    meets the k-th receive: both sides issue them in the same order, which the clock fixes.
     """
 
     def __init__(self, rank: int, stages: int, timeout_s: float, device: torch.device,
-                 ranks: list[int] | None = None, group: dist.ProcessGroup | None = None,
-                 replica: int | None = None):
+                 ranks: list[int], up: dist.ProcessGroup, down: dist.ProcessGroup,
+                 pipeline: dist.ProcessGroup, replica: int | None = None):
         self.rank, self.stages = rank, stages
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device
-        self.ranks = ranks if ranks is not None else list(range(stages))
-        self.group, self.replica = group, replica
+        self.ranks, self.up, self.down, self.pipeline = ranks, up, down, pipeline
+        self.replica = replica
         self.in_flight: list[tuple[dist.Work, torch.Tensor, int]] = []  # sends not yet complete
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        """Start sending ``tensor`` to stage ``dst``; it stays referenced until :meth:`settle`.
-        ``tag`` keeps apart traffic that shares a pair of stages (ticks, targets, evaluation)."""
+    # The group of the traffic's direction: a sender and its receiver always pick the same one.
+    def _toward(self, peer: int) -> dist.ProcessGroup:
+        return self.up if peer > self.rank else self.down
+
+    def _from(self, peer: int) -> dist.ProcessGroup:
+        return self.down if peer > self.rank else self.up
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Start sending ``tensor`` to stage ``dst``; it stays referenced until :meth:`settle`."""
         tensor = tensor.detach().contiguous()
-        self.in_flight.append((dist.isend(tensor, self.ranks[dst], tag=tag), tensor, dst))
+        work = dist.isend(tensor, self.ranks[dst], group=self._toward(dst))
+        self.in_flight.append((work, tensor, dst))
 
     def receive(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int,
-                what: str, tag: int) -> PendingReceive:
+                what: str) -> PendingReceive:
         """Post a receive from stage ``src`` now (so it overlaps compute); ``.wait()`` it later."""
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        return PendingReceive(self, dist.irecv(buffer, self.ranks[src], tag=tag), buffer, src, what)
+        work = dist.irecv(buffer, self.ranks[src], group=self._from(src))
+        return PendingReceive(self, work, buffer, src, what)
 
     def settle(self) -> None:
         """Wait until every send has left: a neighbour that stopped reading is found here too."""
         for work, _, dst in self.in_flight:
-            self.wait(work, dst, "sending to it")
+            self.wait(work, dst, "sending to it", point_to_point=True)
         self.in_flight.clear()
 
-    def send_sized(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+    def send_sized(self, tensor: torch.Tensor, dst: int) -> None:
         """Send a tensor whose shape and dtype the receiver does not know: a header first."""
         header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
         header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
         header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        self.send(header, dst, tag)
-        self.send(tensor, dst, tag)
+        self.send(header, dst)
+        self.send(tensor, dst)
 
-    def receive_sized(self, src: int, what: str, tag: int) -> torch.Tensor:
-        header = self.receive((_HEADER,), torch.int64, src, what, tag).wait().tolist()
+    def receive_sized(self, src: int, what: str) -> torch.Tensor:
+        header = self.receive((_HEADER,), torch.int64, src, what).wait().tolist()
         shape = tuple(header[2:2 + header[1]])
-        return self.receive(shape, _DTYPES[header[0]], src, what, tag).wait()
+        return self.receive(shape, _DTYPES[header[0]], src, what).wait()
 
-    def all_reduce(self, tensor: torch.Tensor, doing: str) -> None:
-        """Sum ``tensor`` over the replica's stages in place."""
+    def all_reduce(self, tensor: torch.Tensor, doing: str, op: dist.ReduceOp = dist.ReduceOp.SUM,
+                   timeout: timedelta | None = None) -> None:
+        """Reduce ``tensor`` over the replica's stages in place (sum by default)."""
         try:
-            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+            work = dist.all_reduce(tensor, op=op, group=self.pipeline, async_op=True)
         except RuntimeError as exc:
             raise self.failure(None, doing, exc) from None
-        self.wait(work, None, doing)
+        self.wait(work, None, doing, timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, doing: str,
+                  timeout: timedelta | None = None) -> None:
+        """``tensor`` of stage ``src`` into every stage's, in place."""
+        try:
+            work = dist.broadcast(tensor, self.ranks[src], group=self.pipeline, async_op=True)
+        except RuntimeError as exc:
+            raise self.failure(src, doing, exc) from None
+        self.wait(work, src, doing, timeout)
 
     def wait(self, work: dist.Work, peer: int | None, doing: str,
-             timeout: timedelta | None = None) -> None:
-        """Wait ``timeout`` (default ``parallel.timeout_s``) for ``work``, else StageFailure."""
+             timeout: timedelta | None = None, point_to_point: bool = False) -> None:
+        """Wait ``timeout`` (default ``parallel.timeout_s``) for ``work``, else StageFailure.
+
+        On CUDA a point-to-point wait only makes the compute stream wait for the transfer, so the
+        host goes on queueing the tick's kernels; the link groups' own timeout (the same
+        ``parallel.timeout_s``) then bounds a hung exchange, through NCCL's watchdog."""
+        if point_to_point and self.device.type == "cuda":
+            work.wait()
+            return
         bounded_wait(work, timeout or self.timeout,
                      lambda exc, waited: self.failure(peer, doing, exc, waited))
 
@@ -131,5 +159,5 @@ class PendingReceive:
         self.links, self.work, self.buffer, self.src, self.what = links, work, buffer, src, what
 
     def wait(self) -> torch.Tensor:
-        self.links.wait(self.work, self.src, f"waiting for {self.what}")
+        self.links.wait(self.work, self.src, f"waiting for {self.what}", point_to_point=True)
         return self.buffer

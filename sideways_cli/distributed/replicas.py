@@ -17,8 +17,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sideways_cli.distributed.links import StageFailure, bounded_wait, why_silent
-from sideways_cli.distributed.replica_state import merge_replica_states, on_cpu, replica_share
-from sideways_cli.engine.rule import BatchStats
+from sideways_cli.resharding import replica_share
 
 BUCKET_BYTES = 25 << 20  # gradients reduced per collective call: as DistributedDataParallel does
 
@@ -43,15 +42,6 @@ class ReplicaGroup:
             for grad, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 grad.copy_(averaged)
 
-    def batch_stats(self, stats: BatchStats) -> BatchStats:
-        """The whole batch's: the mean loss over every replica's losses, every replica's frames."""
-        totals = torch.tensor([stats.loss * stats.losses, stats.losses, stats.frames],
-                              dtype=torch.float64, device=self.device)
-        self._reduce(totals, dist.ReduceOp.SUM, "summing the batch's losses")
-        losses = int(totals[1].item())
-        return BatchStats(totals[0].item() / max(losses, 1), losses // self.replicas,
-                          int(totals[2].item()), stats.updates)
-
     def sum_(self, tensor: torch.Tensor, doing: str) -> torch.Tensor:
         """``tensor`` summed over the replicas, in place (on this group's device and back)."""
         moved = tensor.to(self.device)
@@ -65,26 +55,10 @@ class ReplicaGroup:
         tensor.copy_(moved)
         return tensor
 
-    def largest(self, values: list[float], doing: str) -> list[float]:
-        """Each of ``values`` (the same length on every replica): its largest over the replicas."""
-        return self.max_(torch.tensor(values, dtype=torch.float64), doing).tolist()
-
-    def whole_batch(self, rule_state: Any) -> Any:
-        """A rule's registers for the whole batch, from every replica's for its shard."""
-        return merge_replica_states(self.gather(on_cpu(rule_state), "gathering the registers"))
-
     def own_share(self, rule_state: Any) -> Any:
-        """This replica's slice of the whole batch's registers (the inverse of :meth:`whole_batch`)."""
+        """This replica's slice of the whole batch's registers (``resharding.merge_replica_states``
+        joins them)."""
         return replica_share(rule_state, self.replica, self.replicas)
-
-    def gather(self, obj: Any, doing: str) -> list[Any]:
-        """Every replica's ``obj`` (picklable), in replica order."""
-        gathered: list[Any] = [None] * self.replicas
-        try:
-            dist.all_gather_object(gathered, obj, group=self.group)
-        except RuntimeError as exc:
-            raise self.failure(doing, exc) from None
-        return gathered
 
     def _reduce(self, tensor: torch.Tensor, op: dist.ReduceOp, doing: str) -> None:
         try:

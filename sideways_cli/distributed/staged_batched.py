@@ -30,19 +30,18 @@ from typing import Any
 
 import torch
 
-from sideways_cli.distributed.context import StageContext
+from sideways_cli.distributed.contribution import Contribution
 from sideways_cli.distributed.links import PendingReceive
-from sideways_cli.distributed.staged_sideways import FrameTargets, reduce_batch
+from sideways_cli.distributed.staged_sideways import FrameTargets
+from sideways_cli.distributed.topology import Topology
 from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast
 from sideways_cli.engine.schedule import (BACKWARD, FORWARD, MacroTick, arrivals, messages_sent,
                                           split_inputs, stage_order)
 from sideways_cli.engine.sideways_batched import Graph, TickBatchedSideways
 from sideways_cli.models import FrameStack
-
-MACRO_TAG = 3
 
 
 class StagedTickBatched:
@@ -52,7 +51,7 @@ class StagedTickBatched:
     shape of everything that crosses this stage's boundaries.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: StageContext,
+    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
                  specs: list[Spec], pipeline: str, chunk: int, objective: Objective,
                  autocast: Autocast):
         self.rule = TickBatchedSideways(stack, pipeline, "clip", chunk, objective, autocast,
@@ -63,7 +62,7 @@ class StagedTickBatched:
         self.targets = FrameTargets(objective, network_modules)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
-                    apply_update: ApplyUpdate, shape: torch.Size) -> BatchStats:
+                    apply_update: ApplyUpdate, shape: torch.Size) -> Contribution:
         """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
         the last the labels (and, for reconstruction, the clips: its targets)."""
         rule, ctx = self.rule, self.ctx
@@ -86,7 +85,8 @@ class StagedTickBatched:
                 loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
         updated = rule.flush(apply_update)
         self.links.settle()
-        return reduce_batch(self.links, loss_sum, losses, [bool(updated)], shape[0] * shape[2])
+        return Contribution(loss_sum, losses, shape[0] * shape[2] if ctx.is_first else 0,
+                            [bool(updated)])
 
     def _forward(self, m: int, macro: MacroTick, ups: Receives) -> list[Graph | None]:
         rule, ctx = self.rule, self.ctx
@@ -124,7 +124,7 @@ class StagedTickBatched:
             return None
         size, dtype = self.below
         return self.links.receive((count, batch, *size), dtype, self.ctx.stage - 1,
-                                  "activations", MACRO_TAG)
+                                  "activations")
 
     def _post_messages(self, macro: MacroTick, batch: int) -> PendingReceive | None:
         count = self._messages(self.modules.stop, macro) if not self.ctx.is_last else 0
@@ -132,14 +132,14 @@ class StagedTickBatched:
             return None
         size, dtype = self.above
         return self.links.receive((count, batch, *size), dtype, self.ctx.stage + 1,
-                                  "gradient messages", MACRO_TAG)
+                                  "gradient messages")
 
     def _send(self, values: list[torch.Tensor], dst: int, scheduled: int, what: str) -> None:
         if len(values) != scheduled:  # a bug, not a user error: the neighbour would hang
             raise RuntimeError(f"stage {self.ctx.stage}: {len(values)} {what} for stage {dst} in "
                                f"a macro tick that has {scheduled}")
         if values:
-            self.links.send(torch.stack(values), dst, MACRO_TAG)
+            self.links.send(torch.stack(values), dst)
 
     def state_dict(self) -> dict[str, Any]:
         """Between batches nothing is on the wire: the rule's queues and the targets are all."""

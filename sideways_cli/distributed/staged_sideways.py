@@ -16,17 +16,16 @@ from typing import Any
 
 import torch
 
-from sideways_cli.distributed.context import StageContext
-from sideways_cli.distributed.links import Links, PendingReceive
+from sideways_cli.distributed.contribution import Contribution
+from sideways_cli.distributed.links import PendingReceive
+from sideways_cli.distributed.topology import Topology
 from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast
 from sideways_cli.engine.schedule import batch_ticks, input_ticks, message_ticks
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
-
-TICK_TAG = 0
 
 
 class StagedSideways:
@@ -37,7 +36,7 @@ class StagedSideways:
     what arrives at its lower and upper boundaries before any data flows.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: StageContext,
+    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
                  specs: list[Spec], pipeline: str, update: str, objective: Objective,
                  autocast: Autocast):
         self.rule = SidewaysRule(stack, pipeline, update, objective, autocast,
@@ -57,7 +56,7 @@ class StagedSideways:
         return tick in message_ticks(g, self.network_modules, self.rule.fed)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
-                    apply_update: ApplyUpdate, shape: torch.Size) -> BatchStats:
+                    apply_update: ApplyUpdate, shape: torch.Size) -> Contribution:
         """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
         the last the labels (and, for reconstruction, the clips: its targets)."""
         rule = self.rule
@@ -86,17 +85,17 @@ class StagedSideways:
         if rule.update_every is None:
             flushes.append(rule.flush(apply_update))
         self.links.settle()
-        return reduce_batch(self.links, loss_sum, losses, flushes, shape[0] * frames)
+        return Contribution(loss_sum, losses, shape[0] * frames if self.ctx.is_first else 0,
+                            [bool(f) for f in flushes])
 
     def _post_receives(self, tick: int, batch: int) -> tuple[PendingReceive | None, PendingReceive | None]:
         up = down = None
         if not self.ctx.is_first and self._has_input(self.modules.start, tick):
             size, dtype = self.below
-            up = self.links.receive((batch, *size), dtype, self.ctx.stage - 1, "an activation", TICK_TAG)
+            up = self.links.receive((batch, *size), dtype, self.ctx.stage - 1, "an activation")
         if not self.ctx.is_last and self._has_message(self.modules.stop - 1, tick):
             size, dtype = self.above
-            down = self.links.receive((batch, *size), dtype, self.ctx.stage + 1, "a gradient message",
-                                      TICK_TAG)
+            down = self.links.receive((batch, *size), dtype, self.ctx.stage + 1, "a gradient message")
         return up, down
 
     def _send(self, tick: int) -> None:
@@ -105,11 +104,11 @@ class StagedSideways:
         if not self.ctx.is_last:
             self._check("activation", up is not None, self._has_input(self.modules.stop, tick + 1))
             if up is not None:
-                self.links.send(up.value, self.ctx.stage + 1, TICK_TAG)
+                self.links.send(up.value, self.ctx.stage + 1)
         if not self.ctx.is_first:
             self._check("message", down is not None, self._has_message(self.modules.start - 1, tick + 1))
             if down is not None:
-                self.links.send(down, self.ctx.stage - 1, TICK_TAG)
+                self.links.send(down, self.ctx.stage - 1)
 
     def _check(self, what: str, sent: bool, scheduled: bool) -> None:
         if sent != scheduled:  # a bug, not a user error: the neighbour would wait forever
@@ -159,13 +158,3 @@ class FrameTargets:
 
     def load_state_dict(self, state: dict[int, torch.Tensor]) -> None:
         self.by_frame = dict(state)
-
-
-def reduce_batch(links: Links, loss_sum: float, losses: int, flushes: list[bool],
-                 frames: int) -> BatchStats:
-    """Losses live on the last stage; an update happened when any stage stepped."""
-    totals = torch.tensor([loss_sum, losses, *flushes], dtype=torch.float64, device=links.device)
-    links.all_reduce(totals, "summing the batch's losses")
-    loss_sum, losses = totals[0].item(), int(totals[1].item())
-    return BatchStats(loss=loss_sum / max(losses, 1), losses=losses, frames=frames,
-                      updates=int((totals[2:] > 0).sum().item()))

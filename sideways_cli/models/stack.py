@@ -40,6 +40,11 @@ class FrameStack(nn.Module):
         """The weights' floating-point type, which inputs are cast to."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are, which inputs are moved to."""
+        return next(self.parameters()).device
+
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         x = clip
         for module in self.stack:
@@ -80,7 +85,7 @@ class CausalStream:
 
 class CausalNetwork(Protocol):
     """What evaluation runs: a FrameStack, or a network split across stage processes
-    (``distributed.learner.PipelinedNetwork``)."""
+    (``distributed.staged_eval.StagedNetwork``)."""
 
     dtype: torch.dtype
 

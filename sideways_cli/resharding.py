@@ -1,16 +1,35 @@
-"""A stage's share of a checkpoint, and the ordinary single-process checkpoint they reassemble into.
+"""A checkpoint across topologies: the shards that the processes of a replicas x stages job write
+are merged into the network's whole state (the checkpoint one process writes), and that state is
+split again for whatever replicas and stages resume it.
 
-Every stage writes its own shard (its modules' weights, its optimizer, its rule's registers); the
-first stage reassembles them into the ordinary ``checkpoints/*.pt`` that ``sideways eval``,
-``compare``, ``stream`` and a single-process resume read, and that a P-stage run splits again when
-it resumes. Parameters are numbered in network order, which is the stages' order concatenated.
+**Stages.** Every stage writes its own modules' weights (under the network's module numbers), its
+optimizer and its rule's registers. Parameters are numbered in network order, which is the stages'
+order concatenated.
+
+**Replicas.** Replica r of R holds clips [r*b, (r+1)*b) of every batch of R*b, so its registers
+(activations, windows, messages, targets: every tensor whose first dimension is the batch) are
+that slice of the registers one process would hold for the whole batch. The whole batch's are the
+replicas' tensors concatenated in replica order, which any number of replicas (each taking its
+slice back) resumes from. Two kinds of entry need more:
+
+- gradient messages: a frame's loss is a mean over the clips of the batch, so a replica's
+  messages are R times the single process's for the same clips; concatenated, they are divided
+  by R (and a replica's share multiplied back);
+- pseudo-gradient sums are not per clip: every replica's are averaged before any update, so the
+  merge keeps their mean, and every replica continues from it (the mean of the sums is the
+  single process's sum for the batch).
+
+Clocks, counts and frame numbers are the same on every replica.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
+import torch
+
+from sideways_cli.engine.schedule import runs_chunked
 _STACK_KEY = re.compile(r"^stack\.(\d+)\.")
 
 
@@ -165,3 +184,112 @@ def _tokens(state: dict[str, Any]) -> list[dict[str, Any]]:
     tokens += [token for token in state["pipeline"]["outputs"] if token is not None]
     tokens += [step["token"] for step in state["current"] if step is not None]
     return tokens
+
+
+_AVERAGED = "pseudo"  # a rule's pseudo-gradient sums, in every layout
+_MESSAGES = ("messages", "mailbox", "pending_message")  # gradient messages, in every layout
+KIND_SLICE, KIND_MESSAGE, KIND_MEAN = "slice", "message", "mean"
+
+
+def _kind(key: str, kind: str) -> str:
+    if key == _AVERAGED:
+        return KIND_MEAN
+    return KIND_MESSAGE if key in _MESSAGES else kind
+
+
+def merge_replica_states(states: list[Any], kind: str = KIND_SLICE) -> Any:
+    """The whole batch's state from every replica's, in replica order."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        if kind == KIND_MEAN:
+            return torch.stack(states).mean(dim=0)
+        merged = torch.cat(states)
+        return merged / len(states) if kind == KIND_MESSAGE else merged
+    if isinstance(first, dict):
+        return {key: merge_replica_states([s[key] for s in states], _kind(key, kind)) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(merge_replica_states(list(items), kind) for items in zip(*states))
+    if any(s != first for s in states):  # a clock or count that should agree
+        raise ValueError(f"replicas disagree on {first!r} vs {states}")
+    return first
+
+
+def replica_share(state: Any, replica: int, replicas: int, kind: str = KIND_SLICE) -> Any:
+    """Replica ``replica``'s slice of a whole batch's state (the inverse of the merge)."""
+    if isinstance(state, torch.Tensor):
+        if kind == KIND_MEAN:
+            return state.clone()
+        if len(state) % replicas:
+            raise ValueError(f"a batch of {len(state)} does not split into {replicas} replicas")
+        share = state.chunk(replicas)[replica].clone()
+        return share * replicas if kind == KIND_MESSAGE else share
+    if isinstance(state, dict):
+        return {key: replica_share(value, replica, replicas, _kind(key, kind))
+                for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(replica_share(item, replica, replicas, kind) for item in state)
+    return state
+
+
+def moved(state: Any, device: torch.device | str) -> Any:
+    """``state`` with every tensor on ``device`` (detached): a checkpoint's registers, read on the
+    CPU, onto the device of the process that owns them."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to(device)
+    if isinstance(state, dict):
+        return {key: moved(value, device) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(moved(item, device) for item in state)
+    return state
+
+
+def with_learner(payload: dict[str, Any], learner: dict[str, Any]) -> dict[str, Any]:
+    """One process's checkpoint: ``payload`` (step, config, classes, the run's ``resume`` state,
+    ...) and the learner's part, whose rule registers (and every rank's random streams, merged
+    from a job) go under ``resume``."""
+    ckpt = {**payload, "model": learner["model"], "optimizer": learner["optimizer"],
+            "schedule": learner["schedule"]}
+    if "rule" in learner:
+        extra = {key: learner[key] for key in ("rule", "rank_rng") if key in learner}
+        ckpt["resume"] = {**payload["resume"], **extra}
+    return ckpt
+
+
+def merge_shards(shards: list[dict[str, Any]], replicas: int, stages: int,
+                 merge_stage_rules: Callable[[list[Any]], Any]) -> dict[str, Any]:
+    """The learner part of the checkpoint one process would have written, from a job's shards in
+    rank order (rank r: replica r // stages, stage r % stages): the network's weights, optimizer
+    and schedule (replica 0's: every replica holds the same), the whole batch's registers
+    (``merge_stage_rules``: how one replica's stage rules join), and every rank's random
+    streams under ``rank_rng``."""
+    by_stage = [[shards[r * stages + s] for r in range(replicas)] for s in range(stages)]
+    first_replica = [column[0] for column in by_stage]
+    model: dict[str, Any] = {}
+    for shard in first_replica:
+        model.update(shard["model"])
+    merged = {"model": model, "schedule": first_replica[0]["schedule"],
+              "optimizer": (merge_optimizers([s["optimizer"] for s in first_replica]) if stages > 1
+                            else first_replica[0]["optimizer"])}
+    if "rule" in first_replica[0]:
+        rules = [merge_replica_states([s["rule"] for s in column]) if replicas > 1 else column[0]["rule"]
+                 for column in by_stage]
+        merged["rule"] = merge_stage_rules(rules) if stages > 1 else rules[0]
+        merged["rank_rng"] = [shard["rng"] for shard in shards]
+    return merged
+
+
+def stage_rules_merger(mode: str, update: str, chunk: int) -> Callable[[list[Any]], Any]:
+    """How the stages' rule states of one replica join into the network's: by the executor's
+    layout (``schedule.register_layout``); pipelined BP carries nothing."""
+    if mode == "bp":
+        return lambda rules: {}
+    return merge_batched if runs_chunked(update, chunk) else merge_sideways
+
+
+def stage_rule_share(state: dict[str, Any], mode: str, update: str, chunk: int, modules: range,
+                     stage: int, stages: int) -> dict[str, Any]:
+    """One stage's part of the network's rule state (the inverse of :func:`stage_rules_merger`)."""
+    if mode == "bp" or stages == 1:
+        return state
+    share = batched_for_stage if runs_chunked(update, chunk) else sideways_for_stage
+    return share(state, modules, stage, stages)
