@@ -18,7 +18,7 @@ from sideways_cli.errors import UserError
 from sideways_cli.models import FrameStack
 from sideways_cli.models.norms import FIX_BUILDER, FIX_TORCHVISION
 from sideways_cli.models.torchvision_nets import is_torchvision
-from sideways_cli.runtime import resolve_device
+from sideways_cli.runtime import forward_autocast, resolve_device
 
 STAGE_COUNTS = (2, 4, 8)
 CHECK_CLIPS = 2  # the fewest that can show one clip depending on another
@@ -72,6 +72,7 @@ def check_network(cfg: Config, num_classes: int, fast: bool = False) -> CheckRep
     device = resolve_device(cfg.device)
     frame = (cfg.data.batch_size, IMAGE_CHANNELS, cfg.data.size, cfg.data.size)
     costs = measure_module_costs(model.to(device), frame, COST_REPEATS, device,
+                                 forward_autocast(device, cfg.amp),  # timed as a run trains
                                  objective=OBJECTIVES[cfg.task])
     report.costs = [{"module": d, "name": name, "window": k, "forward_ms": 1e3 * f,
                      "vjp_ms": 1e3 * b, "activation_bytes": out}

@@ -30,7 +30,7 @@ from sideways_cli.plots import confusion_png
 from sideways_cli.progress import progress_bar
 from sideways_cli.report import compare_table, eval_table, fidelity_table, stream_table, write_json
 from sideways_cli.rundir import RunDir
-from sideways_cli.runtime import forward_autocast, resolve_device
+from sideways_cli.runtime import configure_backends, forward_autocast, resolve_device
 from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
 from sideways_cli.train import train as run_training
 
@@ -142,14 +142,15 @@ def evaluate_run(
     run = RunDir(run_dir)
     ckpt = run.load_checkpoint()
     cfg = from_dict(ckpt["config"], str(run.checkpoint()))
+    configure_backends(cfg)  # evaluated as the run was trained
     device = resolve_device(cfg.device)
-    autocast = forward_autocast(device, cfg.amp)  # evaluated as the run was trained
+    autocast = forward_autocast(device, cfg.amp)
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
     views_text = f"{views} clips x 1 centre crop per video"
-    loader = eval_loader(cfg, data, split, views)
+    loader = eval_loader(cfg, data, split, views, device=device)
     result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
               "clips_per_video": views}
     figure = None
@@ -244,6 +245,7 @@ def check(
     (tick path == clip, causal, per sample, Sideways == BP where it must be); print its
     per-module costs and the stage splits balance: auto would choose. Exit 1 if a property fails."""
     cfg = resolve(config, set_, None)
+    configure_backends(cfg)  # the costs are measured as a run of this config would see them
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     report = check_network(cfg, len(data.classes))
     if json_path:
@@ -274,10 +276,12 @@ def fidelity(
     if video not in VIDEO_KINDS:
         raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
     cfg = resolve(config, set_, seed)
+    configure_backends(cfg)
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes))
     if run is not None:
         model.load_state_dict(RunDir(run).load_checkpoint()["model"])
+    model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data, video)
     rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
@@ -309,6 +313,8 @@ def stream(
     if cfg.task != "reconstruct":
         raise UserError("sideways stream trains frame reconstruction: give a config with task: "
                         "reconstruct (experiments/stream.yaml)")
+    configure_backends(cfg)
+    device = resolve_device(cfg.device)
     if video is not None:
         if not video.is_file():
             raise UserError(f"--video {video} does not exist; give a video file")
@@ -322,9 +328,8 @@ def stream(
             task = bar.add_task(f"stream {mode}", total=len(raw), info="ticks") if bar else None
             return (lambda n: bar.advance(task, n)) if bar else (lambda n: None)
 
-        results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, resolve_device(cfg.device),
-                             held_out, ticks)
-    initial = stream_psnr(build_network(cfg, 0), *prepare(raw, cfg.data.size), cfg.eval.chunk)
+        results = run_stream(cfg, lambda: build_network(cfg, 0), raw, update_every, device, held_out, ticks)
+    initial = stream_psnr(build_network(cfg, 0).to(device), *prepare(raw, cfg.data.size), cfg.eval.chunk)
     result = {"video": str(video) if video else "synthetic", "initial_psnr": initial,
               "update_every": update_every, "learners": as_dicts(results)}
     if json_path:

@@ -22,7 +22,7 @@ from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
 from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
 from sideways_cli.reconstruction import Shards, evaluate_reconstruction
-from sideways_cli.runtime import Autocast, forward_autocast
+from sideways_cli.runtime import Autocast, forward_autocast, to_device
 
 # what an evaluation is ranked by (best.pt) and reported with, per task
 PRIMARY_METRIC = {"classify": "val_video_top1", "reconstruct": "val_psnr"}
@@ -58,7 +58,7 @@ def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_vi
     for batch in tracked(loader, bar, f"eval {split}"):
         with autocast():  # logits [B, K, T] are small: only the activations are chunked
             logits = torch.cat([at_least_fp32(y) for y in causal_outputs(
-                model, batch["clip"].to(device, model.dtype), chunk)], dim=2)
+                model, to_device(batch["clip"], device, model.dtype), chunk)], dim=2)
         probs = clip_probabilities(logits).float().cpu()
         labels = batch["label"]
         hits += torch.tensor([len(labels), *(topk_correct(probs, labels, k).sum() for k in (1, 5))])

@@ -31,6 +31,8 @@ from sideways_cli.errors import UserError
 from sideways_cli.loaders import eval_loader
 from sideways_cli.models import FrameStack
 from sideways_cli.rundir import RunDir
+from sideways_cli.runtime import configure_backends, resolve_device, to_device
+
 
 class TickMatchedSideways(SidewaysRule):
     """The reference tick rule (``pipeline: reset``) that also takes each message's parameter VJP at
@@ -39,7 +41,8 @@ class TickMatchedSideways(SidewaysRule):
 
     def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
         super().__init__(model, pipeline="reset", objective=objective)
-        self.tick_cosines: list[list[float]] = [[] for _ in model.stack]
+        # 0-dim tensors on the device, read once at the end: reading each would wait for its tick
+        self.tick_cosines: list[list[torch.Tensor]] = [[] for _ in model.stack]
         self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
 
     def forward(self, frame: Token | None) -> list[ModuleStep]:
@@ -57,7 +60,7 @@ class TickMatchedSideways(SidewaysRule):
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
         produced = self.windows[d][message_frame(d, self.clock, len(self.model))]
         met, matched = (self._param_vjp(d, w, message) for w in (self.current[d].window.detach(), produced))
-        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0).item())
+        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0))
         return super().backward_module(d, message)
 
     def _param_vjp(self, d: int, window: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,10 @@ class TickMatchedSideways(SidewaysRule):
 def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,
                       objective: Objective = CLASSIFY) -> list[dict]:
     """[{index, name, cosine, tick_cosine}] for every module; Sideways runs its reference tick
-    schedule."""
+    schedule, on the device the model is on."""
     was_training = model.training
     model.eval()  # dropout would give the two rules different masks
-    clips = clips.to(model.dtype)
+    clips, labels = to_device(clips, model.device, model.dtype), to_device(labels, model.device)
     bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
     sideways = TickMatchedSideways(model, objective)
     sw = module_gradients(model, sideways, clips, labels)
@@ -82,7 +85,7 @@ def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tens
     rows = []
     for d, (g_bp, g_sw) in enumerate(zip(bp, sw)):
         cosine = torch.nn.functional.cosine_similarity(g_bp.double(), g_sw.double(), dim=0)
-        ticks = sideways.tick_cosines[d]
+        ticks = torch.stack(sideways.tick_cosines[d]).tolist() if sideways.tick_cosines[d] else []
         rows.append({"index": d, "name": model.names[d], "cosine": cosine.item(),
                      "tick_cosine": sum(ticks) / len(ticks) if ticks else 1.0})
     return rows
@@ -114,11 +117,14 @@ def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
 
 
 def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
-    """Per-module fidelity at a trained run's final weights, on a batch built from its own config."""
+    """Per-module fidelity at a trained run's final weights, on a batch built from its own config,
+    on its device with its backend settings."""
     ckpt = RunDir(run_dir).load_checkpoint()
     cfg = from_dict(ckpt["config"], str(RunDir(run_dir).checkpoint()))
+    configure_backends(cfg)
     data = resolve_dataset(cfg.data, progress=progress)
     model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
+    model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data)
     return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])

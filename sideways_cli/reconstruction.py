@@ -16,7 +16,7 @@ from rich.progress import Progress
 from sideways_cli.engine.losses import at_least_fp32
 from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.progress import tracked
-from sideways_cli.runtime import Autocast
+from sideways_cli.runtime import Autocast, to_device
 
 
 class Shards(Protocol):
@@ -60,19 +60,23 @@ def evaluate_reconstruction(model: CausalNetwork, loader: Iterable[dict], device
     ``shards``: the loader holds this replica's share, the totals are summed over the replicas."""
     was_training = model.training
     model.eval()
-    squared, elements, psnr_sum, frames, clips = 0.0, 0, 0.0, 0, 0
+    # summed on the device in float64 (as Python floats were) and read once, at the end: reading
+    # a GPU value waits for every kernel queued before it
+    squared = psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
+    elements, frames, clips = 0, 0, 0
     for batch in tracked(loader, bar, f"eval {split}"):
-        x = batch["clip"].to(device, model.dtype)
+        x = to_device(batch["clip"], device, model.dtype)
         with autocast():
             outputs = causal_outputs(model, x, chunk)
             for target, y in zip(x.split(chunk, dim=2), outputs):
                 y = at_least_fp32(y)
-                squared += (y - target).square().sum().item()
+                squared = squared + (y - target).square().sum().double()
                 psnr = frame_psnr(y, target, mean, std)
-                psnr_sum, frames = psnr_sum + psnr.sum().item(), frames + psnr.numel()
+                psnr_sum, frames = psnr_sum + psnr.sum().double(), frames + psnr.numel()
         elements += x.numel()
         clips += len(x)
     model.train(was_training)
+    squared, psnr_sum = torch.stack([squared, psnr_sum]).tolist()
     if shards is not None:
         totals = torch.tensor([squared, elements, psnr_sum, frames, clips], dtype=torch.float64)
         shards.sum_(totals, "summing the evaluation")

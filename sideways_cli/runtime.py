@@ -1,18 +1,27 @@
-"""Process-wide settings a run asks for: the device, seeds, deterministic algorithms, bf16 autocast."""
+"""Process-wide settings a run asks for: the device, seeds, the CUDA backends' numerics (deterministic
+algorithms, cuDNN autotuning, TF32), bf16 autocast; and moving batches onto the device."""
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from sideways_cli.errors import UserError
 
 Autocast = Callable[[], AbstractContextManager]
+
+
+class BackendSettings(Protocol):
+    """The keys of a run's config (``config.Config``) that set the backends' numerics."""
+
+    deterministic: bool
+    tf32: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,6 +38,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_backends(cfg: BackendSettings) -> None:
+    """Every process-wide numerics setting ``cfg`` asks for, in one place: deterministic
+    algorithms, cuDNN autotuning, TF32. Call first, before anything touches CUDA (see
+    :func:`set_deterministic`); on a CPU only deterministic algorithms apply."""
+    set_deterministic(cfg.deterministic)
+    set_tf32(cfg.tf32)
+
+
 def set_deterministic(enabled: bool) -> None:
     """``deterministic: true``: the same numbers on every run of the same config and machine.
 
@@ -39,8 +56,34 @@ def set_deterministic(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
-    if enabled:
-        torch.backends.cudnn.benchmark = False  # its autotuner may pick other kernels each run
+    # cuDNN's autotuner times the candidate kernels of each new shape and keeps the fastest, which
+    # may be another one on the next run: not with deterministic. Otherwise on: the engine's shapes
+    # repeat batch after batch, so the timing of the first batches is paid back many times over
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def set_tf32(enabled: bool) -> None:
+    """``tf32``: float32 matrix products and convolutions on Ampere and later GPUs in TF32 (a
+    10-bit mantissa, ~1e-3 relative), several times faster; False keeps them exact float32.
+    float64 (``precision: float64``) and bf16 autocast are not affected."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_device(tensor: torch.Tensor, device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` (a batch on the host) on ``device`` in ``dtype``. Onto a GPU the copy is queued
+    without waiting for it (from pinned memory it overlaps the kernels already queued; the kernels
+    that read it are queued after it on the same stream, so they see it whole)."""
+    return tensor.to(device, dtype, non_blocking=device.type == "cuda")
+
+
+def clock(device: torch.device) -> float:
+    """Wall time once ``device`` has finished what was queued: CUDA kernels run asynchronously,
+    so the clock alone would time their launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def forward_autocast(device: torch.device, amp: bool) -> Autocast:
@@ -52,9 +95,11 @@ def forward_autocast(device: torch.device, amp: bool) -> Autocast:
     """
     if not amp:
         return nullcontext
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"amp (bf16 autocast) is not supported by {torch.cuda.get_device_name(device)}; "
-                        "drop --amp or train on another device")
+    # a GPU without bf16 units (V100, T4) emulates it, slower than fp32: AMP would only cost time
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"amp (bf16 autocast) needs native bf16, which "
+                        f"{torch.cuda.get_device_name(device)} lacks (emulated, bf16 is slower than "
+                        "float32); drop --amp, or train on an Ampere or later GPU")
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"amp (bf16 autocast) is not available on device {device.type!r}; drop --amp")
     return partial(torch.autocast, device.type, dtype=torch.bfloat16)

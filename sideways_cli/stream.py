@@ -11,7 +11,6 @@ frame of the stream they learned from and, when there is one, of a held-out stre
 
 from __future__ import annotations
 
-import time
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 from sideways_cli.models.stack import causal_outputs
 from sideways_cli.reconstruction import frame_psnr
+from sideways_cli.runtime import clock, to_device
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
 Tick = Callable[[int], None]  # told how many ticks (arrived frames) a learner got through
@@ -74,9 +74,10 @@ def prepare(frames: torch.Tensor, size: int) -> tuple[torch.Tensor, ClipTransfor
 def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransform,
                 chunk: int) -> float:
     """Mean PSNR over every frame: the causal network over the whole stream (what the pipeline
-    computes tick by tick), ``chunk`` frames at a time so that a long stream fits in memory."""
+    computes tick by tick), ``chunk`` frames at a time so that a long stream fits in memory, on
+    the model's device."""
     model.eval()
-    stream = stream.to(model.dtype)
+    stream = to_device(stream, model.device, model.dtype)
     psnr = torch.cat([frame_psnr(y, frames, transform.mean, transform.std)
                       for frames, y in zip(stream.split(chunk, dim=2), causal_outputs(model, stream, chunk))],
                      dim=1)
@@ -129,17 +130,17 @@ def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: i
     ``progress(mode)`` gives the callback that learner reports its ticks to."""
     stream, transform = prepare(frames, cfg.data.size)
     dtype = PRECISIONS[cfg.precision]
-    stream = stream.to(device, dtype)
-    unseen = prepare(held_out, cfg.data.size)[0].to(device, dtype) if held_out is not None else None
+    stream = to_device(stream, device, dtype)
+    unseen = to_device(prepare(held_out, cfg.data.size)[0], device, dtype) if held_out is not None else None
     results = []
     for mode in ("bp", "sideways"):
         model = model_factory().to(device)
-        started = time.perf_counter()
+        started = clock(device)
         if mode == "bp":
             used, updates = learn_blocking_bp(cfg, model, stream, progress(mode))
         else:
             used, updates = learn_sideways(cfg, model, stream, update_every, progress(mode))
-        wall = time.perf_counter() - started
+        wall = clock(device) - started
         results.append(StreamResult(
             mode, stream.shape[2], used, updates, stream_psnr(model, stream, transform, cfg.eval.chunk),
             stream_psnr(model, unseen, transform, cfg.eval.chunk) if unseen is not None else None, wall))

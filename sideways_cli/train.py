@@ -38,7 +38,7 @@ from sideways_cli.report import write_json
 from sideways_cli.resume import PreviousRun, RunState, find_previous_run
 from sideways_cli.resharding import with_learner
 from sideways_cli.rundir import RunDir, save_checkpoint, trim_csv, trim_jsonl
-from sideways_cli.runtime import forward_autocast, seed_everything, set_deterministic
+from sideways_cli.runtime import configure_backends, forward_autocast, seed_everything, to_device
 
 Log = Callable[[str], None]
 
@@ -55,7 +55,7 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     torchrun (or by ``sideways train``, through the same launcher): each runs this loop over its
     own slice; only global rank 0 logs and returns the summary, the others return None.
     """
-    set_deterministic(cfg.deterministic)  # before anything touches CUDA
+    configure_backends(cfg)  # before anything touches CUDA
     if cfg.parallel.stages * cfg.parallel.replicas == 1:
         return _train(cfg, RunDir(out_dir), quiet, log, restart, single(cfg))
     if not launched():  # start every process of the job, each training this config
@@ -116,7 +116,8 @@ class Session:
         self.state = previous.state if previous is not None else RunState()
         self.started = time.perf_counter() - self.state.wall_s  # wall_s: over every start
         self.train_loader, self.val_loader = data_loaders(cfg, data, self.state.data_position,
-                                                          (topology.replica, topology.replicas))
+                                                          (topology.replica, topology.replicas),
+                                                          self.device)
         seed_everything(cfg.seed + topology.stage)  # each stage its own stream (dropout)
         self.first_step, continued = 1, None
         if previous is not None:
@@ -167,8 +168,8 @@ class Session:
         clips = labels = None
         if batches is not None:
             batch = next(batches)
-            clips = batch["clip"].to(self.device, PRECISIONS[self.cfg.precision])
-            labels = batch["label"].to(self.device)
+            clips = to_device(batch["clip"], self.device, PRECISIONS[self.cfg.precision])
+            labels = to_device(batch["label"], self.device)
         loaded = time.perf_counter()
         stats = self.learner.train_batch(clips, labels)
         state.wait_s += loaded - started

@@ -63,9 +63,16 @@ def test_evaluation_under_amp_is_close_to_fp32():
     torch.testing.assert_close(logits.float(), model(clips), atol=0.1, rtol=0.1)
 
 
-def test_amp_is_refused_on_a_gpu_without_bf16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
-    with pytest.raises(UserError, match="not supported by Old GPU; drop --amp"):
+def test_amp_is_refused_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """A V100 or T4 runs bf16 in emulation, slower than fp32: refused, naming the GPU and the fix."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation  # what such a GPU answers
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(UserError, match="needs native bf16, which Tesla T4 lacks .*; drop --amp, "
+                                        "or train on an Ampere or later GPU"):
         forward_autocast(torch.device("cuda"), True)
     forward_autocast(torch.device("cuda"), False)  # without --amp nothing is asked of the GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    forward_autocast(torch.device("cuda"), True)  # native bf16 (Ampere and later): accepted

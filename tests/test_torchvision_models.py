@@ -25,7 +25,8 @@ from sideways_cli.contract import contract_rows, failures
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.errors import UserError
 from sideways_cli.models.norms import NORMS, FrozenBatchNorm, trainable_batchnorm
-from sideways_cli.models.torchvision_nets import ARCHS
+from sideways_cli.models.torchvision_nets import ARCHS, AdaptiveMean
+from sideways_cli.models.torchvision_video import VideoHead
 from tiny import tiny_run_config
 
 IMAGE_NETS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "vgg11"]
@@ -163,6 +164,42 @@ def test_torchvision_weights_give_torchvision_logits_for_every_frame(arch, netwo
     ours = model(x)
     for t in range(x.shape[2]):
         close(ours[:, :, t], reference(x[:, :, t]))
+
+
+# the pools that CUDA cannot differentiate deterministically: a --deterministic run would stop
+ADAPTIVE_POOLS = (torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+@pytest.mark.parametrize("arch", IMAGE_NETS + VIDEO_NETS)
+def test_no_adapted_network_holds_an_adaptive_pool(arch, networks):
+    """torchvision's adaptive average pools (heads, squeeze-and-excitation) become means; the
+    logits test above shows they give torchvision's numbers. The norm plays no part: the frozen
+    networks, built already."""
+    model = networks(arch, "frozen")
+    assert [name for name, m in model.named_modules() if isinstance(m, ADAPTIVE_POOLS)] == []
+    if arch in IMAGE_NETS:
+        assert isinstance(model.stack[-1].avgpool, AdaptiveMean)
+
+
+@pytest.mark.parametrize("size, output_size", [((5, 7), 1), ((1, 1), (7, 7)), ((7, 7), (7, 7)),
+                                               ((10, 13), (7, 7)), ((14, 9), (7, None))])
+def test_adaptive_mean_is_the_adaptive_pool(size, output_size):
+    """Global (heads, squeeze-and-excitation) and VGG's 7x7 from any map, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64, requires_grad=True)
+    ours, theirs = AdaptiveMean(output_size)(x), torch.nn.AdaptiveAvgPool2d(output_size)(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-15)
+    message = torch.randn(theirs.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, message)[0] for y in (ours, theirs)),
+                               rtol=1e-14, atol=1e-15)
+
+
+def test_the_video_head_is_torchvisions_spatial_pool_and_fc_per_frame():
+    g = torch.Generator().manual_seed(0)
+    fc = torch.nn.Linear(6, CLASSES).double()
+    x = torch.randn(2, 6, 3, 4, 5, generator=g, dtype=torch.float64)
+    pooled = torch.nn.AdaptiveAvgPool3d((None, 1, 1))(x).flatten(2).transpose(1, 2)  # [B, T, C]
+    torch.testing.assert_close(VideoHead(fc)(x), fc(pooled).transpose(1, 2), rtol=1e-14, atol=1e-15)
 
 
 WINDOWS = {"r3d_18": [3, 9, 9, 9, 9, 1], "mc3_18": [3, 9, 1, 1, 1, 1],

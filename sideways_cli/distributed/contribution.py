@@ -6,17 +6,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sideways_cli.engine.rule import BatchStats, LossSum
+
 
 @dataclass
 class Contribution:
-    """This process's share of a batch: the sum of the frame losses it computed (on the device:
-    read once per batch, when the job sums them), how many, the frames it fed to the network,
-    and one flag per point of the batch where the optimizer may step (True where it did).
+    """This process's share of a batch: the frame losses it computed (summed on the device: read
+    once per batch, when the job sums them), the frames it fed to the network, and one flag per
+    point of the batch where the optimizer may step (True where it did).
 
     Losses come from the last stage only, frames from the first only; every process of a job
     has the same number of update points, so the flags line up when summed."""
 
-    loss_sum: torch.Tensor | float = 0.0
-    losses: int = 0
+    losses: LossSum = field(default_factory=LossSum)
     frames: int = 0
     flushes: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, stats: BatchStats, losses: bool = True, frames: bool = True) -> Contribution:
+        """A rule's own statistics of the batch as this process's share (``losses``, ``frames``:
+        whether this process counts them)."""
+        contribution = cls(frames=stats.frames if frames else 0, flushes=[True] * stats.updates)
+        if losses and stats.losses:
+            contribution.losses.add(torch.tensor(stats.loss * stats.losses), stats.losses)
+        return contribution

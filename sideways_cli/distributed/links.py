@@ -28,7 +28,7 @@ class Links:
     ``ranks``: each stage's global rank. ``up`` and ``down``: the groups that carry traffic toward
     higher and lower stages (one each, so that NCCL's in-order execution per group can never
     make a receive wait behind a send it is itself waited for: ``topology.py``); ``pipeline``:
-    the replica's stages, over which :meth:`all_reduce` sums. ``replica``: which replica this is,
+    the replica's stages' group for collectives. ``replica``: which replica this is,
     for messages (None: a single one). Between a pair of stages, the k-th send in one direction
     meets the k-th receive: both sides issue them in the same order, which the clock fixes.
     """
@@ -81,24 +81,6 @@ class Links:
         header = self.receive((_HEADER,), torch.int64, src, what).wait().tolist()
         shape = tuple(header[2:2 + header[1]])
         return self.receive(shape, _DTYPES[header[0]], src, what).wait()
-
-    def all_reduce(self, tensor: torch.Tensor, doing: str, op: dist.ReduceOp = dist.ReduceOp.SUM,
-                   timeout: timedelta | None = None) -> None:
-        """Reduce ``tensor`` over the replica's stages in place (sum by default)."""
-        try:
-            work = dist.all_reduce(tensor, op=op, group=self.pipeline, async_op=True)
-        except RuntimeError as exc:
-            raise self.failure(None, doing, exc) from None
-        self.wait(work, None, doing, timeout)
-
-    def broadcast(self, tensor: torch.Tensor, src: int, doing: str,
-                  timeout: timedelta | None = None) -> None:
-        """``tensor`` of stage ``src`` into every stage's, in place."""
-        try:
-            work = dist.broadcast(tensor, self.ranks[src], group=self.pipeline, async_op=True)
-        except RuntimeError as exc:
-            raise self.failure(src, doing, exc) from None
-        self.wait(work, src, doing, timeout)
 
     def wait(self, work: dist.Work, peer: int | None, doing: str,
              timeout: timedelta | None = None, point_to_point: bool = False) -> None:

@@ -148,13 +148,8 @@ class StageLearner:
                 raise
             raise topology.across.failure("averaging the gradients", exc) from None
         if topology.stages > 1:  # pipelined BP: every stage counts the frames, the last the losses
-            if topology.links is not None:
-                topology.links.settle()
-            return Contribution(stats.loss * stats.losses if topology.is_last else 0.0,
-                                stats.losses if topology.is_last else 0,
-                                stats.frames if topology.is_first else 0, [True])
-        return Contribution(stats.loss * stats.losses, stats.losses, stats.frames,
-                            [True] * stats.updates)
+            topology.links.settle()  # the targets sent to the last stage
+        return Contribution.of(stats, losses=topology.is_last, frames=topology.is_first)
 
     def evaluated(self, evaluate: Any) -> dict[str, float]:
         """The metrics ``evaluate(network)`` computes on the first stage, with the network as the

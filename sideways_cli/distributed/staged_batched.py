@@ -37,7 +37,7 @@ from sideways_cli.distributed.topology import Topology
 from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, LossSum
 from sideways_cli.engine.schedule import (BACKWARD, FORWARD, MacroTick, arrivals, messages_sent,
                                           split_inputs, stage_order)
 from sideways_cli.engine.sideways_batched import Graph, TickBatchedSideways
@@ -74,18 +74,17 @@ class StagedTickBatched:
             self.targets.keep(clips, labels, shape, first_frame, macros[0].t0)
         ups = Receives(macros, self._post_activations, shape[0])
         downs = Receives(macros, self._post_messages, shape[0])
-        loss_sum, losses, graphs = 0.0, 0, {}
+        losses, graphs = LossSum(), {}
         for action, m in stage_order(ctx.stage, ctx.stages, len(macros)):
             if action == FORWARD:
                 graphs[m] = self._forward(m, macros[m], ups)
             elif action == BACKWARD:
                 self._backward(m, macros[m], graphs.pop(m), downs)
             else:  # the losses of the frames that reached the top in macro tick m
-                macro_sum, macro_losses = rule.frame_losses()
-                loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
+                losses.add(*rule.frame_losses())
         updated = rule.flush(apply_update)
         self.links.settle()
-        return Contribution(loss_sum, losses, shape[0] * shape[2] if ctx.is_first else 0,
+        return Contribution(losses, shape[0] * shape[2] if ctx.is_first else 0,
                             [bool(updated)])
 
     def _forward(self, m: int, macro: MacroTick, ups: Receives) -> list[Graph | None]:

@@ -22,7 +22,7 @@ from sideways_cli.distributed.topology import Topology
 from sideways_cli.distributed.stages import Spec, boundary_specs
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.pipeline import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, LossSum
 from sideways_cli.engine.schedule import batch_ticks, input_ticks, message_ticks
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
@@ -70,14 +70,14 @@ class StagedSideways:
         if self.ctx.is_last:
             self.targets.keep(clips, labels, shape, first_frame, rule.clock)
         ticks = batch_ticks(frames, self.network_modules, rule.pipeline_mode)
-        loss_sum, losses, flushes = 0.0, 0, []
+        losses, flushes = LossSum(), []
         for i in range(ticks):
             tick = rule.clock
             up, down = self._post_receives(tick + 1, shape[0])
             frame = tokens[i] if self.ctx.is_first and i < frames else self.pending_up
             loss = rule.tick(frame, self.pending_message)
             if loss is not None:
-                loss_sum, losses = loss_sum + loss, losses + 1
+                losses.add(loss)
             self._send(tick)
             if rule.update_every and rule.ticks_since_update >= rule.update_every:
                 flushes.append(rule.flush(apply_update))
@@ -85,7 +85,7 @@ class StagedSideways:
         if rule.update_every is None:
             flushes.append(rule.flush(apply_update))
         self.links.settle()
-        return Contribution(loss_sum, losses, shape[0] * frames if self.ctx.is_first else 0,
+        return Contribution(losses, shape[0] * frames if self.ctx.is_first else 0,
                             [bool(f) for f in flushes])
 
     def _post_receives(self, tick: int, batch: int) -> tuple[PendingReceive | None, PendingReceive | None]:

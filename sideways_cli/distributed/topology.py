@@ -145,9 +145,10 @@ class Topology:
         """A batch's statistics over the whole job from every process's contribution: one
         collective and one read of the device (the batch's only host sync)."""
         c = contribution
-        totals = torch.tensor([0.0, c.losses, c.frames, *map(float, c.flushes)],
+        totals = torch.tensor([0.0, c.losses.count, c.frames, *map(float, c.flushes)],
                               dtype=torch.float64, device=self.device)
-        totals[0] = c.loss_sum
+        if c.losses.total is not None:
+            totals[0] = c.losses.total
         values = self.reduce_(totals, dist.ReduceOp.SUM, "summing the batch's losses").tolist()
         loss_sum, losses, frames = values[:3]
         return BatchStats(loss=loss_sum / max(losses, 1), losses=int(losses) // self.replicas,
@@ -237,14 +238,15 @@ def make_topology(replicas: int, stages: int, device: torch.device, hang_s: floa
     p2p = hang if device.type == "cuda" else PATIENT
     mine: dict[str, dist.ProcessGroup] = {}
     for r, members in enumerate(ranks):
-        groups = {"pipeline": dist.new_group(members, timeout=PATIENT),
-                  "up": dist.new_group(members, timeout=p2p),
-                  "down": dist.new_group(members, timeout=p2p)}
+        groups = {"pipeline": dist.new_group(members, timeout=PATIENT, group_desc="pipeline"),
+                  "up": dist.new_group(members, timeout=p2p, group_desc="up"),
+                  "down": dist.new_group(members, timeout=p2p, group_desc="down")}
         if pipelined_bp:
-            groups["schedule"] = dist.new_group(members, timeout=hang)
+            groups["schedule"] = dist.new_group(members, timeout=hang, group_desc="schedule")
         if r == replica:
             mine = groups
-    across = [dist.new_group([row[s] for row in ranks], timeout=hang) for s in range(stages)]
+    across = [dist.new_group([row[s] for row in ranks], timeout=hang, group_desc="across")
+              for s in range(stages)]
     topology = Topology(device, replicas, stages, replica, stage, hang_s,
                         schedule=mine.get("schedule"))
     if stages > 1:

@@ -22,16 +22,12 @@ def frame_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of the per-frame losses of whole clips: logits [B, K, T], labels [B]."""
-    if logits.is_cuda:
-        return flat_clip_loss(logits, labels)
-    return F.cross_entropy(logits, labels[:, None].expand(-1, logits.shape[-1]))
+    """Mean of the per-frame losses of whole clips: logits [B, K, T], labels [B].
 
-
-def flat_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """:func:`clip_loss` with the frames folded into the batch: the same mean, summed in another
-    order. On CUDA the [B, K, T] form runs nll_loss2d, which has no deterministic kernel and stops
-    a --deterministic run; on CPU the original form is kept, so its numbers do not move."""
+    The frames are folded into the batch, [B*T, K] against each frame's label: cross-entropy
+    over [B, K, T] directly would run nll_loss2d, which has no deterministic CUDA kernel and stops
+    a --deterministic run. One form on every device, so the CPU tests check what GPUs run.
+    """
     k, t = logits.shape[1], logits.shape[2]
     return F.cross_entropy(logits.transpose(1, 2).reshape(-1, k), labels.repeat_interleave(t))
 

@@ -20,6 +20,30 @@ class BatchStats:
     updates: int  # how many times the rule called apply_update
 
 
+class LossSum:
+    """The per-frame losses of a batch, summed where they were computed.
+
+    Reading a GPU value makes the host wait until every kernel queued before it has run, and the
+    GPU then idles while the host queues the next ones: the rules add their losses here, as
+    device tensors, and :meth:`mean` reads the sum once per batch.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, total: torch.Tensor, count: int = 1) -> None:
+        """The sum ``total`` (a 0-dim tensor) of ``count`` per-frame losses."""
+        # in float64, as the Python floats it replaces were summed: the logged loss does not move
+        total = total.detach().double()
+        self.total = total if self.total is None else self.total + total
+        self.count += count
+
+    def mean(self) -> float:
+        """The mean of the losses added (0 if none): the batch's one host synchronisation."""
+        return 0.0 if self.total is None else self.total.item() / max(self.count, 1)
+
+
 class GradientRule(Protocol):
     """Turns one batch of clips into parameter gradients and calls ``apply_update`` to step.
 

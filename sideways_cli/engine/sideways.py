@@ -20,7 +20,7 @@ import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.pipeline import ModuleStep, Pipeline, Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.engine.schedule import PIPELINE_MODES, batch_ticks, parse_update
 from sideways_cli.models import FrameStack
 
@@ -123,20 +123,21 @@ class SidewaysRule:
         tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels), self.fed)
         self.fed += len(tokens)
         ticks = batch_ticks(len(tokens), self.network_modules, self.pipeline_mode)
-        loss_sum, losses, updates = 0.0, 0, 0
+        losses, updates = LossSum(), 0
         for tick in range(ticks):
             loss = self.tick(tokens[tick] if tick < len(tokens) else None)
             if loss is not None:
-                loss_sum, losses = loss_sum + loss, losses + 1
+                losses.add(loss)
             if self.update_every and self.ticks_since_update >= self.update_every:
                 updates += self.flush(apply_update)
         if self.update_every is None:
             updates += self.flush(apply_update)
-        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
+        return BatchStats(loss=losses.mean(), losses=losses.count,
                           frames=clips.shape[0] * clips.shape[2], updates=updates)
 
-    def tick(self, frame: Token | None, message: torch.Tensor | None = None) -> float | None:
-        """One clock tick of every module; returns the loss of the frame at the top, if any.
+    def tick(self, frame: Token | None, message: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One clock tick of every module; returns the loss of the frame at the top, if any, as a
+        detached 0-dim tensor on the device (reading it would wait for the tick's kernels).
 
         ``frame``: the new input of the bottom module (None while draining); ``message``: for a
         stage below the head, the message the module above it sent at the previous tick.
@@ -148,12 +149,12 @@ class SidewaysRule:
         for step in steps:
             self.current[step.index] = step
             self.stale[step.index] = False
-        loss_value = None
+        loss = None
         head = self.current[top]
         if self.has_head and head is not None and self.pipeline.fresh[top]:
             loss = self.objective.frame_loss(at_least_fp32(head.output), head.token.target)
             (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
-            loss_value = loss.item()
+            loss = loss.detach()
         sent: list[torch.Tensor | None] = [None] * len(self.model)
         self.sent_down = None
         for d, message in enumerate(self.messages):
@@ -167,7 +168,7 @@ class SidewaysRule:
         self.messages = sent[:top] + [None]
         self.ticks_since_update += 1
         self.clock += 1
-        return loss_value
+        return loss
 
     def forward(self, frame: Token | None) -> list[ModuleStep]:
         """The forward half of a tick: every module with a new input computes its output at its

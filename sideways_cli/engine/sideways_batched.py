@@ -47,7 +47,7 @@ import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.pipeline import Token, WindowRegister, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.engine.schedule import (BACKWARD, FORWARD, PIPELINE_MODES, MacroTick,
                                           chunked_batch_end, drain_ticks, macro_ticks,
                                           parse_update, split_inputs, stage_order)
@@ -131,16 +131,15 @@ class TickBatchedSideways:
         macros = self.start_batch(clips.shape[2])
         self.feed_inputs(clip_tokens(clips, self.objective.frame_targets(clips, labels),
                                      first_frame=self.fed - clips.shape[2]))
-        loss_sum, losses, graphs = 0.0, 0, {}
+        losses, graphs = LossSum(), {}
         for action, m in stage_order(0, 1, len(macros)):  # one stage: forward, losses, backward
             if action == FORWARD:
                 graphs[m] = self.forward_macro(macros[m])
             elif action == BACKWARD:
                 self.backward_macro(macros[m], graphs.pop(m))
             else:
-                macro_sum, macro_losses = self.frame_losses()
-                loss_sum, losses = loss_sum + macro_sum, losses + macro_losses
-        return BatchStats(loss=loss_sum / max(losses, 1), losses=losses,
+                losses.add(*self.frame_losses())
+        return BatchStats(loss=losses.mean(), losses=losses.count,
                           frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
 
     def start_batch(self, frames: int) -> list[MacroTick]:
@@ -227,8 +226,10 @@ class TickBatchedSideways:
             output = module.forward_window(windows)
         return Graph(output, filled, windows=windows)
 
-    def frame_losses(self) -> tuple[float, int]:
-        """Sum and count of the losses of the frames that reached the top in this macro tick.
+    def frame_losses(self) -> tuple[torch.Tensor, int]:
+        """Sum and count of the losses of the frames that reached the top in this macro tick; the
+        sum a detached 0-dim tensor on the device (reading it would wait for the macro tick's
+        kernels), a CPU zero when none did (a 0-dim CPU tensor adds to one on any device).
 
         Their gradients are the top module's messages. A frame loss is a mean over the batch, so
         over n ticks stacked into one batch it is the mean of their n losses: times n, their sum,
@@ -237,7 +238,7 @@ class TickBatchedSideways:
         tokens = list(self.pending_inputs[-1])
         self.pending_inputs[-1].clear()
         if not tokens:
-            return 0.0, 0
+            return torch.zeros(()), 0
         # a graph of its own: the top module's graph is used once, by its backward
         logits = torch.cat([token.value for token in tokens]).requires_grad_(True)
         targets = torch.cat([token.target for token in tokens])
@@ -245,7 +246,7 @@ class TickBatchedSideways:
         total = self.objective.frame_loss(at_least_fp32(logits), targets) * len(tokens)
         (grads,) = torch.autograd.grad(total, logits)
         self.pending_messages[-1].extend(grads.split(len(tokens[0].value)))
-        return total.item(), len(tokens)
+        return total.detach(), len(tokens)
 
     def backward_module(self, d: int, busy: int, graph: Graph | None, drain: bool) -> None:
         """Module d's messages at its busy ticks in one VJP; the module below gets one per tick.

@@ -132,7 +132,8 @@ def _device(module: nn.Module) -> torch.device:
     return tensor.device
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule ``name`` (a dotted path) is."""
     parent, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(parent), attribute, new)
 
@@ -148,13 +149,13 @@ def replace_batchnorm(model: nn.Module, norm: str) -> nn.Module:
         if not isinstance(layer, _BatchNorm):
             continue
         if norm == "frozen":
-            _replace(model, name, frozen(layer))
+            replace_module(model, name, frozen(layer))
             continue
-        _replace(model, name, grouped(layer))
+        replace_module(model, name, grouped(layer))
         before_name, before = leaves[i - 1] if i else ("", None)
         if isinstance(before, (nn.Conv2d, nn.Conv3d)) and \
                 not isinstance(before, (StandardizedConv2d, StandardizedConv3d)):
-            _replace(model, before_name, standardized(before))
+            replace_module(model, before_name, standardized(before))
     return model
 
 

@@ -6,7 +6,8 @@ torchvision's layers on every frame. The video ResNets are made causal (torchvis
 The network is cut at its natural stages, each one module, and every torchvision layer keeps its
 attribute name, so the stack's state dict is torchvision's with ``stack.<d>.`` in front
 (weights.py maps one onto the other). torchvision builds it with ``weights=None``: nothing is ever
-downloaded; pretrained numbers come from a file, ``model.weights``.
+downloaded; pretrained numbers come from a file, ``model.weights``. Its adaptive average pools
+become means (:class:`AdaptiveMean`), which CUDA can differentiate deterministically.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from sideways_cli.models.blocks import FrameModule, batch_to_frames, frames_to_batch
-from sideways_cli.models.norms import replace_batchnorm, trainable_batchnorm
+from sideways_cli.models.norms import replace_batchnorm, replace_module, trainable_batchnorm
 from sideways_cli.models.stack import FrameStack
 from sideways_cli.models.torchvision_video import make_causal, video_modules
 
@@ -51,6 +53,45 @@ def arch_of(name: str) -> str:
         raise TorchvisionError(f"model.name {name!r}: unknown torchvision architecture; "
                                f"supported: {', '.join(ARCHS)}")
     return arch
+
+
+class AdaptiveMean(nn.Module):
+    """nn.AdaptiveAvgPool2d computed as means: the same numbers, and a backward that CUDA runs
+    deterministically (the adaptive pools have none, so a --deterministic run would stop at their
+    first backward). Pooling to 1x1 (the heads, squeeze-and-excitation) is the mean over space;
+    another size (VGG's 7x7) multiplies by each side's matrix of means. No parameters, so a
+    state dict is the same with either."""
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]):
+        super().__init__()
+        self.output_size = _pair(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_size == (1, 1):
+            return x.mean(dim=(-2, -1), keepdim=True)
+        height, width = (mean_matrix(size, out, x) for size, out in zip(x.shape[-2:], self.output_size))
+        return height @ x @ width.T
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+def mean_matrix(size: int, out: int | None, like: torch.Tensor) -> torch.Tensor:
+    """[out, size] (``out`` None: ``size``, as the pool reads it): row i averages the inputs that
+    adaptive pooling gives output i, [floor(i size / out), ceil((i + 1) size / out))."""
+    out = size if out is None else out
+    i = torch.arange(out, device=like.device)
+    start, end = i * size // out, ((i + 1) * size + out - 1) // out
+    j = torch.arange(size, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def replace_adaptive_pools(net: nn.Module) -> None:
+    """Every nn.AdaptiveAvgPool2d of ``net`` an :class:`AdaptiveMean`, in place."""
+    pools = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    for name, pool in pools:
+        replace_module(net, name, AdaptiveMean(pool.output_size))
 
 
 class FrameLayers(FrameModule):
@@ -154,6 +195,7 @@ def build_torchvision(name: str, num_classes: int, norm: str = "group",
     if arch in VIDEO_NETS:
         make_causal(net)
     replace_batchnorm(net, norm)
+    replace_adaptive_pools(net)
     parts = _family(arch)(net)
     stack = FrameStack([module for _, module in parts], [part for part, _ in parts])
     assert not trainable_batchnorm(stack), "every BatchNorm was replaced"

@@ -72,15 +72,16 @@ class CausalLayers(FrameModule):
 
 class VideoHead(FrameModule):
     """torchvision's average pool over space only (over time it would mix frames), then ``fc``
-    per frame: [B, C, T, H, W] -> logits [B, K, T]."""
+    per frame: [B, C, T, H, W] -> logits [B, K, T]. The pool is a mean, not the adaptive pool,
+    which CUDA cannot differentiate deterministically; it has no parameters, so the state dict
+    is torchvision's either way."""
 
     def __init__(self, fc: nn.Linear):
         super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool3d((None, 1, 1))
         self.fc = fc
 
     def valid(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.avgpool(x).flatten(2).transpose(1, 2)  # [B, T, C]
+        pooled = x.mean(dim=(-2, -1)).transpose(1, 2)  # [B, T, C]
         return self.fc(pooled).transpose(1, 2)
 
 
