@@ -1,0 +1,189 @@
+"""A parallel job's torch.distributed traffic, recorded on the CPU (gloo) and replayed under NCCL's
+in-order rule (``nccl_replay.py``): gloo lets operations overtake one another, NCCL does not, so
+traffic that runs here may hang on GPUs; the replay finds it without one.
+
+First the replay itself on hand-written traces, so that it cannot pass vacuously; then real
+``sideways train`` jobs, every process recorded by ``tests/traffic`` (its sitecustomize).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nccl_replay import Event, load_traces, replay
+from tiny import tiny_run_config
+
+# -- the replay, on hand-written traces ------------------------------------------------------------
+
+
+def p2p(op: int, kind: str, peer: int, group: str = "world", numel: int = 4) -> Event:
+    return {"ev": "issue", "op": op, "group": group, "kind": kind, "peer": peer, "numel": numel,
+            "dtype": "float32"}
+
+
+def batch(op: int, *parts: tuple[str, int], group: str = "world") -> Event:
+    return {"ev": "issue", "op": op, "group": group, "kind": "batch",
+            "parts": [{"kind": kind, "peer": peer, "numel": 4, "dtype": "float32"}
+                      for kind, peer in parts]}
+
+
+def all_reduce(op: int, group: str) -> Event:
+    return {"ev": "issue", "op": op, "group": group, "kind": "collective", "name": "all_reduce",
+            "numel": 2, "dtype": "float32"}
+
+
+def wait(op: int) -> Event:
+    return {"ev": "wait", "op": op}
+
+
+def members(group: str, *ranks: int) -> Event:
+    return {"ev": "group", "group": group, "ranks": list(ranks)}
+
+
+def test_receives_posted_before_sends_on_one_group_deadlock():
+    # each rank posts its receive from the other, then its send to it, then waits
+    programs = {rank: [p2p(1, "recv", 1 - rank), p2p(2, "send", 1 - rank), wait(1), wait(2)]
+                for rank in (0, 1)}
+    verdict = replay(programs)
+    assert not verdict.mismatches
+    assert [line.split(" waits for ")[0] for line in verdict.stuck] == ["rank 0", "rank 1"]
+    assert "rank 0 waits for recv from rank 1 (4 x float32) on group world (op 1)" in str(verdict)
+
+
+def test_one_group_per_direction_passes():
+    # rank 0 sends on "up", rank 1 on "down": each group carries one direction
+    groups = {0: "up", 1: "down"}
+    programs = {rank: [p2p(1, "recv", 1 - rank, groups[1 - rank]),
+                       p2p(2, "send", 1 - rank, groups[rank]), wait(1), wait(2)]
+                for rank in (0, 1)}
+    assert replay(programs).ok
+
+
+def test_one_batch_per_rank_passes():
+    programs = {rank: [batch(1, ("recv", 1 - rank), ("send", 1 - rank)), wait(1)]
+                for rank in (0, 1)}
+    assert replay(programs).ok
+
+
+def test_a_size_mismatch_is_reported():
+    verdict = replay({0: [p2p(1, "send", 1, numel=4), wait(1)],
+                      1: [p2p(1, "recv", 0, numel=8), wait(1)]})
+    assert not verdict.stuck
+    assert len(verdict.mismatches) == 1 and "size mismatch on group world" in verdict.mismatches[0]
+
+
+def test_collectives_in_different_orders_on_two_groups_deadlock():
+    # each rank waits for its first (a blocking call) before it issues its second
+    declared = [members("a", 0, 1), members("b", 0, 1)]
+    verdict = replay({0: declared + [all_reduce(1, "a"), wait(1), all_reduce(2, "b"), wait(2)],
+                      1: declared + [all_reduce(1, "b"), wait(1), all_reduce(2, "a"), wait(2)]})
+    assert [line.split(" waits for ")[0] for line in verdict.stuck] == ["rank 0", "rank 1"]
+
+
+def test_a_host_wait_that_holds_back_the_peers_message_deadlocks():
+    # a group per direction, but each rank waits for its receive before it issues its send
+    groups = {0: "up", 1: "down"}
+    programs = {rank: [p2p(1, "recv", 1 - rank, groups[1 - rank]), wait(1),
+                       p2p(2, "send", 1 - rank, groups[rank]), wait(2)]
+                for rank in (0, 1)}
+    verdict = replay(programs)
+    assert len(verdict.stuck) == 2
+    assert "rank 1 waits for recv from rank 0 (4 x float32) on group up" in str(verdict)
+
+
+# -- real jobs, recorded --------------------------------------------------------------------------
+
+TRAFFIC = Path(__file__).parent / "traffic"
+STEPS = 3  # an evaluation and a checkpoint after each
+STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
+# name -> (settings, processes, resumed): between them each executor with each pipeline, updates
+# every N ticks, 3 stages, replicas of stages and pipelined BP. A resumed job is recorded from its
+# resume on, which saves a job: its pipeline is reset, so every batch starts from an empty one and
+# the resumed job's traffic is a fresh job's from its first step on.
+CASES: dict[str, tuple[list[str], int, bool]] = {
+    "sideways tick, reset, every 2 ticks, resumed": (
+        ["mode=sideways", "sideways.chunk=1", "sideways.pipeline=reset",
+         "sideways.update=every 2 ticks", *STAGES_2], 2, True),
+    "sideways tick, continuous, 2 replicas x 2 stages": (
+        ["mode=sideways", "sideways.chunk=1", "sideways.pipeline=continuous",
+         "parallel.replicas=2", *STAGES_2], 4, False),
+    "sideways chunk 4, reset, resumed": (
+        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=reset", *STAGES_2], 2, True),
+    "sideways chunk 4, continuous, 3 stages": (
+        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=continuous", "parallel.stages=3",
+         "parallel.balance=[1,1,1]"], 3, False),
+    # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
+    # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's
+    "bp 1f1b, 2 stages": (["mode=bp", "parallel.schedule=1f1b", "parallel.microbatches=2",
+                           *STAGES_2], 2, False),
+}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return tiny_run_config(tmp_path_factory.mktemp("traffic"), {
+        "model": {"name": "c3d", "temporal_kernel": 3, "depth": 2},  # 3 modules: up to 3 stages
+        "data": {"size": 16, "synthetic": {"train_per_class": 2}},
+        "train": {"steps": STEPS, "eval_every": 1, "checkpoint_every": 1},
+        "eval": {"clips_per_video": 1, "chunk": 4},  # the stages evaluate a time chunk at a time
+        # a busy machine must not end a job that the replay is about
+        "parallel": {"threads": 1, "timeout_s": 60}},
+        generate=True)
+
+
+def train(config: Path, out: Path, sets: list[str], env: dict[str, str]) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out),
+            "--quiet"]
+    return subprocess.Popen(args + [a for s in sets for a in ("--set", s)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def recorded_run(config: Path, out: Path, traffic: Path, sets: list[str]) -> dict[int, list[Event]]:
+    """``sideways train`` with every process's traffic recorded into ``traffic``; its traces."""
+    traffic.mkdir(parents=True)
+    path = os.pathsep.join(filter(None, [str(TRAFFIC), os.environ.get("PYTHONPATH")]))
+    process = train(config, out, sets, {"SIDEWAYS_TRAFFIC_DIR": str(traffic), "PYTHONPATH": path})
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return load_traces(traffic)
+
+
+def killed_after_its_first_checkpoint(config: Path, out: Path, sets: list[str]) -> None:
+    """A run in one process (the stages resume from its ordinary checkpoint: the number of stages
+    may change), killed once it has written the checkpoint of its first step."""
+    process = train(config, out, [*sets, "parallel.replicas=1", "parallel.stages=1",
+                                  "parallel.balance=auto"], {})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "last.pt").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    step = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert step == 1, f"killed after step {step}: the resume would not evaluate between steps"
+
+
+def point_to_point(events: list[Event]) -> list[Event]:
+    return [e for e in events if e["ev"] == "issue" and e["kind"] != "collective"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_jobs_traffic_cannot_deadlock_under_nccl(case, config, tmp_path):
+    settings, processes, resumed = CASES[case]
+    if resumed:
+        killed_after_its_first_checkpoint(config, tmp_path / "run", settings)
+    programs = recorded_run(config, tmp_path / "run", tmp_path / "traffic", settings)
+    assert sorted(programs) == list(range(processes))
+    assert all(point_to_point(events) for events in programs.values())
+    verdict = replay(programs)
+    assert verdict.ok, str(verdict)
