@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +32,11 @@ def default_setup(overrides: list[str] | None = None):
     return cfg, build_network(cfg, num_classes=10)
 
 
-def rule_for(name: str, cfg, model):
-    mode, chunk = RULES[name]
-    return make_rule(mode, model, cfg.sideways.pipeline, cfg.sideways.update, chunk or cfg.sideways.chunk)
+def rule_for(name: str, cfg, model, chunk: int | None = None):
+    """The rule ``name`` of :data:`RULES` on ``model``; ``chunk`` replaces a Sideways rule's."""
+    mode, own_chunk = RULES[name]
+    return make_rule(mode, model, cfg.sideways.pipeline, cfg.sideways.update,
+                     chunk or own_chunk or cfg.sideways.chunk)
 
 
 def random_batch(cfg, clip_len: int | None = None, seed: int = 0):
@@ -47,13 +50,53 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def emit(title: str, columns: list[str], rows: list[list], payload: dict, json_path: Path) -> None:
+def seconds_of(work: Callable[[], Any], device: torch.device = torch.device("cpu")) -> float:
+    """How long ``work`` takes. On CUDA, the GPU's time between events recorded around it: the
+    host returns from a kernel launch long before the kernel ends."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)  # nothing queued before counts
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def time_rules(rules: dict[str, Any], model, clips: torch.Tensor, labels: torch.Tensor,
+               repeats: int, device: torch.device = torch.device("cpu"),
+               warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of one training batch of each rule (no optimizer step), ``repeats`` times each,
+    interleaved so that machine noise hits all alike; the first ``warmup`` rounds (allocators,
+    kernels) are not kept."""
+    times: dict[str, list[float]] = {name: [] for name in rules}
+    for repeat in range(warmup + repeats):
+        for name, rule in rules.items():
+            model.zero_grad(set_to_none=True)
+            seconds = seconds_of(lambda: rule.train_batch(clips, labels, apply_update=lambda: None),
+                                 device)
+            if repeat >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def emit(title: str, columns: list[str], rows: list[list], payload: dict, json_path: Path,
+         whole: bool = False) -> None:
+    """The table, then the JSON. ``whole``: in a log or a pipe, at the table's full width rather
+    than wrapped to 80 columns (long cells: reasons, several figures)."""
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for row in rows:
         table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    if whole:
+        from sideways_cli.cli import print_whole
+        print_whole(table)
+    else:
+        Console().print(table)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {json_path}")

@@ -9,12 +9,11 @@ interleaved, so machine noise hits all rules alike; the table gives medians over
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from common import RULES, default_setup, emit, median, random_batch, rule_for
+from common import RULES, default_setup, emit, median, random_batch, rule_for, time_rules
 
 
 def main() -> None:
@@ -28,14 +27,7 @@ def main() -> None:
     clips, labels = random_batch(cfg)
     rules = {name: rule_for(name, cfg, model) for name in RULES}
     frames = clips.shape[0] * clips.shape[2]
-    times: dict[str, list[float]] = {name: [] for name in rules}
-    for repeat in range(args.repeats + 1):  # the first round warms up allocators and kernels
-        for name, rule in rules.items():
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            rule.train_batch(clips, labels, apply_update=lambda: None)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
+    times = time_rules(rules, model, clips, labels, args.repeats)  # after a round of warm-up
     fps = {name: frames / median(ts) for name, ts in times.items()}
     rows = [[name, fps[name], fps[name] / fps["bp"]] for name in rules]
     payload = {"model": cfg.model.name, "temporal_kernel": cfg.model.temporal_kernel,

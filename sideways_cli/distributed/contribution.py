@@ -28,5 +28,6 @@ class Contribution:
         whether this process counts them)."""
         contribution = cls(frames=stats.frames if frames else 0, flushes=[True] * stats.updates)
         if losses and stats.losses:
-            contribution.losses.add(torch.tensor(stats.loss * stats.losses), stats.losses)
+            contribution.losses.add(torch.tensor(stats.loss * stats.losses, dtype=torch.float64),
+                                    stats.losses)
         return contribution

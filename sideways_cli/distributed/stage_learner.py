@@ -9,7 +9,7 @@ reconstruction the clips), and every other stage knows the batch's shape from th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,11 +25,12 @@ from sideways_cli.distributed.staged_batched import StagedTickBatched
 from sideways_cli.distributed.staged_eval import StagedNetwork, serve_evaluation
 from sideways_cli.distributed.staged_sideways import StagedSideways
 from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
-from sideways_cli.distributed.topology import PATIENT, Topology
+from sideways_cli.distributed.topology import Topology
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.engine.schedule import runs_chunked
 from sideways_cli.models import FrameStack
+from sideways_cli.models.stack import CausalNetwork
 from sideways_cli.resharding import (model_state_for_stage, model_state_to_network, moved,
                                      optimizer_for_stage, stage_rule_share)
 from sideways_cli.resume import carried_rule_state, restore_rng, rng_state
@@ -40,8 +41,8 @@ IMAGE_CHANNELS = 3
 
 class StageLearner:
     """Stage ``topology.stage`` of replica ``topology.replica``: its modules of the network built
-    from the seed (the same on every process), in the modules per stage ``sizes`` (None with one
-    stage)."""
+    from the seed (the same on every process), split as every process agrees
+    (:func:`agreed_stage_sizes`)."""
 
     def __init__(self, cfg: Config, topology: Topology, num_classes: int):
         self.cfg, self.topology = cfg, topology
@@ -111,11 +112,14 @@ class StageLearner:
         shape = self.batch_shape
         if clips is not None and clips.shape != shape:
             raise ValueError(f"a training batch of shape {tuple(clips.shape)}, not {tuple(shape)}")
-        if self.topology.stages > 1:
-            clips, labels = self._targets(clips, labels, shape)
-        contribution = self._train(clips, labels, shape)
+        if not self.topology.distributed:  # the rule's own statistics are the job's
+            stats = self.executor.train_batch(clips, labels, self.apply_update)
+        else:
+            if self.topology.stages > 1:
+                clips, labels = self._targets(clips, labels, shape)
+            stats = self.topology.batch_stats(self._contribution(clips, labels, shape))
         self.schedule.step()
-        return self.topology.batch_stats(contribution)
+        return stats
 
     def _targets(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                  shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -134,8 +138,9 @@ class StageLearner:
             clips = links.receive(shape, PRECISIONS[self.cfg.precision], 0, "the batch's clips").wait()
         return clips, labels
 
-    def _train(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
-               shape: torch.Size) -> Contribution:
+    def _contribution(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
+                      shape: torch.Size) -> Contribution:
+        """This process's share of the batch's statistics, its gradients applied."""
         topology = self.topology
         if topology.stages > 1 and self.cfg.mode == "sideways":
             return self.executor.train_batch(clips, labels, self.apply_update, shape)
@@ -151,7 +156,7 @@ class StageLearner:
             topology.links.settle()  # the targets sent to the last stage
         return Contribution.of(stats, losses=topology.is_last, frames=topology.is_first)
 
-    def evaluated(self, evaluate: Any) -> dict[str, float]:
+    def evaluated(self, evaluate: Callable[[CausalNetwork], dict[str, float]]) -> dict[str, float]:
         """The metrics ``evaluate(network)`` computes on the first stage, with the network as the
         first stage sees it, on every process of the job: the other stages serve the first's
         time chunks meanwhile, then receive its metrics."""
@@ -237,4 +242,4 @@ def agreed_stage_sizes(cfg: Config, topology: Topology, model: FrameStack) -> li
                                      autocast=forward_autocast(topology.device, cfg.amp),
                                      objective=OBJECTIVES[cfg.task]).total_s
         sizes = resolve_balance("auto", cfg.parallel.stages, len(model), costs, model.names)
-    return topology.from_writer(sizes, "agreeing on the stages' sizes", PATIENT)
+    return topology.from_writer(sizes, "agreeing on the stages' sizes")

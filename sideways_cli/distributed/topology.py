@@ -67,9 +67,9 @@ def hang_timeout_s(cfg: Config, device: torch.device) -> float:
 class Topology:
     """Replica ``replica`` of ``replicas``, stage ``stage`` of ``stages``, on ``device``.
 
-    ``links``: the point-to-point traffic to the replica's other stages (None with one stage);
-    ``across``: this stage of every replica (None with one replica). ``pipeline``, ``schedule``:
-    the replica's groups of stages (see the module's docstring)."""
+    ``links``: the traffic to the replica's other stages (None with one stage); ``across``: this
+    stage of every replica (None with one replica); ``schedule``: pipelined BP's group of the
+    replica's stages (see the module's docstring)."""
 
     device: torch.device
     replicas: int = 1
@@ -107,10 +107,9 @@ class Topology:
         """Started by ``sideways train``'s own launcher, which prints the summary itself."""
         return os.environ.get(STARTED_BY_SIDEWAYS) == "1"
 
-    def name(self, replica: int | None = None, stage: int | None = None) -> str:
-        """How messages call a process of the job (default: this one)."""
-        return process_name(self.rank if replica is None else replica * self.stages + (stage or 0),
-                            self.replicas, self.stages)
+    def name(self, rank: int | None = None) -> str:
+        """How messages call the process of global rank ``rank`` (default: this one)."""
+        return process_name(self.rank if rank is None else rank, self.replicas, self.stages)
 
     def barrier(self, doing: str, timeout: timedelta = PATIENT) -> None:
         """Every process of the job reaches this point (a no-op for a single process)."""
@@ -125,15 +124,16 @@ class Topology:
                        timeout or timedelta(seconds=self.hang_timeout_s))
         return tensor
 
-    def from_writer(self, obj: Any, doing: str, timeout: timedelta = PATIENT) -> Any:
-        """Global rank 0's ``obj`` (picklable plain data), on every process."""
+    def from_writer(self, obj: Any, doing: str) -> Any:
+        """Global rank 0's ``obj`` (picklable plain data), on every process (waiting as long as
+        the default group's patient timeout)."""
         if not self.distributed:
             return obj
         box = [obj]
         try:
             dist.broadcast_object_list(box, src=0, device=self._object_device)
         except RuntimeError as exc:
-            raise self.failure(doing, exc, timeout) from None
+            raise self.failure(doing, exc, PATIENT) from None
         return box[0]
 
     @property
@@ -171,8 +171,7 @@ class Topology:
     def failure(self, doing: str, exc: BaseException | None, timeout: timedelta) -> StageFailure:
         """A collective of the whole job failed; the backend does not say who is silent, unless
         there are two of us."""
-        other = self.name(*divmod(1 - self.rank, self.stages)) if self.replicas * self.stages == 2 \
-            else "another process"
+        other = self.name(1 - self.rank) if self.replicas * self.stages == 2 else "another process"
         return StageFailure(f"{self.name()}, {doing}: {why_silent(other, exc, timeout)}")
 
 
