@@ -104,22 +104,18 @@ def test_a_host_wait_that_holds_back_the_peers_message_deadlocks():
 TRAFFIC = Path(__file__).parent / "traffic"
 STEPS = 3  # an evaluation and a checkpoint after each
 STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
-# name -> (settings, processes, resumed): between them each executor with each pipeline, updates
-# every N ticks, 3 stages, replicas of stages and pipelined BP. A resumed job is recorded from its
-# resume on, which saves a job: its pipeline is reset, so every batch starts from an empty one and
-# the resumed job's traffic is a fresh job's from its first step on.
+# name -> (settings, processes, resumed): between them both executors, both pipeline modes,
+# updates every N ticks, 2 and 3 stages, replicas of stages and pipelined BP, each evaluating and
+# checkpointing after every step (three jobs: every process of a job starts torch, seconds each).
+# A resumed job is recorded from its resume on, which saves a job: its pipeline is reset, so every
+# batch starts from an empty one and the resumed job's traffic is a fresh job's from its first step.
 CASES: dict[str, tuple[list[str], int, bool]] = {
-    "sideways tick, reset, every 2 ticks, resumed": (
+    "sideways tick, reset, every 2 ticks, 3 stages, resumed": (
         ["mode=sideways", "sideways.chunk=1", "sideways.pipeline=reset",
-         "sideways.update=every 2 ticks", *STAGES_2], 2, True),
-    "sideways tick, continuous, 2 replicas x 2 stages": (
-        ["mode=sideways", "sideways.chunk=1", "sideways.pipeline=continuous",
+         "sideways.update=every 2 ticks", "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
+    "sideways chunk 4, continuous, 2 replicas x 2 stages": (
+        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=continuous",
          "parallel.replicas=2", *STAGES_2], 4, False),
-    "sideways chunk 4, reset, resumed": (
-        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=reset", *STAGES_2], 2, True),
-    "sideways chunk 4, continuous, 3 stages": (
-        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=continuous", "parallel.stages=3",
-         "parallel.balance=[1,1,1]"], 3, False),
     # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
     # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's
     "bp 1f1b, 2 stages": (["mode=bp", "parallel.schedule=1f1b", "parallel.microbatches=2",

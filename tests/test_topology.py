@@ -1,0 +1,59 @@
+"""What a job's topology decides without starting one: the backend for the device, the hang
+timeout, and the checkpoint shards' bookkeeping in the run directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sideways_cli.config import load_config
+from sideways_cli.distributed.topology import hang_timeout_s, job_backend, process_name
+from sideways_cli.errors import UserError
+from sideways_cli.rundir import RunDir, save_checkpoint
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_the_backend_is_the_one_that_moves_the_devices_tensors():
+    assert job_backend("auto", CPU) == "gloo" and job_backend("gloo", CPU) == "gloo"
+    assert job_backend("auto", CUDA) == "nccl" and job_backend("nccl", CUDA) == "nccl"
+    with pytest.raises(UserError, match="parallel.backend' is nccl but the stages run on cpu.*"
+                                        "set parallel.backend=gloo or auto"):
+        job_backend("nccl", CPU)
+    with pytest.raises(UserError, match="set parallel.backend=nccl or auto"):
+        job_backend("gloo", CUDA)
+
+
+def test_the_hang_timeout_is_minutes_on_cuda_unless_set():
+    unset = load_config(None, [])
+    assert unset.parallel.timeout_s is None
+    assert hang_timeout_s(unset, CPU) == 20 and hang_timeout_s(unset, CUDA) == 300
+    set_ = load_config(None, ["parallel.timeout_s=7.5"])
+    assert hang_timeout_s(set_, CPU) == hang_timeout_s(set_, CUDA) == 7.5
+    with pytest.raises(UserError, match="parallel.timeout_s' must be > 0"):
+        load_config(None, ["parallel.timeout_s=0"])
+
+
+def test_processes_are_named_by_replica_and_stage():
+    assert process_name(1, 1, 2) == "stage 1"
+    assert process_name(3, 2, 2) == "replica 1 stage 1"
+
+
+def test_older_shards_go_once_the_checkpoint_names_newer_ones(tmp_path):
+    run = RunDir(tmp_path)
+    for which, step, rank in [("last", 2, 0), ("last", 2, 1), ("last", 4, 0), ("best", 2, 0)]:
+        save_checkpoint({"step": step}, run.shard(which, step, rank))
+    being_written = run.shard("last", 6, 1).with_name(run.shard("last", 6, 1).name + ".tmp")
+    being_written.write_bytes(b"")  # a process already writing the next checkpoint
+    run.drop_shards_before("last", 4)
+    left = sorted(path.name for path in run.shards.iterdir())
+    assert left == ["best-step00000002-rank0.pt", "last-step00000004-rank0.pt",
+                    "last-step00000006-rank1.pt.tmp"]
+
+
+def test_a_checkpoint_whose_shard_is_gone_is_refused_with_the_fix(tmp_path):
+    run = RunDir(tmp_path)
+    save_checkpoint({"step": 2, "shards": [run.shard("last", 2, 0).name],
+                     "topology": {"replicas": 1, "stages": 2}}, run.checkpoint())
+    with pytest.raises(UserError, match=r"last-step00000002-rank0.pt not found.*--restart"):
+        run.load_checkpoint()
