@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from sideways_cli.engine.rule import BatchStats, LossSum
 
 
@@ -25,9 +23,6 @@ class Contribution:
     @classmethod
     def of(cls, stats: BatchStats, losses: bool = True, frames: bool = True) -> Contribution:
         """A rule's own statistics of the batch as this process's share (``losses``, ``frames``:
-        whether this process counts them)."""
-        contribution = cls(frames=stats.frames if frames else 0, flushes=[True] * stats.updates)
-        if losses and stats.losses:
-            contribution.losses.add(torch.tensor(stats.loss * stats.losses, dtype=torch.float64),
-                                    stats.losses)
-        return contribution
+        whether this process counts them); its losses stay on the device."""
+        return cls(stats.summed if losses else LossSum(), stats.frames if frames else 0,
+                   [True] * stats.updates)

@@ -27,7 +27,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from sideways_cli.distributed.links import StageFailure, is_link_failure
 from sideways_cli.engine.losses import Objective, at_least_fp32
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -148,10 +148,10 @@ class PipelinedBackprop:
         apply_update()
         frames = self.module.frames
         clips_seen = self.microbatches * self.module.clips
-        stats = BatchStats(loss=0.0, losses=0, frames=clips_seen * frames, updates=1)
-        if self.stage.is_last:
-            stats.loss, stats.losses = sum(loss.item() for loss in losses), frames
-        return stats
+        summed = LossSum()
+        if self.stage.is_last:  # the microbatches' weighted losses add up to the batch's mean
+            summed.add(torch.stack(losses).detach().double().sum() * frames, frames)
+        return BatchStats(summed, summed.count, clips_seen * frames, updates=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # every batch starts from nothing but the weights

@@ -38,7 +38,7 @@ from sideways_cli.config import Config
 from sideways_cli.distributed.contribution import Contribution
 from sideways_cli.distributed.links import Links, StageFailure, bounded_wait, why_silent
 from sideways_cli.distributed.replicas import ReplicaGroup
-from sideways_cli.engine.rule import BatchStats
+from sideways_cli.engine.rule import BatchStats, LossSum
 from sideways_cli.errors import UserError
 from sideways_cli.runtime import resolve_device
 
@@ -149,10 +149,12 @@ class Topology:
                               dtype=torch.float64, device=self.device)
         if c.losses.total is not None:
             totals[0] = c.losses.total
-        values = self.reduce_(totals, dist.ReduceOp.SUM, "summing the batch's losses").tolist()
-        loss_sum, losses, frames = values[:3]
-        return BatchStats(loss=loss_sum / max(losses, 1), losses=int(losses) // self.replicas,
-                          frames=int(frames), updates=sum(flag > 0 for flag in values[3:]))
+        self.reduce_(totals, dist.ReduceOp.SUM, "summing the batch's losses")
+        totals = totals.cpu()
+        summed = LossSum()
+        summed.add(totals[0], int(totals[1]))
+        return BatchStats(summed, losses=summed.count // self.replicas, frames=int(totals[2]),
+                          updates=int((totals[3:] > 0).sum()))
 
     def peaks_mb(self, own_mb: float) -> list[float]:
         """Each stage's peak memory (MiB), bottom first, given this process's: with replicas,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats
+from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 
 
@@ -30,7 +30,9 @@ class BackpropRule:
         loss.backward()
         apply_update()
         frames = clips.shape[2]
-        return BatchStats(loss=loss.item(), losses=frames, frames=clips.shape[0] * frames, updates=1)
+        summed = LossSum()
+        summed.add(loss.detach().double() * frames, frames)  # the clip's mean, as a sum of frames'
+        return BatchStats(summed, frames, clips.shape[0] * frames, updates=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # every batch starts from nothing but the weights

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Protocol
 
 import torch
 
 ApplyUpdate = Callable[[], None]
 Autocast = Callable[[], AbstractContextManager]  # the context forward passes run in (bf16 AMP)
-
-
-@dataclass
-class BatchStats:
-    loss: float  # mean of the per-frame losses computed during the batch
-    losses: int  # how many per-frame losses that mean is over (per clip of the batch)
-    frames: int  # frames that entered the network (clips x frames)
-    updates: int  # how many times the rule called apply_update
 
 
 class LossSum:
@@ -42,6 +35,22 @@ class LossSum:
     def mean(self) -> float:
         """The mean of the losses added (0 if none): the batch's one host synchronisation."""
         return 0.0 if self.total is None else self.total.item() / max(self.count, 1)
+
+
+@dataclass
+class BatchStats:
+    """What a batch did. Its losses stay summed on the device (``summed``) until :attr:`loss` is
+    first read, so that a parallel job can add every process's before anything waits for them."""
+
+    summed: LossSum  # the per-frame losses computed during the batch
+    losses: int  # how many per-frame losses the mean is over (per clip of the batch)
+    frames: int  # frames that entered the network (clips x frames)
+    updates: int  # how many times the rule called apply_update
+
+    @cached_property
+    def loss(self) -> float:
+        """The mean of the per-frame losses (read from the device once)."""
+        return self.summed.mean()
 
 
 class GradientRule(Protocol):

@@ -132,8 +132,7 @@ class SidewaysRule:
                 updates += self.flush(apply_update)
         if self.update_every is None:
             updates += self.flush(apply_update)
-        return BatchStats(loss=losses.mean(), losses=losses.count,
-                          frames=clips.shape[0] * clips.shape[2], updates=updates)
+        return BatchStats(losses, losses.count, clips.shape[0] * clips.shape[2], updates)
 
     def tick(self, frame: Token | None, message: torch.Tensor | None = None) -> torch.Tensor | None:
         """One clock tick of every module; returns the loss of the frame at the top, if any, as a

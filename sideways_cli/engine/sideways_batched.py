@@ -139,8 +139,8 @@ class TickBatchedSideways:
                 self.backward_macro(macros[m], graphs.pop(m))
             else:
                 losses.add(*self.frame_losses())
-        return BatchStats(loss=losses.mean(), losses=losses.count,
-                          frames=clips.shape[0] * clips.shape[2], updates=self.flush(apply_update))
+        return BatchStats(losses, losses.count, clips.shape[0] * clips.shape[2],
+                          self.flush(apply_update))
 
     def start_batch(self, frames: int) -> list[MacroTick]:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
