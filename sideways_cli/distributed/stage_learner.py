@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sideways_cli.build import PRECISIONS, build_network, make_optimizer, make_schedule, rule_for
+from sideways_cli.build import (IMAGE_CHANNELS, PRECISIONS, build_network, make_optimizer,
+                                make_schedule, rule_for)
 from sideways_cli.config import Config
 from sideways_cli.distributed.balance import measure_module_costs, resolve_balance
 from sideways_cli.distributed.contribution import Contribution
@@ -35,8 +36,6 @@ from sideways_cli.resharding import (model_state_for_stage, model_state_to_netwo
                                      optimizer_for_stage, stage_rule_share)
 from sideways_cli.resume import carried_rule_state, restore_rng, rng_state
 from sideways_cli.runtime import forward_autocast
-
-IMAGE_CHANNELS = 3
 
 
 class StageLearner:
