@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from sideways_cli.engine.schedule import runs_chunked
+
 _STACK_KEY = re.compile(r"^stack\.(\d+)\.")
 
 

@@ -179,7 +179,7 @@ class Session:
         state.recent = (state.recent + [stats.loss])[-self.cfg.train.log_every:]
 
     def update_peaks(self) -> None:
-        self.state.add_peaks(self.learner.peaks_mb(self.memory.read()))
+        self.state.add_peaks(self.topology.peaks_mb(self.memory.read()))
 
     def record(self, step: int) -> dict[str, Any]:
         """A line of metrics.jsonl."""

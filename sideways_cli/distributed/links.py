@@ -1,8 +1,9 @@
 """Point-to-point traffic between stages over torch.distributed, with every wait bounded.
 
 A stage that dies closes its sockets; one that hangs sends nothing. Either way its neighbour's
-wait ends, within ``parallel.timeout_s`` at the latest, in a :class:`StageFailure` naming the stage, so the
-launcher stops the whole job instead of leaving it blocked for c10d's default half hour.
+wait ends, within ``parallel.timeout_s`` at the latest, in a :class:`StageFailure` naming the
+stage, so the launcher stops the whole job instead of leaving it blocked for c10d's default half
+hour.
 """
 
 from __future__ import annotations

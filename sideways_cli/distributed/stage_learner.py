@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -170,17 +169,14 @@ class StageLearner:
         else:
             serve_evaluation(self.stack, links, self.autocast)
             metrics = None
-        box = [metrics]
-        dist.broadcast_object_list(box, src=links.ranks[0], group=links.pipeline,
-                                   device=topology.device if topology.device.type == "cuda" else None)
-        return box[0]
+        return topology.broadcast_object(metrics, links.ranks[0], links.pipeline,
+                                         "receiving the evaluation's metrics")
 
     def shard(self, resuming: bool) -> dict[str, Any]:
         """This process's part of a checkpoint under the network's keys: its modules' weights, its
         optimizer, the schedule and, for a checkpoint that resumes, its rule's registers and its
         random streams."""
-        shard = {"modules": [self.modules.start, self.modules.stop],
-                 "model": model_state_to_network(self.stack.state_dict(), self.modules),
+        shard = {"model": model_state_to_network(self.stack.state_dict(), self.modules),
                  "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
         if resuming:
             shard["rule"] = self.executor.state_dict()
@@ -220,11 +216,6 @@ class StageLearner:
             restore_rng(resume["rng"], topology.device)
         elif resume.get("stage_rng") is not None and topology.stage < len(resume["stage_rng"]):
             torch.set_rng_state(resume["stage_rng"][topology.stage].cpu())
-
-    def peaks_mb(self, own_mb: float) -> list[float]:
-        """Each stage's peak memory so far (MiB), bottom first, given this process's: with
-        replicas, each stage's largest over them."""
-        return self.topology.peaks_mb(own_mb)
 
 
 def agreed_stage_sizes(cfg: Config, topology: Topology, model: FrameStack) -> list[int]:

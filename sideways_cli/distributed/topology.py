@@ -15,10 +15,11 @@ in the order they were issued, and ignores tags):
   A stage posts its receive from a neighbour before it sends to that neighbour; on one shared group
   each receive would wait behind the other side's, forever. With a group per direction, every
   group carries traffic one way only, and in-order execution can never cycle;
-- ``pipeline``, per replica: its stages' collectives (a batch's losses, an evaluation's metrics);
+- ``pipeline``, per replica: its stages' collectives (an evaluation's metrics);
 - ``across``, per stage: that stage of every replica, which averages its gradients;
 - ``schedule``, per replica, pipelined BP only: torch.distributed.pipelining's own traffic;
-- the default group: the whole job, for start-up and checkpoint barriers.
+- the default group: the whole job (a batch's statistics, peak memory, start-up and checkpoint
+  barriers).
 """
 
 from __future__ import annotations
@@ -116,30 +117,29 @@ class Topology:
         if self.distributed:
             self._wait(lambda: dist.barrier(async_op=True), doing, timeout)
 
-    def reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp, doing: str,
-                timeout: timedelta | None = None) -> torch.Tensor:
-        """``tensor`` reduced over every process of the job, in place."""
+    def reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp, doing: str) -> torch.Tensor:
+        """``tensor`` reduced over every process of the job, in place (within the hang timeout)."""
         if self.distributed:
             self._wait(lambda: dist.all_reduce(tensor, op=op, async_op=True), doing,
-                       timeout or timedelta(seconds=self.hang_timeout_s))
+                       timeout=timedelta(seconds=self.hang_timeout_s))
         return tensor
 
     def from_writer(self, obj: Any, doing: str) -> Any:
-        """Global rank 0's ``obj`` (picklable plain data), on every process (waiting as long as
-        the default group's patient timeout)."""
-        if not self.distributed:
-            return obj
+        """Global rank 0's ``obj`` (picklable plain data), on every process."""
+        return self.broadcast_object(obj, 0, None, doing) if self.distributed else obj
+
+    def broadcast_object(self, obj: Any, src: int, group: dist.ProcessGroup | None,
+                         doing: str) -> Any:
+        """Global rank ``src``'s ``obj`` (picklable plain data) on every member of ``group``
+        (None: the job), waiting as long as the group's patient timeout."""
         box = [obj]
+        # NCCL moves the pickled bytes as tensors on this process's GPU; gloo on the CPU
+        device = self.device if self.device.type == "cuda" else None
         try:
-            dist.broadcast_object_list(box, src=0, device=self._object_device)
+            dist.broadcast_object_list(box, src=src, group=group, device=device)
         except RuntimeError as exc:
             raise self.failure(doing, exc, PATIENT) from None
         return box[0]
-
-    @property
-    def _object_device(self) -> torch.device | None:
-        """Where NCCL wants the tensors of an object collective; gloo takes the CPU's."""
-        return self.device if self.device.type == "cuda" else None
 
     def batch_stats(self, contribution: Contribution) -> BatchStats:
         """A batch's statistics over the whole job from every process's contribution: one
