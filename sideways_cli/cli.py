@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from contextlib import ExitStack
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,44 +27,88 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.errors import UserError, print_user_error
 from sideways_cli.evaluate import evaluate_split, evaluate_with_confusion
+from sideways_cli.help_format import HelpfulTyper, HelpGroup
 from sideways_cli.fidelity import fidelity_batch, gradient_fidelity
 from sideways_cli.loaders import eval_loader
+from sideways_cli.paths import output_dir, output_file, preset
 from sideways_cli.plots import confusion_png
 from sideways_cli.progress import progress_bar
 from sideways_cli.report import compare_table, eval_table, fidelity_table, stream_table, write_json
+from sideways_cli.run_lock import RunLock
 from sideways_cli.rundir import RunDir
 from sideways_cli.runtime import configure_backends, forward_autocast, resolve_device
+from sideways_cli.stop_signals import Stopped
 from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
 from sideways_cli.train import train as run_training
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train and compare video networks with backprop (bp) or Sideways.")
+
+def package_version() -> str:
+    """The installed distribution's version; a source tree that was never installed reads its
+    pyproject.toml."""
+    try:
+        return metadata.version("sideways-cli")
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE) \
+            if pyproject.is_file() else None
+        return f"{found[1]} (not installed)" if found else "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sideways {package_version()}")
+        raise typer.Exit()
+
+
+app = HelpfulTyper(cls=HelpGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           help="Train and compare video networks with backprop (bp) or Sideways.")
 console = Console()
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _sideways(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the installed version (sideways X.Y.Z) and exit.")] = False,
+) -> None:
+    pass
+
+
+OVERRIDES = "Config overrides"  # the help panel of the options that stand for a --set
 PRESET = Path("experiments") / "synthetic.yaml"
+STREAM_PRESET = Path("experiments") / "stream.yaml"
 ConfigArg = Annotated[Optional[Path], typer.Argument(
-    help="YAML config; defaults to experiments/synthetic.yaml, the embedded experiment.")]
+    metavar="CONFIG", show_default=str(PRESET),
+    help="YAML config: a preset from experiments/ or your own. Without one, the embedded "
+         "experiment: ./experiments/synthetic.yaml if there, else the copy installed with sideways.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (overrides config 'seed').")]
+    "--set", metavar="KEY=VALUE", rich_help_panel=OVERRIDES,
+    help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", rich_help_panel=OVERRIDES, help="Random seed (overrides config 'seed').")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for CI).")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda (overrides config 'device').")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    metavar="DEVICE", rich_help_panel=OVERRIDES, help="auto | cpu | cuda (overrides config 'device').")]
 DeterministicOpt = Annotated[Optional[bool], typer.Option(
-    "--deterministic/--no-deterministic",
-    help="Deterministic algorithms only: the same numbers every run (config 'deterministic').")]
+    "--deterministic/--no-deterministic", rich_help_panel=OVERRIDES,
+    help="Deterministic algorithms only: the same numbers every run (overrides config "
+         "'deterministic').")]
 AmpOpt = Annotated[Optional[bool], typer.Option(
-    "--amp/--no-amp", help="bf16 autocast for the forward passes (config 'amp').")]
-RestartOpt = Annotated[bool, typer.Option(
-    "--restart", help="Discard what the run directory holds and train from scratch.")]
+    "--amp/--no-amp", rich_help_panel=OVERRIDES,
+    help="bf16 autocast for the forward passes (overrides config 'amp').")]
 
 
-def default_config_path() -> Path | None:
-    """The embedded experiment: ./experiments/synthetic.yaml, else the copy beside the package."""
-    for candidate in (PRESET, Path(__file__).resolve().parents[1] / PRESET):
-        if candidate.is_file():
-            return candidate
-    return None
+def json_option(what: str):
+    """The --json option of a command that writes ``what``."""
+    return Annotated[Optional[Path], typer.Option(
+        "--json", metavar="FILE", help=f"Also write {what} to this JSON file.")]
+
+
+def default_config_path(name: str = PRESET.name) -> Path | None:
+    """A preset config: ./experiments/NAME, else the copy installed with the package, else the
+    source checkout's (an editable install); None if none is there."""
+    return preset(name)
 
 
 def overrides(sets: list[str] | None, **flags) -> list[str]:
@@ -72,9 +119,10 @@ def overrides(sets: list[str] | None, **flags) -> list[str]:
 
 def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode: str | None = None,
             device: str | None = None, deterministic: bool | None = None,
-            amp: bool | None = None) -> Config:
-    """The config file, then --set, then the dedicated flags; checked by every layer."""
-    return resolve_config(config if config is not None else default_config_path(),
+            amp: bool | None = None, preset_name: str = PRESET.name) -> Config:
+    """The config file (a preset without one), then --set, then the dedicated flags; checked by
+    every layer."""
+    return resolve_config(config if config is not None else default_config_path(preset_name),
                           overrides(sets, seed=seed, mode=mode, device=device,
                                     deterministic=deterministic, amp=amp))
 
@@ -98,23 +146,35 @@ def _log(quiet: bool):
 @app.command()
 def train(
     config: ConfigArg = None,
-    mode: Annotated[Optional[str], typer.Option(help="bp | sideways (overrides config 'mode').")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        metavar="MODE", rich_help_panel=OVERRIDES, help="bp | sideways (overrides config 'mode').")] = None,
     set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Run directory (default runs/<config>-<mode>); if it holds an unfinished run of the "
-             "same config, training resumes from its last checkpoint.")] = None,
+        metavar="DIR", show_default="runs/<config>-<mode>",
+        help="Run directory. If it holds an unfinished run of the same config, training resumes "
+             "from its last checkpoint; a finished one is reported, not trained again.")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     deterministic: DeterministicOpt = None,
     amp: AmpOpt = None,
-    restart: RestartOpt = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary here.")] = None,
-    quiet: QuietOpt = False,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="Discard what the run directory holds (checkpoints, logs, summary, "
+                          "figures) and train from scratch.")] = False,
+    json_path: json_option("the run's summary (as in summary.json)") = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Print nothing but errors: no progress bars, log lines or final "
+                              "table (for CI).")] = False,
 ) -> None:
-    """Train one model; writes config.yaml, metrics.jsonl, summary.csv, checkpoints/last.pt (every
-    train.checkpoint_every steps, resumable) and summary.json."""
+    """Train one model with backprop or Sideways.
+
+    The run directory gets config.yaml, metrics.jsonl, summary.csv (a row per evaluation),
+    checkpoints/last.pt (resumable, written every train.checkpoint_every steps) and, when the run
+    finishes, summary.json.
+    """
     cfg = resolve(config, set_, seed, mode, device, deterministic, amp)
-    run_dir = out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}"
+    if json_path:
+        output_file(json_path, "--json")
+    run_dir = output_dir(out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}", "--out")
     summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
     if summary is None:  # a stage of a job this command's own launcher started: it reports
         return
@@ -126,19 +186,29 @@ def train(
 
 @app.command("eval")
 def evaluate_run(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'sideways train'.")],
-    split: Annotated[str, typer.Option(help="val | train")] = "val",
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by 'sideways train'; its last "
+                                "checkpoint is evaluated.")],
+    split: Annotated[str, typer.Option(metavar="SPLIT", help="The split to evaluate: val | train.")] = "val",
     clips: Annotated[Optional[int], typer.Option(
-        help="Clips per video (default: the run's eval.clips_per_video).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
-    quiet: QuietOpt = False,
+        metavar="N", show_default="the run's eval.clips_per_video",
+        help="Clips per video, one centre crop each; a video's prediction averages their "
+             "probabilities.")] = None,
+    json_path: json_option("the result (the metrics, split and clips per video)") = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars or 'wrote' line; the table is still printed.")] = False,
 ) -> None:
-    """Evaluate a run's last checkpoint: clip and video top-1/top-5, mean class accuracy, and a
-    confusion-matrix PNG in the run directory (reconstruction: MSE and PSNR)."""
+    """Evaluate a run's last checkpoint on a split.
+
+    Classification: clip and video top-1/top-5 and mean class accuracy, and a confusion-matrix PNG
+    written into the run directory (confusion_<split>.png). Reconstruction: MSE and PSNR.
+    """
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
     if clips is not None and clips < 1:
         raise UserError(f"--clips must be >= 1, got {clips}")
+    if json_path:
+        output_file(json_path, "--json")
     run = RunDir(run_dir)
     ckpt = run.load_checkpoint()
     cfg = from_dict(ckpt["config"], str(run.checkpoint()))
@@ -178,53 +248,70 @@ def evaluate_run(
 def compare(
     config: ConfigArg = None,
     modes: Annotated[Optional[str], typer.Option(
-        help="Comma-separated modes to train [default: bp,sideways].")] = None,
+        metavar="MODES", show_default="bp,sideways",
+        help="Comma-separated modes to train: bp, sideways.")] = None,
     set_: SetOpt = None,
     sweep: Annotated[Optional[list[str]], typer.Option(
-        help="Train every mode at every value: KEY=V1,V2,... (repeatable: the grid of all).")] = None,
+        metavar="KEY=V1,V2,...",
+        help="Train every mode at every value of KEY (repeatable: the grid of all).")] = None,
     variant: Annotated[Optional[list[str]], typer.Option(
-        help="One more run per mode with KEY=V[,KEY2=V2] on top of the config (repeatable).")] = None,
+        metavar="KEY=V[,KEY2=V2]",
+        help="One more run per mode with these keys set on top of the config (repeatable).")] = None,
     runs: Annotated[Optional[list[Path]], typer.Option(
-        "--runs", help="Compare this finished run directory instead of training (repeatable).")] = None,
+        "--runs", metavar="RUN_DIR",
+        help="Compare this finished run directory instead of training (repeatable).")] = None,
     keys: Annotated[Optional[str], typer.Option(
-        help="Config keys compared besides mode and the swept ones, K1,K2: table columns, no warning.")] = None,
+        metavar="K1,K2",
+        help="More config keys to show as table columns, besides mode and the swept ones; runs "
+             "that differ in them draw no warning.")] = None,
     measure_fidelity: Annotated[bool, typer.Option(
         "--fidelity", help="Also measure each run's gradient fidelity at its final weights.")] = False,
     out: Annotated[Optional[Path], typer.Option(
-        help="Output folder (default runs/compare-<config>; runs/compare with --runs); a run already "
-             "there of the same config resumes, or is reused when finished.")] = None,
+        metavar="DIR", show_default="runs/compare-<config>; runs/compare with --runs",
+        help="Output folder: compare.json, compare.csv, compare.png (and sweep.png) go here, and "
+             "each run trains in a folder of its own inside it, resumed if unfinished, reused if "
+             "finished.")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     deterministic: DeterministicOpt = None,
     amp: AmpOpt = None,
-    restart: RestartOpt = False,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="Train every run from scratch, discarding what its folder holds.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train each mode (at each swept value) with the same seed, data and initial weights, or read
-    finished runs; one table, compare.json, compare.csv, compare.png (and sweep.png)."""
+    """Train bp and Sideways alike and compare them in one table.
+
+    Each mode (at each swept value) trains with the same seed, data and initial weights, each in a
+    process of its own; with --runs, finished runs are read instead. Writes compare.json,
+    compare.csv, compare.png and, with --sweep, sweep.png.
+    """
     key_list = comparison.parse_keys(keys)
-    if runs:
-        comparison.refuse_with_runs({"CONFIG": config, "--modes": modes, "--set": set_,
-                                     "--sweep": sweep, "--variant": variant, "--seed": seed,
-                                     "--device": device, "--deterministic": deterministic,
-                                     "--amp": amp, "--restart": restart or None})
-        results, compared = comparison.read_runs(runs, key_list)
-        swept: list[str] = []
-        out_dir = out or Path("runs") / "compare"
-    else:
-        base = overrides(set_, seed=seed, device=device, deterministic=deterministic, amp=amp)
-        out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
-        plan = comparison.plan_training(config if config is not None else default_config_path(), base,
-                                        comparison.parse_modes(modes), sweep or [], variant or [],
-                                        key_list, out_dir)
-        results = comparison.train_all(plan, quiet=quiet, log=console.print, restart=restart)
-        compared, swept = plan.compared, plan.swept
-    if measure_fidelity:
-        comparison.add_fidelity(results, progress=not quiet)
-    diffs = comparison.differences(results, compared)
-    for line in comparison.difference_warnings(diffs):
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
-    written = comparison.write_outputs(out_dir, results, compared, swept, diffs)
+    with ExitStack() as held:  # one compare (or train) at a time in the output folder
+        if runs:
+            comparison.refuse_with_runs({"CONFIG": config, "--modes": modes, "--set": set_,
+                                         "--sweep": sweep, "--variant": variant, "--seed": seed,
+                                         "--device": device, "--deterministic": deterministic,
+                                         "--amp": amp, "--restart": restart or None})
+            out_dir = output_dir(out or Path("runs") / "compare", "--out")
+            held.enter_context(RunLock(out_dir))
+            results, compared = comparison.read_runs(runs, key_list)
+            swept: list[str] = []
+        else:
+            base = overrides(set_, seed=seed, device=device, deterministic=deterministic, amp=amp)
+            out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
+            plan = comparison.plan_training(config if config is not None else default_config_path(), base,
+                                            comparison.parse_modes(modes), sweep or [], variant or [],
+                                            key_list, out_dir)
+            output_dir(out_dir, "--out")
+            held.enter_context(RunLock(out_dir))  # its runs' own directories are locked in train
+            results = comparison.train_all(plan, quiet=quiet, log=console.print, restart=restart)
+            compared, swept = plan.compared, plan.swept
+        if measure_fidelity:
+            comparison.add_fidelity(results, progress=not quiet)
+        diffs = comparison.differences(results, compared)
+        for line in comparison.difference_warnings(diffs):
+            err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        written = comparison.write_outputs(out_dir, results, compared, swept, diffs)
     print_whole(comparison.table(results, compared, with_fidelity=measure_fidelity))
     means = comparison.fold_means(results, swept)
     if means:
@@ -238,13 +325,18 @@ def compare(
 def check(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    json_path: json_option("the report (each property, the per-module costs, the stage splits)") = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check that the configured network keeps the frame-step contract the engine relies on
-    (tick path == clip, causal, per sample, Sideways == BP where it must be); print its
-    per-module costs and the stage splits balance: auto would choose. Exit 1 if a property fails."""
+    """Check that the network keeps the frame-step contract the engine relies on.
+
+    The properties: the tick path computes what the whole clip does, causal, per sample, and
+    Sideways equals BP where it must. Also prints the per-module costs and the stage splits that
+    parallel.balance: auto would choose. Exits 1 if a property fails.
+    """
     cfg = resolve(config, set_, None)
+    if json_path:
+        output_file(json_path, "--json")
     configure_backends(cfg)  # the costs are measured as a run of this config would see them
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     report = check_network(cfg, len(data.classes))
@@ -266,16 +358,26 @@ def check(
 def fidelity(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    video: Annotated[str, typer.Option(help="natural | static | shuffled")] = "natural",
-    run: Annotated[Optional[Path], typer.Option(help="Use this run's trained weights.")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    video: Annotated[str, typer.Option(
+        metavar="KIND",
+        help="natural: clips as decoded | static: the first frame repeated | shuffled: the "
+             "frames in random order.")] = "natural",
+    run: Annotated[Optional[Path], typer.Option(
+        metavar="RUN_DIR", help="Measure at this run's trained weights (its last checkpoint) "
+                                "instead of fresh ones; CONFIG must build the same network.")] = None,
+    json_path: json_option("the per-module cosines") = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Cosine similarity between each module's Sideways pseudo-gradient and its BP gradient."""
+    """Measure Sideways' pseudo-gradients against BP's gradients, module by module.
+
+    Prints the cosine similarity of the two, per module, on a batch of validation clips.
+    """
     if video not in VIDEO_KINDS:
         raise UserError(f"--video must be one of {', '.join(VIDEO_KINDS)}, got {video!r}")
     cfg = resolve(config, set_, seed)
+    if json_path:
+        output_file(json_path, "--json")
     configure_backends(cfg)
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes))
@@ -295,29 +397,41 @@ def fidelity(
 @app.command()
 def stream(
     config: Annotated[Optional[Path], typer.Argument(
-        help="A reconstruction config; defaults to experiments/stream.yaml.")] = None,
+        metavar="CONFIG", show_default=str(STREAM_PRESET),
+        help="A reconstruction config (task: reconstruct). Without one, the streaming preset: "
+             "./experiments/stream.yaml if there, else the copy installed with sideways.")] = None,
     video: Annotated[Optional[Path], typer.Option(
-        help="Stream this video file (default: synthetic shots cut together).")] = None,
-    frames: Annotated[int, typer.Option(help="Frames in the stream (one per tick).")] = 1024,
-    update_every: Annotated[int, typer.Option(help="Sideways updates the weights every N ticks.")] = 4,
+        metavar="FILE", show_default="synthetic shots cut together",
+        help="Stream the first --frames frames of this video file.")] = None,
+    frames: Annotated[int, typer.Option(metavar="N", help="Frames in the stream (one per tick).")] = 1024,
+    update_every: Annotated[int, typer.Option(
+        metavar="N", help="Sideways updates the weights every N ticks; blocking BP updates after "
+                          "each frame it takes.")] = 4,
     set_: SetOpt = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result here.")] = None,
+    json_path: json_option("the result (frames used and PSNR of each learner)") = None,
     seed: SeedOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Learn to reconstruct a video as it streams in, one frame per tick: blocking BP drops the
-    frames that arrive while it works; Sideways uses every one. Reports frames used and PSNR."""
+    """Learn to reconstruct a video as it streams in, one frame per tick.
+
+    Blocking BP drops the frames that arrive while it works; Sideways uses every one. Reports the
+    frames each learner used and its PSNR.
+    """
     if frames < 2 or update_every < 1:
         raise UserError("--frames must be >= 2 and --update-every >= 1")
-    cfg = resolve(config or Path("experiments") / "stream.yaml", set_, seed)
+    cfg = resolve(config, set_, seed, preset_name=STREAM_PRESET.name)
     if cfg.task != "reconstruct":
         raise UserError("sideways stream trains frame reconstruction: give a config with task: "
                         "reconstruct (experiments/stream.yaml)")
+    if video is not None and not video.is_file():
+        what = "is a directory" if video.is_dir() else \
+            "does not exist" if not video.exists() else "is not a regular file"
+        raise UserError(f"--video {video} {what}; give a video file")
+    if json_path:
+        output_file(json_path, "--json")
     configure_backends(cfg)
     device = resolve_device(cfg.device)
     if video is not None:
-        if not video.is_file():
-            raise UserError(f"--video {video} does not exist; give a video file")
         raw, held_out = video_stream(video, frames, cfg.data.decoder), None
     else:  # the held-out stream: other objects, colours and backgrounds, the same classes
         shot = cfg.data.synthetic.num_frames
@@ -340,17 +454,28 @@ def stream(
 
 @app.command()
 def download(
-    dataset: Annotated[str, typer.Argument(help="ucf101 | hmdb51 | synthetic")],
-    root: Annotated[Path, typer.Option(help="Data root; the dataset lands in ROOT/<dataset>/.")] = Path("data"),
+    dataset: Annotated[str, typer.Argument(metavar="DATASET", help="ucf101 | hmdb51 | synthetic.")],
+    root: Annotated[Path, typer.Option(
+        metavar="ROOT",
+        help="Data root, as the config's data.root: ucf101 and hmdb51 land in ROOT/<dataset>/ "
+             "(archives in ROOT/<dataset>/downloads/, the index in ROOT/<dataset>/index/); "
+             "synthetic in ROOT/synthetic-<hash>/, one folder per generator setting.")] = Path("data"),
     mirror: Annotated[Optional[str], typer.Option(
-        help="Fetch each archive from MIRROR/<file name> instead of the official address.")] = None,
-    quiet: QuietOpt = False,
+        metavar="URL", help="Fetch each archive from URL/<file name> instead of the official "
+                            "address (ucf101, hmdb51).")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars or messages, errors aside (for CI).")] = False,
 ) -> None:
-    """Download, verify and extract a dataset, then index it; re-running only does what is left."""
+    """Download, verify and extract a dataset, then index it.
+
+    Every step is done once: re-running after an interruption only does what is left. synthetic
+    is generated here, with the default data.size and data.synthetic settings, not fetched.
+    """
     if dataset not in DOWNLOADABLE:
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DOWNLOADABLE)}")
     if dataset == "synthetic" and mirror:
         raise UserError("--mirror does not apply to synthetic, which is generated here; drop it")
+    output_dir(root, "--root")
     folder = download_dataset(dataset, root, mirror=mirror, progress=not quiet)
     if dataset != "synthetic":  # the synthetic generator writes its own index
         catalog.index_dataset(dataset, root, progress=not quiet)
@@ -362,7 +487,11 @@ def main() -> None:
         app()
     except (UserError, DecodeError) as exc:
         print_user_error(exc)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))  # a write the user cannot fix (EIO) is 1
+    except Stopped as exc:  # a signal: the step in hand finished and checkpointed
+        if not exc.silent:
+            err_console.print(str(exc), highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except StageFailure as exc:  # another stage died or hung; the launcher stops the rest
         print_user_error(exc)
         sys.stdout.flush()

@@ -35,8 +35,10 @@ def _pyplot():
 
 def _save(fig, path: Path, dpi: int = 120) -> None:
     """Render to a temporary file and rename, so a reader never sees half an image."""
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".tmp.png")
-    _pyplot().close(fig)
+    try:
+        replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        _pyplot().close(fig)
 
 
 def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:

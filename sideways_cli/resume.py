@@ -47,6 +47,8 @@ class RunState:
     stage_peak_mem_mb: list[float] | None = None  # each stage's, bottom first
     best: float = -math.inf  # the primary metric's best evaluation so far
     unreadable: dict[str, str] = field(default_factory=dict)  # training videos that failed to decode
+    # stopped by a signal after a step whose evaluation was due and not yet done
+    pending_evaluation: bool = False
 
     @classmethod
     def from_checkpoint(cls, resume: dict[str, Any]) -> RunState:
@@ -101,6 +103,11 @@ def find_previous_run(run: RunDir, cfg: Config, device: torch.device) -> Previou
     Refuses, naming the keys, a run whose config differs in anything that changes results.
     """
     if not run.checkpoint().is_file():
+        logged = run.logged_steps()
+        if logged:  # starting again would replace its logs: the user decides
+            raise UserError(f"{run.path} holds a run logged up to step {logged} but no "
+                            f"{run.checkpoint()} to resume from; pass --restart to train it "
+                            "from scratch, or give a new --out")
         return None
     ckpt = run.load_checkpoint()
     differing = config_differences(from_dict(ckpt["config"], str(run.checkpoint())), cfg)

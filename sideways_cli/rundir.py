@@ -12,30 +12,35 @@
                                    shard there, and last.pt / best.pt name the ones they are made of
       launch.yaml                  the config the stages of a self-launched staged run read
       confusion_<split>.png        `sideways eval`'s confusion matrix
+      .lock                        held by the process writing the run (``run_lock.py``)
 
-Every file is written atomically (a temporary file renamed into place), so a kill never leaves half
-of one. ``sideways train``, ``eval``, ``compare --runs``, ``fidelity --run`` and resuming all find
-a run's files through :class:`RunDir`.
+Every file is written atomically (a temporary file renamed into place), or appended a whole line
+at a time and read up to its last complete line, so neither a kill nor a reader during training
+ever sees half of one. ``sideways train``, ``eval``, ``compare --runs``, ``fidelity --run`` and
+resuming all find a run's files through :class:`RunDir`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import yaml
 
-from sideways_cli.atomic import replace_atomically, write_text_atomic
+from sideways_cli.atomic import (WriteError, complete_lines, replace_atomically, write_text_atomic,
+                                 writing)
 from sideways_cli.config import Config, flat_dict, from_dict, save_config
 from sideways_cli.errors import UserError
 from sideways_cli.resharding import merge_shards, stage_rules_merger, with_learner
 
 CHECKPOINTS = ("last", "best")
+_START_AGAIN = "to train {} again from scratch, run 'sideways train' on it with --restart"
 _SHARD = re.compile(r"^(?P<which>\w+)-step(?P<step>\d+)-rank(?P<rank>\d+)\.pt$")
 
 
@@ -85,6 +90,21 @@ class RunDir:
             if match and match["which"] == which and int(match["step"]) < step:
                 path.unlink(missing_ok=True)
 
+    def remove_temporaries(self) -> None:
+        """The ``.tmp`` files a killed write left (only while holding the run's lock: then no
+        other process is writing one)."""
+        for tmp in (*self.path.glob("*.tmp"), *self.path.glob("checkpoints/*.tmp"),
+                    *self.shards.glob("*.tmp")):
+            tmp.unlink(missing_ok=True)
+
+    def logged_steps(self) -> int:
+        """The last step metrics.jsonl or summary.csv records (0: none)."""
+        steps = [record["step"] for record in read_jsonl(self.metrics)] if self.metrics.is_file() else []
+        if self.evaluations.is_file():
+            steps += [int(row[0]) for row in csv.reader(complete_lines(self.evaluations))
+                      if row and row[0].isdigit()]
+        return max(steps, default=0)
+
     def confusion(self, split: str) -> Path:
         return self.path / f"confusion_{split}.png"
 
@@ -127,13 +147,12 @@ class RunDir:
     def _read(self, path: Path) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"{path} not found, though {self.checkpoint()} or "
-                            f"{self.checkpoint('best')} names it; pass --restart to train "
-                            f"{self.path} from scratch, or a new --out")
+                            f"{self.checkpoint('best')} names it; {_START_AGAIN.format(self.path)}")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise UserError(f"{path} cannot be read ({type(exc).__name__}); pass --restart to train "
-                            f"{self.path} from scratch, or a new --out") from None
+            raise UserError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not "
+                            f"a checkpoint; {_START_AGAIN.format(self.path)}") from None
 
     def is_finished(self) -> bool:
         return self.summary.is_file()
@@ -150,12 +169,15 @@ class RunDir:
         if not self.is_finished():
             raise UserError(f"{self.path} has no summary.json, so its run did not finish; finish it "
                             f"with 'sideways train CONFIG --out {self.path}' or leave it out")
-        metrics = ([json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
-                   if self.metrics.is_file() else [])
+        metrics = read_jsonl(self.metrics) if self.metrics.is_file() else []
         evaluations = []
         if self.evaluations.is_file():
-            with self.evaluations.open(newline="") as f:
-                evaluations = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = csv.DictReader(complete_lines(self.evaluations))
+            try:
+                evaluations = [{k: float(v) for k, v in row.items()} for row in rows]
+            except (TypeError, ValueError):
+                raise UserError(f"{self.evaluations} has a malformed row; it was not written by "
+                                "'sideways train' alone") from None
         return FinishedRun(name or self.path.name, self.path, flat_dict(self.read_config()),
                            self.read_summary(), metrics, evaluations)
 
@@ -173,9 +195,60 @@ class FinishedRun:
 
 
 def save_checkpoint(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file, then rename: neither a kill nor a full disk ever leaves a
+    half-written checkpoint, and the previous one stands until the new one is whole."""
+    replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log, up to its last complete line; UserError for a line that
+    is not a record."""
+    records = []
+    for n, line in enumerate(complete_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise UserError(f"{path}:{n} is not a JSON record; it was not written by "
+                            "'sideways train' alone") from None
+    return records
+
+
+def csv_line(values: list[Any]) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="").writerow(values)
+    return text.getvalue()
+
+
+class LineLog:
+    """A log written a whole line at a time (metrics.jsonl, summary.csv), so that a reader takes
+    every line up to the last complete one; a failed write (a full disk) is a WriteError naming
+    the file."""
+
+    def __init__(self, path: Path, fresh: bool = False):
+        self.path = path
+        with writing(path):
+            self.file: TextIO | None = path.open("w" if fresh else "a")
+
+    def append(self, line: str) -> None:
+        with writing(self.path):
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self, failing: bool = False) -> None:
+        file, self.file = self.file, None
+        try:
+            file.close()
+        except OSError as exc:  # what a failed write left in the buffer
+            if not failing:
+                raise WriteError(self.path, exc) from None
+
+    def __enter__(self) -> LineLog:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        self.close(failing=kind is not None)
 
 
 def trim_jsonl(path: Path, step: int) -> None:
@@ -194,14 +267,8 @@ def trim_jsonl(path: Path, step: int) -> None:
 
 def trim_csv(path: Path, step: int, header: tuple[str, ...]) -> None:
     """Keep the header and the rows of steps up to ``step``; write the header if the file is gone."""
-    rows: list[list[str]] = []
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = [row for row in csv.reader(f)][1:]
+    rows = list(csv.reader(complete_lines(path)))[1:] if path.is_file() else []
     kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows([list(header), *kept])
-
-    replace_atomically(path, write)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([list(header), *kept])
+    write_text_atomic(path, text.getvalue())

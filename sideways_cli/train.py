@@ -12,16 +12,16 @@ ending exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from sideways_cli.atomic import write_text_atomic
 from sideways_cli.build import PRECISIONS
 from sideways_cli.check import refuse_broken_builder
 from sideways_cli.config import Config, to_dict
@@ -29,6 +29,7 @@ from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.distributed.launch import run_as_processes
 from sideways_cli.distributed.stage_learner import StageLearner
 from sideways_cli.distributed.topology import Topology, join, launched, leave, single
+from sideways_cli.errors import UserError
 from sideways_cli.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
 from sideways_cli.loaders import data_loaders, forever
 from sideways_cli.memory import PeakMemory
@@ -37,8 +38,10 @@ from sideways_cli.progress import progress_bar
 from sideways_cli.report import write_json
 from sideways_cli.resume import PreviousRun, RunState, find_previous_run
 from sideways_cli.resharding import with_learner
-from sideways_cli.rundir import RunDir, save_checkpoint, trim_csv, trim_jsonl
+from sideways_cli.run_lock import RunLock
+from sideways_cli.rundir import LineLog, RunDir, csv_line, save_checkpoint, trim_csv, trim_jsonl
 from sideways_cli.runtime import configure_backends, forward_autocast, seed_everything, to_device
+from sideways_cli.stop_signals import StopRequests, Stopped
 
 Log = Callable[[str], None]
 
@@ -56,16 +59,44 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
     own slice; only global rank 0 logs and returns the summary, the others return None.
     """
     configure_backends(cfg)  # before anything touches CUDA
+    run = RunDir(out_dir)
     if cfg.parallel.stages * cfg.parallel.replicas == 1:
-        return _train(cfg, RunDir(out_dir), quiet, log, restart, single(cfg))
+        with RunLock(run.path):
+            return _train(cfg, run, quiet, log, restart, single(cfg))
     if not launched():  # start every process of the job, each training this config
-        return run_as_processes(cfg, RunDir(out_dir), quiet, restart)
+        with RunLock(run.path):
+            return run_as_processes(cfg, run, quiet, restart)
     topology = join(cfg)
     if not topology.is_writer:
         quiet, log = True, _silent
-    summary = _train(cfg, RunDir(out_dir), quiet, log, restart, topology)
+    try:
+        with _job_lock(run, topology):
+            summary = _train(cfg, run, quiet, log, restart, topology)
+    except Stopped as stopped:  # every process stopped after the same step: the group is whole
+        leave()
+        if not topology.is_writer or topology.reports_to_parent:  # the message is another's
+            stopped.silent = True
+        raise
     leave()  # not after a failure: tearing down a group with a dead member may hang
     return summary if topology.is_writer and not topology.reports_to_parent else None
+
+
+@contextmanager
+def _job_lock(run: RunDir, topology: Topology) -> Iterator[None]:
+    """The run directory's lock for a job torchrun started: global rank 0 holds it for all (when
+    ``sideways train`` started the job, it holds it itself), and every process learns whether it
+    got it."""
+    with ExitStack() as held:
+        refusal = None
+        if topology.is_writer and not topology.reports_to_parent:
+            try:
+                held.enter_context(RunLock(run.path))
+            except UserError as exc:
+                refusal = str(exc)
+        refusal = topology.from_writer(refusal, "locking the run directory")
+        if refusal is not None:
+            raise UserError(refusal)
+        yield
 
 
 def _silent(_: str) -> None:
@@ -75,8 +106,10 @@ def _silent(_: str) -> None:
 def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
            topology: Topology) -> dict[str, Any]:
     forward_autocast(topology.device, cfg.amp)  # refuses AMP where it cannot run, before any work
-    if restart and topology.is_writer:
-        run.discard()
+    if topology.is_writer:
+        run.remove_temporaries()  # what a killed write left; the lock says none is under way
+        if restart:
+            run.discard()
     topology.barrier("waiting for the run directory")  # the others read it once discarded
     previous = find_previous_run(run, cfg, topology.device)
     if previous is not None and previous.summary is not None:
@@ -94,8 +127,11 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
         refuse_broken_builder(cfg, len(data.classes))  # a second, before any step is spent
     learner = StageLearner(cfg, topology, len(data.classes))
     session = Session(cfg, run, data, learner, log, previous)
-    session.train_steps(quiet)
-    summary = session.finish(quiet)
+    try:
+        session.train_steps(quiet)
+        summary = session.finish(quiet)
+    finally:
+        session.close()
     log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
         + f", {summary['frames_per_s']:.0f} frames/s")
     return summary
@@ -133,27 +169,41 @@ class Session:
         self.evaluations = Evaluations(run, self.started, cfg.task, continued, self.writer)
         self.val: dict[str, float] = {}
 
+    def close(self) -> None:
+        """Stop the loaders' workers now: none outlives the run."""
+        self.train_loader.close()
+        self.val_loader.close()
+
     def train_steps(self, quiet: bool) -> None:
         """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
         cfg, state = self.cfg, self.state
         sampler = self.train_loader.loader.batch_sampler
         # only the first stage reads clips; the others know the batch's shape from the config
         batches = forever(self.train_loader) if self.topology.is_first else None
-        metrics_file = (self.run.metrics.open("a" if self.first_step > 1 else "w") if self.writer
-                        else nullcontext())
-        with metrics_file as metrics, progress_bar(quiet) as bar, PeakMemory(self.device) as memory:
-            self.memory = memory
+        with ExitStack() as stack:
+            metrics = (stack.enter_context(LineLog(self.run.metrics, fresh=self.first_step == 1))
+                       if self.writer else None)
+            bar = stack.enter_context(progress_bar(quiet))
+            self.memory = stack.enter_context(PeakMemory(self.device))
+            stops = stack.enter_context(StopRequests(self.log))
             task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps,
                                 completed=self.first_step - 1, info="") if bar else None
+            if state.pending_evaluation:  # stopped by a signal before this step's evaluation
+                self.evaluate(self.first_step - 1, bar)
             for step in range(self.first_step, cfg.train.steps + 1):
-                self.train_step(batches)
+                stop = self.train_step(batches, stops.signum)
                 state.data_position = sampler.advance(state.data_position)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     record = self.record(step)  # on every process: it gathers their peaks
                     if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                        metrics.append(json.dumps(record))
+                evaluates = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
+                    and step < cfg.train.steps
+                if stop:  # every process of a job stops after this same step
+                    state.pending_evaluation = evaluates  # the restarted run evaluates it first
+                    self.checkpoint(step)
+                    raise Stopped(stop, step)
+                if evaluates:
                     self.evaluate(step, bar)
                 if bar:
                     bar.update(task, advance=1, info=f"loss {state.loss():.3f}")
@@ -162,8 +212,9 @@ class Session:
                     self.checkpoint(step)
             self.update_peaks()  # training's, not the final evaluation's
 
-    def train_step(self, batches: Iterator[dict] | None) -> None:
-        """The next batch through the learner; the time spent waiting for it and training on it."""
+    def train_step(self, batches: Iterator[dict] | None, stop: int) -> int:
+        """The next batch through the learner; the time spent waiting for it and training on it.
+        Returns the stop signal the job agrees on after it, given this process's (0: none)."""
         state, started = self.state, time.perf_counter()
         clips = labels = None
         if batches is not None:
@@ -171,12 +222,13 @@ class Session:
             clips = to_device(batch["clip"], self.device, PRECISIONS[self.cfg.precision])
             labels = to_device(batch["label"], self.device)
         loaded = time.perf_counter()
-        stats = self.learner.train_batch(clips, labels)
+        stats, stop = self.learner.train_batch(clips, labels, stop)
         state.wait_s += loaded - started
         state.compute_s += time.perf_counter() - loaded
         state.frames_seen += stats.frames
         state.updates += stats.updates
         state.recent = (state.recent + [stats.loss])[-self.cfg.train.log_every:]
+        return stop
 
     def update_peaks(self) -> None:
         self.state.add_peaks(self.topology.peaks_mb(self.memory.read()))
@@ -199,6 +251,7 @@ class Session:
 
     def evaluate(self, step: int, bar) -> None:
         self.val = self.validation(bar)
+        self.state.pending_evaluation = False
         self.evaluations.record(step, self.state.frames_seen, self.state.loss(), self.val,
                                 lambda which: self.save(which, step))
         self.log(evaluation_line(step, self.cfg.train.steps, self.val,
@@ -286,8 +339,7 @@ class Evaluations:
         if not writes:
             return
         if continued is None:
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.keys)
+            write_text_atomic(self.path, csv_line(list(self.keys)) + "\n")
         else:
             trim_csv(self.path, kept, self.keys)
 
@@ -296,8 +348,8 @@ class Evaluations:
         row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
                "wall_s": time.perf_counter() - self.started, **val}
         if self.writes:
-            with self.path.open("a", newline="") as f:
-                csv.writer(f).writerow([row[key] for key in self.keys])
+            with LineLog(self.path) as log:
+                log.append(csv_line([row[key] for key in self.keys]))
         if val[self.primary] > self.best:
             self.best = val[self.primary]
             save("best")

@@ -139,5 +139,5 @@ def plot_model(path: Path, curves: dict[str, list[Prediction]],
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=120), suffix=".tmp.png")
+    replace_atomically(Path(path), lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

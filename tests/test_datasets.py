@@ -197,6 +197,17 @@ def test_folder_dataset(folder_root):
         data_cfg(folder_root, "data.dataset=folder", "data.fold=2")
 
 
+def test_an_empty_train_class_folder_is_refused_by_name(folder_root):
+    (folder_root / "train" / "c_jump").mkdir()
+    (folder_root / "train" / "c_jump" / "readme.txt").write_text("videos to come")
+    with pytest.raises(UserError, match=r"train/c_jump holds no videos \(.*\.mp4.*\); put the class"):
+        resolve_dataset(data_cfg(folder_root, "data.dataset=folder"), progress=False)
+    (folder_root / "val" / "c_jump").mkdir()  # an empty val folder is fine once train has videos
+    write_video(folder_root / "train" / "c_jump" / "0.mp4", num_frames=8)
+    data = resolve_dataset(data_cfg(folder_root, "data.dataset=folder"), progress=False)
+    assert data.classes == ["A_run", "b_walk", "c_jump"]
+
+
 def test_bad_files_are_reported_and_excluded(folder_root):
     good = (folder_root / "train" / "A_run" / "2.mp4").read_bytes()
     (folder_root / "train" / "A_run" / "truncated.mp4").write_bytes(good[: len(good) // 2])

@@ -257,6 +257,14 @@ class GuardedLoader:
             if "clip" in batch:  # an eval batch whose every clip failed has nothing to yield
                 yield batch
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now (they persist between passes), rather than
+        when the loader is collected."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     def check(self, failed: list[tuple[str, str]]) -> None:
         for path, reason in failed:
             if path not in self.failed:
@@ -288,13 +296,15 @@ def build_loader(
     pin_memory: bool = False,
     start: Position = (0, 0),
     shard: tuple[int, int] = (0, 1),
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """A DataLoader whose batches depend only on `seed`, never on `num_workers`.
 
     `shuffle` (training): an endless stream of batches, epoch after epoch, from (epoch, position)
     `start` (:class:`SeededBatchSampler`; each item a :class:`Draw`). Otherwise one pass over the
     dataset in its order. `shard` (index, count): training batches are that slice of every batch
-    of `batch_size`; one pass takes every count-th item from the index-th.
+    of `batch_size`; one pass takes every count-th item from the index-th. `worker_init_fn` runs
+    first in each worker process.
     """
     workers = max(0, num_workers)
     extra: dict[str, Any] = {}
@@ -316,5 +326,6 @@ def build_loader(
         # not the global one, so how often it is iterated cannot shift the run's dropout masks
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn,
         **extra,
     )

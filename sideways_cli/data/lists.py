@@ -5,7 +5,9 @@ data.root; label = the class's 0-based line number in data.list.labels, or its n
 data.list.labels has one class name per line: the label-id order is that file's.
 
 `folder`: <data.root>/{train,val}/<class>/<video>; label ids follow the sorted names of the
-class folders under train/ (Python's sorted(): capitals before small letters).
+class folders under train/ (Python's sorted(): capitals before small letters). A class folder
+under train/ without videos is refused (it would be a class nothing teaches); one under val/ may
+be empty or absent (that class is then not evaluated).
 
 Neither has folds: their splits are train_fold1 and val_fold1.
 """
@@ -100,6 +102,11 @@ def plan_folder(root: Path) -> Plan:
     if unknown:
         raise UserError(f"{root / 'val' / unknown[0]} is not a class of {root / 'train'}; every "
                         "val class folder needs a train class folder of the same name")
+    empty = [c for c in classes if not _videos(root / "train" / c)]
+    if empty:  # it would be a class no training video teaches
+        raise UserError(f"{root / 'train' / empty[0]} holds no videos "
+                        f"({', '.join(sorted(VIDEO_SUFFIXES))}); put the class's training videos "
+                        "there, or remove the folder")
     splits = {}
     for split in ("train", "val"):
         splits[f"{split}_fold1"] = [

@@ -14,11 +14,13 @@ class Contribution:
     point of the batch where the optimizer may step (True where it did).
 
     Losses come from the last stage only, frames from the first only; every process of a job
-    has the same number of update points, so the flags line up when summed."""
+    has the same number of update points, so the flags line up when summed. A stop signal any
+    process received travels with them, so every process stops after the same batch."""
 
     losses: LossSum = field(default_factory=LossSum)
     frames: int = 0
     flushes: list[bool] = field(default_factory=list)
+    stop: int = 0  # a signal asking this process to stop (stop_signals.py); 0: none
 
     @classmethod
     def of(cls, stats: BatchStats, losses: bool = True, frames: bool = True) -> Contribution:

@@ -9,6 +9,7 @@ reconstruction the clips), and every other stage knows the batch's shape from th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -104,9 +105,12 @@ class StageLearner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None) -> BatchStats:
+    def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
+                    stop: int = 0) -> tuple[BatchStats, int]:
         """One batch: the first stage passes its shard of the clips and labels, the others None.
-        The rule's gradients, the optimizer's step(s), the schedule's step; the whole job's stats."""
+        The rule's gradients, the optimizer's step(s), the schedule's step; the whole job's stats
+        and the stop signal every process then agrees on, given the one this process received
+        (``stop``; 0: none)."""
         shape = self.batch_shape
         if clips is not None and clips.shape != shape:
             raise ValueError(f"a training batch of shape {tuple(clips.shape)}, not {tuple(shape)}")
@@ -115,9 +119,10 @@ class StageLearner:
         else:
             if self.topology.stages > 1:
                 clips, labels = self._targets(clips, labels, shape)
-            stats = self.topology.batch_stats(self._contribution(clips, labels, shape))
+            contribution = replace(self._contribution(clips, labels, shape), stop=stop)
+            stats, stop = self.topology.batch_stats(contribution)
         self.schedule.step()
-        return stats
+        return stats, stop
 
     def _targets(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                  shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -42,6 +42,7 @@ from sideways_cli.distributed.replicas import ReplicaGroup
 from sideways_cli.engine.rule import BatchStats, LossSum
 from sideways_cli.errors import UserError
 from sideways_cli.runtime import resolve_device
+from sideways_cli.stop_signals import STOP_SIGNALS
 
 # Waits that are not a step's: rank 0 indexing a dataset, an evaluation, a checkpoint being written
 PATIENT = timedelta(minutes=30)
@@ -141,11 +142,13 @@ class Topology:
             raise self.failure(doing, exc, PATIENT) from None
         return box[0]
 
-    def batch_stats(self, contribution: Contribution) -> BatchStats:
-        """A batch's statistics over the whole job from every process's contribution: one
+    def batch_stats(self, contribution: Contribution) -> tuple[BatchStats, int]:
+        """A batch's statistics over the whole job from every process's contribution, and the
+        stop signal any process received (0: none; the first of STOP_SIGNALS when several): one
         collective and one read of the device (the batch's only host sync)."""
         c = contribution
-        totals = torch.tensor([0.0, c.losses.count, c.frames, *map(float, c.flushes)],
+        stops = [float(c.stop == signum) for signum in STOP_SIGNALS]
+        totals = torch.tensor([0.0, c.losses.count, c.frames, *stops, *map(float, c.flushes)],
                               dtype=torch.float64, device=self.device)
         if c.losses.total is not None:
             totals[0] = c.losses.total
@@ -153,8 +156,11 @@ class Topology:
         totals = totals.cpu()
         summed = LossSum()
         summed.add(totals[0], int(totals[1]))
-        return BatchStats(summed, losses=summed.count // self.replicas, frames=int(totals[2]),
-                          updates=int((totals[3:] > 0).sum()))
+        flags = 3 + len(STOP_SIGNALS)
+        received = [signum for signum, n in zip(STOP_SIGNALS, totals[3:flags].tolist()) if n > 0]
+        return (BatchStats(summed, losses=summed.count // self.replicas, frames=int(totals[2]),
+                           updates=int((totals[flags:] > 0).sum())),
+                received[0] if received else 0)
 
     def peaks_mb(self, own_mb: float) -> list[float]:
         """Each stage's peak memory (MiB), bottom first, given this process's: with replicas,

@@ -1,0 +1,133 @@
+"""A run stopped by a signal (SIGTERM, SLURM's SIGUSR1, Ctrl-C) finishes the step in hand, writes its
+checkpoint, exits with the signal's status, leaves no process behind, and the same command then
+ends exactly where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_depth_parallel import assert_same_run
+from test_resume import invoke_ok, load, logged, tensors
+from tiny import tiny_run_config
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    # dropout draws from the global RNG; an evaluation every step makes every stop one that
+    # leaves its step's evaluation to the restarted run
+    return tiny_run_config(tmp_path_factory.mktemp("preempt"), {
+        "model": {"dropout": 0.3},
+        "train": {"steps": STEPS, "eval_every": 1, "checkpoint_every": 5}}, generate=True)
+
+
+def start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out),
+            "--deterministic", "--quiet", *extra]
+    # a session (and process group) of its own: its loader workers are found through it
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def logged_steps(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return max((json.loads(line)["step"] for line in lines[:-1]), default=0)
+
+
+def signal_once_training(process: subprocess.Popen, run: Path, signum: int, group: bool) -> None:
+    """``signum`` to the process (or its whole group, as a terminal's Ctrl-C or SLURM sends it)
+    once it has logged a step."""
+    deadline = time.monotonic() + 120
+    while logged_steps(run) < 1:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.005)
+    (os.killpg if group else os.kill)(process.pid, signum)
+
+
+def group_gone_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def stopped_cleanly(process: subprocess.Popen, signum: int) -> int:
+    """The process's step at the stop, after checking its exit: the signal's status, one line,
+    no traceback, nothing of it left running a second later."""
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err, err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1, err
+    assert group_gone_within(process.pid, 1.0), "a process of the run outlived it"
+    return int(stopped[0].split("after step ")[1].split(",")[0])
+
+
+SIGNALS = {"SIGTERM": (signal.SIGTERM, False), "SIGUSR1": (signal.SIGUSR1, True),
+           "Ctrl-C": (signal.SIGINT, True)}
+
+
+@pytest.mark.multiprocess
+def test_a_signalled_run_checkpoints_and_resumes_to_the_same_weights(config, tmp_path):
+    """Three runs with loader workers, signalled side by side once training, then started again;
+    compared with the same run made uninterrupted in this process."""
+    runs = {name: tmp_path / name for name in SIGNALS}
+    workers = ("--set", "data.num_workers=2")
+    running = {name: start(config, runs[name], *workers) for name in SIGNALS}
+    for name, (signum, group) in SIGNALS.items():
+        signal_once_training(running[name], runs[name], signum, group)
+    steps = {name: stopped_cleanly(running[name], SIGNALS[name][0]) for name in SIGNALS}
+    for name, step in steps.items():
+        assert 0 < step < STEPS, steps
+        assert load(runs[name])["step"] == step  # the checkpoint of the step in hand
+        assert not list(runs[name].rglob("*.tmp"))
+    resumed = {name: start(config, runs[name], *workers) for name in SIGNALS}
+    straight = tmp_path / "straight"
+    invoke_ok("train", config, "--out", straight, "--deterministic", "--quiet")
+    expected = load(straight)
+    for name, process in resumed.items():
+        _, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err
+        actual = load(runs[name])
+        for part in ("model", "optimizer"):
+            assert all(torch.equal(x, y) for x, y in zip(tensors(expected[part]), tensors(actual[part])))
+        assert actual["summary"]["val_video_top1"] == expected["summary"]["val_video_top1"]
+        # every step logged once; the stopped step's evaluation made by the restarted run
+        assert logged(runs[name]) == logged(straight), name
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_signalled_job_stops_every_process_after_the_same_step(config, tmp_path):
+    """SIGTERM to the `sideways train` that launched a two-stage job: the agent passes it on,
+    every stage finishes the same step and writes its shard, the job exits 143, and the same
+    command resumes it to the uninterrupted single-process run's weights."""
+    run = tmp_path / "job"
+    job = ("--mode", "sideways", "--set", "model.dropout=0")  # stages draw dropout apart
+    process = start(config, run, *job, "--set", "parallel.stages=2")
+    signal_once_training(process, run, signal.SIGTERM, group=False)
+    step = stopped_cleanly(process, signal.SIGTERM)
+    assert 0 < step < STEPS
+    resumed = start(config, run, *job, "--set", "parallel.stages=2")
+    straight = tmp_path / "straight"
+    invoke_ok("train", config, *job, "--out", straight, "--deterministic", "--quiet")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_run(straight, run)
+    assert [m[0] for m in logged(run)[0]] == list(range(1, STEPS + 1))
