@@ -199,8 +199,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = setting(300, at_least(1), "training steps; optimizer steps for BP and update: "
                          "clip (one per batch)")
-    lr: float = setting(0.001, at_least(0), "peak learning rate, after the warm-up; 0: the "
-                        "weights stay as initialised")
+    lr: float = setting(0.001, above(0), "peak learning rate, after the warm-up")
     optimizer: str = setting("adamw", one_of(*OPTIMIZERS),
                              "the optimizer: adamw | sgd (SGD wants a larger lr, e.g. 0.05)")
     momentum: float = setting(0.9, fraction_below_one(),

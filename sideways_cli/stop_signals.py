@@ -18,7 +18,7 @@ import time
 from types import FrameType
 from typing import Callable
 
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
+STOP_SIGNALS = tuple(int(s) for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
                      if s is not None)
 _REPEAT_S = 1.0  # a second Ctrl-C later than this stops at once
 

@@ -114,8 +114,8 @@ def test_runs_are_compared_without_training_and_differences_warned(pair, tiny_co
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert report["differences"] == {"train.lr": {"bp": 0.001, "bp-lr": 0.01}}
     assert [r["name"] for r in report["runs"]] == ["bp", "bp-lr"]
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.csv", "compare.json",
-                                                                    "compare.png"]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [".lock", "compare.csv",
+                                                                    "compare.json", "compare.png"]
     assert stamps == {d: (d / "summary.json").stat().st_mtime_ns for d in stamps}
     # naming the key compares it: a column, no warning
     result = invoke("compare", "--runs", out / "bp", "--runs", other, "--keys", "train.lr",

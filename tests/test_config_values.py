@@ -59,6 +59,7 @@ OUT_OF_RANGE = [
     ("data.synthetic.seed=-3", "data.synthetic.seed", "-3"),
     ("train.steps=0", "train.steps", "0"),
     ("train.lr=-1", "train.lr", "-1"),
+    ("train.lr=0", "train.lr", "0"),
     ("train.lr=.nan", "train.lr", "nan"),
     ("train.lr=.inf", "train.lr", "inf"),
     ("train.lr=-.inf", "train.lr", "-inf"),
@@ -109,7 +110,7 @@ def test_an_out_of_range_value_is_refused_naming_the_key_and_the_value(override,
     "model.width=null", "model.depth=null", "model.dropout=0", "model.dropout=0.99",
     "data.dataset=ucf101;data.fold=3",
     "data.max_bad_fraction=0", "data.max_bad_fraction=1", "data.num_workers=0", "data.size=16",
-    "data.synthetic.num_frames=2", "train.lr=0", "train.lr=1e-6", "train.momentum=0", "train.weight_decay=0",
+    "data.synthetic.num_frames=2", "train.lr=1e-6", "train.momentum=0", "train.weight_decay=0",
     "train.warmup_steps=0", "train.eval_every=0", "train.checkpoint_every=0",
     "sideways.update=every 1 tick", "sideways.update=every 4 ticks", "parallel.threads=null",
     "parallel.timeout_s=0.5", "parallel.balance=[1]", "model.weights=null", "seed=4294967295",
@@ -157,7 +158,7 @@ def test_sideways_update_is_judged_as_the_engine_parses_it(update):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr=-1", "config key 'train.lr' must be >= 0 ("),
+    ("train.lr=-1", "config key 'train.lr' must be > 0 ("),
     ("train.weight_decay=-1", "config key 'train.weight_decay' must be >= 0 ("),
     ("model.width=0", "config key 'model.width' must be >= 1 or null ("),
     ("model.dropout=1.5", "config key 'model.dropout' must be >= 0 and < 1 ("),
@@ -165,7 +166,7 @@ def test_sideways_update_is_judged_as_the_engine_parses_it(update):
     ("train.warmup_steps=-5", "config key 'train.warmup_steps' must be >= 0 ("),
     ("train.momentum=-3", "config key 'train.momentum' must be >= 0 and < 1 ("),
     ("data.num_workers=-1", "config key 'data.num_workers' must be >= 0 ("),
-    ("train.lr=.nan", "config key 'train.lr' must be a finite number >= 0 ("),
+    ("train.lr=.nan", "config key 'train.lr' must be a finite number > 0 ("),
 ])
 def test_the_cli_prints_one_line_and_exits_2(override, message, tmp_path, monkeypatch, capsys):
     code, err = run_main(["train", "--set", override, "--out", tmp_path / "run", "-q"],
@@ -184,7 +185,7 @@ def test_a_bad_value_exits_2_in_one_line_from_the_real_command(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: config key 'train.lr' must be >= 0 (") and lines[0].endswith("got -1")
+    assert lines[0].startswith("error: config key 'train.lr' must be > 0 (") and lines[0].endswith("got -1")
     assert "Traceback" not in result.stderr + result.stdout
 
 

@@ -22,6 +22,7 @@ from cli_helpers import invoke
 from sideways_cli.data.sampler import SeededBatchSampler
 from sideways_cli.distributed.replicas import BUCKET_BYTES, _buckets
 from sideways_cli.resharding import merge_replica_states, replica_share
+from sideways_cli.run_lock import RunLock
 from sideways_cli.rundir import RunDir
 from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from test_depth_parallel import descendants, kill_after_checkpoint, stage_pids, start
@@ -146,6 +147,22 @@ def test_torchrun_with_the_wrong_number_of_processes_is_told_what_to_pass(config
     assert result.returncode != 0
     assert "started 1 process but parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in result.stderr
     assert "--nproc-per-node 2" in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_torchrun_on_a_directory_being_written_is_refused_by_every_process(config, tmp_path):
+    """Global rank 0 takes the run directory's lock for the job and tells the others: each
+    process exits 2 with the one line naming the holder, before any step."""
+    run = tmp_path / "run"
+    with RunLock(run):
+        result = subprocess.run(torchrun(config, run, "--nproc-per-node", "2",
+                                         sets=["parallel.replicas=2"]),
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines()
+                if f"{run} is being written by another sideways process (PID {os.getpid()} on " in line]
+    assert len(refusals) == 2, result.stderr  # one per process
+    assert not (run / "metrics.jsonl").exists()
 
 
 @pytest.mark.multiprocess

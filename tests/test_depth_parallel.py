@@ -86,8 +86,9 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
         stats = []
         for clips, labels in batches():
             mine = clips if rank == 0 or (last and task == "reconstruct") else None
-            s = topology.batch_stats(rule.train_batch(mine, labels if last else None, apply_update,
-                                                      clips.shape))
+            s, stop = topology.batch_stats(rule.train_batch(mine, labels if last else None,
+                                                            apply_update, clips.shape))
+            assert stop == 0
             schedule_step()
             stats.append((s.loss, s.losses, s.updates))
         torch.save({"stats": stats, "weights": [p.detach() for p in stack.parameters()]},

@@ -79,13 +79,14 @@ def stopped_cleanly(process: subprocess.Popen, signum: int) -> int:
     return int(stopped[0].split("after step ")[1].split(",")[0])
 
 
-SIGNALS = {"SIGTERM": (signal.SIGTERM, False), "SIGUSR1": (signal.SIGUSR1, True),
-           "Ctrl-C": (signal.SIGINT, True)}
+# SIGTERM to the process alone (Kubernetes, kill); Ctrl-C to the whole group, loader workers
+# included (a terminal); SIGUSR1, SLURM's warning, is sent to a job's launcher below
+SIGNALS = {"SIGTERM": (signal.SIGTERM, False), "Ctrl-C": (signal.SIGINT, True)}
 
 
 @pytest.mark.multiprocess
 def test_a_signalled_run_checkpoints_and_resumes_to_the_same_weights(config, tmp_path):
-    """Three runs with loader workers, signalled side by side once training, then started again;
+    """Runs with loader workers, signalled side by side once training, then started again;
     compared with the same run made uninterrupted in this process."""
     runs = {name: tmp_path / name for name in SIGNALS}
     workers = ("--set", "data.num_workers=2")
@@ -115,14 +116,15 @@ def test_a_signalled_run_checkpoints_and_resumes_to_the_same_weights(config, tmp
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_signalled_job_stops_every_process_after_the_same_step(config, tmp_path):
-    """SIGTERM to the `sideways train` that launched a two-stage job: the agent passes it on,
-    every stage finishes the same step and writes its shard, the job exits 143, and the same
-    command resumes it to the uninterrupted single-process run's weights."""
+    """SIGUSR1 (SLURM's warning ahead of a time limit) to the `sideways train` that launched a
+    two-stage job: the agent passes it on, every stage finishes the same step and writes its
+    shard, the job exits 138, and the same command resumes it to the uninterrupted
+    single-process run's weights."""
     run = tmp_path / "job"
     job = ("--mode", "sideways", "--set", "model.dropout=0")  # stages draw dropout apart
     process = start(config, run, *job, "--set", "parallel.stages=2")
-    signal_once_training(process, run, signal.SIGTERM, group=False)
-    step = stopped_cleanly(process, signal.SIGTERM)
+    signal_once_training(process, run, signal.SIGUSR1, group=False)
+    step = stopped_cleanly(process, signal.SIGUSR1)
     assert 0 < step < STEPS
     resumed = start(config, run, *job, "--set", "parallel.stages=2")
     straight = tmp_path / "straight"

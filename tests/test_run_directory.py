@@ -16,6 +16,7 @@ import pytest
 from sideways_cli.errors import UserError
 from sideways_cli.run_lock import RunLock
 from sideways_cli.rundir import RunDir, read_jsonl
+from cli_helpers import run_main
 from test_resume import invoke, invoke_ok, load, logged, tensors
 from tiny import tiny_run_config
 
@@ -34,6 +35,8 @@ def sideways(*args: str, **popen) -> subprocess.Popen:
 
 
 def one_line_error(process: subprocess.Popen, code: int = 2) -> str:
+    """The one line a failed command printed, after checking its status and that there is no
+    traceback."""
     _, err = process.communicate(timeout=180)
     assert process.returncode == code, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -82,7 +85,8 @@ def test_a_killed_holder_leaves_no_stale_lock_even_with_children_alive(tmp_path)
 
 
 @pytest.mark.multiprocess
-def test_train_and_compare_on_a_directory_being_trained_are_refused(config, tmp_path):
+def test_train_and_compare_on_a_directory_being_trained_are_refused(config, tmp_path, monkeypatch,
+                                                                   capsys):
     run = tmp_path / "run"
     first = sideways("train", config, "--out", run, "-q", "--set", "train.steps=400")
     try:
@@ -90,15 +94,15 @@ def test_train_and_compare_on_a_directory_being_trained_are_refused(config, tmp_
         while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.02)
-        second = one_line_error(sideways("train", config, "--out", run, "-q", "--set", "train.steps=400"))
-        assert f"{run} is being written by another sideways process (PID {first.pid} on " in second
-        compare = one_line_error(sideways("compare", config, "--out", run, "-q",
-                                          "--set", "train.steps=400", "--modes", "bp",
-                                          "--variant", "seed=3"))
-        assert "is being written by another sideways process" in compare
+        # the others from this process: the lock is the kernel's, between open files
+        for args in (["train", config, "--out", run, "-q", "--set", "train.steps=400"],
+                     ["compare", config, "--out", run, "-q", "--modes", "bp"]):
+            code, err = run_main(args, monkeypatch, capsys)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"{run} is being written by another sideways process (PID {first.pid} on " in err
         # a reader meanwhile: the unfinished run is named, not half-read
-        reader = one_line_error(sideways("compare", "--runs", run, "--out", tmp_path / "cmp"))
-        assert "has no summary.json" in reader
+        code, err = run_main(["compare", "--runs", run, "--out", tmp_path / "cmp"], monkeypatch, capsys)
+        assert code == 2 and "has no summary.json" in err
         assert first.poll() is None  # the first run trains on, untouched
     finally:
         first.kill()
@@ -117,15 +121,15 @@ def test_logs_are_read_up_to_their_last_complete_line(tmp_path):
 # --- failed writes ---------------------------------------------------------------------------
 
 
-@pytest.mark.multiprocess
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-def test_a_full_disk_while_logging_is_one_line(config, tmp_path):
+def test_a_full_disk_while_logging_is_one_line(config, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").symlink_to("/dev/full")  # every write to it: ENOSPC from the kernel
-    error = one_line_error(sideways("train", config, "--out", run, "-q"))
-    assert error == (f"error: cannot write {run / 'metrics.jsonl'}: No space left on device; "
-                     "free some space")
+    code, err = run_main(["train", config, "--out", run, "-q"], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip() == (f"error: cannot write {run / 'metrics.jsonl'}: No space left on "
+                           "device; free some space")
 
 
 @pytest.mark.multiprocess

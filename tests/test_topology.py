@@ -3,11 +3,15 @@ timeout, and the checkpoint shards' bookkeeping in the run directory."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
 from sideways_cli.config import load_config
-from sideways_cli.distributed.topology import hang_timeout_s, job_backend, process_name
+from sideways_cli.distributed.contribution import Contribution
+from sideways_cli.distributed.topology import hang_timeout_s, job_backend, make_topology, process_name
+from sideways_cli.engine.rule import LossSum
 from sideways_cli.errors import UserError
 from sideways_cli.rundir import RunDir, save_checkpoint
 
@@ -57,3 +61,32 @@ def test_a_checkpoint_whose_shard_is_gone_is_refused_with_the_fix(tmp_path):
                      "topology": {"replicas": 1, "stages": 2}}, run.checkpoint())
     with pytest.raises(UserError, match=r"last-step00000002-rank0.pt not found.*--restart"):
         run.load_checkpoint()
+
+
+def agree_on_stops(rank: int, rendezvous: str, out: str) -> None:
+    import spawned
+
+    spawned.join(rank, 4, rendezvous)
+    topology = make_topology(2, 2, CPU, hang_s=30)
+    seen = []
+    # batch 1: nobody signalled; 2: one stage of one replica got SIGUSR1; 3: two processes got
+    # different signals, and SIGTERM (first in STOP_SIGNALS) wins everywhere
+    for received in ([0, 0, 0, 0], [0, 0, 0, signal.SIGUSR1], [signal.SIGINT, 0, signal.SIGTERM, 0]):
+        losses = LossSum()
+        losses.add(torch.tensor(float(rank)), 1)
+        stats, stop = topology.batch_stats(Contribution(losses, frames=rank, flushes=[True],
+                                                        stop=received[rank]))
+        seen.append((stop, stats.frames, stats.updates))
+    torch.save(seen, f"{out}/rank{rank}.pt")
+    spawned.leave()
+
+
+@pytest.mark.multiprocess
+def test_every_process_of_a_job_agrees_on_the_stop_signal_any_one_received(tmp_path):
+    """The stop signal travels with the batch's statistics: every process sees the same one, so
+    every process stops after the same batch."""
+    torch.multiprocessing.spawn(agree_on_stops, args=(str(tmp_path / "rdzv"), str(tmp_path)),
+                                nprocs=4)
+    expected = [(0, 6, 1), (signal.SIGUSR1, 6, 1), (signal.SIGTERM, 6, 1)]
+    for rank in range(4):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == expected

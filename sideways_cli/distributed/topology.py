@@ -160,7 +160,7 @@ class Topology:
         received = [signum for signum, n in zip(STOP_SIGNALS, totals[3:flags].tolist()) if n > 0]
         return (BatchStats(summed, losses=summed.count // self.replicas, frames=int(totals[2]),
                            updates=int((totals[flags:] > 0).sum())),
-                received[0] if received else 0)
+                int(received[0]) if received else 0)
 
     def peaks_mb(self, own_mb: float) -> list[float]:
         """Each stage's peak memory (MiB), bottom first, given this process's: with replicas,
