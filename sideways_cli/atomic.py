@@ -43,19 +43,31 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """``write`` into a temporary file beside ``path`` (an open binary file), flush it to the disk,
     then rename it over ``path``: a rename is atomic on POSIX and Windows, so readers and a kill
     see the old file or the new one. On any failure the temporary file is removed and the old
-    file stands; an OSError (a full disk, no permission) is a :class:`WriteError`."""
+    file stands; an OSError (a full disk, no permission) is a :class:`WriteError`, also when the
+    writer's own clean-up turned it into another error (torch.save's zip writer does)."""
     tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # the data on the disk before the name points at it
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data on the disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error_in(exc)
+        if cause is not None:
+            raise WriteError(path, cause) from None
+        raise
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError ``exc`` is, or was raised while handling."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -217,3 +217,30 @@ def test_a_disk_that_fills_during_training_then_the_same_command_resumes(config,
         assert logged(straight) == logged(run)
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+SAVE_PAST_A_SIZE_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from sideways_cli.errors import UserError
+from sideways_cli.rundir import save_checkpoint
+path = Path(sys.argv[1])
+save_checkpoint({"w": torch.zeros(1000)}, path)  # a small checkpoint stands
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ: EFBIG
+try:
+    save_checkpoint({"w": torch.zeros(1_000_000)}, path)
+except UserError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_cut_short_mid_file_is_one_line_and_the_old_one_stands(tmp_path):
+    """The write fails part-way through torch.save's zip archive, whose own clean-up then raises
+    another error: the message still names the file and the cause."""
+    path = tmp_path / "last.pt"
+    result = subprocess.run([sys.executable, "-c", SAVE_PAST_A_SIZE_LIMIT, str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == f"cannot write {path}: File too large", result.stderr
+    assert torch.load(path, weights_only=True)["w"].shape == (1000,)
+    assert not list(tmp_path.glob("*.tmp"))
