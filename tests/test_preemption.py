@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_depth_parallel import assert_same_run
-from test_resume import invoke_ok, load, logged, tensors
+from test_resume import invoke_ok, load, logged
 from tiny import tiny_run_config
 
 STEPS = 12
@@ -85,32 +84,21 @@ SIGNALS = {"SIGTERM": (signal.SIGTERM, False), "Ctrl-C": (signal.SIGINT, True)}
 
 
 @pytest.mark.multiprocess
-def test_a_signalled_run_checkpoints_and_resumes_to_the_same_weights(config, tmp_path):
-    """Runs with loader workers, signalled side by side once training, then started again;
-    compared with the same run made uninterrupted in this process."""
+def test_a_signalled_run_checkpoints_the_step_in_hand_and_leaves_nothing_running(config, tmp_path):
+    """Runs with loader workers, signalled side by side once training. (That the same command
+    then ends where the uninterrupted run ends is the job's test below: the same loop.)"""
     runs = {name: tmp_path / name for name in SIGNALS}
-    workers = ("--set", "data.num_workers=2")
-    running = {name: start(config, runs[name], *workers) for name in SIGNALS}
+    running = {name: start(config, runs[name], "--set", "data.num_workers=2") for name in SIGNALS}
     for name, (signum, group) in SIGNALS.items():
         signal_once_training(running[name], runs[name], signum, group)
-    steps = {name: stopped_cleanly(running[name], SIGNALS[name][0]) for name in SIGNALS}
-    for name, step in steps.items():
-        assert 0 < step < STEPS, steps
-        assert load(runs[name])["step"] == step  # the checkpoint of the step in hand
+    for name, (signum, _) in SIGNALS.items():
+        step = stopped_cleanly(running[name], signum)
+        assert 0 < step < STEPS
+        checkpoint = load(runs[name])
+        assert checkpoint["step"] == step  # the checkpoint of the step in hand
+        assert checkpoint["resume"]["pending_evaluation"]  # evaluated every step: left to the next start
+        assert [m[0] for m in logged(runs[name])[0]] == list(range(1, step + 1))
         assert not list(runs[name].rglob("*.tmp"))
-    resumed = {name: start(config, runs[name], *workers) for name in SIGNALS}
-    straight = tmp_path / "straight"
-    invoke_ok("train", config, "--out", straight, "--deterministic", "--quiet")
-    expected = load(straight)
-    for name, process in resumed.items():
-        _, err = process.communicate(timeout=180)
-        assert process.returncode == 0, err
-        actual = load(runs[name])
-        for part in ("model", "optimizer"):
-            assert all(torch.equal(x, y) for x, y in zip(tensors(expected[part]), tensors(actual[part])))
-        assert actual["summary"]["val_video_top1"] == expected["summary"]["val_video_top1"]
-        # every step logged once; the stopped step's evaluation made by the restarted run
-        assert logged(runs[name]) == logged(straight), name
 
 
 @pytest.mark.multiprocess

@@ -3,7 +3,6 @@ failed writes as one line that keep the previous checkpoint, and no run discarde
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,15 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from cli_helpers import run_main
 from sideways_cli.errors import UserError
 from sideways_cli.run_lock import RunLock
-from sideways_cli.rundir import RunDir, read_jsonl
-from cli_helpers import run_main
+from sideways_cli.rundir import read_jsonl
 from test_resume import invoke, invoke_ok, load, logged, tensors
 from tiny import tiny_run_config
-
-import torch
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,7 @@ def test_a_disk_that_fills_during_training_then_the_same_command_resumes(config,
         pytest.skip("mounting a small tmpfs needs root in a system that allows it")
     try:
         run = disk / "run"
-        args = ("train", config, "--out", run, "-q", "--deterministic", "--set", "train.steps=30",
+        args = ("train", config, "--out", run, "-q", "--deterministic", "--set", "train.steps=16",
                 "--set", "train.checkpoint_every=3")
         process = sideways(*args)
         while not (run / "checkpoints" / "last.pt").is_file():
