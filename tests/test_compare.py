@@ -77,6 +77,7 @@ def train_in_process(monkeypatch):
     monkeypatch.setattr("sideways_cli.isolated.train_isolated", train_here)
 
 
+@pytest.mark.slow
 def test_sweep_variant_and_fidelity(tiny_config, tmp_path, train_in_process):
     out = tmp_path / "sweep"
     result = invoke("compare", tiny_config, "--modes", "sideways", "--sweep", "data.frame_stride=1,2",

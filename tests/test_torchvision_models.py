@@ -130,12 +130,15 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None = Non
 # weight-standardised float64 convolutions of torchvision's 3D widths take seconds per pass on a
 # CPU: the video networks' forward properties with group norms once (r2plus1d_18: its preset's;
 # r3d_18 shares its blocks), frozen for all three, the gradients where they are cheap
+SLOW = pytest.mark.slow  # seconds each: the full suite checks them, make test-fast their kin
 CONTRACT = [("mobilenet_v3_small", "group", True), ("mobilenet_v3_small", "frozen", True),
             ("resnet18", "group", False), ("resnet18", "frozen", True),
-            ("efficientnet_b0", "group", False), ("efficientnet_b0", "frozen", True),
-            ("vgg11", "frozen", False), ("r2plus1d_18", "group", False),
-            ("r2plus1d_18", "frozen", False), ("r3d_18", "frozen", False), ("mc3_18", "group", False),
-            ("mc3_18", "frozen", True)]
+            ("efficientnet_b0", "group", False),
+            pytest.param("efficientnet_b0", "frozen", True, marks=SLOW),
+            pytest.param("vgg11", "frozen", False, marks=SLOW),
+            pytest.param("r2plus1d_18", "group", False, marks=SLOW),
+            ("r2plus1d_18", "frozen", False), pytest.param("r3d_18", "frozen", False, marks=SLOW),
+            pytest.param("mc3_18", "group", False, marks=SLOW), ("mc3_18", "frozen", True)]
 
 
 @pytest.mark.parametrize("arch, norm, gradients", CONTRACT)
@@ -386,6 +389,7 @@ def run_config(root: Path, name: str, model: dict, generate: bool = False) -> Pa
                            name=name, generate=generate)
 
 
+@pytest.mark.slow
 def test_training_a_torchvision_network_through_the_cli(runs, tmp_path, monkeypatch, capsys):
     path = run_config(runs, "tv.yaml", {"name": "torchvision:resnet18", "norm": "frozen"})
     code, err = run_main(["train", path, "--set", "model.weights=none.pt", "--out", tmp_path / "x"],

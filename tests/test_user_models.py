@@ -67,6 +67,7 @@ def outside(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_builder_file_trains_resumes_and_evaluates_from_its_run_directory(outside, tmp_path, monkeypatch):
     monkeypatch.chdir(outside)  # a relative path, as a user types it
     sets = ["--set", "model.name=mynet.py", "--set", "model.args.width=6", "--set", "train.steps=30"]
