@@ -469,7 +469,7 @@ def check_value(key: str, value: Any, check: Check, hint: Any, doc: str) -> None
 def validate(cfg: Config) -> None:
     """What the config alone can tell: every key against the values its declaration accepts,
     then the rules between keys. The model and the engine check their own keys (``build.check``);
-    the loaders, that the clips fit in memory (``loaders.check_loader_memory``)."""
+    the loaders, that the clips fit in memory (``loaders.check_training_memory``)."""
     for key, f, hint in fields_of():
         node: Any = cfg
         for part in key.split("."):

@@ -1,7 +1,8 @@
 """A run's data loaders, as its config describes them: training clips in the order that follows
 from (seed, epoch, position), evaluation clips evenly spaced, each split guarded against videos
 that do not decode; for a CUDA device, batches in pinned memory (see :func:`pin_memory_for`).
-Before any is built, :func:`check_loader_memory` refuses clips that the host's memory cannot hold."""
+:func:`check_training_memory` and :func:`eval_loader` refuse clips that the host's memory cannot
+hold before any is built."""
 
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def data_loaders(cfg: Config, data: DatasetIndex, start: Position = (0, 0),
     replica's share of every batch and of the validation clips; ``device``: where the batches
     will go."""
     d = cfg.data
-    check_loader_memory(cfg, [train_load(cfg, device), val_load(cfg, shard, device)])
     train_tf = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
                              flip=default_flip(d.dataset, d.flip))
     train_set = ClipDataset(data.train, clip_len=d.clip_len, frame_stride=d.frame_stride,
@@ -173,6 +173,12 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def check_training_memory(cfg: Config, replicas: int = 1, device: torch.device = CPU) -> None:
+    """:func:`check_loader_memory` for a training run's loaders (:func:`data_loaders`), which
+    needs nothing but the config: a training checks it first, before any data is read."""
+    check_loader_memory(cfg, [train_load(cfg, device), val_load(cfg, (0, replicas), device)])
 
 
 def check_loader_memory(cfg: Config, loads: list[LoaderLoad]) -> None:

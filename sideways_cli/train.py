@@ -31,7 +31,7 @@ from sideways_cli.distributed.stage_learner import StageLearner
 from sideways_cli.distributed.topology import Topology, join, launched, leave, single
 from sideways_cli.errors import UserError
 from sideways_cli.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
-from sideways_cli.loaders import data_loaders, forever
+from sideways_cli.loaders import check_training_memory, data_loaders, forever
 from sideways_cli.memory import PeakMemory
 from sideways_cli.models.user import is_user_builder
 from sideways_cli.progress import progress_bar
@@ -106,6 +106,7 @@ def _silent(_: str) -> None:
 def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
            topology: Topology) -> dict[str, Any]:
     forward_autocast(topology.device, cfg.amp)  # refuses AMP where it cannot run, before any work
+    check_training_memory(cfg, topology.replicas, topology.device)  # clips that cannot fit, too
     if topology.is_writer:
         run.remove_temporaries()  # what a killed write left; the lock says none is under way
         if restart:

@@ -222,10 +222,10 @@ def test_the_estimate_scales_with_clip_length_and_counts_the_frames_before_the_c
 def test_clips_that_do_not_fit_are_refused_before_any_loader_is_built(monkeypatch):
     monkeypatch.setattr(loaders, "available_memory", lambda: 4 * GIB)
     default = load_config(None)
-    loaders.check_loader_memory(default, [loaders.train_load(default), loaders.val_load(default)])
+    loaders.check_training_memory(default)
     huge = load_config(None, ["data.clip_len=100000"])
     with pytest.raises(UserError) as refused:
-        loaders.data_loaders(huge, data=None)  # refused before the data is looked at
+        loaders.check_training_memory(huge)
     message = str(refused.value)
     need = (loaders.train_load(huge).bytes + loaders.val_load(huge).bytes) / GIB
     assert f"about {need:.1f} GiB" in message and "than the 4.0 GiB of memory available" in message
@@ -258,3 +258,13 @@ def test_available_memory_is_memavailable_of_proc_meminfo(tmp_path, monkeypatch)
     assert loaders.available_memory() is None
     monkeypatch.setattr(loaders, "MEMINFO", tmp_path / "absent")
     assert loaders.available_memory() is None
+
+
+def test_a_training_refuses_clips_that_do_not_fit_before_it_reads_any_data(monkeypatch, capsys,
+                                                                           tmp_path):
+    monkeypatch.setattr(loaders, "available_memory", lambda: 4 * GIB)
+    data = tmp_path / "data"
+    code, err = run_main(["train", "--set", "data.clip_len=100000", "--set", f"data.root={data}",
+                          "--out", tmp_path / "run", "-q"], monkeypatch, capsys)
+    assert code == 2 and "than the 4.0 GiB of memory available" in err
+    assert not data.exists()  # the embedded dataset was not generated first
