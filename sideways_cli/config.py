@@ -267,7 +267,7 @@ class Config:
     seed: int = setting(0, between(0, MAX_SEED), "the run's seed: initial weights, clip order, "
                         "crops, dropout")
     mode: str = setting("bp", one_of(*MODES), "the training rule: bp (exact backprop) | sideways "
-                        "(pseudo-gradients, SIDEWAYS.md)")
+                        "(pseudo-gradients: README, \"The engine\")")
     task: str = setting("classify", one_of(*TASKS), "what the network learns; classify: every frame's "
                         "logits vs the label | reconstruct: the frame")
     device: str = setting("auto", one_of(*DEVICES), "where the run computes: auto | cpu | cuda")
