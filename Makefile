@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast bench gpu-check fidelity clean
+.PHONY: demo test test-fast bench gpu-check fidelity config-docs clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ fidelity: $(STAMP)
 	$(BIN)/sideways fidelity --set model.temporal_kernel=1 --video static
 	$(BIN)/sideways fidelity --set model.temporal_kernel=1 --video shuffled
 	$(BIN)/sideways fidelity --video natural
+
+# docs/config.md from the config's declarations (a test fails when it is out of date)
+config-docs: $(STAMP)
+	$(BIN)/python -m sideways_cli.config_reference docs/config.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sideways_cli"
 LAYERS = {
     "errors": 0, "atomic": 0, "progress": 0, "memory": 0, "runtime": 0, "report": 0,
     "stop_signals": 0, "help_format": 0,
-    "config": 1, "plots": 1, "run_lock": 1, "paths": 1,
+    "config": 1, "plots": 1, "run_lock": 1, "paths": 1, "config_reference": 1,
     "data": 2, "models": 2,
     "engine": 3,
     "build": 4, "loaders": 4, "rundir": 4, "resume": 4, "evaluate": 4, "reconstruction": 4,
