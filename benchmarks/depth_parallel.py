@@ -13,7 +13,8 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
   and chunk 8 P = 1 run by both processes at once, each on its own copy with no links: with the
   slowest stage's share of the work, it gives the ceiling of P = 2 / P = 1 on this machine;
 * Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2, ``reset``
-  and ``continuous`` (no stage waits for another within a tick: SIDEWAYS.md's depth parallelism);
+  and ``continuous`` (no stage waits for another within a tick: the depth parallelism of
+  docs/sideways.md);
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
 

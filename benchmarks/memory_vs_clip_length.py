@@ -1,4 +1,4 @@
-"""Peak memory vs clip length for BP and Sideways (SIDEWAYS.md, property 6): the training step,
+"""Peak memory vs clip length for BP and Sideways (docs/sideways.md, property 6): the training step,
 and the whole ``sideways train`` process as a user or a cluster scheduler sees it.
 
     python benchmarks/memory_vs_clip_length.py [--lengths 16,64,128] [--repeats 3] [--only step|whole]

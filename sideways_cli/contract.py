@@ -1,4 +1,4 @@
-"""The frame-step contract, checked on a network: what the engine relies on (SIDEWAYS.md).
+"""The frame-step contract, checked on a network: what the engine relies on (docs/sideways.md).
 
 Per module, on a random clip propagated through the modules below it:
 
@@ -137,7 +137,7 @@ def module_inputs(model: FrameStack, clip: torch.Tensor) -> list[torch.Tensor]:
 
 def tick_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The module's outputs tick by tick: at tick t its register window holds inputs t-k+1..t,
-    zeros before the first (SIDEWAYS.md, validity)."""
+    zeros before the first (docs/sideways.md, validity)."""
     k = module.window
     padded = torch.cat([x.new_zeros((*x.shape[:2], k - 1, *x.shape[3:])), x], dim=2)
     return torch.stack([module.forward_window(padded[:, :, t:t + k]) for t in range(x.shape[2])],

@@ -1,4 +1,5 @@
-"""How close Sideways pseudo-gradients are to BP gradients, module by module (SIDEWAYS.md, property 5).
+"""How close Sideways pseudo-gradients are to BP gradients, module by module (docs/sideways.md,
+property 5).
 
 From the same weights and the same batch, both rules compute their gradients without stepping; the
 cosine similarity per module is 1 on a static video with per-frame modules and falls as consecutive

@@ -1,5 +1,5 @@
-"""R replicas x P stages give one process's numbers on the same global batch (SIDEWAYS.md, "Data
-parallelism"): losses, weights, the sharded evaluation, over several steps of SGD with Nesterov
+"""R replicas x P stages give one process's numbers on the same global batch (docs/sideways.md,
+"Depth and data parallelism"): losses, weights, the sharded evaluation, over several steps of SGD with Nesterov
 momentum and of AdamW, float64; a run resumes with other R and P; a replica that dies ends the job.
 The shards of a batch, the registers across replicas and the gradient buckets are tested in-process.
 """

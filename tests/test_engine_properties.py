@@ -1,4 +1,4 @@
-"""The properties SIDEWAYS.md says the engine must satisfy, on every model of the zoo."""
+"""The properties docs/sideways.md says the engine must satisfy, on every model of the zoo."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SIDEWAYS.md property 6: Sideways peak memory does not grow with clip length; BP's does."""
+"""docs/sideways.md property 6: Sideways peak memory does not grow with clip length; BP's does."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """torchvision's networks as frame-step stacks (``model.name: torchvision:<arch>``), their norms
 (``model.norm``) and starting weights (``model.weights``, ``model.new_head``).
 
-Each adapter keeps the frame-step contract: the tick path is the whole clip (SIDEWAYS.md,
+Each adapter keeps the frame-step contract: the tick path is the whole clip (docs/sideways.md,
 property 1), no output sees a later frame or another clip of the batch, whichever norm replaces
 BatchNorm. The per-frame ones loaded with a torchvision state dict give torchvision's own logits
 for every frame, which proves the key mapping. The smallest architectures, tiny clips, float64.
@@ -62,7 +62,7 @@ def torchvision_net(arch: str) -> torch.nn.Module:
 
 # VGG's 25088 x 4096 classifier takes seconds to cast, copy and save in float64, and R(2+1)D's
 # weight-standardised 3D convolutions seconds per pass: float32, with the float32 tolerance of
-# property 1 (SIDEWAYS.md)
+# property 1 (docs/sideways.md)
 PRECISION = {"vgg11": "float32", "r2plus1d_18": "float32"}
 
 

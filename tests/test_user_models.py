@@ -132,8 +132,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "own_network.py"
 
 
 def test_the_readme_example_keeps_the_frame_step_contract():
-    """The tick path equals the whole clip (SIDEWAYS.md property 1), no output sees a later frame
-    or another clip of the batch."""
+    """The tick path equals the whole clip (docs/sideways.md, property 1), no output sees a later
+    frame or another clip of the batch."""
     cfg = resolve_config(None, [f"model.name={EXAMPLE}", "model.args.width=4", "data.size=16"])
     model = build_network(cfg, 5)
     clip = torch.randn(3, 3, 7, 16, 16)

@@ -1,5 +1,5 @@
-"""Data parallelism: one stage's process group across the replicas (SIDEWAYS.md, "Data
-parallelism"). Each replica trains an equal shard of every batch; before every optimizer step each
+"""Data parallelism: one stage's process group across the replicas (docs/sideways.md, "Depth
+and data parallelism"). Each replica trains an equal shard of every batch; before every optimizer step each
 module's gradient, exact or pseudo, is averaged over the replicas, so every replica applies the
 same update and R replicas of b clips equal one process of R*b clips.
 

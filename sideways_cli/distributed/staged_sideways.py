@@ -1,5 +1,5 @@
 """Sideways across processes: each stage runs the tick rule on its modules and, every tick, sends
-its top activation up and its bottom message down (SIDEWAYS.md, "Depth parallelism").
+its top activation up and its bottom message down (docs/sideways.md, "Depth and data parallelism").
 
 Within a tick no module depends on another: module d reads what module d-1 wrote and what module
 d+1 sent at the previous tick. So the stages work at once, and what crosses a boundary at tick t

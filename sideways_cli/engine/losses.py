@@ -1,4 +1,4 @@
-"""Per-frame losses: every frame of a clip has one, in BP and in Sideways alike (SIDEWAYS.md).
+"""Per-frame losses: every frame of a clip has one, in BP and in Sideways alike (docs/sideways.md).
 
 An objective says what each frame's output is trained to match: the clip's label (``classify``,
 the paper's action recognition) or the frame itself (``reconstruct``, its encoder-decoder task).

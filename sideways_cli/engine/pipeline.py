@@ -1,4 +1,5 @@
-"""The tick machinery both rules share: registers, windows and validity (SIDEWAYS.md, "The network").
+"""The tick machinery both rules share: registers, windows and validity (docs/sideways.md,
+"The network").
 
 At tick t frame x_t enters module 1, and module d reads what module d-1 wrote at tick t-1:
 

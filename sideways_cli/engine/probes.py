@@ -1,5 +1,5 @@
 """Measuring the rules without training: each module's gradient from given weights and a batch,
-and the videos the engine's properties are stated on (SIDEWAYS.md: static, shuffled)."""
+and the videos the engine's properties are stated on (docs/sideways.md: static, shuffled)."""
 
 from __future__ import annotations
 

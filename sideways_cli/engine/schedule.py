@@ -1,4 +1,4 @@
-"""The facts of the Sideways schedule, stated once (SIDEWAYS.md, "Sideways").
+"""The facts of the Sideways schedule, stated once (docs/sideways.md, "Sideways").
 
 Module g (0-based, of a network of D modules) gets frame f's activation at tick f + g and frame
 f's loss gradient at tick f + 2(D-1) - g, counting ticks from when the pipeline started empty.

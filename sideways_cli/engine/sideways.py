@@ -1,4 +1,4 @@
-"""Sideways: depth-parallel training with pseudo-gradients (SIDEWAYS.md, "Sideways").
+"""Sideways: depth-parallel training with pseudo-gradients (docs/sideways.md, "Sideways").
 
 Every tick, every module d, independently of the others:
   1. forward: out_d(t) from its current window (the shared Pipeline does this);

@@ -7,7 +7,7 @@ A module maps a window of its last ``window`` inputs to one output frame. Tensor
 * the whole-clip path is ``valid(zero-pad(x))``: a causal network over the clip, and
 * the tick path is ``valid(window)``: exactly one output frame from the module's register window,
 
-and both compute the same function by construction (SIDEWAYS.md, property 1).
+and both compute the same function by construction (docs/sideways.md, property 1).
 Normalisation is per sample, so no result depends on how frames are batched: GroupNorm per frame
 after convolutions whose weights are standardised (Qiao et al. 2019, "Weight Standardization").
 GroupNorm alone trains far slower than BatchNorm on motion; with standardised weights it matches

@@ -3,7 +3,7 @@
 BatchNorm in training mode normalises with statistics of the whole batch. Here a batch is a set of
 frames that the engine chooses (one register window on the tick path, a whole clip on the clip
 path, several clips together), so a frame's output would depend on its neighbours and the tick
-path would not equal the whole clip (SIDEWAYS.md, property 1). A network taken from elsewhere
+path would not equal the whole clip (docs/sideways.md, property 1). A network taken from elsewhere
 (torchvision) has its BatchNorms replaced by one of:
 
 * ``group``: a per-frame GroupNorm after a weight-standardised convolution (the zoo's choice,

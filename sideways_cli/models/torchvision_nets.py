@@ -1,8 +1,8 @@
 """torchvision's networks as frame-step stacks: ``model.name: "torchvision:<arch>"``.
 
 The image classifiers (ResNets, MobileNetV3, EfficientNets, VGGs) are per-frame 2D networks, the
-paper's own setting (SIDEWAYS.md: every k_d = 1): each module folds time into the batch and runs
-torchvision's layers on every frame. The video ResNets are made causal (torchvision_video.py).
+paper's own setting (every k = 1 in docs/sideways.md): each module folds time into the batch and
+runs torchvision's layers on every frame. The video ResNets are made causal (torchvision_video.py).
 The network is cut at its natural stages, each one module, and every torchvision layer keeps its
 attribute name, so the stack's state dict is torchvision's with ``stack.<d>.`` in front
 (weights.py maps one onto the other). torchvision builds it with ``weights=None``: nothing is ever
