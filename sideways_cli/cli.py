@@ -105,12 +105,6 @@ def json_option(what: str):
         "--json", metavar="FILE", help=f"Also write {what} to this JSON file.")]
 
 
-def default_config_path(name: str = PRESET.name) -> Path | None:
-    """A preset config: ./experiments/NAME, else the copy installed with the package, else the
-    source checkout's (an editable install); None if none is there."""
-    return preset(name)
-
-
 def overrides(sets: list[str] | None, **flags) -> list[str]:
     """--set, then the dedicated flags (None: not given) as the --set they stand for."""
     return list(sets or []) + [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
@@ -122,7 +116,7 @@ def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode:
             amp: bool | None = None, preset_name: str = PRESET.name) -> Config:
     """The config file (a preset without one), then --set, then the dedicated flags; checked by
     every layer."""
-    return resolve_config(config if config is not None else default_config_path(preset_name),
+    return resolve_config(config if config is not None else preset(preset_name),
                           overrides(sets, seed=seed, mode=mode, device=device,
                                     deterministic=deterministic, amp=amp))
 
@@ -299,7 +293,7 @@ def compare(
         else:
             base = overrides(set_, seed=seed, device=device, deterministic=deterministic, amp=amp)
             out_dir = out or Path("runs") / f"compare-{(config or PRESET).stem}"
-            plan = comparison.plan_training(config if config is not None else default_config_path(), base,
+            plan = comparison.plan_training(config if config is not None else preset(PRESET.name), base,
                                             comparison.parse_modes(modes), sweep or [], variant or [],
                                             key_list, out_dir)
             output_dir(out_dir, "--out")

@@ -15,7 +15,6 @@ import pytest
 from cli_helpers import run_main
 from sideways_cli import paths
 from sideways_cli.build import resolve_config
-from sideways_cli.cli import default_config_path
 from sideways_cli.errors import UserError
 from sideways_cli.paths import output_dir, output_file, preset
 
@@ -240,7 +239,7 @@ def test_the_command_as_a_process_prints_one_line_and_exits_2(a_file, tmp_path):
 @pytest.mark.parametrize("name,task", [("synthetic.yaml", "classify"), ("stream.yaml", "reconstruct")])
 def test_default_configs_resolve_from_another_directory(name, task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = default_config_path(name)
+    found = preset(name)
     assert found is not None and found.is_file()
     assert found.read_text() == (REPO / "experiments" / name).read_text()
     assert resolve_config(found, []).task == task
