@@ -430,7 +430,8 @@ def _field(key: str) -> dataclasses.Field:
     raise KeyError(key)
 
 
-def _nullable(hint: Any) -> bool:
+def accepts_null(hint: Any) -> bool:
+    """Whether a key of type ``hint`` may be null (None)."""
     return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
 
 
@@ -455,13 +456,13 @@ def _summary(doc: str) -> str:
 
 def check_value(key: str, value: Any, check: Check, hint: Any, doc: str) -> None:
     """UserError unless ``value`` is one that ``key`` accepts: NaN and infinities never are."""
-    if check.elsewhere or (value is None and _nullable(hint)):
+    if check.elsewhere or (value is None and accepts_null(hint)):
         return
     finite = not isinstance(value, float) or math.isfinite(value)
     if finite and check.accepts(value):
         return
     wanted = ("a finite number " if not finite else "") + check.text
-    if _nullable(hint):
+    if accepts_null(hint):
         wanted += " or null"
     raise UserError(f"config key {key!r} must be {wanted} ({_summary(doc)}), got {_show(value)}")
 

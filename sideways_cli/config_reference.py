@@ -6,11 +6,9 @@ test fails when the file is out of date."""
 from __future__ import annotations
 
 import sys
-import types
-import typing
 from pathlib import Path
 
-from sideways_cli.config import Config, fields_of
+from sideways_cli.config import Config, accepts_null, fields_of
 
 HEADER = """# Configuration reference
 
@@ -19,10 +17,6 @@ overrides the defaults and `--set key=value` overrides the file; an unknown key,
 wrong type or one out of its range is refused in one line naming the key. Made from
 `sideways_cli/config.py` by `make config-docs`; do not edit by hand.
 """
-
-
-def _nullable(hint: object) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
 
 
 def _cell(text: str) -> str:
@@ -42,11 +36,11 @@ def reference_markdown() -> str:
     defaults = Config()
     sections: dict[str, list[str]] = {}
     for key, f, hint in fields_of():
-        value = defaults
+        value = defaults  # by attribute: flat_dict would open model.args, a mapping value
         for part in key.split("."):
             value = getattr(value, part)
         section = key.rsplit(".", 1)[0] if "." in key else "top level"
-        accepts = f.metadata["check"].text + (" or null" if _nullable(hint) else "")
+        accepts = f.metadata["check"].text + (" or null" if accepts_null(hint) else "")
         sections.setdefault(section, []).append(
             f"| `{key}` | `{_cell(_default(value))}` | {_cell(accepts)} | "
             f"{_cell(f.metadata['doc'])} |")

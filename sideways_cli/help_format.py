@@ -9,9 +9,9 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 
-class HelpCommand(TyperCommand):
-    """A command whose --help reads well in typer 0.29's rich rendering: its docstring's paragraphs
-    reflowed (``_reflow``), its flags shown as flags (``_flags_take_no_value``)."""
+class _ReadableHelp:
+    """What a command's --help needs to read well in typer 0.29's rich rendering: its docstring's
+    paragraphs reflowed (``_reflow``), its flags shown as flags (``_flags_take_no_value``)."""
 
     def __init__(self, *args, help: str | None = None, **kwargs) -> None:
         super().__init__(*args, help=_reflow(help), **kwargs)
@@ -20,14 +20,12 @@ class HelpCommand(TyperCommand):
         return _flags_take_no_value(super().get_params(ctx))
 
 
-class HelpGroup(TyperGroup):
-    """The top-level command, its help made as ``HelpCommand``'s is."""
+class HelpCommand(_ReadableHelp, TyperCommand):
+    """A command of the app."""
 
-    def __init__(self, *args, help: str | None = None, **kwargs) -> None:
-        super().__init__(*args, help=_reflow(help), **kwargs)
 
-    def get_params(self, ctx):
-        return _flags_take_no_value(super().get_params(ctx))
+class HelpGroup(_ReadableHelp, TyperGroup):
+    """The top-level command."""
 
 
 class HelpfulTyper(typer.Typer):
