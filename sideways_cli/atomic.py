@@ -32,33 +32,16 @@ class WriteError(UserError):
 
 @contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """An OSError while writing ``path`` becomes a :class:`WriteError` naming it."""
+    """An OSError while writing ``path`` (a full disk, no permission) becomes a
+    :class:`WriteError` naming it, also when the writer's own clean-up turned it into another
+    error (torch.save's zip writer does)."""
     try:
         yield
-    except OSError as exc:
-        raise WriteError(path, exc) from None
-
-
-def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write`` into a temporary file beside ``path`` (an open binary file), flush it to the disk,
-    then rename it over ``path``: a rename is atomic on POSIX and Windows, so readers and a kill
-    see the old file or the new one. On any failure the temporary file is removed and the old
-    file stands; an OSError (a full disk, no permission) is a :class:`WriteError`, also when the
-    writer's own clean-up turned it into another error (torch.save's zip writer does)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the data on the disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+    except Exception as exc:
         cause = _os_error_in(exc)
-        if cause is not None:
-            raise WriteError(path, cause) from None
-        raise
+        if cause is None:
+            raise
+        raise WriteError(path, cause) from None
 
 
 def _os_error_in(exc: BaseException | None) -> OSError | None:
@@ -68,6 +51,25 @@ def _os_error_in(exc: BaseException | None) -> OSError | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` into a temporary file beside ``path`` (an open binary file), flush it to the disk,
+    then rename it over ``path``: a rename is atomic on POSIX and Windows, so readers and a kill
+    see the old file or the new one. On any failure the temporary file is removed and the old
+    file stands; a failed write is a :class:`WriteError` (:func:`writing`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # the data on the disk before the name points at it
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
