@@ -46,7 +46,7 @@ fidelity: $(STAMP)
 
 # docs/config.md from the config's declarations (a test fails when it is out of date)
 config-docs: $(STAMP)
-	$(BIN)/python -m sideways_cli.config_reference docs/config.md
+	$(BIN)/python -m sideways_cli.reports.config_reference docs/config.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

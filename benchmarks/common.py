@@ -17,7 +17,7 @@ from rich.table import Table
 
 from sideways_cli.config import load_config
 from sideways_cli.engine import make_rule
-from sideways_cli.build import build_network
+from sideways_cli.run.build import build_network
 
 PRESET = Path(__file__).resolve().parents[1] / "experiments" / "synthetic.yaml"
 RULES = {  # name -> (mode, chunk)

@@ -37,13 +37,13 @@ import torch.distributed as dist
 
 import depth_parallel
 from common import PRESET, emit, interleaved_arguments, random_batch, spawn_two
-from sideways_cli.build import build_network
 from sideways_cli.config import load_config
-from sideways_cli.distributed.balance import measure_module_costs, partition
-from sideways_cli.distributed.launch import free_port
-from sideways_cli.distributed.replicas import ReplicaGroup
-from sideways_cli.distributed.stage_learner import StageLearner
-from sideways_cli.distributed.topology import Topology, make_topology
+from sideways_cli.parallel.balance import measure_module_costs, partition
+from sideways_cli.parallel.replicas import ReplicaGroup
+from sideways_cli.parallel.topology import Topology, make_topology
+from sideways_cli.run.build import build_network
+from sideways_cli.run.launch import free_port
+from sideways_cli.run.learner import StageLearner
 
 RESULTS = Path(__file__).parent / "results"
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
   torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
 
-The throughput models (``sideways_cli/distributed/throughput_model.py``) predict the one-thread
+The throughput models (``sideways_cli/parallel/throughput_model.py``) predict the one-thread
 Sideways rows: the chunked executor's from per-module macro-tick costs measured in this run (alone
 for P = 1, with both cores busy for P = 2) by simulating the stages' 1F1B schedule; the tick
 rule's from per-module tick costs. Their P = 1..64 sweeps are plotted.
@@ -35,17 +35,17 @@ import torch
 import torch.distributed as dist
 
 from common import PRESET, emit, interleaved_arguments, spawn_two
-from sideways_cli.build import build_network, make_optimizer
 from sideways_cli.config import load_config
-from sideways_cli.distributed.balance import measure_module_costs, partition
-from sideways_cli.distributed.launch import free_port
-from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
-from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
-from sideways_cli.distributed.staged_batched import StagedTickBatched
-from sideways_cli.distributed.staged_sideways import StagedSideways
-from sideways_cli.distributed.topology import Topology, make_topology
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
+from sideways_cli.parallel.balance import measure_module_costs, partition
+from sideways_cli.parallel.pipelined_bp import PipelinedBackprop
+from sideways_cli.parallel.staged_chunked import StagedTickBatched
+from sideways_cli.parallel.staged_sideways import StagedSideways
+from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.parallel.topology import Topology, make_topology
+from sideways_cli.run.build import build_network, make_optimizer
+from sideways_cli.run.launch import free_port
 from sideways_perf.chunked_model import predict_chunked, sweep_chunked
 from sideways_perf.link import measure_link
 from sideways_perf.macro_costs import measure_macro_costs

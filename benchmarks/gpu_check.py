@@ -52,8 +52,8 @@ import torch
 from common import PRESET, default_setup, emit, median, random_batch, rule_for, time_rules
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.memory import PeakMemory, fresh_process_env
-from sideways_cli.rundir import RunDir
+from sideways_cli.run.rundir import RunDir
+from sideways_cli.support.memory import PeakMemory, fresh_process_env
 
 RESULTS = Path(__file__).parent / "results"
 BUDGET_S = 480.0  # the 8 minutes on one H100

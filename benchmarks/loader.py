@@ -17,8 +17,8 @@ from pathlib import Path
 from common import PRESET, emit, median, rule_for
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.build import build_network
-from sideways_cli.loaders import data_loaders, forever
+from sideways_cli.run.build import build_network
+from sideways_cli.run.loaders import data_loaders, forever
 
 
 def loader_frames_per_s(loader, batches: int) -> float:

@@ -5,7 +5,7 @@ and the whole ``sideways train`` process as a user or a cluster scheduler sees i
 
 Every point runs in a fresh process. The training step (random clips): the resident memory above
 what the process held just before the step (the model and the input clip already allocated), with
-a fixed glibc mmap threshold (``sideways_cli.memory.fresh_process_env``), since a freed allocation
+a fixed glibc mmap threshold (``sideways_cli.support.memory.fresh_process_env``), since a freed allocation
 stays in the allocator's heap and a second measurement in the same process would hide growth.
 The whole process: the maximum resident set size of a complete ``sideways train`` run (2 steps,
 the final evaluation, the checkpoint) on the embedded dataset with the default preset, read from
@@ -27,7 +27,7 @@ import torch
 from common import PRESET, RULES, default_setup, emit, median, random_batch, rule_for
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.memory import PeakMemory, fresh_process_env
+from sideways_cli.support.memory import PeakMemory, fresh_process_env
 
 MODES = ("bp", "sideways")
 

@@ -24,7 +24,7 @@ import torch
 from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.rule import GradientRule
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import FrameStack, build_model
 
 MODELS: dict[str, Callable[[], FrameStack]] = {

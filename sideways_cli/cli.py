@@ -13,33 +13,34 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from sideways_cli import comparison
-from sideways_cli.build import build_network, resolve_config
-from sideways_cli.check import (balance_lines, check_network, contract_table, costs_table,
-                                failure_line, not_applicable_lines)
+from sideways_cli.analyses import comparison
+from sideways_cli.analyses.check import (balance_lines, check_network, contract_table, costs_table,
+                                         not_applicable_lines)
+from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity
+from sideways_cli.analyses.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
 from sideways_cli.config import Config, from_dict
-from sideways_cli.contract import causes
 from sideways_cli.data import catalog
 from sideways_cli.data.decode import DecodeError
 from sideways_cli.data.download import DOWNLOADABLE, download_dataset
-from sideways_cli.distributed.links import StageFailure
+from sideways_cli.engine.contract import causes
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
-from sideways_cli.errors import UserError, print_user_error
-from sideways_cli.evaluate import evaluate_split, evaluate_with_confusion
-from sideways_cli.help_format import HelpfulTyper, HelpGroup
-from sideways_cli.fidelity import fidelity_batch, gradient_fidelity
-from sideways_cli.loaders import eval_loader
-from sideways_cli.paths import output_dir, output_file, preset
-from sideways_cli.plots import confusion_png
-from sideways_cli.progress import progress_bar
-from sideways_cli.report import compare_table, eval_table, fidelity_table, stream_table, write_json
-from sideways_cli.run_lock import RunLock
-from sideways_cli.rundir import RunDir
-from sideways_cli.runtime import configure_backends, forward_autocast, resolve_device
-from sideways_cli.stop_signals import Stopped
-from sideways_cli.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-from sideways_cli.train import train as run_training
+from sideways_cli.parallel.links import StageFailure
+from sideways_cli.reports.plots import confusion_png
+from sideways_cli.reports.progress import progress_bar
+from sideways_cli.reports.tables import compare_table, eval_table, fidelity_table, stream_table, write_json
+from sideways_cli.run.build import build_network, resolve_config
+from sideways_cli.run.contract_gate import failure_line
+from sideways_cli.run.evaluate import evaluate_split, evaluate_with_confusion
+from sideways_cli.run.loaders import eval_loader
+from sideways_cli.run.lock import RunLock
+from sideways_cli.run.rundir import RunDir
+from sideways_cli.run.train import train as run_training
+from sideways_cli.support.errors import UserError, print_user_error
+from sideways_cli.support.help_format import HelpfulTyper, HelpGroup
+from sideways_cli.support.paths import output_dir, output_file, preset
+from sideways_cli.support.runtime import configure_backends, forward_autocast, resolve_device
+from sideways_cli.support.stop_signals import Stopped
 
 
 def package_version() -> str:

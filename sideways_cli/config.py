@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import yaml
 
-from sideways_cli.atomic import write_text_atomic
-from sideways_cli.errors import UserError
+from sideways_cli.support.atomic import write_text_atomic
+from sideways_cli.support.errors import UserError
 
 MODES = ("bp", "sideways")
 PRECISIONS = ("float32", "float64")

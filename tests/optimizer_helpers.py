@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from sideways_cli.config import TrainConfig
-from sideways_cli.build import make_optimizer, make_schedule
+from sideways_cli.run.build import make_optimizer, make_schedule
 
 STEPS = 4
 # train.optimizer's choices (SGD with momentum is Nesterov's), each with warm-up and cosine decay

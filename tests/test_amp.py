@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sideways_cli.engine import make_rule
-from sideways_cli.errors import UserError
-from sideways_cli.evaluate import evaluate
 from sideways_cli.models import FrameStack
-from sideways_cli.runtime import forward_autocast
+from sideways_cli.run.evaluate import evaluate
+from sideways_cli.support.errors import UserError
+from sideways_cli.support.runtime import forward_autocast
 from tiny import random_clips, tiny_network
 
 CPU = torch.device("cpu")

@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from sideways_cli.distributed.balance import (measure_module_costs, module_shapes, partition,
-                                              resolve_balance, stage_costs)
-from sideways_cli.errors import UserError
 from sideways_cli.models import build_model
+from sideways_cli.parallel.balance import (measure_module_costs, module_shapes, partition,
+                                           resolve_balance, stage_costs)
+from sideways_cli.support.errors import UserError
 from sideways_perf.macro_costs import measure_macro_costs
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cli_helpers import run_main
-from sideways_cli.contract import batchnorm_rows, contract_rows, failures, gradient_rows
+from sideways_cli.engine.contract import batchnorm_rows, contract_rows, failures, gradient_rows
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import MODELS, ClassifierHead, ConvUnit, FrameModule, FrameStack
 from tiny import random_clips, tiny_network, tiny_run_config
@@ -143,8 +143,8 @@ def test_train_refuses_a_broken_builder_before_its_first_step(broken, monkeypatc
 
 
 def test_the_automatic_check_leaves_the_random_streams_alone(broken, monkeypatch):
-    from sideways_cli.build import resolve_config
-    from sideways_cli.check import refuse_broken_builder
+    from sideways_cli.run.build import resolve_config
+    from sideways_cli.run.contract_gate import refuse_broken_builder
 
     monkeypatch.chdir(broken)
     cfg = resolve_config(broken / "tiny.yaml", ["model.name=broken.py:good"])
@@ -188,8 +188,8 @@ def test_batchnorm_in_training_mode_is_named_even_where_the_numbers_pass():
 def test_the_costs_of_a_reconstruction_network_use_its_own_loss():
     """The head's tick is timed with the frame loss of its task (a reconstruction's target is
     the frame itself, not a label); so is `parallel.balance: auto` for a staged autoencoder."""
-    from sideways_cli.build import resolve_config
-    from sideways_cli.check import check_network
+    from sideways_cli.analyses.check import check_network
+    from sideways_cli.run.build import resolve_config
 
     cfg = resolve_config(None, ["task=reconstruct", "model.name=autoencoder", "model.width=4",
                                 "model.depth=2", "data.size=16", "data.batch_size=2"])

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cli_helpers import invoke, run_main
-from sideways_cli.comparison import SUMMARY_COLUMNS
+from sideways_cli.analyses.comparison import SUMMARY_COLUMNS
 from tiny import tiny_run_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,12 +69,12 @@ def test_compare_writes_json_csv_and_png(pair):
 def train_in_process(monkeypatch):
     """Train in this process: the pair fixture already covers the spawned child, and each spawn
     costs seconds of importing torch on a 2-core machine."""
-    from sideways_cli.train import train
+    from sideways_cli.run.train import train
 
     def train_here(cfg, run_dir, quiet=False, restart=False):
         return train(cfg, run_dir, quiet=quiet, log=lambda msg: None, restart=restart)
 
-    monkeypatch.setattr("sideways_cli.isolated.train_isolated", train_here)
+    monkeypatch.setattr("sideways_cli.run.isolated.train_isolated", train_here)
 
 
 @pytest.mark.slow
@@ -170,7 +170,7 @@ def test_missing_or_unfinished_runs_are_one_line_errors(tmp_path, monkeypatch, c
 
 
 def test_a_grid_of_sweeps_and_a_variant_are_planned_by_name(tiny_config, tmp_path):
-    from sideways_cli.comparison import plan_training
+    from sideways_cli.analyses.comparison import plan_training
 
     plan = plan_training(tiny_config, [], ["bp", "sideways"], ["data.frame_stride=1,2", "train.lr=1e-3,0.01"],
                          ["data.shuffle_frames=true,data.clip_len=4"], ["seed"], tmp_path)
@@ -187,7 +187,7 @@ def test_a_grid_of_sweeps_and_a_variant_are_planned_by_name(tiny_config, tmp_pat
 
 
 def test_fold_sweeps_get_a_mean_per_mode():
-    from sideways_cli.comparison import RunResult, fold_means
+    from sideways_cli.analyses.comparison import RunResult, fold_means
 
     def run(mode, fold, top1):
         summary = {"mode": mode, "train_loss": 1.0, "val_video_top1": top1, "frames_per_s": 10.0}

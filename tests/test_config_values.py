@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import run_main
-from sideways_cli import loaders
 from sideways_cli.config import (Check, Config, fields_of, key_check, key_doc, load_config,
                                  valid_keys, validate)
-from sideways_cli.engine.schedule import parse_update
-from sideways_cli.errors import UserError
+from sideways_cli.engine.clock import parse_update
+from sideways_cli.run import loaders
+from sideways_cli.support.errors import UserError
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 

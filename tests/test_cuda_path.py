@@ -11,8 +11,8 @@ from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.engine import SidewaysRule, TickBatchedSideways, make_rule
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.loaders import data_loaders, eval_loader
-from sideways_cli.runtime import to_device
+from sideways_cli.run.loaders import data_loaders, eval_loader
+from sideways_cli.support.runtime import to_device
 from tiny import random_clips, tiny_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -20,11 +20,11 @@ import torch
 
 from cli_helpers import invoke
 from sideways_cli.data.sampler import SeededBatchSampler
-from sideways_cli.distributed.replicas import BUCKET_BYTES, _buckets
-from sideways_cli.resharding import merge_replica_states, replica_share
-from sideways_cli.run_lock import RunLock
-from sideways_cli.rundir import RunDir
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.parallel.replicas import BUCKET_BYTES, _buckets
+from sideways_cli.parallel.resharding import merge_replica_states, replica_share
+from sideways_cli.run.lock import RunLock
+from sideways_cli.run.rundir import RunDir
 from test_depth_parallel import descendants, kill_after_checkpoint, stage_pids, start
 from tiny import random_clips, tiny_network, tiny_run_config
 

@@ -19,8 +19,8 @@ from sideways_cli.data import index as index_module
 from sideways_cli.data.catalog import index_dataset, resolve_dataset
 from sideways_cli.data.datasets import ClipDataset, GuardedLoader, VideoEntry, build_loader
 from sideways_cli.data.transforms import ClipTransform
-from sideways_cli.errors import UserError
-from sideways_cli.loaders import data_loaders
+from sideways_cli.run.loaders import data_loaders
+from sideways_cli.support.errors import UserError
 
 # Official classInd order is case-insensitive: Hammering before HammerThrow, which sorted() swaps.
 UCF_CLASSES = ["ApplyEyeMakeup", "Hammering", "HammerThrow", "HandstandPushups", "YoYo"]

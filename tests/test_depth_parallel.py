@@ -20,14 +20,14 @@ import torch.multiprocessing as mp
 import spawned
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
-from sideways_cli.distributed.links import Links
-from sideways_cli.distributed.stages import output_specs, stage_ranges, stage_stack
-from sideways_cli.distributed.staged_batched import StagedTickBatched
-from sideways_cli.distributed.staged_sideways import StagedSideways
-from sideways_cli.distributed.topology import make_topology
-from sideways_cli.rundir import RunDir
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.parallel.links import Links
+from sideways_cli.parallel.staged_chunked import StagedTickBatched
+from sideways_cli.parallel.staged_sideways import StagedSideways
+from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
+from sideways_cli.parallel.topology import make_topology
+from sideways_cli.run.rundir import RunDir
 from tiny import random_clips, tiny_network, tiny_run_config
 
 # -- the engine: P stages against the single-process engine with the same settings ------------------
@@ -300,8 +300,8 @@ def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
 
 def test_registers_of_another_executor_are_refused_with_the_fix():
     """A continuous pipeline's registers are laid out by executor: the error names the chunk."""
-    from sideways_cli.errors import UserError
-    from sideways_cli.resume import carried_rule_state
+    from sideways_cli.run.resume import carried_rule_state
+    from sideways_cli.support.errors import UserError
 
     cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=4"])
     with pytest.raises(UserError, match="resume it with sideways.chunk=1"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sideways_cli.config import fields_of
-from sideways_cli.config_reference import reference_markdown
+from sideways_cli.reports.config_reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "data" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

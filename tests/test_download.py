@@ -31,7 +31,7 @@ from sideways_cli.data.download import download_dataset
 from sideways_cli.data.extract import UnsafeArchive, extract_once, safe_extract
 from sideways_cli.data.fetch import ChecksumError, DownloadError, Record, ensure_file
 from sideways_cli.data.sources import Source
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 try:
     import unrar.cffi  # noqa: F401

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sideways_cli.analyses.fidelity import gradient_fidelity
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import clip_loss, frame_loss
-from sideways_cli.engine.pipeline import Pipeline, clip_tokens, pipelined_forward
 from sideways_cli.engine.probes import make_video, module_gradients
-from sideways_cli.fidelity import gradient_fidelity
+from sideways_cli.engine.registers import Pipeline, clip_tokens, pipelined_forward
 from sideways_cli.models import ZOO, build_model
 from tiny import random_clips, tiny_network
 

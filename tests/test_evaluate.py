@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sideways_cli.evaluate import evaluate_with_confusion
-from sideways_cli.models.stack import causal_outputs
 from sideways_cli.models import build_model
-from sideways_cli.reconstruction import evaluate_reconstruction
+from sideways_cli.models.stack import causal_outputs
+from sideways_cli.run.evaluate import evaluate_with_confusion
+from sideways_cli.run.reconstruction import evaluate_reconstruction
 
 CPU = torch.device("cpu")
 

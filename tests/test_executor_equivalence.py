@@ -17,7 +17,7 @@ import torch
 
 from optimizer_helpers import OPTIMIZERS, STEPS, stepper
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import FrameStack
 from tiny import random_clips, tiny_network
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sideways_cli.memory import fresh_process_env
+from sideways_cli.support.memory import fresh_process_env
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import run_main
-from sideways_cli import paths
-from sideways_cli.build import resolve_config
-from sideways_cli.errors import UserError
-from sideways_cli.paths import output_dir, output_file, preset
+from sideways_cli.run.build import resolve_config
+from sideways_cli.support import paths
+from sideways_cli.support.errors import UserError
+from sideways_cli.support.paths import output_dir, output_file, preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,7 +267,7 @@ def test_an_installed_package_finds_its_own_presets(tmp_path, monkeypatch):
     package = tmp_path / "site-packages" / "sideways_cli"
     (package / "presets").mkdir(parents=True)
     (package / "presets" / "stream.yaml").write_text("task: reconstruct\n")
-    monkeypatch.setattr(paths, "__file__", str(package / "paths.py"))
+    monkeypatch.setattr(paths, "__file__", str(package / "support" / "paths.py"))
     monkeypatch.chdir(tmp_path)
     assert preset("stream.yaml") == package / "presets" / "stream.yaml"
     assert preset("synthetic.yaml") is None
@@ -279,7 +279,7 @@ def test_the_presets_are_packaged_with_the_code():
     tomllib = pytest.importorskip("tomllib")
     setuptools = pytest.importorskip("setuptools")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = setuptools.find_namespace_packages(str(REPO), include=["sideways_cli*", "sideways_perf*"])
+    on_disk = setuptools.find_namespace_packages(str(REPO), include=["sideways_cli*"])
     assert sorted(config["packages"]) == sorted([*on_disk, "sideways_cli.presets"])
     assert config["package-dir"] == {"sideways_cli.presets": "experiments"}
     patterns = config["package-data"]["sideways_cli.presets"]

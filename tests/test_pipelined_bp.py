@@ -14,11 +14,11 @@ import torch
 import torch.multiprocessing as mp
 
 import spawned
-from sideways_cli.distributed.pipelined_bp import PipelinedBackprop
-from sideways_cli.distributed.stages import stage_ranges, stage_stack
 from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import FrameStack, build_model
+from sideways_cli.parallel.pipelined_bp import PipelinedBackprop
+from sideways_cli.parallel.stages import stage_ranges, stage_stack
 
 pytestmark = [pytest.mark.multiprocess]
 

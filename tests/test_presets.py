@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sideways_cli.build import resolve_config
+from sideways_cli.run.build import resolve_config
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 

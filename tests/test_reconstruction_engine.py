@@ -7,9 +7,9 @@ import torch
 
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.engine.pipeline import pipelined_forward
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
 from sideways_cli.engine.probes import make_video, module_gradients
+from sideways_cli.engine.registers import pipelined_forward
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from tiny import random_clips, tiny_network
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]

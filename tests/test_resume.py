@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from sideways_cli.cli import app
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
 
 STEPS, EVERY = 10, 3

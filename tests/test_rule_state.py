@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sideways_cli.engine import BackpropRule, SidewaysRule
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import FrameStack
 from tiny import random_clips, tiny_network
 

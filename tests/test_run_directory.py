@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cli_helpers import run_main
-from sideways_cli.errors import UserError
-from sideways_cli.run_lock import RunLock
-from sideways_cli.rundir import read_jsonl
+from sideways_cli.run.lock import RunLock
+from sideways_cli.run.rundir import read_jsonl
+from sideways_cli.support.errors import UserError
 from test_resume import invoke, invoke_ok, load, logged, tensors
 from tiny import tiny_run_config
 
@@ -56,7 +56,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
 
 HOLD = """
 import os, sys, time
-from sideways_cli.run_lock import RunLock
+from sideways_cli.run.lock import RunLock
 lock = RunLock(sys.argv[1]).__enter__()
 if os.fork() == 0:  # a data-loader worker, forked while the lock is held, outlives its parent
     time.sleep(30)
@@ -220,8 +220,8 @@ def test_a_disk_that_fills_during_training_then_the_same_command_resumes(config,
 SAVE_PAST_A_SIZE_LIMIT = """
 import resource, sys, torch
 from pathlib import Path
-from sideways_cli.errors import UserError
-from sideways_cli.rundir import save_checkpoint
+from sideways_cli.run.rundir import save_checkpoint
+from sideways_cli.support.errors import UserError
 path = Path(sys.argv[1])
 save_checkpoint({"w": torch.zeros(1000)}, path)  # a small checkpoint stands
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ: EFBIG

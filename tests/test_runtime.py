@@ -10,8 +10,8 @@ import torch
 
 from sideways_cli.config import load_config, to_dict
 from sideways_cli.engine.losses import clip_loss, frame_loss
-from sideways_cli.errors import UserError
-from sideways_cli.runtime import configure_backends, resolve_device
+from sideways_cli.support.errors import UserError
+from sideways_cli.support.runtime import configure_backends, resolve_device
 
 
 @pytest.fixture

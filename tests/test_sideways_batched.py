@@ -9,7 +9,7 @@ import torch
 
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import ZOO, FrameStack
 from tiny import random_clips, tiny_network
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sideways_cli.distributed.balance import ModuleCosts
-from sideways_cli.engine.pipeline import clip_tokens
-from sideways_cli.engine.schedule import stage_order
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.clock import stage_order
+from sideways_cli.engine.registers import clip_tokens
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import build_model
+from sideways_cli.parallel.balance import ModuleCosts
 from sideways_perf.chunked_model import macro_work, predict_chunked, stage_ops, sweep_chunked
 from sideways_perf.link import Link, measure_link
 from sideways_perf.macro_costs import MacroCosts, interpolate

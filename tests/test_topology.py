@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from sideways_cli.config import load_config
-from sideways_cli.distributed.contribution import Contribution
-from sideways_cli.distributed.topology import hang_timeout_s, job_backend, make_topology, process_name
 from sideways_cli.engine.rule import LossSum
-from sideways_cli.errors import UserError
-from sideways_cli.rundir import RunDir, save_checkpoint
+from sideways_cli.parallel.contribution import Contribution
+from sideways_cli.parallel.topology import hang_timeout_s, job_backend, make_topology, process_name
+from sideways_cli.run.rundir import RunDir, save_checkpoint
+from sideways_cli.support.errors import UserError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -19,14 +19,14 @@ import torchvision.models.video as tvv
 import yaml
 
 from cli_helpers import invoke, run_main
-from sideways_cli.build import build_network, resolve_config
 from sideways_cli.config import NORMS as CONFIG_NORMS
-from sideways_cli.contract import contract_rows, failures
+from sideways_cli.engine.contract import contract_rows, failures
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.errors import UserError
 from sideways_cli.models.norms import NORMS, FrozenBatchNorm, trainable_batchnorm
 from sideways_cli.models.torchvision_nets import ARCHS, AdaptiveMean
 from sideways_cli.models.torchvision_video import VideoHead
+from sideways_cli.run.build import build_network, resolve_config
+from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
 
 IMAGE_NETS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "vgg11"]

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from cli_helpers import invoke, run_main
-from sideways_cli.build import build_network, resolve_config
-from sideways_cli.engine.pipeline import pipelined_forward
-from sideways_cli.errors import UserError
+from sideways_cli.engine.registers import pipelined_forward
+from sideways_cli.run.build import build_network, resolve_config
+from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
 
 NETWORK = '''

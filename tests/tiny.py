@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import yaml
 
-from sideways_cli.build import resolve_config
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.models import RECONSTRUCTORS, FrameStack, build_model
+from sideways_cli.run.build import resolve_config
 
 
 def tiny_network(name: str = "c3d", k: int = 3, dtype: torch.dtype = torch.float64, seed: int = 0,

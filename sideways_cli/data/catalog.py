@@ -17,7 +17,7 @@ from sideways_cli.data import hmdb51, lists, ucf101
 from sideways_cli.data.datasets import VideoEntry, clip_span, read_index, read_labels
 from sideways_cli.data.index import Index, Plan, ensure_index
 from sideways_cli.data.synthetic import ensure_synthetic
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 _console = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 from .decode import Backend, DecodeError, VideoDecodeError, open_video
 from .sampler import Draw, Position, SeededBatchSampler, item_seed

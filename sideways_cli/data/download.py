@@ -17,7 +17,7 @@ from sideways_cli.data import synthetic
 from sideways_cli.data.extract import extract_once
 from sideways_cli.data.fetch import ensure_file
 from sideways_cli.data.sources import SOURCES, Source
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 DOWNLOADABLE = ("ucf101", "hmdb51", "synthetic")
 

@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 ZIP_MAGIC = b"PK\x03\x04"
 RAR_MAGIC = b"Rar!\x1a\x07"  # RAR 1.5-4 add b"\x00", RAR 5 b"\x01\x00"

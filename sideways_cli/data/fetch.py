@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 CHUNK = 1 << 20
 USER_AGENT = "sideways-cli (dataset download)"

@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 from .decode import VideoDecodeError, open_video
 

@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 
 from sideways_cli.config import ListConfig
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 from .index import VIDEO_SUFFIXES, Plan
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sideways_cli.errors import UserError
+from sideways_cli.support.errors import UserError
 
 from .index import Plan, require_layout
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from sideways_cli.engine.backprop import BackpropRule
+from sideways_cli.engine.clock import runs_chunked
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.rule import Autocast, BatchStats, GradientRule
-from sideways_cli.engine.schedule import runs_chunked
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_batched import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import TickBatchedSideways
 from sideways_cli.models import FrameStack
 
 

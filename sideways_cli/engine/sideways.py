@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from sideways_cli.engine.clock import PIPELINE_MODES, batch_ticks, parse_update
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
-from sideways_cli.engine.pipeline import ModuleStep, Pipeline, Token, clip_tokens
+from sideways_cli.engine.registers import ModuleStep, Pipeline, Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
-from sideways_cli.engine.schedule import PIPELINE_MODES, batch_ticks, parse_update
 from sideways_cli.models import FrameStack
 
 
@@ -71,7 +71,7 @@ class SidewaysRule:
 
     A stage (``first``, ``network_modules``: the network index of its first module and the
     network's module count D) is what one process runs when the network is split across processes
-    (``sideways_cli/distributed``): its bottom module gets the activation the stage below sent
+    (``sideways_cli/parallel``): its bottom module gets the activation the stage below sent
     (``tick(frame=...)``), its top module the message the stage above sent (``tick(message=...)``)
     unless it is the network's head, whose message is its frame's loss gradient; each tick leaves
     the stage's outgoing activation in :meth:`sent_up` and message in ``sent_down``.

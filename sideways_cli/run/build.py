@@ -1,0 +1,178 @@
+"""From a config to the objects a run trains with: the network, its optimizer and schedule, the rule.
+
+Also the checks that belong to those layers (a model that exists at that depth, the engine's
+settings), which ``config.py`` cannot make without importing them: :func:`check` runs them, and
+:func:`resolve_config` loads a config and checks it whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from sideways_cli.config import Config, TrainConfig, load_config
+from sideways_cli.engine import make_rule
+from sideways_cli.engine.clock import PIPELINE_MODES, parse_update
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.rule import GradientRule
+from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
+from sideways_cli.models.torchvision_nets import (RESERVED_ARGS, TorchvisionError, arch_of,
+                                                  build_torchvision, is_torchvision)
+from sideways_cli.models.user import (BuilderError, absolute, build_user_model, check_outputs,
+                                      is_user_builder, load_builder)
+from sideways_cli.models.weights import WeightsError, load_weights
+from sideways_cli.support.errors import UserError
+from sideways_cli.support.runtime import Autocast
+
+IMAGE_CHANNELS = 3
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check(cfg: Config) -> None:
+    """What only the model zoo and the engine can tell: the model exists for the task and has the
+    asked depth; the Sideways settings parse. UserError naming the key and the fix."""
+    if is_torchvision(cfg.model.name):
+        _check_torchvision_model(cfg)
+    elif is_user_builder(cfg.model.name):
+        _check_user_model(cfg)
+    else:
+        _check_zoo_model(cfg)
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
+                        "dict saved with torch.save (a relative path is from the working directory)")
+    if cfg.sideways.pipeline not in PIPELINE_MODES:
+        raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
+                        f"got {cfg.sideways.pipeline!r}")
+    try:
+        parse_update(cfg.sideways.update)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_user_model(cfg: Config) -> None:
+    """A user's builder is imported now, so a wrong path fails before any data is touched. The
+    zoo's keys (model.width, depth, temporal_kernel, dropout) are not its: a preset's stay unused,
+    and the builder's own options come from model.args."""
+    try:
+        cfg.model.name = absolute(cfg.model.name)
+        load_builder(cfg.model.name)
+    except BuilderError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_torchvision_model(cfg: Config) -> None:
+    """Only the name and the task: the network itself is built (seconds, for the largest) when
+    the run needs it. model.width, depth and temporal_kernel are not its keys, as for a builder."""
+    try:
+        arch_of(cfg.model.name)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
+    if cfg.task == "reconstruct":
+        raise UserError(f"task 'reconstruct' needs model.name {', '.join(RECONSTRUCTORS)} or a "
+                        f"builder of your own; {cfg.model.name} is a classifier")
+    reserved = [key for key in RESERVED_ARGS if key in cfg.model.args]
+    if reserved:
+        raise UserError(f"config key 'model.args.{reserved[0]}' is not for {cfg.model.name}: the "
+                        "classes come from the dataset, pretrained weights from model.weights")
+
+
+def _check_zoo_model(cfg: Config) -> None:
+    if cfg.model.name not in MODELS:
+        raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, "
+                        "'torchvision:<arch>' (e.g. torchvision:resnet18), or a builder of your "
+                        f"own ('package.module:function', 'path/to/file.py'), got {cfg.model.name!r}")
+    if cfg.model.args:
+        raise UserError(f"config key 'model.args' is for a builder of your own; {cfg.model.name} "
+                        "takes model.width, model.depth, model.temporal_kernel, model.dropout")
+    if (cfg.task == "reconstruct") != (cfg.model.name in RECONSTRUCTORS):
+        wanted = ", ".join(RECONSTRUCTORS) if cfg.task == "reconstruct" else \
+            ", ".join(m for m in MODELS if m not in RECONSTRUCTORS)
+        raise UserError(f"task {cfg.task!r} needs model.name {wanted}, got {cfg.model.name!r} "
+                        "(experiments/reconstruct.yaml is the reconstruction preset)")
+    full = FULL_DEPTH[cfg.model.name]
+    if cfg.model.depth is not None and not 1 <= cfg.model.depth <= full:
+        raise UserError(f"config key 'model.depth' must be between 1 and {full} for "
+                        f"{cfg.model.name}, got {cfg.model.depth}")
+
+
+def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Config:
+    """:func:`config.load_config`, then :func:`check`: a config every layer accepts."""
+    cfg = load_config(path, overrides)
+    check(cfg)
+    return cfg
+
+
+def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> FrameStack:
+    """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal, then
+    from ``model.weights`` if set and ``pretrained`` (False: a checkpoint's weights replace them
+    at once, so the file need not exist any more); a reconstructor's outputs are the frames'
+    channels, a classifier's the classes."""
+    torch.manual_seed(cfg.seed)
+    outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
+    if is_torchvision(cfg.model.name):
+        model = _build_torchvision_network(cfg, outputs)
+    elif is_user_builder(cfg.model.name):
+        model = _build_user_network(cfg, outputs)
+    else:
+        model = _build_zoo_network(cfg, outputs)
+    if cfg.model.weights and pretrained:
+        try:
+            load_weights(model, Path(cfg.model.weights), cfg.model.new_head)
+        except WeightsError as exc:
+            raise UserError(str(exc)) from None
+    # initialised in float32 whatever the precision, so a float64 run starts from the same weights
+    return model.to(PRECISIONS[cfg.precision])
+
+
+def _build_zoo_network(cfg: Config, outputs: int) -> FrameStack:
+    options: dict = {"temporal_kernel": cfg.model.temporal_kernel, "dropout": cfg.model.dropout}
+    if cfg.model.width is not None:
+        options["width"] = cfg.model.width
+    if cfg.model.depth is not None:  # a classifier's layers below the head, an encoder's levels
+        options["levels" if cfg.task == "reconstruct" else "depth"] = cfg.model.depth
+    return build_model(cfg.model.name, outputs, **options)
+
+
+def _build_torchvision_network(cfg: Config, outputs: int) -> FrameStack:
+    try:
+        return build_torchvision(cfg.model.name, outputs, cfg.model.norm, cfg.model.args)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _build_user_network(cfg: Config, outputs: int) -> FrameStack:
+    reconstruct = cfg.task == "reconstruct"
+    try:
+        model = build_user_model(cfg.model.name, outputs, cfg.model.args)
+        check_outputs(cfg.model.name, model, outputs, cfg.data.size, reconstruct)
+    except BuilderError as exc:
+        raise UserError(str(exc)) from None
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rule_for(cfg: Config, model: FrameStack, autocast: Autocast) -> GradientRule:
+    """The training rule ``cfg`` asks for over the whole ``model`` in this process."""
+    return make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update,
+                     cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast)

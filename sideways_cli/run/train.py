@@ -1,0 +1,356 @@
+"""The training loop: batches in, a :class:`~sideways_cli.run.learner.StageLearner`
+steps, evaluations, checkpoints and metrics out.
+
+Every process of a job runs this same loop (SPMD): one process alone, or each of the replicas x
+stages processes of a parallel job, each over its own slice of the network (``distributed/``).
+They walk the same deterministic sampler, step together and agree on every statistic; only global
+rank 0 logs and writes the run's shared files, and each process writes its own checkpoint shard.
+It knows nothing of how gradients are made (the learner's rule fills ``param.grad`` and steps). A
+run directory with a resumable ``checkpoints/last.pt`` is continued from it (``resume.py``),
+ending exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sideways_cli.config import Config, to_dict
+from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
+from sideways_cli.models.user import is_user_builder
+from sideways_cli.parallel.resharding import with_learner
+from sideways_cli.parallel.topology import Topology, join, launched, leave, single
+from sideways_cli.reports.progress import progress_bar
+from sideways_cli.reports.tables import write_json
+from sideways_cli.run.build import PRECISIONS
+from sideways_cli.run.contract_gate import refuse_broken_builder
+from sideways_cli.run.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
+from sideways_cli.run.launch import run_as_processes
+from sideways_cli.run.learner import StageLearner
+from sideways_cli.run.loaders import check_training_memory, data_loaders, forever
+from sideways_cli.run.lock import RunLock
+from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
+from sideways_cli.run.rundir import LineLog, RunDir, csv_line, save_checkpoint, trim_csv, trim_jsonl
+from sideways_cli.support.atomic import write_text_atomic
+from sideways_cli.support.errors import UserError
+from sideways_cli.support.memory import PeakMemory
+from sideways_cli.support.runtime import configure_backends, forward_autocast, seed_everything, to_device
+from sideways_cli.support.stop_signals import StopRequests, Stopped
+
+Log = Callable[[str], None]
+
+
+def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
+          restart: bool = False) -> dict[str, Any] | None:
+    """Train ``cfg`` into ``out_dir``; returns (and writes) the run's summary.
+
+    If ``out_dir`` holds a resumable ``checkpoints/last.pt`` of this config, the run continues from
+    it and ends exactly where an uninterrupted one would; a finished run only returns its summary.
+    ``restart`` discards what ``out_dir`` holds first.
+
+    With ``parallel.replicas`` or ``parallel.stages`` > 1 this process is one of a job started by
+    torchrun (or by ``sideways train``, through the same launcher): each runs this loop over its
+    own slice; only global rank 0 logs and returns the summary, the others return None.
+    """
+    configure_backends(cfg)  # before anything touches CUDA
+    run = RunDir(out_dir)
+    if cfg.parallel.stages * cfg.parallel.replicas == 1:
+        with RunLock(run.path):
+            return _train(cfg, run, quiet, log, restart, single(cfg))
+    if not launched():  # start every process of the job, each training this config
+        with RunLock(run.path):
+            return run_as_processes(cfg, run, quiet, restart)
+    topology = join(cfg)
+    if not topology.is_writer:
+        quiet, log = True, _silent
+    try:
+        with _job_lock(run, topology):
+            summary = _train(cfg, run, quiet, log, restart, topology)
+    except Stopped as stopped:  # every process stopped after the same step: the group is whole
+        leave()
+        if not topology.is_writer or topology.reports_to_parent:  # the message is another's
+            stopped.silent = True
+        raise
+    leave()  # not after a failure: tearing down a group with a dead member may hang
+    return summary if topology.is_writer and not topology.reports_to_parent else None
+
+
+@contextmanager
+def _job_lock(run: RunDir, topology: Topology) -> Iterator[None]:
+    """The run directory's lock for a job torchrun started: global rank 0 holds it for all (when
+    ``sideways train`` started the job, it holds it itself), and every process learns whether it
+    got it."""
+    with ExitStack() as held:
+        refusal = None
+        if topology.is_writer and not topology.reports_to_parent:
+            try:
+                held.enter_context(RunLock(run.path))
+            except UserError as exc:
+                refusal = str(exc)
+        refusal = topology.from_writer(refusal, "locking the run directory")
+        if refusal is not None:
+            raise UserError(refusal)
+        yield
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
+           topology: Topology) -> dict[str, Any]:
+    forward_autocast(topology.device, cfg.amp)  # refuses AMP where it cannot run, before any work
+    check_training_memory(cfg, topology.replicas, topology.device)  # clips that cannot fit, too
+    if topology.is_writer:
+        run.remove_temporaries()  # what a killed write left; the lock says none is under way
+        if restart:
+            run.discard()
+    topology.barrier("waiting for the run directory")  # the others read it once discarded
+    previous = find_previous_run(run, cfg, topology.device)
+    if previous is not None and previous.summary is not None:
+        log(f"{run.path} has finished its {previous.step} steps; not training it again "
+            "(--restart discards it)")
+        return previous.summary
+    if topology.is_writer:
+        run.write_config(cfg)
+    # rank 0 first: a dataset generated or indexed on first use is prepared once
+    data = resolve_dataset(cfg.data, progress=not quiet) if topology.is_writer else None
+    topology.barrier("waiting for the dataset")
+    if data is None:
+        data = resolve_dataset(cfg.data, progress=False)
+    if topology.is_writer and is_user_builder(cfg.model.name):
+        refuse_broken_builder(cfg, len(data.classes))  # a second, before any step is spent
+    learner = StageLearner(cfg, topology, len(data.classes))
+    session = Session(cfg, run, data, learner, log, previous)
+    try:
+        session.train_steps(quiet)
+        summary = session.finish(quiet)
+    finally:
+        session.close()
+    log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
+        + f", {summary['frames_per_s']:.0f} frames/s")
+    return summary
+
+
+class Session:
+    """One start of a run on one process: the steps not yet done, their logs, evaluations and
+    checkpoints, then the final evaluation and the summary. Every process of a job runs one, in
+    step with the others (the first stage of each replica on that replica's shard of the data);
+    only global rank 0's writes the run's shared files."""
+
+    def __init__(self, cfg: Config, run: RunDir, data: DatasetIndex, learner: StageLearner,
+                 log: Log, previous: PreviousRun | None):
+        self.cfg, self.run, self.data, self.learner, self.log = cfg, run, data, learner, log
+        self.topology = topology = learner.topology
+        self.device, self.autocast = topology.device, learner.autocast
+        self.writer = topology.is_writer
+        self.state = previous.state if previous is not None else RunState()
+        self.started = time.perf_counter() - self.state.wall_s  # wall_s: over every start
+        self.train_loader, self.val_loader = data_loaders(cfg, data, self.state.data_position,
+                                                          (topology.replica, topology.replicas),
+                                                          self.device)
+        seed_everything(cfg.seed + topology.stage)  # each stage its own stream (dropout)
+        self.first_step, continued = 1, None
+        if previous is not None:
+            learner.load(previous.checkpoint)
+            self.train_loader.failed.update(self.state.unreadable)  # reported once, over every start
+            self.first_step = previous.step + 1
+            log(f"resuming {run.path} from step {previous.step}")
+            if self.writer:  # a kill after the checkpoint may have logged steps to be redone
+                trim_jsonl(run.metrics, previous.step)
+            # the checkpoint at the last step comes before the final evaluation, which is redone
+            final = previous.step >= cfg.train.steps
+            continued = (previous.step - final, self.state.best)
+        self.evaluations = Evaluations(run, self.started, cfg.task, continued, self.writer)
+        self.val: dict[str, float] = {}
+
+    def close(self) -> None:
+        """Stop the loaders' workers now: none outlives the run."""
+        self.train_loader.close()
+        self.val_loader.close()
+
+    def train_steps(self, quiet: bool) -> None:
+        """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
+        cfg, state = self.cfg, self.state
+        sampler = self.train_loader.loader.batch_sampler
+        # only the first stage reads clips; the others know the batch's shape from the config
+        batches = forever(self.train_loader) if self.topology.is_first else None
+        with ExitStack() as stack:
+            metrics = (stack.enter_context(LineLog(self.run.metrics, fresh=self.first_step == 1))
+                       if self.writer else None)
+            bar = stack.enter_context(progress_bar(quiet))
+            self.memory = stack.enter_context(PeakMemory(self.device))
+            stops = stack.enter_context(StopRequests(self.log))
+            task = bar.add_task(f"train {cfg.mode}", total=cfg.train.steps,
+                                completed=self.first_step - 1, info="") if bar else None
+            if state.pending_evaluation:  # stopped by a signal before this step's evaluation
+                self.evaluate(self.first_step - 1, bar)
+            for step in range(self.first_step, cfg.train.steps + 1):
+                stop = self.train_step(batches, stops.signum)
+                state.data_position = sampler.advance(state.data_position)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    record = self.record(step)  # on every process: it gathers their peaks
+                    if metrics is not None:
+                        metrics.append(json.dumps(record))
+                evaluates = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
+                    and step < cfg.train.steps
+                if stop:  # every process of a job stops after this same step
+                    state.pending_evaluation = evaluates  # the restarted run evaluates it first
+                    self.checkpoint(step)
+                    raise Stopped(stop, step)
+                if evaluates:
+                    self.evaluate(step, bar)
+                if bar:
+                    bar.update(task, advance=1, info=f"loss {state.loss():.3f}")
+                every = cfg.train.checkpoint_every
+                if every and step % every == 0 and step < cfg.train.steps:
+                    self.checkpoint(step)
+            self.update_peaks()  # training's, not the final evaluation's
+
+    def train_step(self, batches: Iterator[dict] | None, stop: int) -> int:
+        """The next batch through the learner; the time spent waiting for it and training on it.
+        Returns the stop signal the job agrees on after it, given this process's (0: none)."""
+        state, started = self.state, time.perf_counter()
+        clips = labels = None
+        if batches is not None:
+            batch = next(batches)
+            clips = to_device(batch["clip"], self.device, PRECISIONS[self.cfg.precision])
+            labels = to_device(batch["label"], self.device)
+        loaded = time.perf_counter()
+        stats, stop = self.learner.train_batch(clips, labels, stop)
+        state.wait_s += loaded - started
+        state.compute_s += time.perf_counter() - loaded
+        state.frames_seen += stats.frames
+        state.updates += stats.updates
+        state.recent = (state.recent + [stats.loss])[-self.cfg.train.log_every:]
+        return stop
+
+    def update_peaks(self) -> None:
+        self.state.add_peaks(self.topology.peaks_mb(self.memory.read()))
+
+    def record(self, step: int) -> dict[str, Any]:
+        """A line of metrics.jsonl."""
+        state = self.state
+        self.update_peaks()
+        return {"step": step, "loss": state.loss(), "lr": self.learner.lr,
+                "frames_seen": state.frames_seen, "frames_per_s": state.frames_seen / state.compute_s,
+                "data_wait_share": state.wait_s / (state.wait_s + state.compute_s), **state.peaks(),
+                "wall_s": time.perf_counter() - self.started}
+
+    def validation(self, bar) -> dict[str, float]:
+        """The validation metrics, on every process (each replica's first stage evaluates its
+        share of the split, through its stages)."""
+        return self.learner.evaluated(lambda network: evaluate_split(
+            self.cfg, network, self.val_loader, self.data, self.device, "val", self.autocast, bar,
+            self.topology.across))
+
+    def evaluate(self, step: int, bar) -> None:
+        self.val = self.validation(bar)
+        self.state.pending_evaluation = False
+        self.evaluations.record(step, self.state.frames_seen, self.state.loss(), self.val,
+                                lambda which: self.save(which, step))
+        self.log(evaluation_line(step, self.cfg.train.steps, self.val,
+                                 time.perf_counter() - self.started))
+
+    def save(self, which: str, step: int, **extra: Any) -> None:
+        """Checkpoint ``which`` (last, best) at ``step``, by every process: its learner's part;
+        ``extra`` (``resume``: the run's state, ``summary``) goes with it.
+
+        One process writes the ordinary checkpoint. In a parallel job each writes its own shard,
+        all wait for all, then rank 0 writes ``which``.pt naming them: until that rename the old
+        checkpoint and its shards stand whole, so a kill at any point leaves one to resume from."""
+        payload = {"step": step, "config": to_dict(self.cfg), "classes": self.data.classes, **extra}
+        shard = self.learner.shard(resuming="resume" in extra)
+        path, topology = self.run.checkpoint(which), self.topology
+        if not topology.distributed:
+            save_checkpoint(with_learner(payload, shard), path)
+            return
+        save_checkpoint(shard, self.run.shard(which, step, topology.rank))
+        topology.barrier(f"saving the {which} checkpoint")
+        if not self.writer:
+            return
+        ranks = range(topology.replicas * topology.stages)
+        save_checkpoint({**payload, "shards": [self.run.shard(which, step, r).name for r in ranks],
+                         "topology": {"replicas": topology.replicas, "stages": topology.stages}},
+                        path)
+        self.run.drop_shards_before(which, step)
+
+    def checkpoint(self, step: int, **extra: Any) -> None:
+        """checkpoints/last.pt with what a restart needs to continue as if never stopped (the
+        learner adds its rule's registers)."""
+        state = self.state
+        state.wall_s = time.perf_counter() - self.started
+        state.best = self.evaluations.best
+        state.unreadable = dict(self.train_loader.failed)
+        self.save("last", step, resume=state.to_checkpoint(self.device), **extra)
+
+    def finish(self, quiet: bool) -> dict[str, Any]:
+        """The final evaluation and the summary (after a last checkpoint, so that a kill during a
+        long final evaluation keeps the training)."""
+        cfg, state, steps = self.cfg, self.state, self.cfg.train.steps
+        if self.first_step <= steps:
+            self.checkpoint(steps)
+        with progress_bar(quiet) as bar:
+            self.val = self.validation(bar)
+        summary = {
+            "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset,
+            "seed": cfg.seed, "steps": steps, "updates": state.updates,
+            "frames_seen": state.frames_seen, "train_loss": state.loss(), **self.val,
+            "frames_per_s": state.frames_seen / state.compute_s,
+            "data_wait_share": state.wait_s / (state.wait_s + state.compute_s),
+            **state.peaks(), "wall_s": time.perf_counter() - self.started,
+        }
+        self.evaluations.record(steps, state.frames_seen, summary["train_loss"], self.val,
+                                lambda which: self.save(which, steps, summary=summary))
+        self.checkpoint(steps, summary=summary)
+        if self.writer:
+            write_json(self.run.summary, summary)
+        return summary
+
+
+class Evaluations:
+    """Every evaluation of a run: a row of ``summary.csv`` each, and ``checkpoints/best.pt`` when
+    the task's primary metric (video top-1, PSNR) is the best so far (ties keep the earlier,
+    cheaper-to-reach one)."""
+
+    RUN_KEYS = ("step", "frames_seen", "wall_s", "train_loss")
+    TASK_KEYS = {"classify": ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
+                              "val_mean_class_acc"),
+                 "reconstruct": ("val_mse", "val_psnr")}
+
+    def __init__(self, run: RunDir, started: float, task: str,
+                 continued: tuple[int, float] | None = None, writes: bool = True):
+        """``continued``: (the last step whose rows stand, the best primary metric so far) when a
+        run resumes; the rows after that step are dropped. ``writes``: False on every process of
+        a job but global rank 0, which keep the same best (and call ``save_best`` alike: every
+        process writes its shard) but write no row."""
+        self.path, self.writes = run.evaluations, writes
+        self.started = started
+        self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
+        self.primary = PRIMARY_METRIC[task]
+        self.best = -math.inf
+        if continued is not None:
+            kept, self.best = continued
+        if not writes:
+            return
+        if continued is None:
+            write_text_atomic(self.path, csv_line(list(self.keys)) + "\n")
+        else:
+            trim_csv(self.path, kept, self.keys)
+
+    def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
+               save: Callable[[str], None]) -> None:
+        row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
+               "wall_s": time.perf_counter() - self.started, **val}
+        if self.writes:
+            with LineLog(self.path) as log:
+                log.append(csv_line([row[key] for key in self.keys]))
+        if val[self.primary] > self.best:
+            self.best = val[self.primary]
+            save("best")
