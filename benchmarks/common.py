@@ -35,7 +35,7 @@ def default_setup(overrides: list[str] | None = None):
 def rule_for(name: str, cfg, model, chunk: int | None = None):
     """The rule ``name`` of :data:`RULES` on ``model``; ``chunk`` replaces a Sideways rule's."""
     mode, own_chunk = RULES[name]
-    return make_rule(mode, model, cfg.sideways.pipeline, cfg.sideways.update,
+    return make_rule(mode, model, cfg.sideways.between_clips, cfg.sideways.update,
                      chunk or own_chunk or cfg.sideways.chunk)
 
 

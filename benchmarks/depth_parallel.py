@@ -40,7 +40,7 @@ from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import CLASSIFY
 from sideways_cli.parallel.balance import measure_module_costs, partition
 from sideways_cli.parallel.pipelined_bp import PipelinedBackprop
-from sideways_cli.parallel.staged_chunked import StagedTickBatched
+from sideways_cli.parallel.staged_chunked import StagedChunked
 from sideways_cli.parallel.staged_sideways import StagedSideways
 from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import Topology, make_topology
@@ -54,15 +54,15 @@ from sideways_perf.throughput_model import plot_model, predict, repeat_stack, sw
 RESULTS = Path(__file__).parent / "results"
 # both processes train their own copy at once, no links: what sharing the cores costs each
 SIDE_BY_SIDE = "sideways chunk 8 P=1, 2 copies side by side"
-# name -> (rule, stages, threads, pipeline, chunk)
+# name -> (rule, stages, threads, between_clips, chunk)
 SETTINGS = {
-    **{f"sideways chunk {c} P={p}{suffix}": ("sideways", p, 1, pipeline, c)
-       for c in (4, 8) for pipeline, suffix in (("reset", ""), ("continuous", " continuous"))
+    **{f"sideways chunk {c} P={p}{suffix}": ("sideways", p, 1, between_clips, c)
+       for c in (4, 8) for between_clips, suffix in (("reset", ""), ("continuous", " continuous"))
        for p in (1, 2)},
     "sideways chunk 8 P=1, 2 threads": ("sideways", 1, 2, "reset", 8),
     SIDE_BY_SIDE: ("sideways", 1, 1, "reset", 8),
-    **{f"sideways tick rule P={p}{suffix}": ("sideways", p, 1, pipeline, 1)
-       for pipeline, suffix in (("reset", ""), ("continuous", " continuous")) for p in (1, 2)},
+    **{f"sideways tick rule P={p}{suffix}": ("sideways", p, 1, between_clips, 1)
+       for between_clips, suffix in (("reset", ""), ("continuous", " continuous")) for p in (1, 2)},
     "bp": ("bp", 1, 1, None, None),
     "bp, 2 threads": ("bp", 1, 2, None, None),
     "gpipe-bp P=2": ("gpipe", 2, 1, None, None),
@@ -72,11 +72,11 @@ SETTINGS = {
 
 def build(cfg, rank: int, setting: str, sizes: list[int], topology: Topology):
     """A fresh network (same seed for all), this rank's stage of it, its optimizer and rule."""
-    kind, stages, _, pipeline, chunk = SETTINGS[setting]
+    kind, stages, _, between_clips, chunk = SETTINGS[setting]
     model = build_network(cfg, 10)
     if stages == 1:
         optimizer = make_optimizer(cfg.train, model)
-        rule = make_rule("sideways" if kind == "sideways" else "bp", model, pipeline or "reset",
+        rule = make_rule("sideways" if kind == "sideways" else "bp", model, between_clips or "reset",
                          chunk=chunk or 1)
         return rule, optimizer
     modules = stage_ranges(sizes)[rank]
@@ -85,10 +85,10 @@ def build(cfg, rank: int, setting: str, sizes: list[int], topology: Topology):
     if kind == "sideways":
         specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
         if chunk > 1:
-            rule = StagedTickBatched(stack, modules, len(model), topology, specs, pipeline, chunk,
+            rule = StagedChunked(stack, modules, len(model), topology, specs, between_clips, chunk,
                                      CLASSIFY, nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), topology, specs, pipeline, "clip",
+            rule = StagedSideways(stack, modules, len(model), topology, specs, between_clips, "clip",
                                   CLASSIFY, nullcontext)
     else:
         rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,
@@ -153,10 +153,10 @@ def worker(rank: int, port: int, overrides: list[str], sizes: list[int], repeats
     dist.destroy_process_group()
 
 
-def best(fps: dict[str, float], stages: int, pipeline: str) -> tuple[str, float]:
-    """The fastest chunked Sideways setting with ``stages`` stages, one thread, ``pipeline``."""
+def best(fps: dict[str, float], stages: int, between_clips: str) -> tuple[str, float]:
+    """The fastest chunked Sideways setting with ``stages`` stages, one thread, ``between_clips``."""
     names = [name for name, (kind, p, threads, mode, chunk) in SETTINGS.items()
-             if kind == "sideways" and p == stages and threads == 1 and mode == pipeline and chunk > 1
+             if kind == "sideways" and p == stages and threads == 1 and mode == between_clips and chunk > 1
              and name != SIDE_BY_SIDE]
     name = max(names, key=fps.__getitem__)
     return name, fps[name]
@@ -166,10 +166,10 @@ def ratios(fps: dict[str, float]) -> dict[str, float]:
     """The issue's targets, per pipeline mode (reset flushes every batch, as GPipe does), and the
     same-chunk and tick-rule speedups."""
     out = {}
-    for pipeline in ("reset", "continuous"):
-        (p2, two), (p1, one) = best(fps, 2, pipeline), best(fps, 1, pipeline)
-        out[f"{pipeline}: {p2} / {p1} (target >= 1.8)"] = two / one
-        out[f"{pipeline}: {p2} / gpipe-bp P=2 (target >= 1.2)"] = two / fps["gpipe-bp P=2"]
+    for between_clips in ("reset", "continuous"):
+        (p2, two), (p1, one) = best(fps, 2, between_clips), best(fps, 1, between_clips)
+        out[f"{between_clips}: {p2} / {p1} (target >= 1.8)"] = two / one
+        out[f"{between_clips}: {p2} / gpipe-bp P=2 (target >= 1.2)"] = two / fps["gpipe-bp P=2"]
     for c in (4, 8):
         for suffix in ("", " continuous"):
             out[f"chunk {c}{suffix}: P=2 / P=1"] = (fps[f"sideways chunk {c} P=2{suffix}"]
@@ -213,14 +213,14 @@ def main() -> None:
 
     b, t = cfg.data.batch_size, cfg.data.clip_len
     predicted = {}
-    for name, (kind, stages, threads, pipeline, chunk) in SETTINGS.items():
+    for name, (kind, stages, threads, between_clips, chunk) in SETTINGS.items():
         if kind != "sideways" or threads != 1 or name == SIDE_BY_SIDE:
             continue
         if chunk == 1:
-            predicted[name] = predict(costs, stages, link, b, t, pipeline, cores=2).frames_per_s
+            predicted[name] = predict(costs, stages, link, b, t, between_clips, cores=2).frames_per_s
         else:
             predicted[name] = predict_chunked(alone if stages == 1 else loaded, stages, link, b, t,
-                                              chunk, pipeline, cores=2,
+                                              chunk, between_clips, cores=2,
                                               sizes=sizes if stages == 2 else None).frames_per_s
     targets = {**ratios(fps), **ceiling(fps, alone.full_s(8), sizes)}
     base = max(fps[name] for name in fps if name.startswith("sideways") and name.endswith("P=1"))

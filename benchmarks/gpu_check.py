@@ -61,7 +61,7 @@ BUDGET_S = 480.0  # the issue's 8 minutes on one H100
 ENGINE_RULES = {"bp": ("bp", None), "sideways chunk 1": ("sideways-tick", 1),
                 "sideways chunk 8": ("sideways", 8), "sideways chunk 16": ("sideways", 16)}
 RESUME_CASES = {"bp": ("--mode", "bp"),
-                "sideways continuous": ("--mode", "sideways", "--set", "sideways.pipeline=continuous")}
+                "sideways continuous": ("--mode", "sideways", "--set", "sideways.between_clips=continuous")}
 STAGE_TOLERANCE = 1e-9  # max |weight difference| / max |weight|, float64 (see the docstring)
 
 
@@ -532,12 +532,12 @@ def engine_row(name: str, result: dict[str, Any], bp_frames_per_s: float | None,
 
 # ---- the multi-process checks ----------------------------------------------------------------
 
-def check_reference(pipeline: str) -> Callable[[Context, Launcher], dict[str, Any]]:
+def check_reference(between_clips: str) -> Callable[[Context, Launcher], dict[str, Any]]:
     """The float64 single-process run the stage and replica rows are compared with (every
     executor trains to the same float64 weights, so one per pipeline mode serves all)."""
     def check(ctx: Context, launcher: Launcher) -> dict[str, Any]:
-        name = f"reference {pipeline}"
-        sets = ctx.sets(ctx.sizes.stages, (f"sideways.pipeline={pipeline}",))
+        name = f"reference {between_clips}"
+        sets = ctx.sets(ctx.sizes.stages, (f"sideways.between_clips={between_clips}",))
         launcher.finish(launcher.train(name, sets, "--mode", "sideways"))
         ctx.runs[name] = ctx.run_dir(name)
         return {"loss": round(require_finite_loss(read_summary(ctx.run_dir(name)), name), 6)}
@@ -545,14 +545,14 @@ def check_reference(pipeline: str) -> Callable[[Context, Launcher], dict[str, An
 
 
 def check_parallel(stages: int, replicas: int, chunk: int,
-                   pipeline: str) -> Callable[[Context, Launcher], dict[str, Any]]:
+                   between_clips: str) -> Callable[[Context, Launcher], dict[str, Any]]:
     def check(ctx: Context, launcher: Launcher) -> dict[str, Any]:
-        reference = ctx.runs.get(f"reference {pipeline}")
+        reference = ctx.runs.get(f"reference {between_clips}")
         if reference is None:
-            raise CheckFailed(f"no float64 reference: its row ({pipeline}) failed")
-        name = f"P={stages} R={replicas} chunk {chunk} {pipeline}"
+            raise CheckFailed(f"no float64 reference: its row ({between_clips}) failed")
+        name = f"P={stages} R={replicas} chunk {chunk} {between_clips}"
         sets = ctx.sets(ctx.sizes.stages, (
-            f"sideways.pipeline={pipeline}", f"sideways.chunk={chunk}",
+            f"sideways.between_clips={between_clips}", f"sideways.chunk={chunk}",
             f"parallel.stages={stages}", f"parallel.replicas={replicas}"))
         launcher.finish(launcher.train(name, sets, "--mode", "sideways"))
         run = ctx.run_dir(name)

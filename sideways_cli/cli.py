@@ -162,7 +162,7 @@ def train(
 ) -> None:
     """Train one model with backprop or Sideways.
 
-    The run directory gets config.yaml, metrics.jsonl, summary.csv (a row per evaluation),
+    The run directory gets config.yaml, metrics.jsonl, evaluations.csv (a row per evaluation),
     checkpoints/last.pt (resumable, written every train.checkpoint_every steps) and, when the run
     finishes, summary.json.
     """

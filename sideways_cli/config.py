@@ -33,7 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 DECODERS = ("auto", "decord", "pyav")
-PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+BP_SCHEDULES = ("gpipe", "1f1b")
 BACKENDS = ("auto", "nccl", "gloo")
 MAX_SEED = 2**32 - 1
 
@@ -205,7 +205,7 @@ class TrainConfig:
     momentum: float = setting(0.9, fraction_below_one(),
                               "SGD's momentum (Nesterov when > 0); adamw has none")
     weight_decay: float = setting(1e-4, at_least(0), "decoupled (adamw) or L2 (sgd) weight decay")
-    schedule: str = setting("cosine", one_of(*LR_SCHEDULES), "the learning rate after the "
+    lr_schedule: str = setting("cosine", one_of(*LR_SCHEDULES), "the learning rate after the "
                             "warm-up: cosine (to zero at train.steps) | constant")
     warmup_steps: int = setting(10, at_least(0), "steps of linear warm-up to train.lr; 0: none")
     log_every: int = setting(10, at_least(1), "steps between progress lines")
@@ -225,9 +225,10 @@ class EvalConfig:
 
 @dataclass
 class SidewaysEngineConfig:
-    pipeline: str = setting("reset", elsewhere("reset or continuous"),  # build.check
-                            "how batches follow each other; reset: fill and "
-                            "drain every clip | continuous: a live stream")
+    between_clips: str = setting("reset", elsewhere("reset or continuous"),  # build.check
+                                 "what the registers keep from one batch to the next; reset: "
+                                 "nothing, every clip fills and drains | continuous: everything, "
+                                 "a live stream")
     update: str = setting("clip", UPDATE, "when Sideways steps the optimizer; clip: once per "
                           "batch | \"every N ticks\": every N ticks")
     chunk: int = setting(8, at_least(1), "ticks per module per call: same numbers; 1 = the tick "
@@ -247,8 +248,9 @@ class ParallelConfig:
                           "the single-process engine")
     balance: str | list[int] = setting("auto", BALANCE, "how the modules are split into stages; "
                                        "auto: by measured per-module cost | modules per stage")
-    schedule: str = setting("gpipe", one_of(*PIPELINE_SCHEDULES), "the pipeline schedule of mode bp across "
-                            "stages: torch.distributed.pipelining's gpipe | 1f1b")
+    bp_schedule: str = setting("gpipe", one_of(*BP_SCHEDULES), "the order of mode bp's "
+                               "microbatches across stages: torch.distributed.pipelining's gpipe "
+                               "| 1f1b")
     microbatches: int = setting(4, at_least(1), "clips of a batch split into this many (mode "
                                 "bp across stages)")
     threads: int | None = setting(None, at_least(1), "CPU threads per stage process; None: the "
@@ -257,7 +259,7 @@ class ParallelConfig:
                                       "of a step is taken as hung and the job stops; None: 20 s on "
                                       "the CPU, 300 s on CUDA (where cuDNN's first autotuning takes "
                                       "a while). Start-up, evaluations and checkpoint writes wait "
-                                      "longer (distributed/topology.py, PATIENT)")
+                                      "longer (parallel/topology.py, PATIENT)")
     backend: str = setting("auto", one_of(*BACKENDS), "the process-group library; auto: the one that "
                            "moves the device's tensors | nccl (CUDA) | gloo (CPU)")
 
@@ -323,10 +325,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"config key {key!r} expects {names}, got {value!r}")
 
 
+# Keys renamed so that each word has one meaning: an old config, run directory or checkpoint that
+# names the old key is read as the new one.
+RENAMED_KEYS = {"train.schedule": "train.lr_schedule", "parallel.schedule": "parallel.bp_schedule",
+                "sideways.pipeline": "sideways.between_clips"}
+
+
+def current_key(key: str) -> str:
+    """``key`` under its present name (a renamed key's new one)."""
+    return RENAMED_KEYS.get(key, key)
+
+
 def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
     hints = _hints(type(obj))
     for name, value in values.items():
-        key = prefix + name
+        key = current_key(prefix + name)
+        name = key.rsplit(".", 1)[-1]
         if name not in hints:
             raise UserError(f"unknown config key {key!r} in {source}; valid keys: "
                             + ", ".join(valid_keys()))

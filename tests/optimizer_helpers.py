@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from sideways_cli.config import TrainConfig
-from sideways_cli.run.build import make_optimizer, make_schedule
+from sideways_cli.run.build import make_optimizer, make_lr_schedule
 
 STEPS = 4
 # train.optimizer's choices (SGD with momentum is Nesterov's), each with warm-up and cosine decay
@@ -22,7 +22,7 @@ def stepper(name: str, module: nn.Module) -> tuple[Callable[[], None], Callable[
     """(apply_update for a rule, the schedule's step after each batch) of optimizer ``name``."""
     cfg = OPTIMIZERS[name]
     optimizer = make_optimizer(cfg, module)
-    schedule = make_schedule(cfg, optimizer)
+    schedule = make_lr_schedule(cfg, optimizer)
 
     def apply_update() -> None:
         optimizer.step()

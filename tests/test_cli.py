@@ -64,7 +64,7 @@ def test_every_evaluation_is_a_summary_row_and_the_best_is_kept(tiny_config, tmp
     run = tmp_path / "run"
     invoke("train", tiny_config, "--mode", "sideways", "--set", "train.eval_every=1", "--out", run,
            "--quiet")
-    with (run / "summary.csv").open() as f:
+    with (run / "evaluations.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     summary = json.loads((run / "summary.json").read_text())

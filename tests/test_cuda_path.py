@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.engine import SidewaysRule, TickBatchedSideways, make_rule
+from sideways_cli.engine import SidewaysRule, ChunkedSideways, make_rule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.run.loaders import data_loaders, eval_loader
 from sideways_cli.support.runtime import to_device
@@ -35,7 +35,7 @@ class HostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# (model, temporal kernel, mode, chunk, update, pipeline): both rules, both Sideways executors,
+# (model, temporal kernel, mode, chunk, update, between_clips): both rules, both Sideways executors,
 # both of the chunked executor's graph forms, updates within the batch, a carried-over pipeline
 RULES = {
     "bp": ("c3d", 3, "bp", 1, "clip", "reset"),
@@ -48,17 +48,17 @@ RULES = {
 
 
 def rule_and_batches(case: str):
-    name, k, mode, chunk, update, pipeline = RULES[case]
+    name, k, mode, chunk, update, between_clips = RULES[case]
     objective = OBJECTIVES["reconstruct" if name == "autoencoder" else "classify"]
     model = tiny_network(name, k, **{"levels" if name == "autoencoder" else "depth": 2})
-    rule = make_rule(mode, model, pipeline, update, chunk, objective)
+    rule = make_rule(mode, model, between_clips, update, chunk, objective)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def apply_update() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    batches = 2 if pipeline == "continuous" else 1  # the second one meets a carried-over pipeline
+    batches = 2 if between_clips == "continuous" else 1  # the second one meets a carried-over pipeline
     return rule, random_clips(batches, 6, dtype=torch.float64), apply_update
 
 
@@ -106,9 +106,9 @@ def test_the_tick_rule_gives_each_tick_loss_as_a_tensor():
 
 
 def test_the_chunked_executor_gives_each_macro_ticks_loss_sum_as_a_tensor():
-    """TickBatchedSideways.frame_losses: (sum, count), the sum a detached 0-dim tensor, a zero
+    """ChunkedSideways.frame_losses: (sum, count), the sum a detached 0-dim tensor, a zero
     where no frame reached the top in the macro tick."""
-    rule = TickBatchedSideways(tiny_network("c3d", 3, depth=2), chunk=2)
+    rule = ChunkedSideways(tiny_network("c3d", 3, depth=2), chunk=2)
     returned = record_calls(rule, "frame_losses")
     (clips, labels), = random_clips(1, 6, dtype=torch.float64)
     stats = rule.train_batch(clips, labels, lambda: None)

@@ -20,7 +20,7 @@ import torch
 
 from cli_helpers import invoke
 from sideways_cli.data.sampler import SeededBatchSampler
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.parallel.replicas import BUCKET_BYTES, _buckets
 from sideways_cli.parallel.resharding import merge_replica_states, replica_share
 from sideways_cli.run.lock import RunLock
@@ -98,7 +98,7 @@ def test_replicas_give_one_process_numbers(case, config, tmp_path):
 def test_continuous_registers_resume_from_2x2_into_one_process(config, tmp_path):
     """The chunked executor's registers survive batches: gathered from every replica's stage
     into the whole batch's, they resume in one process as if nothing had stopped."""
-    settings = ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=4"]
+    settings = ["mode=sideways", "sideways.between_clips=continuous", "sideways.chunk=4"]
     run = tmp_path / "run"
     kill_after_checkpoint(start(config, run, *settings, "parallel.replicas=2", "parallel.stages=2",
                                 "parallel.balance=[2,1]"), run, ranks=4)
@@ -219,11 +219,11 @@ def test_registers_split_and_merge_back_and_messages_keep_the_batch_scale():
     as large: its losses are means over half as many clips)."""
     model = tiny_network("c3d", depth=3)
     (clips, labels), = random_clips(1, 7, dtype=torch.float64, batch=4)
-    whole = TickBatchedSideways(model, pipeline="continuous", chunk=3)
+    whole = ChunkedSideways(model, between_clips="continuous", chunk=3)
     whole.train_batch(clips, labels, lambda: None)
     halves = []
     for r in range(2):
-        half = TickBatchedSideways(model, pipeline="continuous", chunk=3)
+        half = ChunkedSideways(model, between_clips="continuous", chunk=3)
         half.train_batch(clips[2 * r:2 * r + 2], labels[2 * r:2 * r + 2], lambda: None)
         halves.append(half.state_dict())
     merged = merge_replica_states(halves)

@@ -23,7 +23,7 @@ from sideways_cli.config import load_config
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.parallel.links import Links
-from sideways_cli.parallel.staged_chunked import StagedTickBatched
+from sideways_cli.parallel.staged_chunked import StagedChunked
 from sideways_cli.parallel.staged_sideways import StagedSideways
 from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import make_topology
@@ -33,7 +33,7 @@ from tiny import random_clips, tiny_network, tiny_run_config
 # -- the engine: P stages against the single-process engine with the same settings ------------------
 # float64 over several steps of every optimizer: what is compared is the computation, not round-off
 
-CASES = {  # name -> (pipeline, update, chunk, task, modules per stage)
+CASES = {  # name -> (between_clips, update, chunk, task, modules per stage)
     "reset": ("reset", "clip", 1, "classify", [2, 2]),
     "continuous": ("continuous", "clip", 1, "classify", [2, 2]),
     "every 3 ticks": ("reset", "every 3 ticks", 1, "classify", [1, 3]),
@@ -69,7 +69,7 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
     torch.set_num_threads(1)
     spawned.join(rank, stages, f"{out}/rendezvous-{stages}")
     topology = make_topology(1, stages, torch.device("cpu"), 30)
-    for (case, (pipeline, update, chunk, task, sizes)), optimizer in itertools.product(
+    for (case, (between_clips, update, chunk, task, sizes)), optimizer in itertools.product(
             cases.items(), SPAWN_OPTIMIZERS):
         model = network(task)
         modules = stage_ranges(sizes)[rank]
@@ -77,10 +77,10 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
         last = topology.is_last
         specs = output_specs(model, (3, 16, 16))
         if chunk > 1:
-            rule = StagedTickBatched(stack, modules, len(model), topology, specs, pipeline, chunk,
+            rule = StagedChunked(stack, modules, len(model), topology, specs, between_clips, chunk,
                                      OBJECTIVES[task], nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), topology, specs, pipeline, update,
+            rule = StagedSideways(stack, modules, len(model), topology, specs, between_clips, update,
                                   OBJECTIVES[task], nullcontext)
         apply_update, schedule_step = stepper(optimizer, stack)
         stats = []
@@ -108,9 +108,9 @@ def staged(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("optimizer", SPAWN_OPTIMIZERS)
 @pytest.mark.parametrize("case", list(CASES) + list(THREE_STAGE_CASES))
 def test_stages_give_the_single_process_numbers(case, optimizer, staged, one_thread):
-    pipeline, update, chunk, task, sizes = {**CASES, **THREE_STAGE_CASES}[case]
+    between_clips, update, chunk, task, sizes = {**CASES, **THREE_STAGE_CASES}[case]
     model = network(task)
-    rule = make_rule("sideways", model, pipeline, update, chunk, OBJECTIVES[task])
+    rule = make_rule("sideways", model, between_clips, update, chunk, OBJECTIVES[task])
     apply_update, schedule_step = stepper(optimizer, model)
     expected = []
     for clips, labels in batches():
@@ -142,7 +142,7 @@ def config(tmp_path_factory) -> Path:
         "data": {"size": 16, "synthetic": {"train_per_class": 2}},
         "train": {"steps": STEPS, "warmup_steps": 2, "checkpoint_every": 3},
         "eval": {"clips_per_video": 1, "chunk": 4},  # 2 chunks of the clip
-        "sideways": {"pipeline": "continuous", "chunk": 1},
+        "sideways": {"between_clips": "continuous", "chunk": 1},
         "parallel": {"balance": [2, 1], "threads": 1, "timeout_s": 5}},
         generate=True)  # generated once, before any run
 
@@ -303,13 +303,13 @@ def test_registers_of_another_executor_are_refused_with_the_fix():
     from sideways_cli.run.resume import carried_rule_state
     from sideways_cli.support.errors import UserError
 
-    cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=4"])
+    cfg = load_config(None, ["mode=sideways", "sideways.between_clips=continuous", "sideways.chunk=4"])
     with pytest.raises(UserError, match="resume it with sideways.chunk=1"):
         carried_rule_state({"pipeline": {}}, cfg)  # the chunked executor keeps "registers"
-    cfg = load_config(None, ["mode=sideways", "sideways.pipeline=continuous", "sideways.chunk=1"])
+    cfg = load_config(None, ["mode=sideways", "sideways.between_clips=continuous", "sideways.chunk=1"])
     with pytest.raises(UserError, match=r"the sideways.chunk \(above 1\) it ran with"):
         carried_rule_state({"registers": []}, cfg)  # the tick rule keeps "pipeline"
-    reset = load_config(None, ["mode=sideways", "sideways.pipeline=reset", "sideways.chunk=1"])
+    reset = load_config(None, ["mode=sideways", "sideways.between_clips=reset", "sideways.chunk=1"])
     assert carried_rule_state({"registers": []}, reset) is None  # nothing to carry
 
 

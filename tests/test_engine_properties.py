@@ -12,7 +12,7 @@ from sideways_cli.analyses.fidelity import gradient_fidelity
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import clip_loss, frame_loss
 from sideways_cli.engine.probes import make_video, module_gradients
-from sideways_cli.engine.registers import Pipeline, clip_tokens, pipelined_forward
+from sideways_cli.engine.registers import Registers, clip_tokens, tick_forward
 from sideways_cli.models import ZOO, build_model
 from tiny import random_clips, tiny_network
 
@@ -49,7 +49,7 @@ def test_pipelined_forward_equals_whole_clip(name, k):
     clip, _ = random_clip(7, dtype=torch.float32)
     whole = model(clip)
     assert whole.shape == (2, 5, 7)
-    torch.testing.assert_close(pipelined_forward(model, clip), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tick_forward(model, clip), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_causality_future_frames_do_not_change_past_outputs():
@@ -76,13 +76,13 @@ def test_bp_equals_autograd_through_the_unrolled_pipeline(name):
     clip, labels = random_clip(5)
     expected = bp_grads(model, clip, labels)
     model.zero_grad(set_to_none=True)
-    pipeline = Pipeline(model)
+    registers = Registers(model)
     tokens = clip_tokens(clip, labels)
     # differentiate through the registers: keep their values attached to the graph
     losses = []
     for tick in range(len(tokens) + len(model) - 1):
         frame = tokens[tick] if tick < len(tokens) else None
-        for step in pipeline.forward_tick(frame, with_graph=True):
+        for step in registers.forward_tick(frame, with_graph=True):
             step.token.value = step.output  # re-attach so the next module's window has a graph
             if step.index == len(model) - 1:
                 losses.append(frame_loss(step.output, labels))
@@ -112,7 +112,7 @@ def test_bp_matches_finite_differences():
 # -- property 3: on a static video Sideways is BP -----------------------------------------------
 
 def per_module(model, rule_cls, clip, labels):
-    rule = rule_cls(model) if rule_cls is BackpropRule else rule_cls(model, pipeline="reset", update="clip")
+    rule = rule_cls(model) if rule_cls is BackpropRule else rule_cls(model, between_clips="reset", update="clip")
     return module_gradients(model, rule, clip, labels)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from optimizer_helpers import OPTIMIZERS, STEPS, stepper
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from tiny import random_clips, tiny_network
 
@@ -51,8 +51,8 @@ def trajectory(make_rule, optimizer: str) -> Trajectory:
 
 
 @functools.cache
-def tick_rule(optimizer: str, pipeline: str) -> Trajectory:
-    return trajectory(lambda m: SidewaysRule(m, pipeline=pipeline), optimizer)
+def tick_rule(optimizer: str, between_clips: str) -> Trajectory:
+    return trajectory(lambda m: SidewaysRule(m, between_clips=between_clips), optimizer)
 
 
 def assert_same_trajectory(actual: Trajectory, expected: Trajectory) -> None:
@@ -63,12 +63,12 @@ def assert_same_trajectory(actual: Trajectory, expected: Trajectory) -> None:
             torch.testing.assert_close(w, want, rtol=1e-11, atol=1e-13, msg=f"after step {step}")
 
 
-@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
+@pytest.mark.parametrize("between_clips", ["reset", "continuous"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_the_chunked_executor_follows_the_tick_rule_step_after_step(chunk, optimizer, pipeline):
-    actual = trajectory(lambda m: TickBatchedSideways(m, pipeline=pipeline, chunk=chunk), optimizer)
-    assert_same_trajectory(actual, tick_rule(optimizer, pipeline))
+def test_the_chunked_executor_follows_the_tick_rule_step_after_step(chunk, optimizer, between_clips):
+    actual = trajectory(lambda m: ChunkedSideways(m, between_clips=between_clips, chunk=chunk), optimizer)
+    assert_same_trajectory(actual, tick_rule(optimizer, between_clips))
 
 
 def test_the_trajectories_really_move():

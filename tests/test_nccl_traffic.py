@@ -111,14 +111,14 @@ STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
 # batch starts from an empty one and the resumed job's traffic is a fresh job's from its first step.
 CASES: dict[str, tuple[list[str], int, bool]] = {
     "sideways tick, reset, every 2 ticks, 3 stages, resumed": (
-        ["mode=sideways", "sideways.chunk=1", "sideways.pipeline=reset",
+        ["mode=sideways", "sideways.chunk=1", "sideways.between_clips=reset",
          "sideways.update=every 2 ticks", "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
     "sideways chunk 4, continuous, 2 replicas x 2 stages": (
-        ["mode=sideways", "sideways.chunk=4", "sideways.pipeline=continuous",
+        ["mode=sideways", "sideways.chunk=4", "sideways.between_clips=continuous",
          "parallel.replicas=2", *STAGES_2], 4, False),
     # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
     # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's
-    "bp 1f1b, 2 stages": (["mode=bp", "parallel.schedule=1f1b", "parallel.microbatches=2",
+    "bp 1f1b, 2 stages": (["mode=bp", "parallel.bp_schedule=1f1b", "parallel.microbatches=2",
                            *STAGES_2], 2, False),
 }
 

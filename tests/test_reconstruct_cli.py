@@ -30,7 +30,7 @@ def test_both_modes_report_psnr_and_eval_reads_it_back(tiny_reconstruct, tmp_pat
         summary = json.loads((tmp_path / mode / "summary.json").read_text())
         assert summary["task"] == "reconstruct" and summary["val_clips"] == 10
         assert 0 < summary["val_psnr"] < 60 and summary["val_mse"] > 0
-        header = (tmp_path / mode / "summary.csv").read_text().splitlines()[0]
+        header = (tmp_path / mode / "evaluations.csv").read_text().splitlines()[0]
         assert header.endswith("val_mse,val_psnr")
     invoke("eval", tmp_path / "sideways", "--json", tmp_path / "eval.json", "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())

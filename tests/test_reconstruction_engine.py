@@ -8,8 +8,8 @@ import torch
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import make_video, module_gradients
-from sideways_cli.engine.registers import pipelined_forward
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.registers import tick_forward
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from tiny import random_clips, tiny_network
 
 RECONSTRUCT = OBJECTIVES["reconstruct"]
@@ -30,7 +30,7 @@ def test_output_has_the_input_shape_and_pipelining_computes_the_same_function():
     model = tiny()
     x = clip(6)
     assert model(x).shape == x.shape
-    torch.testing.assert_close(pipelined_forward(model, x), model(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tick_forward(model, x), model(x), rtol=1e-10, atol=1e-12)
 
 
 def test_bp_loss_is_the_mse_of_the_clip_and_its_gradient_is_autograd():
@@ -64,12 +64,12 @@ def test_top_module_is_exact_on_any_video():
     assert torch.nn.functional.cosine_similarity(sw[0], bp[0], dim=0) < 0.999
 
 
-@pytest.mark.parametrize("pipeline, batches", [("reset", 1), ("continuous", 3)])
+@pytest.mark.parametrize("between_clips, batches", [("reset", 1), ("continuous", 3)])
 @pytest.mark.parametrize("chunk", [2, 5])
-def test_batched_executor_gives_the_tick_rules_numbers(pipeline, batches, chunk):
+def test_batched_executor_gives_the_tick_rules_numbers(between_clips, batches, chunk):
     def run(rule_class, **options):
         model = tiny(k=3)
-        rule = rule_class(model, pipeline=pipeline, objective=RECONSTRUCT, **options)
+        rule = rule_class(model, between_clips=between_clips, objective=RECONSTRUCT, **options)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         losses, grads = [], []
 
@@ -82,7 +82,7 @@ def test_batched_executor_gives_the_tick_rules_numbers(pipeline, batches, chunk)
             losses.append(rule.train_batch(clip(7, seed=b), NO_LABELS, apply_update).loss)
         return losses, grads
 
-    losses, grads = run(TickBatchedSideways, chunk=chunk)
+    losses, grads = run(ChunkedSideways, chunk=chunk)
     want_losses, want_grads = run(SidewaysRule)
     assert losses == pytest.approx(want_losses, rel=1e-10)
     for update, want in zip(grads, want_grads, strict=True):

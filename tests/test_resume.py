@@ -23,7 +23,7 @@ STEPS, EVERY = 10, 3
 CASES = {
     "bp": ["--mode", "bp"],
     "sideways": ["--mode", "sideways"],  # the default chunked executor
-    "continuous": ["--mode", "sideways", "--set", "sideways.pipeline=continuous"],
+    "continuous": ["--mode", "sideways", "--set", "sideways.between_clips=continuous"],
 }
 
 
@@ -98,9 +98,9 @@ def tensors(tree) -> list[torch.Tensor]:
 
 
 def logged(run: Path) -> tuple[list[tuple], list[list[str]]]:
-    """metrics.jsonl without its timings, and summary.csv without its wall times."""
+    """metrics.jsonl without its timings, and evaluations.csv without its wall times."""
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    with (run / "summary.csv").open() as f:
+    with (run / "evaluations.csv").open() as f:
         rows = [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(f)]
     return [(m["step"], m["loss"], m["lr"], m["frames_seen"]) for m in metrics], rows
 

@@ -1,5 +1,5 @@
 """A rule restored from its state_dict (through a file, like a checkpoint) continues exactly as
-the rule that never stopped: what pipeline: continuous and update: every N ticks carry over."""
+the rule that never stopped: what between_clips: continuous and update: every N ticks carry over."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from sideways_cli.engine import BackpropRule, SidewaysRule
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from tiny import random_clips, tiny_network
 
 RULES = {
-    "tick, continuous": lambda m: SidewaysRule(m, pipeline="continuous"),
-    "tick, every 5 ticks": lambda m: SidewaysRule(m, pipeline="reset", update="every 5 ticks"),
-    "tick, continuous, every 4 ticks": lambda m: SidewaysRule(m, pipeline="continuous",
+    "tick, continuous": lambda m: SidewaysRule(m, between_clips="continuous"),
+    "tick, every 5 ticks": lambda m: SidewaysRule(m, between_clips="reset", update="every 5 ticks"),
+    "tick, continuous, every 4 ticks": lambda m: SidewaysRule(m, between_clips="continuous",
                                                              update="every 4 ticks"),
-    "chunked, continuous": lambda m: TickBatchedSideways(m, pipeline="continuous", chunk=4),
-    "chunked, reset": lambda m: TickBatchedSideways(m, pipeline="reset", chunk=4),
+    "chunked, continuous": lambda m: ChunkedSideways(m, between_clips="continuous", chunk=4),
+    "chunked, reset": lambda m: ChunkedSideways(m, between_clips="reset", chunk=4),
     "bp": BackpropRule,
 }
 
@@ -75,7 +75,7 @@ def test_a_restored_rule_continues_exactly(name):
 def test_continuous_state_is_not_empty():
     # the property above would hold trivially if nothing were carried over
     model = tiny()
-    rule = TickBatchedSideways(model, pipeline="continuous", chunk=4)
+    rule = ChunkedSideways(model, between_clips="continuous", chunk=4)
     clip, labels = batches(1)[0]
     rule.train_batch(clip, labels, lambda: None)
     state = rule.state_dict()

@@ -1,4 +1,4 @@
-"""TickBatchedSideways is SidewaysRule run a macro tick at a time: same numbers, for any chunk."""
+"""ChunkedSideways is SidewaysRule run a macro tick at a time: same numbers, for any chunk."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import ZOO, FrameStack
 from tiny import random_clips, tiny_network
 
@@ -33,7 +33,7 @@ def clips(t: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train(rule_class: type, name: str, k: int, t: int, mode: str, **options) -> Record:
     """Feed the batches to one rule object, stepping SGD in between; record every update's grads."""
     model = tiny(name, k)
-    rule = rule_class(model, pipeline=mode, **options)
+    rule = rule_class(model, between_clips=mode, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     record: Record = []
     for batch, labels in clips(t, BATCHES[mode]):
@@ -78,20 +78,20 @@ def assert_same(actual: Record, expected: Record) -> None:
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, "T", 100])  # 100 > every batch's ticks
 def test_same_numbers_as_the_tick_rule(name, k, t, mode, chunk):
     chunk = t if chunk == "T" else chunk
-    actual = train(TickBatchedSideways, name, k, t, mode, chunk=chunk)
+    actual = train(ChunkedSideways, name, k, t, mode, chunk=chunk)
     assert_same(actual, tick_rule(name, k, t, mode))
 
 
 def test_long_clip_with_every_phase_in_every_module():
     """T > 2(D-1): each module fills, meets messages at its own ticks, then drains."""
-    actual = train(TickBatchedSideways, "vgg", 3, 15, "reset", chunk=4)
+    actual = train(ChunkedSideways, "vgg", 3, 15, "reset", chunk=4)
     assert_same(actual, train(SidewaysRule, "vgg", 3, 15, "reset"))
 
 
 def test_queues_do_not_grow_with_the_clip():
     """Between macro ticks each module holds O(1) pending activations and messages."""
     model = tiny("vgg", 3)
-    rule = TickBatchedSideways(model, chunk=4)
+    rule = ChunkedSideways(model, chunk=4)
     sizes = []
     backward_macro = rule.backward_macro
 
@@ -107,6 +107,6 @@ def test_queues_do_not_grow_with_the_clip():
 
 def test_refuses_updates_within_a_batch():
     with pytest.raises(ValueError, match="update: clip"):
-        TickBatchedSideways(tiny("vgg", 1), update="every 2 ticks")
+        ChunkedSideways(tiny("vgg", 1), update="every 2 ticks")
     with pytest.raises(ValueError):
-        TickBatchedSideways(tiny("vgg", 1), chunk=0)
+        ChunkedSideways(tiny("vgg", 1), chunk=0)

@@ -11,7 +11,7 @@ import torch
 
 from sideways_cli.engine.clock import stage_order
 from sideways_cli.engine.registers import clip_tokens
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import build_model
 from sideways_cli.parallel.balance import ModuleCosts
 from sideways_perf.chunked_model import macro_work, predict_chunked, stage_ops, sweep_chunked
@@ -43,12 +43,12 @@ def test_busy_patterns_and_tick_counts():
     assert predict(costs, 2, FREE, 1, 4, "continuous").ticks == 4
 
 
-@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
-def test_one_stage_pays_every_busy_module(pipeline: str):
+@pytest.mark.parametrize("between_clips", ["reset", "continuous"])
+def test_one_stage_pays_every_busy_module(between_clips: str):
     forward, backward = [1e-3, 2e-3, 3e-3, 4e-4], [5e-3, 6e-3, 7e-3, 8e-4]
     link = Link(1.0, 1.0)  # a very slow link, which one stage never uses
     prediction = predict(costs_of(forward, backward), 1, link, batch=8, clip_len=5,
-                         pipeline=pipeline)
+                         between_clips=between_clips)
     # each module computes T forwards and T VJPs per clip, whatever the mode
     expected = 5 * (sum(forward) + sum(backward))
     assert prediction.sizes == [4]
@@ -147,14 +147,14 @@ def test_interpolation_is_linear_between_and_beyond_the_measured_counts():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
+@pytest.mark.parametrize("between_clips", ["reset", "continuous"])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 8])
-def test_macro_work_replays_the_engine(pipeline: str, chunk: int):
+def test_macro_work_replays_the_engine(between_clips: str, chunk: int):
     """Counts of quiet/busy windows and of VJP messages per module and macro tick, from an actual
-    run of TickBatchedSideways (the last of 3 batches: continuous reaches its steady state)."""
+    run of ChunkedSideways (the last of 3 batches: continuous reaches its steady state)."""
     torch.manual_seed(0)
     model = build_model("c3d", 10, width=2, depth=3)  # 4 modules
-    rule = TickBatchedSideways(model, pipeline, "clip", chunk)
+    rule = ChunkedSideways(model, between_clips, "clip", chunk)
     seen = []
     forward, vjp = rule.forward_module, rule.vjp
     rule.forward_module = lambda d, q, b: seen.append(("F", d, q, b)) or forward(d, q, b)
@@ -171,7 +171,7 @@ def test_macro_work_replays_the_engine(pipeline: str, chunk: int):
             rule.backward_macro(macro, graphs)
         rule.pseudo.clear()
     expected = []
-    for w in macro_work(4, 5, pipeline, chunk):
+    for w in macro_work(4, 5, between_clips, chunk):
         expected += [("F", d, w.quiet[d], w.busy[d]) for d in range(4)]
         expected += [("V", d, max(w.busy[d], w.drain_graph[d])) for d in reversed(range(4))
                      if w.busy[d] or w.drain_graph[d]]
@@ -179,17 +179,17 @@ def test_macro_work_replays_the_engine(pipeline: str, chunk: int):
     assert seen == expected
 
 
-@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
-def test_one_process_pays_the_sum_of_its_ops(pipeline: str):
+@pytest.mark.parametrize("between_clips", ["reset", "continuous"])
+def test_one_process_pays_the_sum_of_its_ops(between_clips: str):
     costs = macro_costs([1e-3, 2e-3, 3e-3], overhead=1e-4, loss=1e-5, step=[1e-4, 2e-4, 3e-4])
     slow = Link(1.0, 1.0)  # never used by one process
-    prediction = predict_chunked(costs, 1, slow, batch=4, clip_len=12, chunk=4, pipeline=pipeline)
-    work = macro_work(3, 12, pipeline, 4)
+    prediction = predict_chunked(costs, 1, slow, batch=4, clip_len=12, chunk=4, between_clips=between_clips)
+    work = macro_work(3, 12, between_clips, 4)
     ops = stage_ops(costs, range(3), work, last=True)
     assert prediction.sizes == [3] and prediction.macros == len(work) == len(ops) // 3
     assert prediction.clip_s == pytest.approx(math.fsum(ops.values()) + 6e-4, rel=1e-12)
     assert prediction.frames_per_s == pytest.approx(4 * 12 / prediction.clip_s, rel=1e-12)
-    if pipeline == "continuous":  # every window busy: 3 macro ticks of 4 per module
+    if between_clips == "continuous":  # every window busy: 3 macro ticks of 4 per module
         per_macro = sum(2 * (1e-4 + c * 4) for c in (1e-3, 2e-3, 3e-3)) + 4e-5
         assert prediction.clip_s == pytest.approx(3 * per_macro + 6e-4, rel=1e-12)
         assert prediction.ticks == 12
@@ -217,13 +217,13 @@ def test_two_balanced_stages_approach_twice_one_as_clips_grow():
         (1, "F", 0, 1, 2), (1, "B", 0, 2, 3), (1, "F", 1, 3, 4), (1, "B", 1, 4, 5)]
 
 
-@pytest.mark.parametrize("pipeline", ["reset", "continuous"])
-def test_no_op_starts_before_its_input_has_arrived(pipeline: str):
+@pytest.mark.parametrize("between_clips", ["reset", "continuous"])
+def test_no_op_starts_before_its_input_has_arrived(between_clips: str):
     costs = macro_costs([1e-3, 3e-3, 2e-3, 2e-3, 5e-4], overhead=2e-4, loss=1e-5,
                         out=[4000, 2000, 3000, 1000, 40], into=[6000, 4000, 2000, 3000, 1000])
     link = Link(1e-4, 1e7)
-    prediction = predict_chunked(costs, 3, link, 2, 9, 2, pipeline, sizes=[1, 2, 2])
-    work = macro_work(5, 9, pipeline, 2)
+    prediction = predict_chunked(costs, 3, link, 2, 9, 2, between_clips, sizes=[1, 2, 2])
+    work = macro_work(5, 9, between_clips, 2)
     ends = {(op.stage, op.kind, op.macro): op.end for op in prediction.ops}
     edges = [0, 1, 3, 5]
     for op in prediction.ops:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cli_helpers import invoke, run_main
-from sideways_cli.engine.registers import pipelined_forward
+from sideways_cli.engine.registers import tick_forward
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
@@ -138,7 +138,7 @@ def test_the_readme_example_keeps_the_frame_step_contract():
     model = build_network(cfg, 5)
     clip = torch.randn(3, 3, 7, 16, 16)
     whole = model(clip)
-    torch.testing.assert_close(pipelined_forward(model, clip), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tick_forward(model, clip), whole, rtol=1e-5, atol=1e-5)
     later = clip.clone()
     later[:, :, 5:] += 1
     torch.testing.assert_close(model(later)[..., :5], whole[..., :5])

@@ -26,7 +26,7 @@ from sideways_perf.throughput_model import Prediction
 
 @dataclass(frozen=True)
 class MacroWork:
-    """Per network module, what one macro tick asks of it (``TickBatchedSideways`` counts): windows
+    """Per network module, what one macro tick asks of it (``ChunkedSideways`` counts): windows
     forwarded without a graph (``quiet``) and with one (``busy``, each then one message's VJP),
     whether the drain adds a one-window graph and VJP (``drain_graph``: no busy window left but
     drain messages pending), and messages sent to the module below (``sent_down``)."""
@@ -42,25 +42,25 @@ class MacroWork:
         return [q + b for q, b in zip(self.quiet, self.busy)]
 
 
-def macro_work(modules: int, clip_len: int, pipeline: str, chunk: int) -> list[MacroWork]:
+def macro_work(modules: int, clip_len: int, between_clips: str, chunk: int) -> list[MacroWork]:
     """The macro ticks of one batch as the engine runs them: ``reset`` every batch alike,
     ``continuous`` in steady state (after enough batches that every module has messages).
 
     The schedule's macro ticks and input split, with the message queues' lengths (the drain's
     extra graph depends on them) replayed as counts instead of tensors.
     """
-    if pipeline not in ("reset", "continuous"):
-        raise ValueError(f"pipeline must be reset or continuous, got {pipeline!r}")
-    batches = 1 if pipeline == "reset" else math.ceil(2 * (modules - 1) / clip_len) + 1
+    if between_clips not in ("reset", "continuous"):
+        raise ValueError(f"between_clips must be reset or continuous, got {between_clips!r}")
+    batches = 1 if between_clips == "reset" else math.ceil(2 * (modules - 1) / clip_len) + 1
     clock = fed = 0
     pending = [0] * modules  # messages each module holds but has not used
     for _ in range(batches):
-        if pipeline == "reset":
+        if between_clips == "reset":
             clock, fed, pending = 0, 0, [0] * modules
         fed += clip_len
-        end = chunked_batch_end(fed, modules, pipeline)
+        end = chunked_batch_end(fed, modules, between_clips)
         work = [_one_macro(modules, fed, macro.t0, macro.t1, macro.drain, pending)
-                for macro in macro_ticks(clock, end, chunk, pipeline)]
+                for macro in macro_ticks(clock, end, chunk, between_clips)]
         clock = end
     return work
 
@@ -68,7 +68,7 @@ def macro_work(modules: int, clip_len: int, pipeline: str, chunk: int) -> list[M
 def _one_macro(modules: int, fed: int, t0: int, t1: int, drain: bool,
                pending: list[int]) -> MacroWork:
     """Ticks [t0, t1): the schedule's split of each module's inputs, then the backward's queue
-    updates, top-down (``TickBatchedSideways.backward_module``); ``pending`` is updated in place."""
+    updates, top-down (``ChunkedSideways.backward_module``); ``pending`` is updated in place."""
     quiet, busy = map(list, zip(*(split_inputs(g, modules, fed, t0, t1) for g in range(modules))))
     pending[-1] += quiet[-1] + busy[-1]  # every frame reaching the top gives its loss gradient
     drain_graph, sent = [False] * modules, [0] * modules
@@ -159,10 +159,10 @@ def simulate(durations: list[dict[tuple[str, int], float]],
 
 
 def predict_chunked(costs: MacroCosts, stages: int, link: Link, batch: int, clip_len: int,
-                    chunk: int, pipeline: str = "reset", cores: int | None = None,
+                    chunk: int, between_clips: str = "reset", cores: int | None = None,
                     sizes: list[int] | None = None, optimizer: bool = True) -> ChunkedPrediction:
-    """Frames/s of the chunked executor: one process (``TickBatchedSideways``, uniform macro
-    ticks) for ``stages`` = 1, else ``StagedTickBatched`` (the same macro ticks, 1F1B), each op
+    """Frames/s of the chunked executor: one process (``ChunkedSideways``, uniform macro
+    ticks) for ``stages`` = 1, else ``StagedChunked`` (the same macro ticks, 1F1B), each op
     costing its modules' interpolated macro costs and each cross-stage input ``link.hop_s`` of
     its bytes after its producer ends (:func:`simulate`); :func:`batch_seconds` adds each
     stage's optimizer step (if ``optimizer``), the closing all_reduce and, with more stages than
@@ -176,14 +176,14 @@ def predict_chunked(costs: MacroCosts, stages: int, link: Link, batch: int, clip
     sizes = list(sizes) if sizes is not None else partition(costs.full_s(chunk), stages)
     if len(sizes) != stages or sum(sizes) != modules or min(sizes) < 1:
         raise ValueError(f"stage sizes {sizes} do not split the {modules} modules in {stages}")
-    work = macro_work(modules, clip_len, pipeline, chunk)
+    work = macro_work(modules, clip_len, between_clips, chunk)
     ranges = [range(a, b) for a, b in itertools.pairwise(itertools.accumulate(sizes, initial=0))]
     durations = [stage_ops(costs, r, work, s == stages - 1) for s, r in enumerate(ranges)]
     orders = [stage_order(s, stages, len(work)) for s in range(stages)]
     ops = simulate(durations, orders, _hops(costs, ranges, work, link))
     steps = [math.fsum(costs.step_s[g] for g in r) if optimizer else 0.0 for r in ranges]
     seconds = batch_seconds(ops, steps, link, cores)
-    ticks = chunked_batch_end(clip_len, modules, pipeline)
+    ticks = chunked_batch_end(clip_len, modules, between_clips)
     return ChunkedPrediction(stages, sizes, ticks, seconds, batch * clip_len / seconds,
                              chunk, len(work), ops)
 
@@ -206,7 +206,7 @@ def _hops(costs: MacroCosts, ranges: list[range], work: list[MacroWork],
           link: Link) -> Callable[[int, str, int], float | None]:
     """The link time of each op's input from its neighbour stage, None where none is sent:
     F(m) on stage s gets stage s-1's top module's outputs of m, B(m) stage s+1's bottom module's
-    messages of m, stacked in one tensor each (``StagedTickBatched._send``)."""
+    messages of m, stacked in one tensor each (``StagedChunked._send``)."""
 
     def arrival(s: int, kind: str, m: int) -> float | None:
         if kind == FORWARD and s > 0:
@@ -223,12 +223,12 @@ def _hops(costs: MacroCosts, ranges: list[range], work: list[MacroWork],
 
 
 def sweep_chunked(costs: MacroCosts, link: Link, batch: int, clip_len: int, chunk: int,
-                  pipeline: str = "reset", cores: int | None = None, max_stages: int = 64,
+                  between_clips: str = "reset", cores: int | None = None, max_stages: int = 64,
                   concurrent_costs: MacroCosts | None = None) -> list[ChunkedPrediction]:
     """:func:`predict_chunked` for P = 1 .. min(max_stages, modules). ``concurrent_costs``
     (measured with other processes computing, ``measure_macro_costs(concurrent=...)``), when
     given, prices P >= 2, whose stages compute at once; P = 1 computes alone. Stage sizes: the
     partition of each P's own costs at full chunk."""
     return [predict_chunked(costs if p == 1 or concurrent_costs is None else concurrent_costs,
-                            p, link, batch, clip_len, chunk, pipeline, cores)
+                            p, link, batch, clip_len, chunk, between_clips, cores)
             for p in range(1, min(max_stages, len(costs.names)) + 1)]

@@ -20,7 +20,7 @@ import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.rule import Autocast
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.balance import (clock, frame_bytes, loss_target, module_rules,
                                            time_windows, zero_frames)
@@ -142,7 +142,7 @@ def _macro_timer(model: FrameStack, frame_shape: tuple[int, ...], windows: tuple
     return rules, frames, timing
 
 
-def _time_step(rule: TickBatchedSideways, repeats: int, device: torch.device) -> float:
+def _time_step(rule: ChunkedSideways, repeats: int, device: torch.device) -> float:
     """Median seconds of the end of a batch for one module: pseudo-gradient mean into ``.grad``
     and an AdamW step (the trainer's default optimizer)."""
     params = [p for group in rule.params for p in group]

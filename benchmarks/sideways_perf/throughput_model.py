@@ -2,7 +2,7 @@
 
 The tick rule's stages (``staged_sideways.py``) run in lock step, one tick at a time. Module d is
 busy forward when it has a new input and busy backward when it holds a message (the schedule's
-``input_ticks`` and ``message_ticks``): in ``pipeline: reset`` a clip of T frames takes T + 2(D-1)
+``input_ticks`` and ``message_ticks``): in ``between_clips: reset`` a clip of T frames takes T + 2(D-1)
 ticks, in ``continuous`` every module does both every tick, T ticks per clip. A tick lasts as long
 as its slowest stage (the sum of its busy modules' measured costs), plus the communication it
 cannot hide. frames/s = B*T / (the sum of one clip's tick times).
@@ -46,13 +46,13 @@ class Prediction:
     frames_per_s: float
 
 
-def busy(modules: int, clip_len: int, pipeline: str) -> tuple[np.ndarray, np.ndarray]:
+def busy(modules: int, clip_len: int, between_clips: str) -> tuple[np.ndarray, np.ndarray]:
     """[ticks, modules] masks of the modules computing a forward and a VJP at each tick of a clip."""
-    if pipeline == "continuous":
+    if between_clips == "continuous":
         full = np.ones((clip_len, modules), dtype=bool)
         return full, full.copy()
-    if pipeline != "reset":
-        raise ValueError(f"pipeline must be reset or continuous, got {pipeline!r}")
+    if between_clips != "reset":
+        raise ValueError(f"between_clips must be reset or continuous, got {between_clips!r}")
     ticks = clip_len + 2 * (modules - 1)
     forward, backward = np.zeros((2, ticks, modules), dtype=bool)
     for g in range(modules):
@@ -62,12 +62,12 @@ def busy(modules: int, clip_len: int, pipeline: str) -> tuple[np.ndarray, np.nda
 
 
 def clip_seconds(costs: ModuleCosts, sizes: list[int], link: Link, clip_len: int,
-                 pipeline: str = "reset", cores: int | None = None) -> tuple[float, int]:
+                 between_clips: str = "reset", cores: int | None = None) -> tuple[float, int]:
     """Seconds and ticks of one batch of clips with stages of ``sizes`` modules, on ``cores``
     cores (None: one per stage)."""
     if sum(sizes) != len(costs.names) or min(sizes) < 1:
         raise ValueError(f"stage sizes {sizes} do not split the {len(costs.names)} modules")
-    forward, backward = busy(len(costs.names), clip_len, pipeline)
+    forward, backward = busy(len(costs.names), clip_len, between_clips)
     work = forward * np.array(costs.forward_s) + backward * np.array(costs.backward_s)
     edges = np.cumsum([0, *sizes])
     compute = np.add.reduceat(work, edges[:-1], axis=1).max(axis=1)
@@ -82,17 +82,17 @@ def clip_seconds(costs: ModuleCosts, sizes: list[int], link: Link, clip_len: int
 
 
 def predict(costs: ModuleCosts, stages: int, link: Link, batch: int, clip_len: int,
-            pipeline: str = "reset", cores: int | None = None) -> Prediction:
+            between_clips: str = "reset", cores: int | None = None) -> Prediction:
     """Frames/s with ``stages`` stages split by :func:`partition` of the modules' tick costs."""
     sizes = partition(costs.total_s, stages)
-    seconds, ticks = clip_seconds(costs, sizes, link, clip_len, pipeline, cores)
+    seconds, ticks = clip_seconds(costs, sizes, link, clip_len, between_clips, cores)
     return Prediction(stages, sizes, ticks, seconds, batch * clip_len / seconds)
 
 
-def sweep(costs: ModuleCosts, link: Link, batch: int, clip_len: int, pipeline: str = "reset",
+def sweep(costs: ModuleCosts, link: Link, batch: int, clip_len: int, between_clips: str = "reset",
           cores: int | None = None, max_stages: int = 64) -> list[Prediction]:
     """:func:`predict` for P = 1 .. min(max_stages, modules): a stage holds at least one module."""
-    return [predict(costs, p, link, batch, clip_len, pipeline, cores)
+    return [predict(costs, p, link, batch, clip_len, between_clips, cores)
             for p in range(1, min(max_stages, len(costs.names)) + 1)]
 
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from rich.table import Table
 
 from sideways_cli.config import Config
 from sideways_cli.engine.contract import Row, failures
 from sideways_cli.engine.losses import OBJECTIVES
-from sideways_cli.models import FrameStack
 from sideways_cli.parallel.balance import measure_module_costs, partition, stage_costs
 from sideways_cli.run.build import IMAGE_CHANNELS, build_network
 from sideways_cli.run.contract_gate import network_rows

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sideways_cli.analyses.fidelity import mean_below_head, run_fidelity
-from sideways_cli.config import MODES, Config, flat_dict, valid_keys
+from sideways_cli.config import MODES, Config, current_key, flat_dict, valid_keys
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.reports.plots import compare_png, sweep_png
 from sideways_cli.reports.tables import compare_table, format_value, write_json
@@ -71,7 +71,8 @@ def parse_modes(text: str | None) -> list[str]:
     return modes
 
 
-def _check_key(key: str, option: str) -> str:
+def _validate_key(key: str, option: str) -> str:
+    key = current_key(key)
     if key == "mode":
         raise UserError(f"{option}: the mode is chosen with --modes, not {option}")
     if key not in valid_keys():
@@ -84,7 +85,7 @@ def parse_keys(text: str | None) -> list[str]:
     keys = [k.strip() for k in (text or "").split(",") if k.strip()]
     for key in keys:
         if key != "mode":  # always compared; naming it is harmless
-            _check_key(key, "--keys")
+            _validate_key(key, "--keys")
     return keys
 
 
@@ -94,7 +95,7 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     raws = [v.strip() for v in values.split(",")]
     if not sep or not key.strip() or not all(raws):
         raise UserError(f"--sweep expects KEY=V1,V2,... with no empty value, got {text!r}")
-    key = _check_key(key.strip(), "--sweep")
+    key = _validate_key(key.strip(), "--sweep")
     return key, [f"{key}={raw}" for raw in raws]
 
 
@@ -105,7 +106,7 @@ def parse_variant(text: str) -> list[str]:
         key, sep, raw = part.partition("=")
         if not sep or not key.strip() or not raw.strip():
             raise UserError(f"--variant expects KEY=V[,KEY2=V2], got {text!r}")
-        keys.append(_check_key(key.strip(), "--variant"))
+        keys.append(_validate_key(key.strip(), "--variant"))
         overrides.append(f"{key.strip()}={raw.strip()}")
     if len(set(keys)) < len(keys):
         raise UserError(f"--variant {text!r} sets a key twice")

@@ -41,7 +41,7 @@ class TickMatchedSideways(SidewaysRule):
     and the VJP at the window the message meets."""
 
     def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
-        super().__init__(model, pipeline="reset", objective=objective)
+        super().__init__(model, between_clips="reset", objective=objective)
         # 0-dim tensors on the device, read once at the end: reading each would wait for its tick
         self.tick_cosines: list[list[torch.Tensor]] = [[] for _ in model.stack]
         self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame

@@ -27,7 +27,7 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 from sideways_cli.models.stack import causal_outputs
-from sideways_cli.run.build import PRECISIONS, make_optimizer
+from sideways_cli.run.build import DTYPES, make_optimizer
 from sideways_cli.run.reconstruction import frame_psnr
 from sideways_cli.support.runtime import clock, to_device
 
@@ -88,7 +88,7 @@ def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransfor
 def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int,
                    on_ticks: Tick = lambda n: None) -> tuple[int, int]:
     """Every frame enters the pipeline at its tick; returns (frames used, updates)."""
-    rule = SidewaysRule(model, pipeline="continuous", update=f"every {update_every} ticks",
+    rule = SidewaysRule(model, between_clips="continuous", update=f"every {update_every} ticks",
                         objective=RECONSTRUCT)
     optimizer = make_optimizer(cfg.train, model)
 
@@ -129,7 +129,7 @@ def run_stream(cfg: Config, model_factory, frames: torch.Tensor, update_every: i
     """Both learners on the same stream from the same initial weights (``model_factory()``);
     ``progress(mode)`` gives the callback that learner reports its ticks to."""
     stream, transform = prepare(frames, cfg.data.size)
-    dtype = PRECISIONS[cfg.precision]
+    dtype = DTYPES[cfg.precision]
     stream = to_device(stream, device, dtype)
     unseen = to_device(prepare(held_out, cfg.data.size)[0], device, dtype) if held_out is not None else None
     results = []

@@ -9,11 +9,11 @@ from sideways_cli.engine.clock import runs_chunked
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.rule import Autocast, BatchStats, GradientRule
 from sideways_cli.engine.sideways import SidewaysRule
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 
 
-def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str = "clip",
+def make_rule(mode: str, model: FrameStack, between_clips: str = "reset", update: str = "clip",
               chunk: int = 1, objective: Objective = CLASSIFY,
               autocast: Autocast = nullcontext) -> GradientRule:
     """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module
@@ -24,10 +24,10 @@ def make_rule(mode: str, model: FrameStack, pipeline: str = "reset", update: str
     if mode != "sideways":
         raise ValueError(f"unknown mode {mode!r}")
     if runs_chunked(update, chunk):
-        return TickBatchedSideways(model, pipeline=pipeline, chunk=chunk, objective=objective,
+        return ChunkedSideways(model, between_clips=between_clips, chunk=chunk, objective=objective,
                                    autocast=autocast)
-    return SidewaysRule(model, pipeline=pipeline, update=update, objective=objective, autocast=autocast)
+    return SidewaysRule(model, between_clips=between_clips, update=update, objective=objective, autocast=autocast)
 
 
-__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "TickBatchedSideways",
+__all__ = ["BackpropRule", "BatchStats", "GradientRule", "SidewaysRule", "ChunkedSideways",
            "make_rule"]

@@ -15,7 +15,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-PIPELINE_MODES = ("reset", "continuous")
+BETWEEN_CLIPS = ("reset", "continuous")
 _EVERY = re.compile(r"every\s+(\d+)\s+ticks?")
 
 
@@ -49,11 +49,11 @@ def message_frame(g: int, tick: int, modules: int) -> int:
     return tick - 2 * (modules - 1) + g
 
 
-def batch_ticks(frames: int, modules: int, pipeline: str) -> int:
+def batch_ticks(frames: int, modules: int, between_clips: str) -> int:
     """Ticks the tick rule spends on a batch of ``frames``: in ``reset`` the pipeline fills and
     drains around it, until the last frame's gradient has reached module 1; ``continuous`` goes
     on into the next batch."""
-    return frames + (2 * (modules - 1) if pipeline == "reset" else 0)
+    return frames + (2 * (modules - 1) if between_clips == "reset" else 0)
 
 
 def drain_ticks(g: int, modules: int, fed: int) -> int:
@@ -88,18 +88,18 @@ def uniform(ticks: int, chunk: int) -> list[int]:
     return ([ticks % chunk] if ticks % chunk else []) + [chunk] * (ticks // chunk)
 
 
-def chunked_batch_end(fed: int, modules: int, pipeline: str) -> int:
+def chunked_batch_end(fed: int, modules: int, between_clips: str) -> int:
     """The clock after the chunked executor's batch: macro ticks run while some module still gets
     a new input (the top's last comes D-1 ticks after the last frame; the drain's messages fold
     into the last macro tick); ``continuous`` stops with the last frame."""
-    return fed + (modules - 1 if pipeline == "reset" else 0)
+    return fed + (modules - 1 if between_clips == "reset" else 0)
 
 
-def macro_ticks(clock: int, end: int, chunk: int, pipeline: str) -> list[MacroTick]:
+def macro_ticks(clock: int, end: int, chunk: int, between_clips: str) -> list[MacroTick]:
     """The macro ticks of [clock, end), counted back from the end so that the last one holds
     every module's last input when chunk >= D. Any cut gives the same numbers."""
     bounds = list(itertools.accumulate(uniform(end - clock, chunk), initial=clock))
-    return [MacroTick(t0, t1, pipeline == "reset" and t1 == end)
+    return [MacroTick(t0, t1, between_clips == "reset" and t1 == end)
             for t0, t1 in zip(bounds, bounds[1:])]
 
 
@@ -121,7 +121,7 @@ def split_inputs(g: int, modules: int, fed: int, t0: int, t1: int) -> tuple[int,
 def messages_sent(busy: int, macro: MacroTick, g: int, modules: int) -> int:
     """How many messages module g sends below in a macro tick: one per busy tick, or in the
     drain, with none busy, one for the summed drain messages, which every module but the head
-    has (``TickBatchedSideways.backward_module``)."""
+    has (``ChunkedSideways.backward_module``)."""
     return busy or int(macro.drain and g < modules - 1)
 
 
@@ -142,7 +142,7 @@ FORWARD, LOSSES, BACKWARD = "F", "L", "B"
 def stage_order(stage: int, stages: int, macros: int) -> list[tuple[str, int]]:
     """A stage's actions for a batch of ``macros`` macro ticks, in order: its forwards ahead, then
     per macro tick m the forward of m + ahead, the frame losses (the last stage) and the backward
-    of m. The stages run it (``StagedTickBatched``) and the throughput model simulates it."""
+    of m. The stages run it (``StagedChunked``) and the throughput model simulates it."""
     ahead = forwards_ahead(stage, stages, macros)
     order = [(FORWARD, m) for m in range(ahead)]
     for m in range(macros):

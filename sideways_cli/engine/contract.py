@@ -30,7 +30,7 @@ from torch import nn
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.probes import make_video, module_gradients
-from sideways_cli.engine.registers import pipelined_forward
+from sideways_cli.engine.registers import tick_forward
 from sideways_cli.models import FrameModule, FrameStack
 from sideways_cli.models.norms import trainable_batchnorm
 
@@ -192,7 +192,7 @@ def module_rows(model: FrameStack, clip: torch.Tensor) -> list[Row]:
         for d, x in enumerate(module_inputs(model, clip)):
             rows += _one_module(model.stack[d], d, model.names[d], x, tolerance)
         rows.append(_measured("tick == clip", None, "network", lambda: relative_difference(
-            pipelined_forward(model, clip), model(clip)), tolerance,
+            tick_forward(model, clip), model(clip)), tolerance,
             f"{len(model)} modules' pipelined forward vs clip"))
     return rows
 

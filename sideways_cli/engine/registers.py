@@ -92,7 +92,7 @@ class ModuleStep:
     token: Token  # the output as it travels to the next module
 
 
-class Pipeline:
+class Registers:
     """Registers of a D-module stack and the forward half of a tick."""
 
     def __init__(self, model: FrameStack, first: int = 0):
@@ -162,12 +162,12 @@ def clip_tokens(clip: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tenso
 
 
 @torch.no_grad()
-def pipelined_forward(model: FrameStack, clip: torch.Tensor) -> torch.Tensor:
+def tick_forward(model: FrameStack, clip: torch.Tensor) -> torch.Tensor:
     """Run a clip through the pipeline tick by tick; returns the top outputs in frame order, time at dim 2.
 
     Runs until the top module's last input (``schedule.input_ticks``): T + D - 1 ticks.
     """
-    pipeline = Pipeline(model)
+    pipeline = Registers(model)
     tokens = clip_tokens(clip, torch.empty(0))
     top = len(model) - 1
     outputs: list[torch.Tensor] = []

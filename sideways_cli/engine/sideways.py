@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from sideways_cli.engine.clock import PIPELINE_MODES, batch_ticks, parse_update
+from sideways_cli.engine.clock import BETWEEN_CLIPS, batch_ticks, parse_update
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
-from sideways_cli.engine.registers import ModuleStep, Pipeline, Token, clip_tokens
+from sideways_cli.engine.registers import ModuleStep, Registers, Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 
@@ -77,20 +77,20 @@ class SidewaysRule:
     the stage's outgoing activation in :meth:`sent_up` and message in ``sent_down``.
     """
 
-    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
+    def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
                  objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
                  first: int = 0, network_modules: int | None = None):
-        if pipeline not in PIPELINE_MODES:
-            raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
+        if between_clips not in BETWEEN_CLIPS:
+            raise ValueError(f"sideways.between_clips must be one of {BETWEEN_CLIPS}, got {between_clips!r}")
         self.model = model
         self.objective = objective
-        self.pipeline_mode = pipeline
+        self.between_clips = between_clips
         self.update_every = parse_update(update)
         self.autocast = autocast
         self.first = first
         self.network_modules = network_modules if network_modules is not None else len(model)
         self.has_head = first + len(model) == self.network_modules
-        self.pipeline = Pipeline(model, first)
+        self.registers = Registers(model, first)
         size = len(model)
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.current: list[ModuleStep | None] = [None] * size  # graph of each module's newest window
@@ -104,7 +104,7 @@ class SidewaysRule:
 
     def reset(self) -> None:
         """Empty the pipeline: no activation, graph or message survives into the next clip."""
-        self.pipeline.reset()
+        self.registers.reset()
         self.current = [None] * len(self.model)
         self.messages = [None] * len(self.model)
         self.clock = self.fed = 0
@@ -118,11 +118,11 @@ class SidewaysRule:
         the next batch like a live stream, so this batch's losses are the ones that reached the
         top during its T ticks.
         """
-        if self.pipeline_mode == "reset":
+        if self.between_clips == "reset":
             self.reset()
         tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels), self.fed)
         self.fed += len(tokens)
-        ticks = batch_ticks(len(tokens), self.network_modules, self.pipeline_mode)
+        ticks = batch_ticks(len(tokens), self.network_modules, self.between_clips)
         losses, updates = LossSum(), 0
         for tick in range(ticks):
             loss = self.tick(tokens[tick] if tick < len(tokens) else None)
@@ -150,7 +150,7 @@ class SidewaysRule:
             self.stale[step.index] = False
         loss = None
         head = self.current[top]
-        if self.has_head and head is not None and self.pipeline.fresh[top]:
+        if self.has_head and head is not None and self.registers.fresh[top]:
             loss = self.objective.frame_loss(at_least_fp32(head.output), head.token.target)
             (self.messages[top],) = torch.autograd.grad(loss, head.output, retain_graph=True)
             loss = loss.detach()
@@ -173,11 +173,11 @@ class SidewaysRule:
         """The forward half of a tick: every module with a new input computes its output at its
         new window, with the graph its VJP will use. (A probe may extend it: ``fidelity.py``.)"""
         with self.autocast():
-            return self.pipeline.forward_tick(frame, with_graph=True)
+            return self.registers.forward_tick(frame, with_graph=True)
 
     def sent_up(self) -> Token | None:
         """The top module's output of the last tick, if it computed one: the next stage's input."""
-        return self.pipeline.outputs[-1] if self.pipeline.fresh[-1] else None
+        return self.registers.outputs[-1] if self.registers.fresh[-1] else None
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
         """VJP of module d at its current window; accumulates g_d, returns the message below."""
@@ -220,13 +220,13 @@ class SidewaysRule:
         is rebuilt from its saved window when next used, as after a weight update."""
         current = [None if step is None else {"window": step.window.detach(), "filled": step.filled,
                                               "token": step.token.state()} for step in self.current]
-        return {"pipeline": self.pipeline.state_dict(), "current": current,
+        return {"pipeline": self.registers.state_dict(), "current": current,
                 "messages": [None if m is None else m.detach() for m in self.messages],
                 "pseudo": self.pseudo.state_dict(), "ticks_since_update": self.ticks_since_update,
                 "clock": self.clock, "fed": self.fed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pipeline.load_state_dict(state["pipeline"])
+        self.registers.load_state_dict(state["pipeline"])
         self.current = [None if s is None else
                         ModuleStep(d, s["window"], s["filled"], None, Token.from_state(s["token"]))
                         for d, s in enumerate(state["current"])]

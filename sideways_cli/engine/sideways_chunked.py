@@ -4,7 +4,7 @@ This is a second execution strategy of :class:`~sideways_cli.engine.sideways.Sid
 variant of the rule: it gives the same pseudo-gradients, losses and update, to float64 round-off,
 and the same message at every tick (only the drain's, see below, are formed as their sum).
 ``tests/test_sideways_batched.py`` checks this for every model of the zoo, several chunk sizes,
-clip lengths and both pipeline modes. Read ``sideways.py`` first: it is the definition.
+clip lengths and both settings of sideways.between_clips. Read ``sideways.py`` first: it is the definition.
 
 Why it may batch: with ``update: clip`` the weights are fixed for the whole batch, so module d's
 work at tick t depends only on module d-1's outputs at earlier ticks (forward) and on the message
@@ -27,7 +27,7 @@ CPU kernels need. What crosses a macro-tick boundary (a module's newest output, 
 waits in a queue, as on the wire between two pipeline stages. Memory is O(D x chunk) windows and
 graphs, independent of the clip length.
 
-The drain (``pipeline: reset``, the ticks after a module's last input) is where the tick rule
+The drain (``between_clips: reset``, the ticks after a module's last input) is where the tick rule
 repeats itself: each tick the module meets a new message with the same last window, and all that
 its drain messages feed is draining too (windows fixed), so linear in them. The sum of a module's
 drain messages therefore gives the same pseudo-gradient as one VJP per tick, and sends the module
@@ -45,7 +45,7 @@ from typing import Any, Iterable
 
 import torch
 
-from sideways_cli.engine.clock import (BACKWARD, FORWARD, PIPELINE_MODES, MacroTick,
+from sideways_cli.engine.clock import (BACKWARD, FORWARD, BETWEEN_CLIPS, MacroTick,
                                        chunked_batch_end, drain_ticks, macro_ticks,
                                        parse_update, split_inputs, stage_order)
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
@@ -73,7 +73,7 @@ class Graph:
     newest: torch.Tensor | None = None
 
 
-class TickBatchedSideways:
+class ChunkedSideways:
     """:class:`SidewaysRule` with ``update: clip``, each module doing ``chunk`` ticks per call.
 
     ``chunk`` trades memory for larger, more efficient kernels: a macro tick holds every module's
@@ -90,11 +90,11 @@ class TickBatchedSideways:
     (:meth:`take_sent_down`): ``distributed/staged_batched.py``.
     """
 
-    def __init__(self, model: FrameStack, pipeline: str = "reset", update: str = "clip",
+    def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
                  chunk: int = 8, objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
                  first: int = 0, network_modules: int | None = None):
-        if pipeline not in PIPELINE_MODES:
-            raise ValueError(f"sideways.pipeline must be one of {PIPELINE_MODES}, got {pipeline!r}")
+        if between_clips not in BETWEEN_CLIPS:
+            raise ValueError(f"sideways.between_clips must be one of {BETWEEN_CLIPS}, got {between_clips!r}")
         if parse_update(update) is not None:
             raise ValueError(f"tick batching needs weights fixed within a batch (update: clip), "
                              f"got {update!r}; SidewaysRule runs it")
@@ -102,7 +102,7 @@ class TickBatchedSideways:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.model = model
         self.objective = objective
-        self.pipeline_mode = pipeline
+        self.between_clips = between_clips
         self.chunk = chunk
         self.autocast = autocast
         self.first = first
@@ -146,11 +146,11 @@ class TickBatchedSideways:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
         the macro ticks that process them, in order (``schedule.macro_ticks``); the clock moves
         past them."""
-        if self.pipeline_mode == "reset":
+        if self.between_clips == "reset":
             self.reset()
         self.fed += frames
-        end = chunked_batch_end(self.fed, self.network_modules, self.pipeline_mode)
-        macros = macro_ticks(self.clock, end, self.chunk, self.pipeline_mode)
+        end = chunked_batch_end(self.fed, self.network_modules, self.between_clips)
+        macros = macro_ticks(self.clock, end, self.chunk, self.between_clips)
         self.clock = end
         return macros
 
@@ -323,7 +323,7 @@ class TickBatchedSideways:
 
     def state_dict(self) -> dict[str, Any]:
         """Registers, queued inputs and messages, clocks and pseudo-gradient sums: what
-        ``pipeline: continuous`` carries into the next batch (detached tensors)."""
+        ``between_clips: continuous`` carries into the next batch (detached tensors)."""
         # "inbox" and "mailbox": the queues' names in checkpoints since the first version
         return {"registers": [r.state() for r in self.registers],
                 "inbox": [[token.state() for token in queue] for queue in self.pending_inputs],

@@ -25,7 +25,7 @@ import torch
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.registers import Token
 from sideways_cli.engine.rule import Autocast
-from sideways_cli.engine.sideways_chunked import TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.stages import stage_stack
 from sideways_cli.support.errors import UserError
@@ -80,15 +80,15 @@ def frame_bytes(frames: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[i
 
 
 def module_rules(model: FrameStack, objective: Objective = CLASSIFY,
-                 autocast: Autocast = nullcontext) -> list[TickBatchedSideways]:
+                 autocast: Autocast = nullcontext) -> list[ChunkedSideways]:
     """One one-module chunked executor per module (``first=g`` of the whole network, so that
     module 1 sends no message and the head takes the frame losses), sharing its parameters."""
-    return [TickBatchedSideways(stage_stack(model, range(g, g + 1)), "continuous", "clip", 1,
+    return [ChunkedSideways(stage_stack(model, range(g, g + 1)), "continuous", "clip", 1,
                                 objective, autocast, first=g, network_modules=len(model))
             for g in range(len(model))]
 
 
-def time_windows(rule: TickBatchedSideways, frame: torch.Tensor, out: torch.Tensor,
+def time_windows(rule: ChunkedSideways, frame: torch.Tensor, out: torch.Tensor,
                  target: torch.Tensor, n: int, device: torch.device) -> tuple[float, ...]:
     """Seconds of one module's work on n windows, as the chunked executor does it: the forward
     without a graph (quiet), with one (busy), the VJP of n messages and (the head) the frame

@@ -30,7 +30,7 @@ from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.links import StageFailure, is_link_failure
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -90,8 +90,8 @@ class PipelinedBackprop:
     def __init__(self, stack: FrameStack, stage: int, stages: int, schedule: str, microbatches: int,
                  objective: Objective, device: torch.device, autocast: Autocast = nullcontext,
                  group: dist.ProcessGroup | None = None):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if schedule not in SCHEDULE_CLASSES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_CLASSES)}")
         if dist.get_rank(group) != stage:
             # torch.distributed.pipelining puts stage i on rank i of the group
             raise ValueError(f"stage {stage} runs on rank {dist.get_rank(group)} of its group")
@@ -100,7 +100,7 @@ class PipelinedBackprop:
         self.module = _StageForward(stack, autocast)
         self.stage = PipelineStage(self.module, stage, stages, device, group=group)
         self.schedule_name = schedule
-        self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=self._microbatch_loss,
+        self.bp_schedule = SCHEDULE_CLASSES[schedule](self.stage, microbatches, loss_fn=self._microbatch_loss,
                                             scale_grads=False)
         self._shape: torch.Size | None = None  # the batch shape the buffers were sized for
         self._clips: torch.Tensor | None = None  # the last stage's targets during a step
@@ -136,7 +136,7 @@ class PipelinedBackprop:
             target = torch.arange(len(labels), device=labels.device)
         losses: list[torch.Tensor] = []
         try:
-            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            self.bp_schedule.step(*args, target=target, losses=losses, return_outputs=False)
         except RuntimeError as exc:  # a send or receive of the schedule: a neighbour hung or died
             if not is_link_failure(exc):
                 raise

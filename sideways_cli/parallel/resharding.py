@@ -130,7 +130,7 @@ def sideways_for_stage(state: dict[str, Any], modules: range, stage: int,
 
 
 def merge_batched(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stage states of :class:`StagedTickBatched` as the one :class:`TickBatchedSideways` state.
+    """Stage states of :class:`StagedChunked` as the one :class:`ChunkedSideways` state.
 
     Between batches nothing is on the wire: a stage's outputs wait in the inbox of the stage
     above's bottom module, its messages in the mailbox of the stage below's top module; only the
@@ -152,7 +152,7 @@ def merge_batched(stages: list[dict[str, Any]]) -> dict[str, Any]:
 
 def batched_for_stage(state: dict[str, Any], modules: range, stage: int,
                       stages: int) -> dict[str, Any]:
-    """The network's :class:`TickBatchedSideways` state cut down to one stage's."""
+    """The network's :class:`ChunkedSideways` state cut down to one stage's."""
     own = slice(modules.start, modules.stop)
     last = stage == stages - 1
     rule = {**state, "registers": state["registers"][own], "mailbox": state["mailbox"][own],
@@ -175,7 +175,7 @@ def _targets(tokens: list[dict[str, Any]]) -> dict[int, Any]:
 
 
 def _batched_tokens(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every token a TickBatchedSideways state holds: window registers and queued inputs."""
+    """Every token a ChunkedSideways state holds: window registers and queued inputs."""
     return [token for queue in state["registers"] + state["inbox"] for token in queue]
 
 

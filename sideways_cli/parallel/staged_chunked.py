@@ -11,7 +11,7 @@ a 1F1B schedule: stage s runs some forwards ahead (P-s below the top stage, one 
 stages work at once in steady state; ``schedule.stage_order`` is that order, as data. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
 previous tick; ``staged_sideways.py`` runs that, every update rule.)
 
-The numbers are those of the single-process :class:`TickBatchedSideways` (and so of the tick
+The numbers are those of the single-process :class:`ChunkedSideways` (and so of the tick
 rule): the same operations on the same values; a stage merely runs a macro tick's forward early,
 which nothing else reads until its backward. Weights change only between batches
 (``update: clip``), so each batch ends the schedule; that is the pipeline's bubble, (P-1) macro
@@ -35,7 +35,7 @@ from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, arrivals, m
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.registers import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, Autocast, LossSum
-from sideways_cli.engine.sideways_chunked import Graph, TickBatchedSideways
+from sideways_cli.engine.sideways_chunked import Graph, ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.contribution import Contribution
 from sideways_cli.parallel.links import PendingReceive
@@ -44,7 +44,7 @@ from sideways_cli.parallel.stages import Spec, boundary_specs
 from sideways_cli.parallel.topology import Topology
 
 
-class StagedTickBatched:
+class StagedChunked:
     """The chunked executor for one stage (``modules`` of a ``network_modules``-module network).
 
     ``specs``: every module's per-clip output frame (shape, dtype), which with the clock gives the
@@ -52,9 +52,9 @@ class StagedTickBatched:
     """
 
     def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
-                 specs: list[Spec], pipeline: str, chunk: int, objective: Objective,
+                 specs: list[Spec], between_clips: str, chunk: int, objective: Objective,
                  autocast: Autocast):
-        self.rule = TickBatchedSideways(stack, pipeline, "clip", chunk, objective, autocast,
+        self.rule = ChunkedSideways(stack, between_clips, "clip", chunk, objective, autocast,
                                         first=modules.start, network_modules=network_modules)
         self.modules, self.network_modules = modules, network_modules
         self.ctx, self.links = ctx, ctx.links

@@ -37,9 +37,9 @@ class StagedSideways:
     """
 
     def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
-                 specs: list[Spec], pipeline: str, update: str, objective: Objective,
+                 specs: list[Spec], between_clips: str, update: str, objective: Objective,
                  autocast: Autocast):
-        self.rule = SidewaysRule(stack, pipeline, update, objective, autocast,
+        self.rule = SidewaysRule(stack, between_clips, update, objective, autocast,
                                  first=modules.start, network_modules=network_modules)
         self.modules, self.network_modules = modules, network_modules
         self.ctx, self.links = ctx, ctx.links
@@ -60,7 +60,7 @@ class StagedSideways:
         """One batch of clips of ``shape`` [B, C, T, H, W] on every stage: the first has the clips,
         the last the labels (and, for reconstruction, the clips: its targets)."""
         rule = self.rule
-        if rule.pipeline_mode == "reset":
+        if rule.between_clips == "reset":
             rule.reset()
             self.pending_up = self.pending_message = None
         frames = shape[2]
@@ -69,7 +69,7 @@ class StagedSideways:
         tokens = clip_tokens(clips, [None] * frames, first_frame) if self.ctx.is_first else []
         if self.ctx.is_last:
             self.targets.keep(clips, labels, shape, first_frame, rule.clock)
-        ticks = batch_ticks(frames, self.network_modules, rule.pipeline_mode)
+        ticks = batch_ticks(frames, self.network_modules, rule.between_clips)
         losses, flushes = LossSum(), []
         for i in range(ticks):
             tick = rule.clock

@@ -17,7 +17,7 @@ in the order they were issued, and ignores tags):
   group carries traffic one way only, and in-order execution can never cycle;
 - ``pipeline``, per replica: its stages' collectives (an evaluation's metrics);
 - ``across``, per stage: that stage of every replica, which averages its gradients;
-- ``schedule``, per replica, pipelined BP only: torch.distributed.pipelining's own traffic;
+- ``pipelined_bp``, per replica, pipelined BP only: torch.distributed.pipelining's own traffic;
 - the default group: the whole job (a batch's statistics, peak memory, start-up and checkpoint
   barriers).
 """
@@ -70,7 +70,7 @@ class Topology:
     """Replica ``replica`` of ``replicas``, stage ``stage`` of ``stages``, on ``device``.
 
     ``links``: the traffic to the replica's other stages (None with one stage); ``across``: this
-    stage of every replica (None with one replica); ``schedule``: pipelined BP's group of the
+    stage of every replica (None with one replica); ``pipelined_bp``: pipelined BP's group of the
     replica's stages (see the module's docstring)."""
 
     device: torch.device
@@ -81,7 +81,7 @@ class Topology:
     hang_timeout_s: float = HANG_TIMEOUT_S["cpu"]
     links: Links | None = None
     across: ReplicaGroup | None = None
-    schedule: dist.ProcessGroup | None = field(default=None, repr=False)
+    pipelined_bp: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -249,13 +249,13 @@ def make_topology(replicas: int, stages: int, device: torch.device, hang_s: floa
                   "up": dist.new_group(members, timeout=p2p, group_desc="up"),
                   "down": dist.new_group(members, timeout=p2p, group_desc="down")}
         if pipelined_bp:
-            groups["schedule"] = dist.new_group(members, timeout=hang, group_desc="schedule")
+            groups["pipelined_bp"] = dist.new_group(members, timeout=hang, group_desc="pipelined_bp")
         if r == replica:
             mine = groups
     across = [dist.new_group([row[s] for row in ranks], timeout=hang, group_desc="across")
               for s in range(stages)]
     topology = Topology(device, replicas, stages, replica, stage, hang_s,
-                        schedule=mine.get("schedule"))
+                        pipelined_bp=mine.get("pipelined_bp"))
     if stages > 1:
         topology.links = Links(stage, stages, hang_s, device, ranks=ranks[replica],
                                up=mine["up"], down=mine["down"], pipeline=mine["pipeline"],

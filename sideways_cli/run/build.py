@@ -14,7 +14,7 @@ import torch
 
 from sideways_cli.config import Config, TrainConfig, load_config
 from sideways_cli.engine import make_rule
-from sideways_cli.engine.clock import PIPELINE_MODES, parse_update
+from sideways_cli.engine.clock import BETWEEN_CLIPS, parse_update
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import GradientRule
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
@@ -27,7 +27,7 @@ from sideways_cli.support.errors import UserError
 from sideways_cli.support.runtime import Autocast
 
 IMAGE_CHANNELS = 3
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def check(cfg: Config) -> None:
@@ -42,9 +42,9 @@ def check(cfg: Config) -> None:
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
                         "dict saved with torch.save (a relative path is from the working directory)")
-    if cfg.sideways.pipeline not in PIPELINE_MODES:
-        raise UserError(f"config key 'sideways.pipeline' must be one of {', '.join(PIPELINE_MODES)}, "
-                        f"got {cfg.sideways.pipeline!r}")
+    if cfg.sideways.between_clips not in BETWEEN_CLIPS:
+        raise UserError(f"config key 'sideways.between_clips' must be one of {', '.join(BETWEEN_CLIPS)}, "
+                        f"got {cfg.sideways.between_clips!r}")
     try:
         parse_update(cfg.sideways.update)
     except ValueError as exc:
@@ -123,7 +123,7 @@ def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> Fra
         except WeightsError as exc:
             raise UserError(str(exc)) from None
     # initialised in float32 whatever the precision, so a float64 run starts from the same weights
-    return model.to(PRECISIONS[cfg.precision])
+    return model.to(DTYPES[cfg.precision])
 
 
 def _build_zoo_network(cfg: Config, outputs: int) -> FrameStack:
@@ -159,12 +159,12 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
                            weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
 
 
-def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+def make_lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+        if cfg.lr_schedule == "constant":
             return 1.0
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -174,5 +174,5 @@ def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
 
 def rule_for(cfg: Config, model: FrameStack, autocast: Autocast) -> GradientRule:
     """The training rule ``cfg`` asks for over the whole ``model`` in this process."""
-    return make_rule(cfg.mode, model, cfg.sideways.pipeline, cfg.sideways.update,
+    return make_rule(cfg.mode, model, cfg.sideways.between_clips, cfg.sideways.update,
                      cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast)

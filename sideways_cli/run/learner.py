@@ -27,13 +27,13 @@ from sideways_cli.parallel.contribution import Contribution
 from sideways_cli.parallel.links import StageFailure, is_link_failure
 from sideways_cli.parallel.resharding import (model_state_for_stage, model_state_to_network, moved,
                                               optimizer_for_stage, stage_rule_share)
-from sideways_cli.parallel.staged_chunked import StagedTickBatched
+from sideways_cli.parallel.staged_chunked import StagedChunked
 from sideways_cli.parallel.staged_eval import StagedNetwork, serve_evaluation
 from sideways_cli.parallel.staged_sideways import StagedSideways
 from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import Topology
-from sideways_cli.run.build import (IMAGE_CHANNELS, PRECISIONS, build_network, make_optimizer,
-                                    make_schedule, rule_for)
+from sideways_cli.run.build import (IMAGE_CHANNELS, DTYPES, build_network, make_optimizer,
+                                    make_lr_schedule, rule_for)
 from sideways_cli.run.resume import carried_rule_state, restore_rng, rng_state
 from sideways_cli.support.runtime import forward_autocast
 
@@ -59,7 +59,7 @@ class StageLearner:
                               device) if topology.stages > 1 else [])
         self.stack: FrameStack = model if topology.stages == 1 else stage_stack(model, self.modules)
         self.optimizer = make_optimizer(cfg.train, self.stack)
-        self.schedule = make_schedule(cfg.train, self.optimizer)
+        self.lr_schedule = make_lr_schedule(cfg.train, self.optimizer)
         self.objective = OBJECTIVES[cfg.task]
         self.ddp = cfg.mode == "bp" and topology.stages == 1 and topology.across is not None
         self.executor = self._executor(specs)
@@ -72,18 +72,18 @@ class StageLearner:
                 trained = DistributedDataParallel(self.stack, process_group=topology.across.group)
             return rule_for(cfg, trained, self.autocast)
         stage = (self.stack, self.modules, self.network_modules, topology, specs,
-                 cfg.sideways.pipeline)
+                 cfg.sideways.between_clips)
         if cfg.mode == "sideways" and runs_chunked(cfg.sideways.update, cfg.sideways.chunk):
-            return StagedTickBatched(*stage, cfg.sideways.chunk, self.objective, self.autocast)
+            return StagedChunked(*stage, cfg.sideways.chunk, self.objective, self.autocast)
         if cfg.mode == "sideways":
             return StagedSideways(*stage, cfg.sideways.update, self.objective, self.autocast)
         # imported here: torch.distributed.pipelining takes seconds to import (torch._dynamo,
         # DTensor), which every process of every command would pay otherwise
         from sideways_cli.parallel.pipelined_bp import PipelinedBackprop
 
-        return PipelinedBackprop(self.stack, topology.stage, topology.stages, cfg.parallel.schedule,
+        return PipelinedBackprop(self.stack, topology.stage, topology.stages, cfg.parallel.bp_schedule,
                                  cfg.parallel.microbatches, self.objective, topology.device,
-                                 self.autocast, group=topology.schedule)
+                                 self.autocast, group=topology.pipelined_bp)
 
     @property
     def lr(self) -> float:
@@ -121,7 +121,7 @@ class StageLearner:
                 clips, labels = self._targets(clips, labels, shape)
             contribution = replace(self._contribution(clips, labels, shape), stop=stop)
             stats, stop = self.topology.batch_stats(contribution)
-        self.schedule.step()
+        self.lr_schedule.step()
         return stats, stop
 
     def _targets(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
@@ -138,7 +138,7 @@ class StageLearner:
             return None, None
         labels = links.receive((shape[0],), torch.int64, 0, "the batch's labels").wait()
         if needs_clips:
-            clips = links.receive(shape, PRECISIONS[self.cfg.precision], 0, "the batch's clips").wait()
+            clips = links.receive(shape, DTYPES[self.cfg.precision], 0, "the batch's clips").wait()
         return clips, labels
 
     def _contribution(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
@@ -182,7 +182,7 @@ class StageLearner:
         optimizer, the schedule and, for a checkpoint that resumes, its rule's registers and its
         random streams."""
         shard = {"model": model_state_to_network(self.stack.state_dict(), self.modules),
-                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+                 "optimizer": self.optimizer.state_dict(), "schedule": self.lr_schedule.state_dict()}
         if resuming:
             shard["rule"] = self.executor.state_dict()
             shard["rng"] = rng_state(self.topology.device)
@@ -198,7 +198,7 @@ class StageLearner:
         self.optimizer.load_state_dict(optimizer_for_stage(ckpt["optimizer"], self.counts,
                                                            topology.stage) if staged
                                        else ckpt["optimizer"])
-        self.schedule.load_state_dict(ckpt["schedule"])
+        self.lr_schedule.load_state_dict(ckpt["schedule"])
         rule = carried_rule_state(ckpt["resume"]["rule"], cfg)
         if rule is not None:
             rule = stage_rule_share(rule, cfg.mode, cfg.sideways.update, cfg.sideways.chunk,

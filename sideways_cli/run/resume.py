@@ -22,7 +22,7 @@ from sideways_cli.support.errors import UserError
 
 # how the work is spread, logged or chunked, never what is computed
 MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk",
-              "parallel.replicas", "parallel.stages", "parallel.balance", "parallel.schedule",
+              "parallel.replicas", "parallel.stages", "parallel.balance", "parallel.bp_schedule",
               "parallel.microbatches", "parallel.threads", "parallel.timeout_s", "parallel.backend")
 
 
@@ -142,11 +142,11 @@ def carried_rule_state(state: dict[str, Any], cfg: Config) -> dict[str, Any] | N
     layout = register_layout(cfg.sideways.update, cfg.sideways.chunk)
     if cfg.mode == "bp" or not state or layout in state:
         return state
-    if cfg.sideways.pipeline == "reset" and cfg.sideways.update == "clip":
+    if cfg.sideways.between_clips == "reset" and cfg.sideways.update == "clip":
         return None
     chunk = "sideways.chunk=1" if "pipeline" in state else "the sideways.chunk (above 1) it ran with"
     raise UserError(f"this checkpoint holds the pipeline registers of a run with another "
-                    f"sideways.chunk; with pipeline {cfg.sideways.pipeline!r} resume it with {chunk}")
+                    f"sideways.chunk; with pipeline {cfg.sideways.between_clips!r} resume it with {chunk}")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

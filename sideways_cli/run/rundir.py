@@ -3,7 +3,7 @@
     RUN_DIR/
       config.yaml                  the resolved config, written when training starts
       metrics.jsonl                a record every train.log_every steps (loss, lr, frames/s, memory)
-      summary.csv                  a row per evaluation
+      evaluations.csv                  a row per evaluation
       summary.json                 the final summary, written last: the run is finished
       checkpoints/last.pt          resumable (weights, optimizer, schedule, the rule's registers,
                                    the run's state), every train.checkpoint_every steps
@@ -61,7 +61,11 @@ class RunDir:
 
     @property
     def evaluations(self) -> Path:
-        return self.path / "summary.csv"
+        """evaluations.csv; in a run directory written before it had that name, its summary.csv,
+        which a resumed run goes on appending to."""
+        path = self.path / "evaluations.csv"
+        legacy = self.path / "summary.csv"
+        return legacy if legacy.is_file() and not path.exists() else path
 
     @property
     def summary(self) -> Path:
@@ -98,7 +102,7 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def logged_steps(self) -> int:
-        """The last step metrics.jsonl or summary.csv records (0: none)."""
+        """The last step metrics.jsonl or evaluations.csv records (0: none)."""
         steps = [record["step"] for record in read_jsonl(self.metrics)] if self.metrics.is_file() else []
         if self.evaluations.is_file():
             steps += [int(row[0]) for row in csv.reader(complete_lines(self.evaluations))
@@ -191,7 +195,7 @@ class FinishedRun:
     config: dict[str, Any]  # resolved config, dotted keys
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]  # metrics.jsonl: the training-loss curve
-    evaluations: list[dict[str, float]]  # summary.csv: the validation curve
+    evaluations: list[dict[str, float]]  # evaluations.csv: the validation curve
 
 
 def save_checkpoint(obj: Any, path: Path) -> None:
@@ -222,7 +226,7 @@ def csv_line(values: list[Any]) -> str:
 
 
 class LineLog:
-    """A log written a whole line at a time (metrics.jsonl, summary.csv), so that a reader takes
+    """A log written a whole line at a time (metrics.jsonl, evaluations.csv), so that a reader takes
     every line up to the last complete one; a failed write (a full disk) is a WriteError naming
     the file."""
 

@@ -19,7 +19,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
@@ -28,7 +27,7 @@ from sideways_cli.parallel.resharding import with_learner
 from sideways_cli.parallel.topology import Topology, join, launched, leave, single
 from sideways_cli.reports.progress import progress_bar
 from sideways_cli.reports.tables import write_json
-from sideways_cli.run.build import PRECISIONS
+from sideways_cli.run.build import DTYPES
 from sideways_cli.run.contract_gate import refuse_broken_builder
 from sideways_cli.run.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
 from sideways_cli.run.launch import run_as_processes
@@ -220,7 +219,7 @@ class Session:
         clips = labels = None
         if batches is not None:
             batch = next(batches)
-            clips = to_device(batch["clip"], self.device, PRECISIONS[self.cfg.precision])
+            clips = to_device(batch["clip"], self.device, DTYPES[self.cfg.precision])
             labels = to_device(batch["label"], self.device)
         loaded = time.perf_counter()
         stats, stop = self.learner.train_batch(clips, labels, stop)
@@ -315,7 +314,7 @@ class Session:
 
 
 class Evaluations:
-    """Every evaluation of a run: a row of ``summary.csv`` each, and ``checkpoints/best.pt`` when
+    """Every evaluation of a run: a row of ``evaluations.csv`` each, and ``checkpoints/best.pt`` when
     the task's primary metric (video top-1, PSNR) is the best so far (ties keep the earlier,
     cheaper-to-reach one)."""
 
