@@ -5,12 +5,7 @@ its arguments come from ``model.args``; every way a builder can be wrong is one 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ import torch
 
 from cli_helpers import invoke, run_main
 from sideways_cli.engine.registers import tick_forward
+from sideways_cli.run import rundir, train
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
@@ -67,29 +63,50 @@ def outside(tmp_path_factory) -> Path:
     return root
 
 
+class Crash(BaseException):
+    """What stops the first training below mid-way, as a kill would: nothing catches it."""
+
+
+def crash_after_first_checkpoint(monkeypatch) -> None:
+    """The next training in this process dies the first time it logs a step past its first
+    checkpoint (tests/crash_after_checkpoint.py does the same to a process, with SIGKILL)."""
+    checkpointed = []
+    save, append = train.save_checkpoint, rundir.LineLog.append
+
+    def save_and_note(obj, path):
+        save(obj, path)
+        checkpointed.append(path.name == "last.pt")
+
+    def append_or_crash(log, line):
+        append(log, line)
+        if any(checkpointed) and log.path.name == "metrics.jsonl":
+            raise Crash
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_note)
+    monkeypatch.setattr(rundir.LineLog, "append", append_or_crash)
+
+
 @pytest.mark.slow
 def test_a_builder_file_trains_resumes_and_evaluates_from_its_run_directory(outside, tmp_path, monkeypatch):
     monkeypatch.chdir(outside)  # a relative path, as a user types it
-    sets = ["--set", "model.name=mynet.py", "--set", "model.args.width=6", "--set", "train.steps=30"]
+    sets = ["--set", "model.name=mynet.py", "--set", "model.args.width=6", "--set", "train.steps=6",
+            "--set", "train.log_every=1"]
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "sideways_cli", "train", "tiny.yaml", *sets, "--out", str(run),
-               "--quiet"]
-    process = subprocess.Popen(command, cwd=outside, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (run / "checkpoints" / "last.pt").is_file():
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    with monkeypatch.context() as crashing:
+        crash_after_first_checkpoint(crashing)
+        with pytest.raises(Crash):
+            invoke("train", "tiny.yaml", *sets, "--out", run, "--quiet")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    assert ckpt["step"] < 30
+    assert ckpt["step"] == 2  # tiny.yaml: train.checkpoint_every=2
     assert ckpt["config"]["model"]["name"] == f"{outside / 'mynet.py'}:build"  # absolute: found from anywhere
     assert ckpt["config"]["model"]["args"] == {"width": 6}
     assert ckpt["model"]["stack.0.conv.conv.weight"].shape[0] == 6
-    result = invoke("train", outside / "tiny.yaml", *sets, "--out", run)
-    assert f"from step {ckpt['step']}" in " ".join(result.output.split())
-    assert json.loads((run / "summary.json").read_text())["steps"] == 30
-    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "tiny.yaml", *sets, "--out", run)
+    assert "from step 2" in " ".join(result.output.split())
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the crash, logged once
+    monkeypatch.chdir(tmp_path)  # the run directory names the builder's file from anywhere
     invoke("eval", run, "--quiet")
 
 
