@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cli_helpers import invoke, run_main
+from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from sideways_cli.engine.registers import tick_forward
-from sideways_cli.run import rundir, train
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
@@ -61,29 +61,6 @@ def outside(tmp_path_factory) -> Path:
     (package / "small.py").write_text(NETWORK)
     tiny_run_config(root, {"train": {"steps": 4, "checkpoint_every": 2}}, generate=True)
     return root
-
-
-class Crash(BaseException):
-    """What stops the first training below mid-way, as a kill would: nothing catches it."""
-
-
-def crash_after_first_checkpoint(monkeypatch) -> None:
-    """The next training in this process dies the first time it logs a step past its first
-    checkpoint (tests/crash_after_checkpoint.py does the same to a process, with SIGKILL)."""
-    checkpointed = []
-    save, append = train.save_checkpoint, rundir.LineLog.append
-
-    def save_and_note(obj, path):
-        save(obj, path)
-        checkpointed.append(path.name == "last.pt")
-
-    def append_or_crash(log, line):
-        append(log, line)
-        if any(checkpointed) and log.path.name == "metrics.jsonl":
-            raise Crash
-
-    monkeypatch.setattr(train, "save_checkpoint", save_and_note)
-    monkeypatch.setattr(rundir.LineLog, "append", append_or_crash)
 
 
 @pytest.mark.slow

@@ -83,10 +83,8 @@ def _validate_key(key: str, option: str) -> str:
 def parse_keys(text: str | None) -> list[str]:
     """--keys K1,K2: config keys to show as columns and to leave out of the difference warning."""
     keys = [k.strip() for k in (text or "").split(",") if k.strip()]
-    for key in keys:
-        if key != "mode":  # always compared; naming it is harmless
-            _validate_key(key, "--keys")
-    return keys
+    # mode is always compared; naming it is harmless
+    return [key if key == "mode" else _validate_key(key, "--keys") for key in keys]
 
 
 def parse_sweep(text: str) -> tuple[str, list[str]]:
