@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast bench gpu-check fidelity config-docs clean
+.PHONY: demo test test-fast bench gpu-check fidelity config-docs docs clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,10 @@ fidelity: $(STAMP)
 config-docs: $(STAMP)
 	$(BIN)/python -m sideways_cli.reports.config_reference docs/config.md
 
+# The pages of docs/ as a site in site/ (mkdocs.yml); --strict fails on a dead link or a page left out
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build site *.egg-info
