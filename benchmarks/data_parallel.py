@@ -102,7 +102,7 @@ def run_replicas(overrides: list[str], rank: int, setting: str, batches: int):
     else:  # one process's learner over this process's share of the batch
         cfg.data.batch_size = share
         topology = Topology(CPU, hang_timeout_s=120)
-    learner = StageLearner(cfg, topology, 10)
+    learner = StageLearner(cfg, topology, build_network(cfg, 10))
     learner.train_batch(clips, labels)  # warm-up: allocators, kernels, DDP's buckets
     if replicas > 1:
         dist.barrier()

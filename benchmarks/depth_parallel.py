@@ -9,7 +9,7 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
 * Sideways as it runs by default (``update: clip``: the chunked executor, macro ticks of
   ``sideways.chunk`` ticks, 1F1B across stages) at chunk 4 and 8: P = 1 (one thread), P = 2 (one
   thread per stage), and P = 1 with two threads in one process (intra-op parallelism instead of
-  stages); ``pipeline: reset`` and ``continuous`` (the gap is the fill and drain of each clip);
+  stages); ``sideways.between_clips``: ``reset`` and ``continuous`` (the gap is the fill and drain of each clip);
   and chunk 8 P = 1 run by both processes at once, each on its own copy with no links: with the
   slowest stage's share of the work, it gives the ceiling of P = 2 / P = 1 on this machine;
 * Sideways' tick rule (chunk 1, what ``update: every N ticks`` runs): P = 1 and P = 2, ``reset``

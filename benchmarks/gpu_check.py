@@ -7,7 +7,7 @@
 Each row is one check, run through the command line as a user runs it (``--set device=cuda``):
 
 * BP and Sideways training, and ``sideways eval`` of the BP run;
-* kill and resume: BP and Sideways (``pipeline: continuous``, dropout), ``--deterministic``,
+* kill and resume: BP and Sideways (``sideways.between_clips: continuous``, dropout), ``--deterministic``,
   SIGKILLed after their first checkpoint and started again, against uninterrupted runs: weights,
   optimizer state and logged losses bit-identical (same GPU, same build, deterministic kernels,
   the random streams restored from the checkpoint: any difference is a resume bug, not rounding);

@@ -1,4 +1,4 @@
-"""A network of your own, trained by both rules (README, "Bring your own network"):
+"""A network of your own, trained by both rules (docs/networks.md, "Bring your own network"):
 
     sideways compare experiments/synthetic.yaml --set model.name=experiments/own_network.py
 

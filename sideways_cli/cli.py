@@ -27,7 +27,7 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.parallel.links import StageFailure
 from sideways_cli.reports.plots import confusion_png
-from sideways_cli.reports.progress import progress_bar
+from sideways_cli.reports.progress import console_log, progress_bar
 from sideways_cli.reports.tables import compare_table, eval_table, fidelity_table, stream_table, write_json
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.run.contract_gate import failure_line
@@ -134,10 +134,6 @@ def print_whole(renderable) -> None:
     Console(width=max(console.width, natural), file=console.file).print(renderable)
 
 
-def _log(quiet: bool):
-    return (lambda msg: None) if quiet else (lambda msg: console.print(msg))
-
-
 @app.command()
 def train(
     config: ConfigArg = None,
@@ -170,7 +166,7 @@ def train(
     if json_path:
         output_file(json_path, "--json")
     run_dir = output_dir(out or Path("runs") / f"{(config or PRESET).stem}-{cfg.mode}", "--out")
-    summary = run_training(cfg, run_dir, quiet=quiet, log=_log(quiet), restart=restart)
+    summary = run_training(cfg, run_dir, quiet=quiet, log=console_log(console, quiet), restart=restart)
     if summary is None:  # a stage of a job this command's own launcher started: it reports
         return
     if json_path:
@@ -236,7 +232,7 @@ def evaluate_run(
         write_json(json_path, result)
     console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {split} split, {views_text}"))
     if figure:
-        _log(quiet)(f"wrote {figure}")
+        console_log(console, quiet)(f"wrote {figure}")
 
 
 @app.command()
@@ -474,7 +470,7 @@ def download(
     folder = download_dataset(dataset, root, mirror=mirror, progress=not quiet)
     if dataset != "synthetic":  # the synthetic generator writes its own index
         catalog.index_dataset(dataset, root, progress=not quiet)
-    _log(quiet)(f"{dataset} is ready in {folder}")
+    console_log(console, quiet)(f"{dataset} is ready in {folder}")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Unknown keys and values of the wrong type are refused with the list of valid keys, so a typo can
 never silently fall back to a default. Every key is declared once, with :func:`setting`: its
-default, the values it accepts (a :class:`Check`) and what it means; :func:`validate` checks every
+default, the values it accepts (an :class:`Allowed`) and what it means; :func:`validate` checks every
 key against its own, then the rules that tie several keys together.
 """
 
@@ -41,11 +41,11 @@ MAX_SEED = 2**32 - 1
 # -- what a key accepts ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Check:
+class Allowed:
     """The values one key accepts: ``text`` says which, as an error message puts it after "must
     be"; ``accepts(value)`` tells, for a value already of the key's type (None, where the type
-    allows it, is accepted before the check is asked). ``elsewhere``: the check is made by the
-    layer that owns the key (``build.check``), not by :func:`validate`."""
+    allows it, is accepted before it is asked). ``elsewhere``: the values are judged by the
+    layer that owns the key (``build.validate``), not by :func:`validate`."""
 
     text: str
     accepts: Callable[[Any], bool]
@@ -60,56 +60,56 @@ def _bound(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def one_of(*choices: Any, text: str | None = None) -> Check:
-    return Check(text or "one of " + ", ".join(map(str, choices)), lambda v: v in choices)
+def one_of(*choices: Any, text: str | None = None) -> Allowed:
+    return Allowed(text or "one of " + ", ".join(map(str, choices)), lambda v: v in choices)
 
 
-def at_least(low: float) -> Check:
-    return Check(f">= {_bound(low)}", lambda v: _number(v) and v >= low)
+def at_least(low: float) -> Allowed:
+    return Allowed(f">= {_bound(low)}", lambda v: _number(v) and v >= low)
 
 
-def above(low: float) -> Check:
-    return Check(f"> {_bound(low)}", lambda v: _number(v) and v > low)
+def above(low: float) -> Allowed:
+    return Allowed(f"> {_bound(low)}", lambda v: _number(v) and v > low)
 
 
-def between(low: float, high: float) -> Check:
+def between(low: float, high: float) -> Allowed:
     """The closed interval [low, high]."""
-    return Check(f"between {_bound(low)} and {_bound(high)}", lambda v: _number(v) and low <= v <= high)
+    return Allowed(f"between {_bound(low)} and {_bound(high)}", lambda v: _number(v) and low <= v <= high)
 
 
-def fraction_below_one() -> Check:
+def fraction_below_one() -> Allowed:
     """[0, 1): a probability that must leave something (dropout), a decay that must decay (momentum)."""
-    return Check(">= 0 and < 1", lambda v: _number(v) and 0 <= v < 1)
+    return Allowed(">= 0 and < 1", lambda v: _number(v) and 0 <= v < 1)
 
 
-def even_at_least(low: int, why: str) -> Check:
-    return Check(f"an even number >= {low} {why}", lambda v: _number(v) and v >= low and v % 2 == 0)
+def even_at_least(low: int, why: str) -> Allowed:
+    return Allowed(f"an even number >= {low} {why}", lambda v: _number(v) and v >= low and v % 2 == 0)
 
 
-FLAG = Check("true or false", lambda v: isinstance(v, bool))
-PATH = Check("a path", lambda v: isinstance(v, str))
-FOLDER = Check("a folder's path", lambda v: isinstance(v, str) and bool(v.strip()))
-KEYWORDS = Check("a mapping of keyword-argument names to values",
+FLAG = Allowed("true or false", lambda v: isinstance(v, bool))
+PATH = Allowed("a path", lambda v: isinstance(v, str))
+FOLDER = Allowed("a folder's path", lambda v: isinstance(v, str) and bool(v.strip()))
+KEYWORDS = Allowed("a mapping of keyword-argument names to values",
                  lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isidentifier() for k in v))
-# the engine parses it (engine/schedule.py, parse_update): the same grammar, the same words
+# the engine parses it (engine/clock.py, parse_update): the same grammar, the same words
 _EVERY_N_TICKS = re.compile(r"every\s+(\d+)\s+ticks?")
-UPDATE = Check("'clip' or 'every N ticks' with N >= 1",
+UPDATE = Allowed("'clip' or 'every N ticks' with N >= 1",
                lambda v: isinstance(v, str) and (v == "clip" or bool(
                    (m := _EVERY_N_TICKS.fullmatch(v.strip())) and int(m.group(1)) >= 1)))
-BALANCE = Check("auto or a list of modules per stage, each >= 1, such as [2, 3]",
+BALANCE = Allowed("auto or a list of modules per stage, each >= 1, such as [2, 3]",
                 lambda v: v == "auto" or (isinstance(v, list) and len(v) > 0
                                           and all(_number(n) and n >= 1 for n in v)))
 
 
-def elsewhere(text: str) -> Check:
+def elsewhere(text: str) -> Allowed:
     """A key whose values only the layer that uses it can judge (the model zoo, the engine)."""
-    return Check(text, lambda v: True, elsewhere=True)
+    return Allowed(text, lambda v: True, elsewhere=True)
 
 
-def setting(default: Any, check: Check, doc: str) -> Any:
+def setting(default: Any, allowed: Allowed, doc: str) -> Any:
     """One config key: its default, the values it accepts and what it means (the documentation
     of the key; an out-of-range value's error quotes its first clause)."""
-    metadata = {"doc": doc, "check": check}
+    metadata = {"doc": doc, "allowed": allowed}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -126,7 +126,7 @@ class ModelConfig:
                                    "k of every module but the head; 1 = per-frame 2D network")
     width: int | None = setting(None, at_least(1),
                                 "channels of the first layer; None = the model's own default")
-    depth: int | None = setting(None, at_least(1),  # its upper bound is the model's: build.check
+    depth: int | None = setting(None, at_least(1),  # its upper bound is the model's: build.validate
                                 "how much of the network to keep: a classifier's first N layers below "
                                 "the head, or the autoencoder's N encoder levels (each mirrored by the "
                                 "decoder); None = the whole network")
@@ -139,7 +139,7 @@ class ModelConfig:
                         "torchvision networks' BatchNorms become: group (per-frame GroupNorm after "
                         "weight-standardised convs) | frozen (BatchNorm fixed at its running "
                         "statistics: keeps pretrained numbers)")
-    weights: str | None = setting(None, PATH,  # build.check: that the file exists
+    weights: str | None = setting(None, PATH,  # build.validate: that the file exists
                                   "a state-dict file the built network starts from (made absolute "
                                   "when the config is read)")
     new_head: bool = setting(False, FLAG,
@@ -225,7 +225,7 @@ class EvalConfig:
 
 @dataclass
 class SidewaysEngineConfig:
-    between_clips: str = setting("reset", elsewhere("reset or continuous"),  # build.check
+    between_clips: str = setting("reset", elsewhere("reset or continuous"),  # build.validate
                                  "what the registers keep from one batch to the next; reset: "
                                  "nothing, every clip fills and drains | continuous: everything, "
                                  "a live stream")
@@ -239,7 +239,7 @@ class SidewaysEngineConfig:
 class ParallelConfig:
     """Data and depth parallelism: replicas of the network, each fed a shard of every batch, each
     split into contiguous stages, one process (one device) per stage of every replica: replicas x
-    stages processes (README, "Depth-parallel training", "Data-parallel training"). None of these
+    stages processes (docs/parallel.md). None of these
     keys changes the numbers."""
 
     replicas: int = setting(1, at_least(1), "copies of the whole pipeline, data-parallel; each "
@@ -269,7 +269,7 @@ class Config:
     seed: int = setting(0, between(0, MAX_SEED), "the run's seed: initial weights, clip order, "
                         "crops, dropout")
     mode: str = setting("bp", one_of(*MODES), "the training rule: bp (exact backprop) | sideways "
-                        "(pseudo-gradients: README, \"The engine\")")
+                        "(pseudo-gradients: docs/engine.md)")
     task: str = setting("classify", one_of(*TASKS), "what the network learns; classify: every frame's "
                         "logits vs the label | reconstruct: the frame")
     device: str = setting("auto", one_of(*DEVICES), "where the run computes: auto | cpu | cuda")
@@ -432,9 +432,9 @@ def key_doc(key: str) -> str:
     return _field(key).metadata["doc"]
 
 
-def key_check(key: str) -> Check:
+def key_allowed(key: str) -> Allowed:
     """The values ``key`` accepts."""
-    return _field(key).metadata["check"]
+    return _field(key).metadata["allowed"]
 
 
 def _field(key: str) -> dataclasses.Field:
@@ -468,14 +468,14 @@ def _summary(doc: str) -> str:
     return doc
 
 
-def check_value(key: str, value: Any, check: Check, hint: Any, doc: str) -> None:
+def validate_value(key: str, value: Any, allowed: Allowed, hint: Any, doc: str) -> None:
     """UserError unless ``value`` is one that ``key`` accepts: NaN and infinities never are."""
-    if check.elsewhere or (value is None and accepts_null(hint)):
+    if allowed.elsewhere or (value is None and accepts_null(hint)):
         return
     finite = not isinstance(value, float) or math.isfinite(value)
-    if finite and check.accepts(value):
+    if finite and allowed.accepts(value):
         return
-    wanted = ("a finite number " if not finite else "") + check.text
+    wanted = ("a finite number " if not finite else "") + allowed.text
     if accepts_null(hint):
         wanted += " or null"
     raise UserError(f"config key {key!r} must be {wanted} ({_summary(doc)}), got {_show(value)}")
@@ -483,13 +483,13 @@ def check_value(key: str, value: Any, check: Check, hint: Any, doc: str) -> None
 
 def validate(cfg: Config) -> None:
     """What the config alone can tell: every key against the values its declaration accepts,
-    then the rules between keys. The model and the engine check their own keys (``build.check``);
-    the loaders, that the clips fit in memory (``loaders.check_training_memory``)."""
+    then the rules between keys. The model and the engine check their own keys (``build.validate``);
+    the loaders, that the clips fit in memory (``loaders.validate_training_memory``)."""
     for key, f, hint in fields_of():
         node: Any = cfg
         for part in key.split("."):
             node = getattr(node, part)
-        check_value(key, node, f.metadata["check"], hint, f.metadata["doc"])
+        validate_value(key, node, f.metadata["allowed"], hint, f.metadata["doc"])
     if cfg.amp and cfg.precision != "float32":
         raise UserError(f"amp (bf16 autocast) runs float32 weights; drop --amp or set precision=float32, "
                         f"got precision={cfg.precision}")

@@ -68,7 +68,7 @@ def test_resolve_balance():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("k", [3, 1])  # 3: the conv path of sideways_batched; 1: window gradients
+@pytest.mark.parametrize("k", [3, 1])  # 3: the conv path of the chunked executor; 1: window gradients
 def test_measure_module_costs_on_a_tiny_model(k: int):
     torch.manual_seed(0)
     model = build_model("c3d", 10, width=4, depth=2, temporal_kernel=k)

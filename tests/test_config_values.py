@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import run_main
-from sideways_cli.config import (Check, Config, fields_of, key_check, key_doc, load_config,
+from sideways_cli.config import (Allowed, Config, fields_of, key_allowed, key_doc, load_config,
                                  valid_keys, validate)
 from sideways_cli.engine.clock import parse_update
 from sideways_cli.run import loaders
@@ -130,10 +130,10 @@ def test_every_key_declares_its_meaning_and_its_values():
     declared = {key: f for key, f, _ in fields_of()}
     assert list(declared) == valid_keys()
     for key in valid_keys():
-        doc, check = declared[key].metadata.get("doc"), declared[key].metadata.get("check")
+        doc, allowed = declared[key].metadata.get("doc"), declared[key].metadata.get("allowed")
         assert isinstance(doc, str) and len(doc) >= 10, f"{key} has no doc in its metadata"
-        assert isinstance(check, Check) and check.text, f"{key} has no check in its metadata"
-        assert key_doc(key) == doc and key_check(key) is check
+        assert isinstance(allowed, Allowed) and allowed.text, f"{key} declares no allowed values"
+        assert key_doc(key) == doc and key_allowed(key) is allowed
 
 
 def test_every_default_is_one_its_key_accepts():
@@ -142,7 +142,7 @@ def test_every_default_is_one_its_key_accepts():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        assert value is None or f.metadata["check"].accepts(value), key
+        assert value is None or f.metadata["allowed"].accepts(value), key
 
 
 @pytest.mark.parametrize("update", ["clip", "every 1 tick", "every 2 ticks", " every 3 ticks ",
@@ -154,7 +154,7 @@ def test_sideways_update_is_judged_as_the_engine_parses_it(update):
         engine_accepts = True
     except ValueError:
         engine_accepts = False
-    assert key_check("sideways.update").accepts(update) == engine_accepts
+    assert key_allowed("sideways.update").accepts(update) == engine_accepts
 
 
 @pytest.mark.parametrize("override, message", [
@@ -222,10 +222,10 @@ def test_the_estimate_scales_with_clip_length_and_counts_the_frames_before_the_c
 def test_clips_that_do_not_fit_are_refused_before_any_loader_is_built(monkeypatch):
     monkeypatch.setattr(loaders, "available_memory", lambda: 4 * GIB)
     default = load_config(None)
-    loaders.check_training_memory(default)
+    loaders.validate_training_memory(default)
     huge = load_config(None, ["data.clip_len=100000"])
     with pytest.raises(UserError) as refused:
-        loaders.check_training_memory(huge)
+        loaders.validate_training_memory(huge)
     message = str(refused.value)
     need = (loaders.train_load(huge).bytes + loaders.val_load(huge).bytes) / GIB
     assert f"about {need:.1f} GiB" in message and "than the 4.0 GiB of memory available" in message
@@ -240,12 +240,12 @@ def test_the_limit_is_the_available_memory(monkeypatch):
     cfg = load_config(None, ["data.clip_len=64"])
     need = loaders.train_load(cfg).bytes + loaders.val_load(cfg).bytes
     monkeypatch.setattr(loaders, "available_memory", lambda: need)
-    loaders.check_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
+    loaders.validate_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
     monkeypatch.setattr(loaders, "available_memory", lambda: need - 1)
     with pytest.raises(UserError, match="data.clip_len"):
-        loaders.check_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
+        loaders.validate_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
     monkeypatch.setattr(loaders, "available_memory", lambda: None)  # unknown: no check
-    loaders.check_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
+    loaders.validate_loader_memory(cfg, [loaders.train_load(cfg), loaders.val_load(cfg)])
 
 
 def test_available_memory_is_memavailable_of_proc_meminfo(tmp_path, monkeypatch):

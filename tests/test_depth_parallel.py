@@ -289,7 +289,7 @@ def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
         assert time.monotonic() < deadline, "stage 0 did not notice its silent neighbour"
         time.sleep(0.05)
     # torch's agent now sends SIGTERM, which a stopped process takes only once continued, and
-    # waits a fixed 30 s before SIGKILL (README): continue it, so that wait is not the test's
+    # waits a fixed 30 s before SIGKILL (docs/runs.md): continue it, so that wait is not the test's
     os.kill(pids[1], signal.SIGCONT)
     _, err = process.communicate(timeout=60)
     assert time.monotonic() - stopped < 60

@@ -1,4 +1,4 @@
-"""Networks users bring (README, "Bring your own network"): a builder named by ``model.name`` in a
+"""Networks users bring (docs/networks.md, "Bring your own network"): a builder named by ``model.name`` in a
 file or a module outside the repository trains, resumes and is evaluated from its run directory;
 its arguments come from ``model.args``; every way a builder can be wrong is one line naming it."""
 

@@ -6,7 +6,7 @@ The stages are not in lock step: each runs its own sequence of macro-tick action
 the input it needs, so the model simulates that order with per-call costs as functions of the
 window count (``macro_costs.MacroCosts``): a macro tick's cost is far from proportional to its
 ticks, and the stages' shares of a macro tick's work vary over a clip. How close it comes to
-measured runs is in README, "Benchmarks".
+measured runs is in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective
-from sideways_cli.engine.rule import Autocast
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.balance import (clock, frame_bytes, loss_target, module_rules,
                                            time_windows, zero_frames)
+from sideways_cli.support.runtime import Autocast
 
 MACRO_WINDOWS = (1, 2, 4, 8, 16)
 
@@ -97,8 +97,8 @@ def measure_macro_costs(model: FrameStack, frame_shape: tuple[int, ...],
     ``concurrent`` > 1 runs ``concurrent - 1`` more processes repeating the same measurement
     meanwhile, so that caches and memory bandwidth are shared as when that many stages compute at
     once: use it for P >= 2 on CPU (``concurrent`` = min(P, cores)) and measure alone for P = 1;
-    on GPUs stages own their devices, so measure alone. (How much it matters, measured: README,
-    "Benchmarks".)
+    on GPUs stages own their devices, so measure alone. (How much it matters, measured:
+    docs/benchmarks.md.)
     """
     if repeats < 1 or concurrent < 1:
         raise ValueError(f"repeats and concurrent must be >= 1, got {repeats}, {concurrent}")

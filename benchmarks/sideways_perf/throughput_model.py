@@ -16,7 +16,7 @@ both directions with the same cores.
 
 Stages are processes: with more stages than ``cores`` they share the cores, and a tick lasts at
 least its total busy work over the cores (the lower bound of time slicing). The chunked executor's
-model is ``chunked_model.py``; how close both come to measured runs is in README, "Benchmarks".
+model is ``chunked_model.py``; how close both come to measured runs is in docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -14,12 +14,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sideways_cli.analyses.fidelity import mean_below_head, run_fidelity
 from sideways_cli.config import MODES, Config, current_key, flat_dict, valid_keys
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.reports.plots import compare_png, sweep_png
+from sideways_cli.reports.progress import Log
 from sideways_cli.reports.tables import compare_table, format_value, write_json
 from sideways_cli.run import isolated
 from sideways_cli.run.build import resolve_config
@@ -171,7 +172,7 @@ def is_finished(run: PlannedRun) -> bool:
     return True
 
 
-def train_all(plan: Plan, quiet: bool, log: Callable[[str], None],
+def train_all(plan: Plan, quiet: bool, log: Log,
               restart: bool = False) -> list[RunResult]:
     """Train each planned run in its own process, reusing those already finished (``restart``:
     none; each is trained from scratch). An unfinished run resumes from its last checkpoint."""

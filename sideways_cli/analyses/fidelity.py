@@ -36,7 +36,7 @@ from sideways_cli.support.runtime import configure_backends, resolve_device, to_
 
 
 class TickMatchedSideways(SidewaysRule):
-    """The reference tick rule (``pipeline: reset``) that also takes each message's parameter VJP at
+    """The reference tick rule (``between_clips: reset``) that also takes each message's parameter VJP at
     the window that produced the message's frame, and records per module the cosine between that
     and the VJP at the window the message meets."""
 

@@ -253,7 +253,7 @@ class GuardedLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
-            self.check(batch.pop("failed"))
+            self.note_unreadable(batch.pop("failed"))
             if "clip" in batch:  # an eval batch whose every clip failed has nothing to yield
                 yield batch
 
@@ -265,7 +265,8 @@ class GuardedLoader:
             iterator._shutdown_workers()
         self.loader._iterator = None
 
-    def check(self, failed: list[tuple[str, str]]) -> None:
+    def note_unreadable(self, failed: list[tuple[str, str]]) -> None:
+        """Warn once per unreadable video; too many unreadable ones stop the run."""
         for path, reason in failed:
             if path not in self.failed:
                 self.failed[path] = reason

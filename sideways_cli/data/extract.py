@@ -109,7 +109,7 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> None:
         raise UserError(f"{archive} is neither a zip nor a rar archive; delete it and re-run")
     backend = _Zip(archive) if kind == "zip" else _Rar(archive)
     members = backend.members()
-    check_members(archive, members)
+    validate_members(archive, members)
     root = target.resolve()
     columns = (TextColumn("[bold]extracting {task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
@@ -126,7 +126,7 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> None:
         backend.extract(members, writer)
 
 
-def check_members(archive: Path, members: list[Member]) -> None:
+def validate_members(archive: Path, members: list[Member]) -> None:
     """Refuse the archive if any member could write outside the root, before writing anything."""
     links = {m.parts for m in members if m.kind == "symlink"}
     seen: set[tuple[str, ...]] = set()
@@ -179,7 +179,7 @@ def _write(archive: Path, root: Path, m: Member) -> BinaryIO | None:
     if not m.parts:
         return None
     path = root.joinpath(*m.parts)
-    # defence in depth after check_members: the real parent must still be inside the root
+    # defence in depth after validate_members: the real parent must still be inside the root
     parent = Path(os.path.realpath(path.parent if m.kind != "dir" else path))
     if parent != root and root not in parent.parents:
         raise UnsafeArchive(f"refusing to extract {archive}: member {m.name!r} resolves outside "

@@ -7,17 +7,18 @@ from contextlib import nullcontext
 from sideways_cli.engine.backprop import BackpropRule
 from sideways_cli.engine.clock import runs_chunked
 from sideways_cli.engine.losses import CLASSIFY, Objective
-from sideways_cli.engine.rule import Autocast, BatchStats, GradientRule
+from sideways_cli.engine.rule import BatchStats, GradientRule
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
+from sideways_cli.support.runtime import Autocast
 
 
 def make_rule(mode: str, model: FrameStack, between_clips: str = "reset", update: str = "clip",
               chunk: int = 1, objective: Objective = CLASSIFY,
               autocast: Autocast = nullcontext) -> GradientRule:
     """The rule for ``mode``; Sideways with ``update: clip`` batches ``chunk`` ticks per module
-    (``schedule.runs_chunked``). ``autocast`` is the context its forward passes run in (bf16
+    (``clock.runs_chunked``). ``autocast`` is the context its forward passes run in (bf16
     with AMP)."""
     if mode == "bp":
         return BackpropRule(model, objective, autocast)

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
 from sideways_cli.models import FrameStack
+from sideways_cli.support.runtime import Autocast
 
 
 class BackpropRule:
@@ -30,9 +31,7 @@ class BackpropRule:
         loss.backward()
         apply_update()
         frames = clips.shape[2]
-        summed = LossSum()
-        summed.add(loss.detach().double() * frames, frames)  # the clip's mean, as a sum of frames'
-        return BatchStats(summed, frames, clips.shape[0] * frames, updates=1)
+        return BatchStats(LossSum.of_mean(loss, frames), clips.shape[0] * frames, updates=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # every batch starts from nothing but the weights

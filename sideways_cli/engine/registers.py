@@ -165,7 +165,7 @@ def clip_tokens(clip: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tenso
 def tick_forward(model: FrameStack, clip: torch.Tensor) -> torch.Tensor:
     """Run a clip through the pipeline tick by tick; returns the top outputs in frame order, time at dim 2.
 
-    Runs until the top module's last input (``schedule.input_ticks``): T + D - 1 ticks.
+    Runs until the top module's last input (``clock.input_ticks``): T + D - 1 ticks.
     """
     pipeline = Registers(model)
     tokens = clip_tokens(clip, torch.empty(0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Protocol
@@ -10,7 +9,6 @@ from typing import Any, Callable, Protocol
 import torch
 
 ApplyUpdate = Callable[[], None]
-Autocast = Callable[[], AbstractContextManager]  # the context forward passes run in (bf16 AMP)
 
 
 class LossSum:
@@ -21,9 +19,18 @@ class LossSum:
     device tensors, and :meth:`mean` reads the sum once per batch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, total: torch.Tensor | None = None, count: int = 0) -> None:
+        """Empty, or holding ``total``, a sum of ``count`` per-frame losses formed elsewhere."""
         self.total: torch.Tensor | None = None
         self.count = 0
+        if total is not None:
+            self.add(total, count)
+
+    @classmethod
+    def of_mean(cls, mean: torch.Tensor, count: int) -> LossSum:
+        """``count`` per-frame losses known only by their mean (a clip's loss, as backprop
+        computes it), as the sum of theirs that the per-frame rules add up."""
+        return cls(mean.detach().double() * count, count)
 
     def add(self, total: torch.Tensor, count: int = 1) -> None:
         """The sum ``total`` (a 0-dim tensor) of ``count`` per-frame losses."""
@@ -43,9 +50,15 @@ class BatchStats:
     first read, so that a parallel job can add every process's before anything waits for them."""
 
     summed: LossSum  # the per-frame losses computed during the batch
-    losses: int  # how many per-frame losses the mean is over (per clip of the batch)
     frames: int  # frames that entered the network (clips x frames)
     updates: int  # how many times the rule called apply_update
+    replicas: int = 1  # data-parallel replicas whose losses ``summed`` adds up, each over its shard
+
+    @property
+    def losses(self) -> int:
+        """How many per-frame losses the mean is over (per clip of the batch): every replica
+        computed as many, each over its own shard of the clips."""
+        return self.summed.count // self.replicas
 
     @cached_property
     def loss(self) -> float:

@@ -1,7 +1,7 @@
 """Sideways: depth-parallel training with pseudo-gradients (docs/sideways.md, "Sideways").
 
 Every tick, every module d, independently of the others:
-  1. forward: out_d(t) from its current window (the shared Pipeline does this);
+  1. forward: out_d(t) from its current window (the shared Registers do this);
   2. backward: takes the message m_d(t) that module d+1 sent at tick t-1 (for the top module, the
      gradient of the loss of the frame now at the top) and, by a vector-Jacobian product at its
      *current* window, accumulates the pseudo-gradient g_d += (df_d/dtheta_d)^T m_d(t) and sends
@@ -21,8 +21,9 @@ import torch
 from sideways_cli.engine.clock import BETWEEN_CLIPS, batch_ticks, parse_update
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.registers import ModuleStep, Registers, Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
 from sideways_cli.models import FrameStack
+from sideways_cli.support.runtime import Autocast
 
 
 class PseudoGradients:
@@ -66,38 +67,65 @@ class PseudoGradients:
         return True
 
 
-class SidewaysRule:
-    """The tick rule over a stack of modules: the whole network, or one stage of it.
+class SidewaysExecutor:
+    """What every executor of the rule holds, whichever way it runs the ticks (this module's
+    :class:`SidewaysRule` one at a time, ``sideways_chunked.py`` a macro tick at a time): a stack
+    of modules, the whole network or one stage of it, their pseudo-gradient sums, and the update
+    those sums become.
 
     A stage (``first``, ``network_modules``: the network index of its first module and the
     network's module count D) is what one process runs when the network is split across processes
-    (``sideways_cli/parallel``): its bottom module gets the activation the stage below sent
-    (``tick(frame=...)``), its top module the message the stage above sent (``tick(message=...)``)
-    unless it is the network's head, whose message is its frame's loss gradient; each tick leaves
-    the stage's outgoing activation in :meth:`sent_up` and message in ``sent_down``.
+    (``sideways_cli/parallel``); its top module is the network's head only in the last stage.
     """
 
-    def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
-                 objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
-                 first: int = 0, network_modules: int | None = None):
+    def __init__(self, model: FrameStack, between_clips: str, objective: Objective,
+                 autocast: Autocast, first: int, network_modules: int | None):
         if between_clips not in BETWEEN_CLIPS:
             raise ValueError(f"sideways.between_clips must be one of {BETWEEN_CLIPS}, got {between_clips!r}")
         self.model = model
         self.objective = objective
         self.between_clips = between_clips
-        self.update_every = parse_update(update)
         self.autocast = autocast
         self.first = first
         self.network_modules = network_modules if network_modules is not None else len(model)
         self.has_head = first + len(model) == self.network_modules
+        self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
+        self.pseudo = PseudoGradients(self.params)
+
+    def sends_message(self, d: int) -> bool:
+        """Whether module d has a module below it to send a message to: the network's module 1
+        has only the data."""
+        return self.first + d > 0
+
+    def flush(self, apply_update: ApplyUpdate) -> int:
+        """Turn accumulated pseudo-gradients into ``.grad`` (mean over contributing losses) and
+        step; how many updates that made (0 when no loss contributed)."""
+        if not self.pseudo.write_mean():
+            return 0
+        apply_update()
+        return 1
+
+
+class SidewaysRule(SidewaysExecutor):
+    """The tick rule over a stack of modules: the whole network, or one stage of it.
+
+    A stage's bottom module gets the activation the stage below sent (``tick(frame=...)``), its
+    top module the message the stage above sent (``tick(message=...)``) unless it is the
+    network's head, whose message is its frame's loss gradient; each tick leaves the stage's
+    outgoing activation in :meth:`sent_up` and message in ``sent_down``.
+    """
+
+    def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
+                 objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
+                 first: int = 0, network_modules: int | None = None):
+        super().__init__(model, between_clips, objective, autocast, first, network_modules)
+        self.update_every = parse_update(update)
         self.registers = Registers(model, first)
         size = len(model)
-        self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.current: list[ModuleStep | None] = [None] * size  # graph of each module's newest window
         self.stale = [False] * size  # weights changed since that graph was built
         self.messages: list[torch.Tensor | None] = [None] * size  # gradient registers
         self.sent_down: torch.Tensor | None = None  # the bottom module's message of the last tick
-        self.pseudo = PseudoGradients(self.params)
         self.ticks_since_update = 0
         self.clock = 0  # ticks since the pipeline started empty
         self.fed = 0  # frames fed since then
@@ -132,7 +160,7 @@ class SidewaysRule:
                 updates += self.flush(apply_update)
         if self.update_every is None:
             updates += self.flush(apply_update)
-        return BatchStats(losses, losses.count, clips.shape[0] * clips.shape[2], updates)
+        return BatchStats(losses, clips.shape[0] * clips.shape[2], updates)
 
     def tick(self, frame: Token | None, message: torch.Tensor | None = None) -> torch.Tensor | None:
         """One clock tick of every module; returns the loss of the frame at the top, if any, as a
@@ -184,7 +212,7 @@ class SidewaysRule:
         step = self.current[d]
         if self.stale[d]:
             step = self.rebuild(d)
-        wants_input = self.first + d > 0
+        wants_input = self.sends_message(d)
         inputs = self.params[d] + ([step.window] if wants_input else [])
         grads = torch.autograd.grad(step.output, inputs, grad_outputs=message,
                                     retain_graph=True, allow_unused=True)
@@ -197,7 +225,7 @@ class SidewaysRule:
     def rebuild(self, d: int) -> ModuleStep:
         """Recompute module d's graph at its current window after its weights were updated."""
         old = self.current[d]
-        window = old.window.detach().requires_grad_(self.first + d > 0)
+        window = old.window.detach().requires_grad_(self.sends_message(d))
         with self.autocast():
             output = self.model[d].forward_window(window)
         self.current[d] = ModuleStep(d, window, old.filled, output, old.token)
@@ -205,14 +233,12 @@ class SidewaysRule:
         return self.current[d]
 
     def flush(self, apply_update: ApplyUpdate) -> int:
-        """Turn accumulated pseudo-gradients into ``.grad`` (mean over contributing losses) and step."""
+        """:meth:`SidewaysExecutor.flush`, which starts the count of ticks to the next update."""
         self.ticks_since_update = 0
-        if not self.pseudo.write_mean():
-            return 0
-        apply_update()
-        # retained graphs saved the old weights; rebuild them before their next use
-        self.stale = [step is not None for step in self.current]
-        return 1
+        updates = super().flush(apply_update)
+        if updates:  # retained graphs saved the old weights; rebuild them before their next use
+            self.stale = [step is not None for step in self.current]
+        return updates
 
     def state_dict(self) -> dict[str, Any]:
         """Registers, windows, messages and pseudo-gradient sums: what ``continuous`` (and

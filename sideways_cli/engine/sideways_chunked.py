@@ -3,7 +3,7 @@
 This is a second execution strategy of :class:`~sideways_cli.engine.sideways.SidewaysRule`, not a
 variant of the rule: it gives the same pseudo-gradients, losses and update, to float64 round-off,
 and the same message at every tick (only the drain's, see below, are formed as their sum).
-``tests/test_sideways_batched.py`` checks this for every model of the zoo, several chunk sizes,
+``tests/test_sideways_chunked.py`` checks this for every model of the zoo, several chunk sizes,
 clip lengths and both settings of sideways.between_clips. Read ``sideways.py`` first: it is the definition.
 
 Why it may batch: with ``update: clip`` the weights are fixed for the whole batch, so module d's
@@ -45,14 +45,15 @@ from typing import Any, Iterable
 
 import torch
 
-from sideways_cli.engine.clock import (BACKWARD, FORWARD, BETWEEN_CLIPS, MacroTick,
-                                       chunked_batch_end, drain_ticks, macro_ticks,
-                                       parse_update, split_inputs, stage_order)
+from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, chunked_batch_end,
+                                       drain_ticks, macro_ticks, parse_update, split_inputs,
+                                       stage_order)
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.registers import Token, WindowRegister, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
-from sideways_cli.engine.sideways import PseudoGradients
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
+from sideways_cli.engine.sideways import SidewaysExecutor
 from sideways_cli.models import FrameStack
+from sideways_cli.support.runtime import Autocast
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Graph:
     newest: torch.Tensor | None = None
 
 
-class ChunkedSideways:
+class ChunkedSideways(SidewaysExecutor):
     """:class:`SidewaysRule` with ``update: clip``, each module doing ``chunk`` ticks per call.
 
     ``chunk`` trades memory for larger, more efficient kernels: a macro tick holds every module's
@@ -87,29 +88,19 @@ class ChunkedSideways:
     the stage then feeds its bottom module the stage below's outputs (:meth:`feed_inputs`) and its
     top module the stage above's messages (:meth:`feed_messages`), and hands the links its top
     module's outputs (:meth:`take_outputs`) and its bottom module's messages
-    (:meth:`take_sent_down`): ``distributed/staged_batched.py``.
+    (:meth:`take_sent_down`): ``parallel/staged_chunked.py``.
     """
 
     def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
                  chunk: int = 8, objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
                  first: int = 0, network_modules: int | None = None):
-        if between_clips not in BETWEEN_CLIPS:
-            raise ValueError(f"sideways.between_clips must be one of {BETWEEN_CLIPS}, got {between_clips!r}")
+        super().__init__(model, between_clips, objective, autocast, first, network_modules)
         if parse_update(update) is not None:
             raise ValueError(f"tick batching needs weights fixed within a batch (update: clip), "
                              f"got {update!r}; SidewaysRule runs it")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.model = model
-        self.objective = objective
-        self.between_clips = between_clips
         self.chunk = chunk
-        self.autocast = autocast
-        self.first = first
-        self.network_modules = network_modules if network_modules is not None else len(model)
-        self.has_head = first + len(model) == self.network_modules
-        self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
-        self.pseudo = PseudoGradients(self.params)
         self.reset()
 
     def reset(self) -> None:
@@ -139,8 +130,7 @@ class ChunkedSideways:
                 self.backward_macro(macros[m], graphs.pop(m))
             else:
                 losses.add(*self.frame_losses())
-        return BatchStats(losses, losses.count, clips.shape[0] * clips.shape[2],
-                          self.flush(apply_update))
+        return BatchStats(losses, clips.shape[0] * clips.shape[2], self.flush(apply_update))
 
     def start_batch(self, frames: int) -> list[MacroTick]:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
@@ -167,7 +157,7 @@ class ChunkedSideways:
         """Module d's inputs in ``macro`` that meet no message (quiet), and those that meet one."""
         return split_inputs(self.first + d, self.network_modules, self.fed, macro.t0, macro.t1)
 
-    # -- what crosses a stage's boundaries (distributed/staged_batched.py) -----------------------
+    # -- what crosses a stage's boundaries (parallel/staged_chunked.py) -----------------------
 
     def feed_inputs(self, tokens: Iterable[Token]) -> None:
         """The bottom module's next inputs: a clip's frames, or the stage below's outputs."""
@@ -215,13 +205,13 @@ class ChunkedSideways:
         k, conv = module.window, module.first_conv()
         if k > 1 and conv is not None:
             frames = sequence.detach().movedim(0, 2)
-            newest = frames[:, :, k - 1:].detach().requires_grad_(self.first + d > 0)
+            newest = frames[:, :, k - 1:].detach().requires_grad_(self.sends_message(d))
             with self.autocast():
                 conv_out = conv(frames)
                 output = module.after_conv(conv_out, newest)
             return Graph(output, filled, conv_out=conv_out, newest=newest)
         windows = sequence.unfold(0, k, 1).movedim(-1, 3).flatten(0, 1)  # [n*B, C, k, ...]
-        windows = windows.detach().requires_grad_(self.first + d > 0)
+        windows = windows.detach().requires_grad_(self.sends_message(d))
         with self.autocast():
             output = module.forward_window(windows)
         return Graph(output, filled, windows=windows)
@@ -284,7 +274,7 @@ class ChunkedSideways:
         (None for module 1).
         """
         params = self.params[d]
-        wants_input = self.first + d > 0  # the network's module 1 has data below it, no module
+        wants_input = self.sends_message(d)
         if graph.windows is not None:
             inputs = params + ([graph.windows] if wants_input else [])
             grads = torch.autograd.grad(graph.output, inputs, grad_outputs=torch.cat(messages),
@@ -313,13 +303,6 @@ class ChunkedSideways:
         if grad_newest is not None:
             below = [message + g for message, g in zip(below, grad_newest)]
         return below
-
-    def flush(self, apply_update: ApplyUpdate) -> int:
-        """As :meth:`SidewaysRule.flush`: mean pseudo-gradient per message into ``.grad``, step."""
-        if not self.pseudo.write_mean():
-            return 0
-        apply_update()
-        return 1
 
     def state_dict(self) -> dict[str, Any]:
         """Registers, queued inputs and messages, clocks and pseudo-gradient sums: what

@@ -32,7 +32,7 @@ def build_model(name: str, outputs: int, **options) -> FrameStack:
     return MODELS[name](outputs, **options)
 
 
-# the public surface for writing networks of your own (README, "Bring your own network")
+# the public surface for writing networks of your own (docs/networks.md, "Bring your own network")
 __all__ = ["FULL_DEPTH", "MODELS", "RECONSTRUCTORS", "ZOO", "FrameStack", "build_model",
            "FrameModule", "CausalConv", "ConvUnit", "ResidualBlock", "ClassifierHead", "PerFrame",
            "group_norm", "frames_to_batch", "batch_to_frames", "FrozenBatchNorm", "FrameGroupNorm"]

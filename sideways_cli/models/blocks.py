@@ -11,7 +11,7 @@ and both compute the same function by construction (docs/sideways.md, property 1
 Normalisation is per sample, so no result depends on how frames are batched: GroupNorm per frame
 after convolutions whose weights are standardised (Qiao et al. 2019, "Weight Standardization").
 GroupNorm alone trains far slower than BatchNorm on motion; with standardised weights it matches
-BatchNorm (README, "The engine").
+BatchNorm (docs/engine.md).
 """
 
 from __future__ import annotations

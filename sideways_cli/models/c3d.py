@@ -6,8 +6,8 @@ emits one output per input tick) and GroupNorm after each conv; widths scale wit
 
 from __future__ import annotations
 
-from sideways_cli.models.blocks import ClassifierHead, ConvUnit
 from sideways_cli.models.stack import FrameStack
+from sideways_cli.models.vgg import conv_classifier
 
 # C3D's conv1, conv2, conv3a/b, conv4a/b, conv5a/b with its spatial pools, widths relative to conv1
 _LAYERS = [("conv1", 1, True), ("conv2", 2, True), ("conv3a", 4, False), ("conv3b", 4, True),
@@ -20,12 +20,4 @@ C3D_DEPTH = len(_LAYERS)
 def c3d(num_classes: int, width: int = 8, temporal_kernel: int = 3, in_channels: int = 3,
         depth: int = C3D_DEPTH, dropout: float = 0.0) -> FrameStack:
     """``depth`` keeps the first layers only, for small inputs (each pool halves the frame)."""
-    modules, names, cin = [], [], in_channels
-    for name, mult, pool in _LAYERS[:depth]:
-        cout = width * mult
-        modules.append(ConvUnit(cin, cout, k=temporal_kernel, pool=pool))
-        names.append(name)
-        cin = cout
-    modules.append(ClassifierHead(cin, num_classes, dropout))
-    names.append("head")
-    return FrameStack(modules, names)
+    return conv_classifier(_LAYERS[:depth], num_classes, width, temporal_kernel, in_channels, dropout)

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sideways_cli.config import NORMS
 from sideways_cli.models.blocks import standardize
-
-NORMS = ("group", "frozen")
 
 
 class StandardizedConv2d(nn.Conv2d):

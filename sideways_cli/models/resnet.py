@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sideways_cli.models.blocks import ClassifierHead, ConvUnit, ResidualBlock
-from sideways_cli.models.stack import FrameStack
+from sideways_cli.models.blocks import ConvUnit, ResidualBlock
+from sideways_cli.models.stack import FrameStack, classifier_stack
 
 
 RESNET18_DEPTH = 9  # the stem and eight basic blocks
@@ -21,6 +21,4 @@ def resnet18(num_classes: int, width: int = 16, temporal_kernel: int = 1, in_cha
         modules.append(ResidualBlock(cin, cout, k=temporal_kernel, stride=stride))
         names.append(f"layer{stage}.{block}")
         cin = cout
-    modules.append(ClassifierHead(cin, num_classes, dropout))
-    names.append("head")
-    return FrameStack(modules, names)
+    return classifier_stack(modules, names, cin, num_classes, dropout)

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from sideways_cli.models.blocks import FrameModule
+from sideways_cli.models.blocks import ClassifierHead, FrameModule
 
 
 class FrameStack(nn.Module):
@@ -54,6 +54,13 @@ class FrameStack(nn.Module):
     def stream(self) -> CausalStream:
         """A causal pass that takes a clip's frames in consecutive time chunks (see CausalStream)."""
         return CausalStream(list(self.stack))
+
+
+def classifier_stack(body: list[FrameModule], names: list[str], features: int, num_classes: int,
+                     dropout: float) -> FrameStack:
+    """A classifier of the zoo: ``body`` (its modules named ``names``, the last with ``features``
+    output channels) topped by the per-frame :class:`ClassifierHead`, named "head"."""
+    return FrameStack([*body, ClassifierHead(features, num_classes, dropout)], [*names, "head"])
 
 
 class CausalStream:

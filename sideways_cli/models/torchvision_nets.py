@@ -46,6 +46,14 @@ def is_torchvision(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def refuse_reserved_args(name: str, args: dict[str, Any]) -> None:
+    """TorchvisionError if ``model.args`` sets an argument the adapter sets itself."""
+    reserved = [key for key in RESERVED_ARGS if key in args]
+    if reserved:
+        raise TorchvisionError(f"config key 'model.args.{reserved[0]}' is not for {name}: the "
+                               "classes come from the dataset, pretrained weights from model.weights")
+
+
 def arch_of(name: str) -> str:
     """The architecture ``model.name`` names; TorchvisionError listing the supported ones."""
     arch = name[len(PREFIX):]
@@ -180,10 +188,7 @@ def build_torchvision(name: str, num_classes: int, norm: str = "group",
     ``norm`` says (norms.py), ``args`` passed to torchvision's builder."""
     arch = arch_of(name)
     args = dict(args or {})
-    reserved = [key for key in RESERVED_ARGS if key in args]
-    if reserved:
-        raise TorchvisionError(f"model.args.{reserved[0]} is set by sideways for {name} (the "
-                               "classes come from the dataset, weights from model.weights); drop it")
+    refuse_reserved_args(name, args)
     builder = _torchvision_builder(arch)
     call = f"torchvision.models.{arch}(weights=None, num_classes={num_classes}" + "".join(
         f", {k}={v!r}" for k, v in args.items()) + ")"

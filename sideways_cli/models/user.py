@@ -131,7 +131,7 @@ def build_user_model(name: str, outputs: int, args: dict[str, Any]) -> FrameStac
 
 
 @torch.no_grad()
-def check_outputs(name: str, model: FrameStack, outputs: int, size: int, reconstruct: bool) -> None:
+def validate_outputs(name: str, model: FrameStack, outputs: int, size: int, reconstruct: bool) -> None:
     """One forward of a 2-clip, 2-frame clip of ``size`` pixels: [B, K, T] logits of ``outputs``
     classes for a classifier, the clip's own shape for a reconstructor."""
     clip = torch.zeros(2, 3, 2, size, size, dtype=model.dtype)

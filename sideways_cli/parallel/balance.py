@@ -24,11 +24,11 @@ import torch
 
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.registers import Token
-from sideways_cli.engine.rule import Autocast
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.stages import stage_stack
 from sideways_cli.support.errors import UserError
+from sideways_cli.support.runtime import Autocast
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class ModuleCosts:
 
     names: list[str]
     forward_s: list[float]
-    backward_s: list[float]  # parameter gradients + the message for the module below (if any)
+    backward_s: list[float]  # parameter gradients + the message for the module below (if any);
+    # the head's includes its frame losses
     output_bytes: list[int]  # the activation module d sends up (its output frame)
     input_bytes: list[int]  # the message module d sends down (shaped like its input frame)
 
@@ -144,10 +145,10 @@ def measure_module_costs(model: FrameStack, frame_shape: tuple[int, ...], repeat
     backward: list[list[float]] = [[] for _ in frames]
     for round_ in range(repeats + 1):
         for d, (rule, (frame, out)) in enumerate(zip(rules, frames)):
-            _, busy, vjp, _ = time_windows(rule, frame, out, target, 1, device)
+            _, busy, vjp, loss = time_windows(rule, frame, out, target, 1, device)
             if round_:  # round 0 warms up allocators and kernels
                 forward[d].append(busy)
-                backward[d].append(vjp)
+                backward[d].append(vjp + loss)  # the head pays its frame losses every tick
     outputs, messages = frame_bytes(frames)
     return ModuleCosts(list(model.names), [statistics.median(s) for s in forward],
                        [statistics.median(s) for s in backward], outputs, messages)

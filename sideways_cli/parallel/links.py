@@ -93,7 +93,7 @@ class Links:
         if point_to_point and self.device.type == "cuda":
             work.wait()
             return
-        bounded_wait(work, timeout or self.timeout,
+        bounded_wait(lambda: work, timeout or self.timeout,
                      lambda exc, waited: self.failure(peer, doing, exc, waited))
 
     def name(self, stage: int) -> str:
@@ -110,12 +110,14 @@ class Links:
                             f"{why_silent(who, exc, timeout or self.timeout)}")
 
 
-def bounded_wait(work: dist.Work, timeout: timedelta,
+def bounded_wait(start: Callable[[], dist.Work], timeout: timedelta,
                  failure: Callable[[BaseException | None, timedelta], StageFailure]) -> None:
-    """Wait ``timeout`` for ``work``; raise ``failure(exception, timeout)`` if it fails or hangs."""
+    """Start a transfer or collective (``start`` issues it, or returns one already issued) and
+    wait ``timeout`` for it; raise ``failure(exception, timeout)`` if it cannot start, fails or
+    hangs."""
     try:
-        completed = work.wait(timeout)
-    except RuntimeError as exc:
+        completed = start().wait(timeout)
+    except RuntimeError as exc:  # a backend refuses to start one whose peer is already gone
         raise failure(exc, timeout) from None
     if completed is False:  # some backends report a timeout by returning False
         raise failure(None, timeout)

@@ -26,9 +26,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from sideways_cli.engine.losses import Objective, at_least_fp32
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, BatchStats, LossSum
+from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.links import StageFailure, is_link_failure
+from sideways_cli.support.runtime import Autocast
 
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -148,10 +149,10 @@ class PipelinedBackprop:
         apply_update()
         frames = self.module.frames
         clips_seen = self.microbatches * self.module.clips
-        summed = LossSum()
-        if self.stage.is_last:  # the microbatches' weighted losses add up to the batch's mean
-            summed.add(torch.stack(losses).detach().double().sum() * frames, frames)
-        return BatchStats(summed, summed.count, clips_seen * frames, updates=1)
+        # the microbatches' weighted losses add up to the batch's mean (the last stage's alone)
+        summed = (LossSum.of_mean(torch.stack(losses).detach().double().sum(), frames)
+                  if self.stage.is_last else LossSum())
+        return BatchStats(summed, clips_seen * frames, updates=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # every batch starts from nothing but the weights

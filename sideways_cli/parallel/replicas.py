@@ -43,15 +43,18 @@ class ReplicaGroup:
                 grad.copy_(averaged)
 
     def sum_(self, tensor: torch.Tensor, doing: str) -> torch.Tensor:
-        """``tensor`` summed over the replicas, in place (on this group's device and back)."""
-        moved = tensor.to(self.device)
-        self._reduce(moved, dist.ReduceOp.SUM, doing)
-        tensor.copy_(moved)
-        return tensor
+        """``tensor`` summed over the replicas, in place."""
+        return self._reduce_anywhere(tensor, dist.ReduceOp.SUM, doing)
 
     def max_(self, tensor: torch.Tensor, doing: str) -> torch.Tensor:
+        """``tensor``'s elementwise maximum over the replicas, in place."""
+        return self._reduce_anywhere(tensor, dist.ReduceOp.MAX, doing)
+
+    def _reduce_anywhere(self, tensor: torch.Tensor, op: dist.ReduceOp, doing: str) -> torch.Tensor:
+        """``tensor`` reduced in place wherever it lives: through this group's device, the only
+        one whose tensors its backend moves."""
         moved = tensor.to(self.device)
-        self._reduce(moved, dist.ReduceOp.MAX, doing)
+        self._reduce(moved, op, doing)
         tensor.copy_(moved)
         return tensor
 
@@ -61,11 +64,8 @@ class ReplicaGroup:
         return replica_share(rule_state, self.replica, self.replicas)
 
     def _reduce(self, tensor: torch.Tensor, op: dist.ReduceOp, doing: str) -> None:
-        try:
-            work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
-        except RuntimeError as exc:
-            raise self.failure(doing, exc) from None
-        bounded_wait(work, self.timeout, lambda exc, _: self.failure(doing, exc))
+        bounded_wait(lambda: dist.all_reduce(tensor, op=op, group=self.group, async_op=True),
+                     self.timeout, lambda exc, _: self.failure(doing, exc))
 
     def failure(self, doing: str, exc: BaseException | None) -> StageFailure:
         """Of two replicas the silent one is the other; of more the backend does not say which."""

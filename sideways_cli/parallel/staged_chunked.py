@@ -1,5 +1,5 @@
 """Sideways across processes, a macro tick at a time: each stage runs the chunked executor
-(``engine/sideways_batched.py``) on its modules, so its kernels see ``chunk`` ticks at once.
+(``engine/sideways_chunked.py``) on its modules, so its kernels see ``chunk`` ticks at once.
 
 Over a macro tick [t0, t1) network module g reads module g-1's outputs of ticks [t0-1, t1-1) and
 module g+1's messages of the same ticks, most of them computed in that same macro tick. So across a
@@ -34,7 +34,7 @@ from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, arrivals, m
                                        split_inputs, stage_order)
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.registers import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, LossSum
+from sideways_cli.engine.rule import ApplyUpdate, LossSum
 from sideways_cli.engine.sideways_chunked import Graph, ChunkedSideways
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.contribution import Contribution
@@ -42,6 +42,7 @@ from sideways_cli.parallel.links import PendingReceive
 from sideways_cli.parallel.staged_sideways import FrameTargets
 from sideways_cli.parallel.stages import Spec, boundary_specs
 from sideways_cli.parallel.topology import Topology
+from sideways_cli.support.runtime import Autocast
 
 
 class StagedChunked:

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from sideways_cli.engine.rule import Autocast
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.links import Links
+from sideways_cli.support.runtime import Autocast
 
 # What the first stage announces before each chunk, or at the end
 _FIRST_CHUNK, _NEXT_CHUNK, _END = 1, 2, 0

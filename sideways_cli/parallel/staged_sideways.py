@@ -19,13 +19,14 @@ import torch
 from sideways_cli.engine.clock import batch_ticks, input_ticks, message_ticks
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.registers import Token, clip_tokens
-from sideways_cli.engine.rule import ApplyUpdate, Autocast, LossSum
+from sideways_cli.engine.rule import ApplyUpdate, LossSum
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.contribution import Contribution
 from sideways_cli.parallel.links import PendingReceive
 from sideways_cli.parallel.stages import Spec, boundary_specs
 from sideways_cli.parallel.topology import Topology
+from sideways_cli.support.runtime import Autocast
 
 
 class StagedSideways:

@@ -6,8 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
-from sideways_cli.engine.rule import Autocast
 from sideways_cli.models import FrameStack
+from sideways_cli.support.runtime import Autocast
 
 
 def stage_ranges(sizes: list[int]) -> list[range]:

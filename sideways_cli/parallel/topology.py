@@ -154,12 +154,10 @@ class Topology:
             totals[0] = c.losses.total
         self.reduce_(totals, dist.ReduceOp.SUM, "summing the batch's losses")
         totals = totals.cpu()
-        summed = LossSum()
-        summed.add(totals[0], int(totals[1]))
         flags = 3 + len(STOP_SIGNALS)
         received = [signum for signum, n in zip(STOP_SIGNALS, totals[3:flags].tolist()) if n > 0]
-        return (BatchStats(summed, losses=summed.count // self.replicas, frames=int(totals[2]),
-                           updates=int((totals[flags:] > 0).sum())),
+        return (BatchStats(LossSum(totals[0], int(totals[1])), frames=int(totals[2]),
+                           updates=int((totals[flags:] > 0).sum()), replicas=self.replicas),
                 int(received[0]) if received else 0)
 
     def peaks_mb(self, own_mb: float) -> list[float]:
@@ -170,11 +168,7 @@ class Topology:
         return self.reduce_(peaks, dist.ReduceOp.MAX, "gathering the peak memory").tolist()
 
     def _wait(self, start: Callable[[], dist.Work], doing: str, timeout: timedelta) -> None:
-        try:
-            work = start()
-        except RuntimeError as exc:
-            raise self.failure(doing, exc, timeout) from None
-        bounded_wait(work, timeout, lambda exc, waited: self.failure(doing, exc, waited))
+        bounded_wait(start, timeout, lambda exc, waited: self.failure(doing, exc, waited))
 
     def failure(self, doing: str, exc: BaseException | None, timeout: timedelta) -> StageFailure:
         """A collective of the whole job failed; the backend does not say who is silent, unless

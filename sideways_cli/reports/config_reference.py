@@ -40,7 +40,7 @@ def reference_markdown() -> str:
         for part in key.split("."):
             value = getattr(value, part)
         section = key.rsplit(".", 1)[0] if "." in key else "top level"
-        accepts = f.metadata["check"].text + (" or null" if accepts_null(hint) else "")
+        accepts = f.metadata["allowed"].text + (" or null" if accepts_null(hint) else "")
         sections.setdefault(section, []).append(
             f"| `{key}` | `{_cell(_default(value))}` | {_cell(accepts)} | "
             f"{_cell(f.metadata['doc'])} |")

@@ -1,13 +1,25 @@
-"""Progress bars with ETA, one style for training and evaluation; none with --quiet."""
+"""What a command shows while it works: progress bars with ETA, one style for training and
+evaluation, and log lines; neither with --quiet."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
+Log = Callable[[str], None]  # where a command's log lines go
+
+
+def silent(_: str) -> None:
+    """A log that shows nothing: --quiet, and every process of a job but the one that reports."""
+
+
+def console_log(console: Console, quiet: bool) -> Log:
+    """``console``'s log lines, or none with --quiet."""
+    return silent if quiet else console.print
 
 
 def progress_bar(quiet: bool) -> Progress | nullcontext:

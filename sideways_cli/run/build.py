@@ -1,7 +1,7 @@
 """From a config to the objects a run trains with: the network, its optimizer and schedule, the rule.
 
 Also the checks that belong to those layers (a model that exists at that depth, the engine's
-settings), which ``config.py`` cannot make without importing them: :func:`check` runs them, and
+settings), which ``config.py`` cannot make without importing them: :func:`validate` runs them, and
 :func:`resolve_config` loads a config and checks it whole.
 """
 
@@ -18,9 +18,9 @@ from sideways_cli.engine.clock import BETWEEN_CLIPS, parse_update
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import GradientRule
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
-from sideways_cli.models.torchvision_nets import (RESERVED_ARGS, TorchvisionError, arch_of,
-                                                  build_torchvision, is_torchvision)
-from sideways_cli.models.user import (BuilderError, absolute, build_user_model, check_outputs,
+from sideways_cli.models.torchvision_nets import (TorchvisionError, arch_of, build_torchvision,
+                                                  is_torchvision, refuse_reserved_args)
+from sideways_cli.models.user import (BuilderError, absolute, build_user_model, validate_outputs,
                                       is_user_builder, load_builder)
 from sideways_cli.models.weights import WeightsError, load_weights
 from sideways_cli.support.errors import UserError
@@ -30,15 +30,15 @@ IMAGE_CHANNELS = 3
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def check(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     """What only the model zoo and the engine can tell: the model exists for the task and has the
     asked depth; the Sideways settings parse. UserError naming the key and the fix."""
     if is_torchvision(cfg.model.name):
-        _check_torchvision_model(cfg)
+        _validate_torchvision_model(cfg)
     elif is_user_builder(cfg.model.name):
-        _check_user_model(cfg)
+        _validate_user_model(cfg)
     else:
-        _check_zoo_model(cfg)
+        _validate_zoo_model(cfg)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
                         "dict saved with torch.save (a relative path is from the working directory)")
@@ -51,7 +51,7 @@ def check(cfg: Config) -> None:
         raise UserError(str(exc)) from None
 
 
-def _check_user_model(cfg: Config) -> None:
+def _validate_user_model(cfg: Config) -> None:
     """A user's builder is imported now, so a wrong path fails before any data is touched. The
     zoo's keys (model.width, depth, temporal_kernel, dropout) are not its: a preset's stay unused,
     and the builder's own options come from model.args."""
@@ -62,7 +62,7 @@ def _check_user_model(cfg: Config) -> None:
         raise UserError(str(exc)) from None
 
 
-def _check_torchvision_model(cfg: Config) -> None:
+def _validate_torchvision_model(cfg: Config) -> None:
     """Only the name and the task: the network itself is built (seconds, for the largest) when
     the run needs it. model.width, depth and temporal_kernel are not its keys, as for a builder."""
     try:
@@ -72,13 +72,13 @@ def _check_torchvision_model(cfg: Config) -> None:
     if cfg.task == "reconstruct":
         raise UserError(f"task 'reconstruct' needs model.name {', '.join(RECONSTRUCTORS)} or a "
                         f"builder of your own; {cfg.model.name} is a classifier")
-    reserved = [key for key in RESERVED_ARGS if key in cfg.model.args]
-    if reserved:
-        raise UserError(f"config key 'model.args.{reserved[0]}' is not for {cfg.model.name}: the "
-                        "classes come from the dataset, pretrained weights from model.weights")
+    try:
+        refuse_reserved_args(cfg.model.name, cfg.model.args)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
 
 
-def _check_zoo_model(cfg: Config) -> None:
+def _validate_zoo_model(cfg: Config) -> None:
     if cfg.model.name not in MODELS:
         raise UserError(f"config key 'model.name' must be one of {', '.join(MODELS)}, "
                         "'torchvision:<arch>' (e.g. torchvision:resnet18), or a builder of your "
@@ -100,7 +100,7 @@ def _check_zoo_model(cfg: Config) -> None:
 def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Config:
     """:func:`config.load_config`, then :func:`check`: a config every layer accepts."""
     cfg = load_config(path, overrides)
-    check(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -146,7 +146,7 @@ def _build_user_network(cfg: Config, outputs: int) -> FrameStack:
     reconstruct = cfg.task == "reconstruct"
     try:
         model = build_user_model(cfg.model.name, outputs, cfg.model.args)
-        check_outputs(cfg.model.name, model, outputs, cfg.data.size, reconstruct)
+        validate_outputs(cfg.model.name, model, outputs, cfg.data.size, reconstruct)
     except BuilderError as exc:
         raise UserError(str(exc)) from None
     return model

@@ -42,12 +42,15 @@ def network_rows(cfg: Config, model: FrameStack, num_classes: int, gradients: bo
                          batchnorm_fix(cfg), gradients=gradients)
 
 
-def refuse_broken_builder(cfg: Config, num_classes: int) -> None:
+def refuse_broken_builder(cfg: Config, num_classes: int, model: FrameStack | None = None) -> None:
     """What ``train`` runs on a builder of the user's own before its first step: the per-module
     properties, in a second or two; the first failure is one UserError saying what to change.
-    The random streams are left as they were, so a run is the same with or without it."""
+    ``model``: the run's network, as built from ``cfg`` (left unchanged: the checks run on a
+    copy); when not given, it is built here. The random streams are left as they were, so a run
+    is the same with or without it."""
     with torch.random.fork_rng(devices=[]):
-        rows = network_rows(cfg, build_network(cfg, num_classes), num_classes, gradients=False)
+        model = model if model is not None else build_network(cfg, num_classes)
+        rows = network_rows(cfg, model, num_classes, gradients=False)
     broken = causes(rows)
     if broken:
         raise UserError(f"model.name {cfg.model.name!r} breaks the frame-step contract: "

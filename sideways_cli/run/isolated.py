@@ -16,16 +16,15 @@ from rich.console import Console
 
 from sideways_cli.config import Config
 from sideways_cli.data.decode import DecodeError
+from sideways_cli.reports.progress import console_log
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.run.train import train
 from sideways_cli.support.errors import UserError, print_user_error
 
 
 def _train_child(cfg: Config, run_dir: str, quiet: bool, restart: bool) -> None:
-    console = Console()
     try:
-        train(cfg, Path(run_dir), quiet=quiet, log=(lambda msg: None) if quiet else console.print,
-              restart=restart)
+        train(cfg, Path(run_dir), quiet=quiet, log=console_log(Console(), quiet), restart=restart)
     except (UserError, DecodeError) as exc:
         print_user_error(exc)
         sys.exit(2)

@@ -32,22 +32,22 @@ from sideways_cli.parallel.staged_eval import StagedNetwork, serve_evaluation
 from sideways_cli.parallel.staged_sideways import StagedSideways
 from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import Topology
-from sideways_cli.run.build import (IMAGE_CHANNELS, DTYPES, build_network, make_optimizer,
-                                    make_lr_schedule, rule_for)
+from sideways_cli.run.build import (IMAGE_CHANNELS, DTYPES, make_optimizer, make_lr_schedule,
+                                    rule_for)
 from sideways_cli.run.resume import carried_rule_state, restore_rng, rng_state
 from sideways_cli.support.runtime import forward_autocast
 
 
 class StageLearner:
-    """Stage ``topology.stage`` of replica ``topology.replica``: its modules of the network built
-    from the seed (the same on every process), split as every process agrees
-    (:func:`agreed_stage_sizes`)."""
+    """Stage ``topology.stage`` of replica ``topology.replica``: its modules of ``network``, the
+    whole network built from the seed (``build.build_network``: the same on every process), split
+    as every process agrees (:func:`agreed_stage_sizes`)."""
 
-    def __init__(self, cfg: Config, topology: Topology, num_classes: int):
+    def __init__(self, cfg: Config, topology: Topology, network: FrameStack):
         self.cfg, self.topology = cfg, topology
         device = topology.device
         self.autocast = forward_autocast(device, cfg.amp)
-        model = build_network(cfg, num_classes).to(device)
+        model = network.to(device)
         self.network_modules = len(model)
         sizes = agreed_stage_sizes(cfg, topology, model) if topology.stages > 1 else [len(model)]
         ranges = stage_ranges(sizes)

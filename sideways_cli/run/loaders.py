@@ -1,7 +1,7 @@
 """A run's data loaders, as its config describes them: training clips in the order that follows
 from (seed, epoch, position), evaluation clips evenly spaced, each split guarded against videos
 that do not decode; for a CUDA device, batches in pinned memory (see :func:`pin_memory_for`).
-:func:`check_training_memory` and :func:`eval_loader` refuse clips that the host's memory cannot
+:func:`validate_training_memory` and :func:`eval_loader` refuse clips that the host's memory cannot
 hold before any is built."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
     """Evaluation clips of ``split``: ``clips_per_video`` (default eval.clips_per_video) evenly
     spaced clips per video, centre crop, no flip; ``shard``: every replicas-th clip; ``device``:
     where the batches will go."""
-    check_loader_memory(cfg, [val_load(cfg, shard, device)])
+    validate_loader_memory(cfg, [val_load(cfg, shard, device)])
     return _eval_loader(cfg, data, split, clips_per_video, shard, device)
 
 
@@ -175,13 +175,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_training_memory(cfg: Config, replicas: int = 1, device: torch.device = CPU) -> None:
-    """:func:`check_loader_memory` for a training run's loaders (:func:`data_loaders`), which
+def validate_training_memory(cfg: Config, replicas: int = 1, device: torch.device = CPU) -> None:
+    """:func:`validate_loader_memory` for a training run's loaders (:func:`data_loaders`), which
     needs nothing but the config: a training checks it first, before any data is read."""
-    check_loader_memory(cfg, [train_load(cfg, device), val_load(cfg, (0, replicas), device)])
+    validate_loader_memory(cfg, [train_load(cfg, device), val_load(cfg, (0, replicas), device)])
 
 
-def check_loader_memory(cfg: Config, loads: list[LoaderLoad]) -> None:
+def validate_loader_memory(cfg: Config, loads: list[LoaderLoad]) -> None:
     """UserError when the clips that ``loads`` hold at once would not fit in the host's available
     memory: better now, with the arithmetic, than a loader worker killed mid-run. Skipped where
     the available memory cannot be read."""

@@ -136,8 +136,8 @@ def config_differences(saved: Config, current: Config) -> list[str]:
 
 def carried_rule_state(state: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
     """The rule's registers from a checkpoint, for the executor ``cfg`` runs (its layout:
-    ``schedule.register_layout``; a P-stage run's shards reassemble into the same); None when
-    there is nothing to carry. With ``pipeline: reset`` and ``update: clip`` nothing survives a
+    ``clock.register_layout``; a P-stage run's shards reassemble into the same); None when
+    there is nothing to carry. With ``between_clips: reset`` and ``update: clip`` nothing survives a
     batch, so a checkpoint in the other layout starts the next one alike."""
     layout = register_layout(cfg.sideways.update, cfg.sideways.chunk)
     if cfg.mode == "bp" or not state or layout in state:
@@ -145,8 +145,9 @@ def carried_rule_state(state: dict[str, Any], cfg: Config) -> dict[str, Any] | N
     if cfg.sideways.between_clips == "reset" and cfg.sideways.update == "clip":
         return None
     chunk = "sideways.chunk=1" if "pipeline" in state else "the sideways.chunk (above 1) it ran with"
-    raise UserError(f"this checkpoint holds the pipeline registers of a run with another "
-                    f"sideways.chunk; with pipeline {cfg.sideways.between_clips!r} resume it with {chunk}")
+    raise UserError(f"this checkpoint holds the registers of a run with another sideways.chunk; "
+                    f"with sideways.between_clips {cfg.sideways.between_clips!r} resume it with "
+                    f"{chunk}")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -12,7 +12,7 @@
                                    shard there, and last.pt / best.pt name the ones they are made of
       launch.yaml                  the config the stages of a self-launched staged run read
       confusion_<split>.png        `sideways eval`'s confusion matrix
-      .lock                        held by the process writing the run (``run_lock.py``)
+      .lock                        held by the process writing the run (``run/lock.py``)
 
 Every file is written atomically (a temporary file renamed into place), or appended a whole line
 at a time and read up to its last complete line, so neither a kill nor a reader during training

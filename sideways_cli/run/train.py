@@ -2,7 +2,7 @@
 steps, evaluations, checkpoints and metrics out.
 
 Every process of a job runs this same loop (SPMD): one process alone, or each of the replicas x
-stages processes of a parallel job, each over its own slice of the network (``distributed/``).
+stages processes of a parallel job, each over its own slice of the network (``parallel/``).
 They walk the same deterministic sampler, step together and agree on every statistic; only global
 rank 0 logs and writes the run's shared files, and each process writes its own checkpoint shard.
 It knows nothing of how gradients are made (the learner's rule fills ``param.grad`` and steps). A
@@ -19,20 +19,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.models.user import is_user_builder
 from sideways_cli.parallel.resharding import with_learner
 from sideways_cli.parallel.topology import Topology, join, launched, leave, single
-from sideways_cli.reports.progress import progress_bar
+from sideways_cli.reports.progress import Log, progress_bar, silent
 from sideways_cli.reports.tables import write_json
-from sideways_cli.run.build import DTYPES
+from sideways_cli.run.build import DTYPES, build_network
 from sideways_cli.run.contract_gate import refuse_broken_builder
 from sideways_cli.run.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
 from sideways_cli.run.launch import run_as_processes
 from sideways_cli.run.learner import StageLearner
-from sideways_cli.run.loaders import check_training_memory, data_loaders, forever
+from sideways_cli.run.loaders import validate_training_memory, data_loaders, forever
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
 from sideways_cli.run.rundir import LineLog, RunDir, csv_line, save_checkpoint, trim_csv, trim_jsonl
@@ -41,8 +40,6 @@ from sideways_cli.support.errors import UserError
 from sideways_cli.support.memory import PeakMemory
 from sideways_cli.support.runtime import configure_backends, forward_autocast, seed_everything, to_device
 from sideways_cli.support.stop_signals import StopRequests, Stopped
-
-Log = Callable[[str], None]
 
 
 def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
@@ -67,7 +64,7 @@ def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
             return run_as_processes(cfg, run, quiet, restart)
     topology = join(cfg)
     if not topology.is_writer:
-        quiet, log = True, _silent
+        quiet, log = True, silent
     try:
         with _job_lock(run, topology):
             summary = _train(cfg, run, quiet, log, restart, topology)
@@ -98,14 +95,10 @@ def _job_lock(run: RunDir, topology: Topology) -> Iterator[None]:
         yield
 
 
-def _silent(_: str) -> None:
-    pass
-
-
 def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
            topology: Topology) -> dict[str, Any]:
     forward_autocast(topology.device, cfg.amp)  # refuses AMP where it cannot run, before any work
-    check_training_memory(cfg, topology.replicas, topology.device)  # clips that cannot fit, too
+    validate_training_memory(cfg, topology.replicas, topology.device)  # clips that cannot fit, too
     if topology.is_writer:
         run.remove_temporaries()  # what a killed write left; the lock says none is under way
         if restart:
@@ -123,9 +116,10 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     topology.barrier("waiting for the dataset")
     if data is None:
         data = resolve_dataset(cfg.data, progress=False)
+    network = build_network(cfg, len(data.classes))  # once: the gate checks what the learner trains
     if topology.is_writer and is_user_builder(cfg.model.name):
-        refuse_broken_builder(cfg, len(data.classes))  # a second, before any step is spent
-    learner = StageLearner(cfg, topology, len(data.classes))
+        refuse_broken_builder(cfg, len(data.classes), network)  # a second, before any step is spent
+    learner = StageLearner(cfg, topology, network)
     session = Session(cfg, run, data, learner, log, previous)
     try:
         session.train_steps(quiet)

@@ -14,7 +14,7 @@ import torch
 
 from sideways_cli.support.errors import UserError
 
-Autocast = Callable[[], AbstractContextManager]
+Autocast = Callable[[], AbstractContextManager]  # the context forward passes run in (bf16 AMP)
 
 
 class BackendSettings(Protocol):
