@@ -5,6 +5,7 @@ naming the module and the fix; ``train`` refuses such a builder before its first
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,13 @@ from cli_helpers import run_main
 from sideways_cli.engine.contract import batchnorm_rows, contract_rows, failures, gradient_rows
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import MODELS, ClassifierHead, ConvUnit, FrameModule, FrameStack
+from sideways_cli.parallel.balance import stage_costs
 from tiny import random_clips, tiny_network, tiny_run_config
 
-BROKEN = '''
+SLOW_S = 0.02  # what each forward of a `lopsided` module sleeps: a cost known in advance
+BROKEN = f'''
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,6 +73,26 @@ def centred(num_classes):
 
 def good(num_classes):
     return stack(ConvUnit(4, 4, 1), num_classes)
+
+
+class Slow(FrameModule):
+    """Scales its window's newest frame, after sleeping {SLOW_S}s in every float32 forward: the
+    costs are measured on the float32 network, the contract is checked on a float64 copy."""
+    def __init__(self, channels, window):
+        super().__init__()
+        self.window = window
+        self.scale = nn.Parameter(torch.ones(channels, 1, 1, 1))
+
+    def valid(self, x):
+        if x.dtype == torch.float32:
+            time.sleep({SLOW_S})
+        return self.scale * x[:, :, self.window - 1:]
+
+
+def lopsided(num_classes):
+    """Two slow modules and a fast head: costs [S, S, small], which only one split balances."""
+    return FrameStack([Slow(3, 2), Slow(3, 1), ClassifierHead(3, num_classes)],
+                      ["slow1", "slow2", "head"])
 '''
 # which property each broken module must fail (and the fix the message gives)
 BREAKS = {"batchnorm": ("no batch statistics", "GroupNorm"),
@@ -87,11 +112,22 @@ def test_every_zoo_network_keeps_the_contract(name, k):
     network = tiny_network(name, k)
     rows = rows_for(network, objective=objective)
     assert not failures(rows), failures(rows)
-    properties = {r.property for r in rows if r.ok}
-    assert {"no batch statistics", "tick == clip", "causal", "per sample", "top exact"} <= properties
-    static = [r.ok for r in rows if r.property == "static: sideways == bp"]
+    modules = list(range(len(network)))
+    # every forward property passes on every module, and tick == clip on the whole network too
+    for prop in ("no batch statistics", "per sample", "causal"):
+        assert [(r.module, r.ok) for r in rows if r.property == prop] == \
+            [(d, True) for d in modules]
+    assert [(r.module, r.ok) for r in rows if r.property == "tick == clip"] == \
+        [(d, True) for d in modules] + [(None, True)]
+    # property 4 on the head alone
+    assert [(r.module, r.ok) for r in rows if r.property == "top exact"] == [(modules[-1], True)]
+    static = [(r.module, r.ok) for r in rows if r.property == "static: sideways == bp"]
     # property 3 is checked module by module on window-1 networks, and said not to apply otherwise
-    assert static == ([True] * len(network) if k == 1 else [None])
+    assert static == ([(d, True) for d in modules] if k == 1 else [(None, None)])
+    # the equalities hold to float64 round-off (at most 2.2e-15 measured over the zoo), far
+    # inside the 1e-9 that `check` allows a network of the user's own
+    differences = [r.difference for r in rows if r.difference is not None]
+    assert differences and max(differences) < 1e-14
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +155,29 @@ def test_a_broken_module_fails_its_row_naming_module_and_fix(builder, broken, mo
     assert err.count("error:") == 1 and f"module 1 (middle), {prop}" in err and fix in err
 
 
-def test_check_passes_a_good_builder_with_costs_and_splits(broken, monkeypatch, capsys):
+@pytest.mark.usefixtures("one_thread")  # two threads on a busy machine: tens of ms of noise
+def test_check_measures_the_costs_and_reports_the_split_that_balances_them(broken, monkeypatch,
+                                                                            capsys):
     monkeypatch.chdir(broken)
-    out = broken / "good.json"
-    code, _ = run_main(["check", "tiny.yaml", "--set", "model.name=broken.py:good", "--json", out],
-                       monkeypatch, capsys)
+    out = broken / "lopsided.json"
+    code, _ = run_main(["check", "tiny.yaml", "--set", "model.name=broken.py:lopsided", "--json",
+                        out], monkeypatch, capsys)
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["passed"] and len(report["costs"]) == 3
+    assert report["passed"]
+    assert [(c["module"], c["name"], c["window"]) for c in report["costs"]] == \
+        [(0, "slow1", 2), (1, "slow2", 1), (2, "head", 1)]
     assert all(c["forward_ms"] > 0 and c["vjp_ms"] > 0 for c in report["costs"])
-    assert report["balance"]["2"]["modules_per_stage"] in ([1, 2], [2, 1])
-    assert "4" not in report["balance"]  # three modules cannot fill four stages
+    # the sleep of each slow module's forward is in its measured cost
+    assert all(c["forward_ms"] >= 1e3 * SLOW_S for c in report["costs"][:2])
+    # costs [S, S, small]: [1, 2] (the slowest stage costs S + small) is the one balanced split;
+    # [2, 1] puts both slow modules in one stage (2S)
+    total = [c["forward_ms"] + c["vjp_ms"] for c in report["costs"]]
+    slowest = max(stage_costs(total, [1, 2]))
+    assert slowest < max(stage_costs(total, [2, 1])), total  # as it is when the head costs less
+    assert report["balance"]["2"]["modules_per_stage"] == [1, 2]
+    assert report["balance"]["2"]["speedup_bound"] == pytest.approx(sum(total) / slowest, rel=1e-9)
+    assert list(report["balance"]) == ["2"]  # three modules cannot fill four stages
 
 
 def test_train_refuses_a_broken_builder_before_its_first_step(broken, monkeypatch, capsys):
@@ -185,14 +233,32 @@ def test_batchnorm_in_training_mode_is_named_even_where_the_numbers_pass():
     assert "post.body.0" in rows[0].detail and rows[0].fix == "set model.norm: group or frozen"
 
 
-def test_the_costs_of_a_reconstruction_network_use_its_own_loss():
+LOSS_S = 0.1  # what the reconstruction loss sleeps while the costs are measured
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_costs_of_a_reconstruction_network_use_its_own_loss(monkeypatch):
     """The head's tick is timed with the frame loss of its task (a reconstruction's target is
     the frame itself, not a label); so is `parallel.balance: auto` for a staged autoencoder."""
     from sideways_cli.analyses.check import check_network
     from sideways_cli.run.build import resolve_config
 
+    reconstruct, calls = OBJECTIVES["reconstruct"], []
+
+    def slow_frame_loss(output, target, frame_loss=reconstruct.frame_loss):
+        if output.dtype == torch.float32:  # the costs' float32 network, not the contract's copy
+            calls.append((tuple(output.shape), tuple(target.shape)))
+            time.sleep(LOSS_S)
+        return frame_loss(output, target)
+
+    monkeypatch.setattr(reconstruct, "frame_loss", slow_frame_loss)
     cfg = resolve_config(None, ["task=reconstruct", "model.name=autoencoder", "model.width=4",
                                 "model.depth=2", "data.size=16", "data.batch_size=2"])
     report = check_network(cfg, 0)
     assert report.passed and len(report.costs) == 4
-    assert report.balance[2]["modules_per_stage"] in ([1, 3], [2, 2], [3, 1])
+    frame = (2, 3, 16, 16)  # one frame of the batch: the target is the frame itself
+    assert calls and set(calls) == {(frame, frame)}
+    total = [c["forward_ms"] + c["vjp_ms"] for c in report.costs]
+    assert total[-1] >= 1e3 * LOSS_S  # the loss is inside the head's measured tick
+    # the head's loss outweighs the rest (a few ms each): the top stage holds the head alone
+    assert report.balance[2]["modules_per_stage"] == [3, 1]
