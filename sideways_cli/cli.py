@@ -16,7 +16,7 @@ from rich.console import Console
 from sideways_cli.analyses import comparison
 from sideways_cli.analyses.check import (balance_lines, check_network, contract_table, costs_table,
                                          not_applicable_lines)
-from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity
+from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity, load_run_weights
 from sideways_cli.analyses.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
 from sideways_cli.config import Config, from_dict
 from sideways_cli.data import catalog
@@ -373,7 +373,7 @@ def fidelity(
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
     model = build_network(cfg, len(data.classes))
     if run is not None:
-        model.load_state_dict(RunDir(run).load_checkpoint()["model"])
+        load_run_weights(model, RunDir(run))
     model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data, video)
     rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])

@@ -509,6 +509,10 @@ def _validate_parallel(cfg: Config) -> None:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be a multiple of "
                         f"parallel.replicas={p.replicas}: every replica trains an equal shard")
     shard = cfg.data.batch_size // p.replicas
+    if cfg.mode == "bp" and p.stages > 1 and p.bp_schedule == "1f1b" and p.microbatches < p.stages:
+        raise UserError(f"parallel.bp_schedule=1f1b needs parallel.microbatches >= parallel.stages "
+                        f"(every stage busy in the steady state), got {p.microbatches} < "
+                        f"{p.stages}; raise parallel.microbatches or use gpipe")
     if cfg.mode == "bp" and p.stages > 1 and shard % p.microbatches:
         raise UserError(f"data.batch_size={cfg.data.batch_size} / parallel.replicas={p.replicas} "
                         f"must be a multiple of parallel.microbatches={p.microbatches} for pipelined BP")

@@ -64,7 +64,8 @@ def tiny_run_config(root: Path, overrides: dict[str, Any] | None = None, name: s
                     generate: bool = False) -> Path:
     """TINY_RUN with its data under ``root`` and ``overrides`` merged in, written to root/name.
     ``generate``: make its dataset now, so that no run timed or killed later generates it."""
-    cfg = merged(TINY_RUN, {"data": {"root": str(root / "data")}, **(overrides or {})})
+    # the data root first, so that an override's data section keeps it (and may name its own)
+    cfg = merged(merged(TINY_RUN, {"data": {"root": str(root / "data")}}), overrides or {})
     path = root / name
     path.write_text(yaml.safe_dump(cfg))
     if generate:

@@ -28,6 +28,7 @@ from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
 from sideways_cli.engine.probes import make_video, module_gradients
 from sideways_cli.engine.registers import ModuleStep, Token
 from sideways_cli.models import FrameStack
+from sideways_cli.models.weights import WeightsError, load_own_state
 from sideways_cli.run.build import build_network
 from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.rundir import RunDir
@@ -129,3 +130,13 @@ def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
     model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data)
     return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
+
+
+def load_run_weights(model: FrameStack, run: RunDir) -> None:
+    """``model`` at ``run``'s trained weights (its last checkpoint); one UserError naming the
+    first key that does not fit when the config built another network."""
+    try:
+        load_own_state(model, run.load_checkpoint()["model"], f"--run {run.checkpoint()}",
+                       f"CONFIG must build the run's network: pass {run.config_yaml}")
+    except WeightsError as exc:
+        raise UserError(str(exc)) from None

@@ -108,3 +108,20 @@ def load_weights(model: FrameStack, path: Path, new_head: bool = False) -> None:
         found = {k: v for k, v in found.items() if not k.startswith(head)}
     _check(path, found, model, head)
     model.load_state_dict(found, strict=head is None)
+
+
+def load_own_state(model: FrameStack, state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """Initialise ``model`` from ``state``, a state dict under the network's own keys (a run's
+    checkpoint), in place; WeightsError naming ``source``, the first key that does not fit and
+    ``fix``, rather than torch's list of every mismatch."""
+    wanted = model.state_dict()
+    for key in state:
+        if key not in wanted:
+            raise WeightsError(f"{source}: unexpected key {key!r}; {fix}")
+    for key, tensor in wanted.items():
+        if key not in state:
+            raise WeightsError(f"{source}: missing key {key!r}; {fix}")
+        if state[key].shape != tensor.shape:
+            raise WeightsError(f"{source}: key {key!r} has shape {list(state[key].shape)} in the "
+                               f"checkpoint, {list(tensor.shape)} in the network; {fix}")
+    model.load_state_dict(state)

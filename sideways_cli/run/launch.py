@@ -91,6 +91,10 @@ def launch(replicas: int, stages: int, argv: list[str]) -> None:
                           **forwarding)
     previous = os.environ.get(SIGNALS_TO_FORWARD)
     os.environ[SIGNALS_TO_FORWARD] = FORWARDED
+    # the agent installs handlers that raise in this process and leaves them: put ours back after,
+    # or a later Ctrl-C (or a forked worker's SIGTERM) would meet torch's instead of ours
+    handlers = {sig: signal.getsignal(sig) for sig in map(signal.Signals.__getitem__,
+                                                             FORWARDED.split(","))}
     # the agent's warnings narrate a stop or a failure that the line this raises names already
     for name in list(logging.root.manager.loggerDict):  # torch sets each one's own level
         if name.startswith("torch.distributed.elastic"):
@@ -110,6 +114,9 @@ def launch(replicas: int, stages: int, argv: list[str]) -> None:
             del os.environ[SIGNALS_TO_FORWARD]
         else:
             os.environ[SIGNALS_TO_FORWARD] = previous
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, which cannot be restored
+                signal.signal(sig, handler)
 
 
 def describe_failure(exc, replicas: int = 1, stages: int = 1) -> str:

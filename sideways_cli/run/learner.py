@@ -60,6 +60,7 @@ class StageLearner:
         self.stack: FrameStack = model if topology.stages == 1 else stage_stack(model, self.modules)
         self.optimizer = make_optimizer(cfg.train, self.stack)
         self.lr_schedule = make_lr_schedule(cfg.train, self.optimizer)
+        self.trained_lr = self.lr  # the last batch's (train_batch sets it)
         self.objective = OBJECTIVES[cfg.task]
         self.ddp = cfg.mode == "bp" and topology.stages == 1 and topology.across is not None
         self.executor = self._executor(specs)
@@ -87,6 +88,7 @@ class StageLearner:
 
     @property
     def lr(self) -> float:
+        """The learning rate the next batch trains with."""
         return self.optimizer.param_groups[0]["lr"]
 
     @property
@@ -121,6 +123,7 @@ class StageLearner:
                 clips, labels = self._targets(clips, labels, shape)
             contribution = replace(self._contribution(clips, labels, shape), stop=stop)
             stats, stop = self.topology.batch_stats(contribution)
+        self.trained_lr = self.lr  # what this batch's updates used, as its log line says
         self.lr_schedule.step()
         return stats, stop
 

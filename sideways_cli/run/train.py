@@ -231,7 +231,7 @@ class Session:
         """A line of metrics.jsonl."""
         state = self.state
         self.update_peaks()
-        return {"step": step, "loss": state.loss(), "lr": self.learner.lr,
+        return {"step": step, "loss": state.loss(), "lr": self.learner.trained_lr,
                 "frames_seen": state.frames_seen, "frames_per_s": state.frames_seen / state.compute_s,
                 "data_wait_share": state.wait_s / (state.wait_s + state.compute_s), **state.peaks(),
                 "wall_s": time.perf_counter() - self.started}
