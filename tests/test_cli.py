@@ -100,6 +100,7 @@ def test_eval_other_split_and_views(tiny_config, tmp_path):
     assert (run / "confusion_train.png").is_file()
 
 
+@pytest.mark.slow  # test_executor_equivalence checks the engine's side in make test-fast
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_in_float64_every_executor_trains_to_the_same_weights(optimizer, tiny_config, tmp_path):
     """The engine's promise checked from the command line, over several optimizer steps: the tick

@@ -131,14 +131,17 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | None = Non
 # CPU: the video networks' forward properties with group norms once (r2plus1d_18: its preset's;
 # r3d_18 shares its blocks), frozen for all three, the gradients where they are cheap
 SLOW = pytest.mark.slow  # seconds each: the full suite checks them, make test-fast their kin
-CONTRACT = [("mobilenet_v3_small", "group", True), ("mobilenet_v3_small", "frozen", True),
-            ("resnet18", "group", False), ("resnet18", "frozen", True),
-            ("efficientnet_b0", "group", False),
+# make test-fast keeps one image network with gradients, one without and one video network
+CONTRACT = [("mobilenet_v3_small", "group", True),
+            pytest.param("mobilenet_v3_small", "frozen", True, marks=SLOW),
+            ("resnet18", "group", False), pytest.param("resnet18", "frozen", True, marks=SLOW),
+            pytest.param("efficientnet_b0", "group", False, marks=SLOW),
             pytest.param("efficientnet_b0", "frozen", True, marks=SLOW),
             pytest.param("vgg11", "frozen", False, marks=SLOW),
             pytest.param("r2plus1d_18", "group", False, marks=SLOW),
             ("r2plus1d_18", "frozen", False), pytest.param("r3d_18", "frozen", False, marks=SLOW),
-            pytest.param("mc3_18", "group", False, marks=SLOW), ("mc3_18", "frozen", True)]
+            pytest.param("mc3_18", "group", False, marks=SLOW),
+            pytest.param("mc3_18", "frozen", True, marks=SLOW)]
 
 
 @pytest.mark.parametrize("arch, norm, gradients", CONTRACT)
@@ -157,7 +160,8 @@ def test_every_adapter_keeps_the_frame_step_contract(arch, norm, gradients, netw
     assert static == (set() if not gradients else {None} if arch in VIDEO_NETS else {True})
 
 
-@pytest.mark.parametrize("arch", IMAGE_NETS)
+@pytest.mark.parametrize("arch", [arch if arch != "vgg11" else pytest.param(arch, marks=SLOW)
+                                  for arch in IMAGE_NETS])
 @torch.no_grad()
 def test_torchvision_weights_give_torchvision_logits_for_every_frame(arch, networks):
     """Through model.weights, with frozen norms: the key mapping is the identity on torchvision."""
