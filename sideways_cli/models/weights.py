@@ -80,21 +80,25 @@ def _unexpected(key: str) -> str:
             "architecture (FrameStack keys 'stack.<d>....', or torchvision's own)")
 
 
-def _check(path: Path, found: dict[str, torch.Tensor], model: FrameStack, head: str | None) -> None:
+def _refuse_misfit(source: str, found: dict[str, torch.Tensor], model: FrameStack,
+                   head: str | None, fix: str | None = None) -> None:
+    """WeightsError naming ``source`` and the first of the network's keys (those of ``head``
+    aside) that ``found`` lacks or holds in another shape; ``fix``: what to do about it, else
+    the advice for a weights file."""
     for key, tensor in model.state_dict().items():
         if head is not None and key.startswith(head):
             continue
         if key not in found:
-            fix = ("the file has no BatchNorm statistics (saved with model.norm: group?): set "
-                   "model.norm=group" if key.rpartition(".")[2] in STATISTICS
-                   else "save the state dict of this very architecture")
-            raise WeightsError(f"model.weights {path}: missing key {key!r} (the file has "
+            fix = fix or ("the file has no BatchNorm statistics (saved with model.norm: group?): "
+                          "set model.norm=group" if key.rpartition(".")[2] in STATISTICS
+                          else "save the state dict of this very architecture")
+            raise WeightsError(f"{source}: missing key {key!r} (the file has "
                                f"{len(found)} of the network's keys); {fix}")
         if found[key].shape != tensor.shape:
-            fix = ("a head for another class count: --set model.new_head=true starts the head "
-                   "fresh" if key.startswith(f"{OWN_PREFIX}{len(model) - 1}.")
-                   else "save the state dict of this very architecture and its model.args")
-            raise WeightsError(f"model.weights {path}: key {key!r} has shape "
+            fix = fix or ("a head for another class count: --set model.new_head=true starts the "
+                          "head fresh" if key.startswith(f"{OWN_PREFIX}{len(model) - 1}.")
+                          else "save the state dict of this very architecture and its model.args")
+            raise WeightsError(f"{source}: key {key!r} has shape "
                                f"{list(found[key].shape)} in the file, {list(tensor.shape)} in the "
                                f"network; {fix}")
 
@@ -106,7 +110,7 @@ def load_weights(model: FrameStack, path: Path, new_head: bool = False) -> None:
     found = _mapped(path, read_state_dict(path), model)
     if head is not None:
         found = {k: v for k, v in found.items() if not k.startswith(head)}
-    _check(path, found, model, head)
+    _refuse_misfit(f"model.weights {path}", found, model, head)
     model.load_state_dict(found, strict=head is None)
 
 
@@ -118,10 +122,5 @@ def load_own_state(model: FrameStack, state: dict[str, torch.Tensor], source: st
     for key in state:
         if key not in wanted:
             raise WeightsError(f"{source}: unexpected key {key!r}; {fix}")
-    for key, tensor in wanted.items():
-        if key not in state:
-            raise WeightsError(f"{source}: missing key {key!r}; {fix}")
-        if state[key].shape != tensor.shape:
-            raise WeightsError(f"{source}: key {key!r} has shape {list(state[key].shape)} in the "
-                               f"checkpoint, {list(tensor.shape)} in the network; {fix}")
+    _refuse_misfit(source, state, model, None, fix)
     model.load_state_dict(state)
