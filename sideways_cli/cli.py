@@ -26,6 +26,7 @@ from sideways_cli.engine.contract import causes
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.parallel.links import StageFailure
+from sideways_cli.parallel.topology import end_process
 from sideways_cli.reports.plots import confusion_png
 from sideways_cli.reports.progress import console_log, progress_bar
 from sideways_cli.reports.tables import compare_table, eval_table, fidelity_table, stream_table, write_json
@@ -476,13 +477,15 @@ def download(
 def main() -> None:
     try:
         app()
+    except SystemExit as exc:  # how typer ends every command, a success too
+        end_process(exc.code)
     except (UserError, DecodeError) as exc:
         print_user_error(exc)
-        sys.exit(getattr(exc, "exit_code", 2))  # a write the user cannot fix (EIO) is 1
+        end_process(getattr(exc, "exit_code", 2))  # a write the user cannot fix (EIO) is 1
     except Stopped as exc:  # a signal: the step in hand finished and checkpointed
         if not exc.silent:
             err_console.print(str(exc), highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        end_process(exc.exit_code)
     except StageFailure as exc:  # another stage died or hung; the launcher stops the rest
         print_user_error(exc)
         sys.stdout.flush()

@@ -13,3 +13,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def train_in_process(monkeypatch):
+    """``compare`` trains each run in this process instead of a spawned child: each spawn costs
+    seconds of importing torch on a 2-core machine, and test_compare's ``pair`` covers the child.
+    In one process the runs must still start from the same weights: compare seeds each run itself."""
+    from sideways_cli.run.train import train
+
+    def train_here(cfg, run_dir, quiet=False, restart=False):
+        return train(cfg, run_dir, quiet=quiet, log=lambda msg: None, restart=restart)
+
+    monkeypatch.setattr("sideways_cli.run.isolated.train_isolated", train_here)

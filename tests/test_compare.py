@@ -65,18 +65,6 @@ def test_compare_writes_json_csv_and_png(pair):
     assert not list(out.rglob("*.tmp*"))
 
 
-@pytest.fixture
-def train_in_process(monkeypatch):
-    """Train in this process: the pair fixture already covers the spawned child, and each spawn
-    costs seconds of importing torch on a 2-core machine."""
-    from sideways_cli.run.train import train
-
-    def train_here(cfg, run_dir, quiet=False, restart=False):
-        return train(cfg, run_dir, quiet=quiet, log=lambda msg: None, restart=restart)
-
-    monkeypatch.setattr("sideways_cli.run.isolated.train_isolated", train_here)
-
-
 @pytest.mark.slow
 def test_sweep_variant_and_fidelity(tiny_config, tmp_path, train_in_process):
     out = tmp_path / "sweep"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cli_helpers import invoke
+from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from sideways_cli.data.sampler import SeededBatchSampler
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.parallel.replicas import BUCKET_BYTES, _buckets
@@ -108,11 +109,14 @@ def test_continuous_registers_resume_from_2x2_into_one_process(config, tmp_path)
 
 
 @pytest.mark.multiprocess
-def test_updates_every_n_ticks_resume_from_one_process_into_2_replicas(config, tmp_path):
+def test_updates_every_n_ticks_resume_from_one_process_into_2_replicas(config, tmp_path, monkeypatch):
     settings = ["mode=sideways", "sideways.chunk=1", "sideways.update=every 3 ticks",
                 "train.optimizer=adamw", "train.lr=0.01"]
     run = tmp_path / "run"
-    kill_after_checkpoint(start(config, run, *settings), run, ranks=0)
+    with monkeypatch.context() as patched:  # the one-process part dies here, after its checkpoint
+        crash_after_first_checkpoint(patched)
+        with pytest.raises(Crash):
+            one_process(config, run, *settings)
     launched(config, run, *settings, "parallel.replicas=2")
     assert_same_run(run, one_process(config, tmp_path / "straight", *settings))
 
@@ -139,30 +143,35 @@ def test_a_killed_replica_ends_the_job_naming_it_and_leaves_no_process(config, t
         time.sleep(0.1)
 
 
-@pytest.mark.multiprocess
-def test_torchrun_with_the_wrong_number_of_processes_is_told_what_to_pass(config, tmp_path):
-    result = subprocess.run(torchrun(config, tmp_path / "run", "--nproc-per-node", "1",
-                                     sets=["parallel.replicas=2"]),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "started 1 process but parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in result.stderr
-    assert "--nproc-per-node 2" in result.stderr
+def finished(process: subprocess.Popen) -> tuple[int, str]:
+    """A process's exit status and standard error."""
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err
 
 
 @pytest.mark.multiprocess
-def test_torchrun_on_a_directory_being_written_is_refused_by_every_process(config, tmp_path):
-    """Global rank 0 takes the run directory's lock for the job and tells the others: each
+def test_torchrun_is_refused_with_the_wrong_number_of_processes_or_on_a_directory_being_written(
+        config, tmp_path):
+    """Side by side (each mostly waits). The wrong number is told what to pass. On a locked
+    directory global rank 0 takes the run directory's lock for the job and tells the others: each
     process exits 2 with the one line naming the holder, before any step."""
-    run = tmp_path / "run"
-    with RunLock(run):
-        result = subprocess.run(torchrun(config, run, "--nproc-per-node", "2",
-                                         sets=["parallel.replicas=2"]),
-                                capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    refusals = [line for line in result.stderr.splitlines()
-                if f"{run} is being written by another sideways process (PID {os.getpid()} on " in line]
-    assert len(refusals) == 2, result.stderr  # one per process
-    assert not (run / "metrics.jsonl").exists()
+    run, locked = tmp_path / "run", tmp_path / "locked"
+    with RunLock(locked):
+        wrong = subprocess.Popen(torchrun(config, run, "--nproc-per-node", "1",
+                                          sets=["parallel.replicas=2"]),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        refused = subprocess.Popen(torchrun(config, locked, "--nproc-per-node", "2",
+                                            sets=["parallel.replicas=2"]),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        (wrong_code, wrong_err), (refused_code, refused_err) = finished(wrong), finished(refused)
+    assert wrong_code != 0
+    assert "started 1 process but parallel.replicas x parallel.stages is 2 x 1 = 2; launch 2" in wrong_err
+    assert "--nproc-per-node 2" in wrong_err
+    assert refused_code != 0
+    refusals = [line for line in refused_err.splitlines()
+                if f"{locked} is being written by another sideways process (PID {os.getpid()} on " in line]
+    assert len(refusals) == 2, refused_err  # one per process
+    assert not (locked / "metrics.jsonl").exists()
 
 
 @pytest.mark.multiprocess

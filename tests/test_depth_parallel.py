@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import spawned
+from cli_helpers import invoke
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
 from sideways_cli.engine import make_rule
@@ -99,8 +100,13 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("staged")
-    mp.spawn(stage_process, args=(str(out), CASES, 2), nprocs=2)
-    mp.spawn(stage_process, args=(str(out), THREE_STAGE_CASES, 3), nprocs=3)
+    # both jobs at once: one's processes import torch while the other's compute
+    jobs = [mp.start_processes(stage_process, args=(str(out), cases, stages), nprocs=stages,
+                               join=False, start_method="spawn")
+            for cases, stages in ((CASES, 2), (THREE_STAGE_CASES, 3))]
+    for job in jobs:
+        while not job.join():
+            pass
     return out
 
 
@@ -151,7 +157,7 @@ def start(config: Path, out: Path, *sets: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out), "--quiet"]
     for s in sets:
         args += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the single-process reference at one thread too
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the stages and the in-process references
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
 
@@ -223,9 +229,11 @@ def kill_after_checkpoint(process: subprocess.Popen, run: Path, ranks: int = 2) 
 
 
 @pytest.fixture(scope="module")
-def single(config, tmp_path_factory) -> Path:
+def single(config, tmp_path_factory, one_thread) -> Path:
+    """The single-process reference, trained here (a process would spend seconds importing torch)
+    at one thread, as the stages run."""
     run = tmp_path_factory.mktemp("single") / "run"
-    finish(start(config, run, "parallel.stages=1"))
+    invoke("train", config, "--set", "parallel.stages=1", "--out", run, "--quiet")
     return run
 
 
@@ -245,57 +253,67 @@ def test_a_two_stage_run_resumes_and_matches_one_process(config, single, tmp_pat
 
 
 @pytest.mark.multiprocess
-def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path):
+def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path, one_thread):
     """The stages' chunked registers reassemble into the single-process executor's."""
     run = tmp_path / "handover"
     kill_after_checkpoint(start(config, run, "parallel.stages=2", "sideways.chunk=3"), run)
-    finish(start(config, run, "parallel.stages=1", "sideways.chunk=3"))
+    invoke("train", config, "--set", "parallel.stages=1", "--set", "sideways.chunk=3", "--out", run,
+           "--quiet")
     assert_same_run(run, single)
 
 
 def training(config: Path, run: Path) -> subprocess.Popen:
-    """A long 2-stage run, returned once it has logged its first step."""
-    process = start(config, run, "parallel.stages=2", "train.steps=100000")
+    """A long 2-stage run."""
+    return start(config, run, "parallel.stages=2", "train.steps=100000")
+
+
+def wait_for_a_step(process: subprocess.Popen, run: Path) -> None:
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
-    return process
 
 
 @pytest.mark.multiprocess
-def test_a_killed_stage_ends_the_job_naming_it(config, tmp_path):
-    run = tmp_path / "killed"
-    process = training(config, run)
-    pids = stage_pids(process)
-    killed = time.monotonic()
-    os.kill(pids[1], signal.SIGKILL)
-    _, err = process.communicate(timeout=60)
-    assert time.monotonic() - killed < 60
-    assert process.returncode != 0
+def test_a_killed_or_hung_stage_ends_the_job_naming_it_within_a_minute(config, tmp_path):
+    """Two jobs side by side (each mostly waits): stage 1 of one is killed, stage 1 of the other
+    stopped (alive, holding its sockets, doing nothing)."""
+    runs = {name: tmp_path / name for name in ("killed", "hung")}
+    jobs = {name: training(config, run) for name, run in runs.items()}
+    try:
+        for name, job in jobs.items():
+            wait_for_a_step(job, runs[name])
+        stop_one_stage_of_each(jobs)
+    finally:  # a failed check leaves no job running
+        for job in jobs.values():
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+
+
+def stop_one_stage_of_each(jobs: dict[str, subprocess.Popen]) -> None:
+    pids = {name: stage_pids(job) for name, job in jobs.items()}
+    signalled = time.monotonic()
+    os.kill(pids["killed"][1], signal.SIGKILL)
+    os.kill(pids["hung"][1], signal.SIGSTOP)
+
+    _, err = jobs["killed"].communicate(timeout=60)
+    assert time.monotonic() - signalled < 60
+    assert jobs["killed"].returncode != 0
     assert "stage 1 was killed by SIGKILL" in err
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())  # none left behind
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids["killed"].values())  # none left
 
-
-@pytest.mark.multiprocess
-def test_a_hung_stage_ends_the_job_within_a_minute(config, tmp_path):
-    run = tmp_path / "hung"
-    process = training(config, run)
-    pids = stage_pids(process)
-    stopped = time.monotonic()
-    os.kill(pids[1], signal.SIGSTOP)  # alive, holding its sockets, doing nothing
-    deadline = stopped + 45
-    while Path(f"/proc/{pids[0]}").exists():  # stage 0 finds the silence and ends the job
+    deadline = signalled + 45
+    while Path(f"/proc/{pids['hung'][0]}").exists():  # stage 0 finds the silence and ends the job
         assert time.monotonic() < deadline, "stage 0 did not notice its silent neighbour"
         time.sleep(0.05)
     # torch's agent now sends SIGTERM, which a stopped process takes only once continued, and
     # waits a fixed 30 s before SIGKILL (docs/runs.md): continue it, so that wait is not the test's
-    os.kill(pids[1], signal.SIGCONT)
-    _, err = process.communicate(timeout=60)
-    assert time.monotonic() - stopped < 60
-    assert process.returncode != 0
+    os.kill(pids["hung"][1], signal.SIGCONT)
+    _, err = jobs["hung"].communicate(timeout=60)
+    assert time.monotonic() - signalled < 60
+    assert jobs["hung"].returncode != 0
     assert "stage 1 sent nothing for 5 s" in err
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids["hung"].values())
 
 
 def test_registers_of_another_executor_are_refused_with_the_fix():

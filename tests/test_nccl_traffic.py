@@ -9,15 +9,15 @@ First the replay itself on hand-written traces, so that it cannot pass vacuously
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import invoke
+from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from nccl_replay import Event, load_traces, replay
 from tiny import tiny_run_config
 
@@ -153,19 +153,17 @@ def recorded_run(config: Path, out: Path, traffic: Path, sets: list[str]) -> dic
     return load_traces(traffic)
 
 
-def killed_after_its_first_checkpoint(config: Path, out: Path, sets: list[str]) -> None:
-    """A run in one process (the stages resume from its ordinary checkpoint: the number of stages
-    may change), killed once it has written the checkpoint of its first step."""
-    process = train(config, out, [*sets, "parallel.replicas=1", "parallel.stages=1",
-                                  "parallel.balance=auto"], {})
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "last.pt").is_file():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def crashed_after_its_first_checkpoint(config: Path, out: Path, sets: list[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run in this process (the stages resume from its ordinary checkpoint: the number of stages
+    may change) that dies once it has written the checkpoint of its first step."""
+    overrides = [*sets, "parallel.replicas=1", "parallel.stages=1", "parallel.balance=auto"]
+    with monkeypatch.context() as patched:
+        crash_after_first_checkpoint(patched)
+        with pytest.raises(Crash):
+            invoke("train", config, "--out", out, "--quiet", *[a for s in overrides for a in ("--set", s)])
     step = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
-    assert step == 1, f"killed after step {step}: the resume would not evaluate between steps"
+    assert step == 1, f"stopped after step {step}: the resume would not evaluate between steps"
 
 
 def point_to_point(events: list[Event]) -> list[Event]:
@@ -174,10 +172,10 @@ def point_to_point(events: list[Event]) -> list[Event]:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_jobs_traffic_cannot_deadlock_under_nccl(case, config, tmp_path):
+def test_a_jobs_traffic_cannot_deadlock_under_nccl(case, config, tmp_path, monkeypatch):
     settings, processes, resumed = CASES[case]
     if resumed:
-        killed_after_its_first_checkpoint(config, tmp_path / "run", settings)
+        crashed_after_its_first_checkpoint(config, tmp_path / "run", settings, monkeypatch)
     programs = recorded_run(config, tmp_path / "run", tmp_path / "traffic", settings)
     assert sorted(programs) == list(range(processes))
     assert all(point_to_point(events) for events in programs.values())

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from sideways_cli.cli import app
 from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
@@ -96,28 +97,38 @@ def logged(run: Path) -> tuple[list[tuple], list[list[str]]]:
 
 
 @pytest.mark.multiprocess
-def test_killed_runs_resume_to_the_same_weights(config, tmp_path):
-    """Each case is killed after its first checkpoint and started again, all three side by side
-    (a process spends most of its few seconds importing torch), then compared with the same run
-    made uninterrupted in this process. The continuous case runs with loader workers (the
-    reference has none), so the same numbers also show the data does not depend on them."""
+def test_killed_runs_resume_to_the_same_weights(config, tmp_path, monkeypatch):
+    """Each case stops right after logging a step past its first checkpoint and is started again,
+    then compared with the same run made uninterrupted. The continuous case is a real process
+    SIGKILLed with its loader workers (the reference has none, so the same numbers also show the
+    data does not depend on them) and started again as a process; the others stop in this process
+    (a process spends most of its few seconds importing torch: what a kill adds is the same for all)."""
     workers = {case: ["--set", "data.num_workers=2"] if case == "continuous" else [] for case in CASES}
     killed = {case: tmp_path / case for case in CASES}
-    running = {case: start(config, killed[case], *CASES[case], *workers[case], crash=True)
-               for case in CASES}
-    steps = {case: crashed(process, killed[case]) for case, process in running.items()}
+    process = start(config, killed["continuous"], *CASES["continuous"], *workers["continuous"],
+                    crash=True)
+    for case in ("bp", "sideways"):
+        with monkeypatch.context() as patched:
+            crash_after_first_checkpoint(patched)
+            with pytest.raises(Crash):
+                invoke("train", config, *CASES[case], "--out", killed[case], "--deterministic",
+                       "--quiet")
+    steps = {case: load(killed[case])["step"] for case in ("bp", "sideways")}
+    steps["continuous"] = crashed(process, killed["continuous"])
     assert steps == {case: EVERY for case in CASES}
-    for case in CASES:  # killed after logging a step past the checkpoint: the restart must trim it
+    for case in CASES:  # stopped after logging a step past the checkpoint: the restart must trim it
         logged_steps = [json.loads(line)["step"] for line in (killed[case] / "metrics.jsonl").open()]
         assert logged_steps[-1] > EVERY, (case, logged_steps)
-    resumed = {case: start(config, killed[case], *CASES[case], *workers[case], quiet=False)
-               for case in CASES}
+    resumed = start(config, killed["continuous"], *CASES["continuous"], *workers["continuous"],
+                    quiet=False)
+    said = {case: invoke_ok("train", config, *CASES[case], "--out", killed[case],
+                            "--deterministic").output for case in ("bp", "sideways")}
     for case in CASES:  # meanwhile, the uninterrupted runs
         invoke_ok("train", config, *CASES[case], "--out", tmp_path / f"{case}-straight",
                   "--deterministic", "--quiet")
-    for case, process in resumed.items():
-        out = finish(process)
-        assert unwrapped(f"resuming {killed[case]} from step {steps[case]}") in unwrapped(out), case
+    said["continuous"] = finish(resumed)
+    for case in CASES:
+        assert unwrapped(f"resuming {killed[case]} from step {steps[case]}") in unwrapped(said[case]), case
 
     for case in CASES:
         straight = tmp_path / f"{case}-straight"

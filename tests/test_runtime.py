@@ -42,6 +42,20 @@ def test_deterministic_sets_the_flags_and_the_cublas_workspace(backends):
     assert settings() == (False, False, True, True, True)  # the defaults: autotuned, TF32
 
 
+def test_the_default_is_not_set_again(backends, monkeypatch):
+    """torch's setter imports its compiler stack (seconds of every process's start): it is called
+    only to change the setting."""
+    torch.use_deterministic_algorithms(False)
+
+    def setter(mode: bool) -> None:
+        raise AssertionError(f"use_deterministic_algorithms({mode}) with the setting already {mode}")
+
+    with monkeypatch.context() as patched:  # undone before the fixture puts the setting back
+        patched.setattr(torch, "use_deterministic_algorithms", setter)
+        configure_backends(load_config(None, []))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_tf32_is_a_config_key_that_sets_both_backends(backends):
     cfg = load_config(None, ["tf32=false"])
     assert cfg.tf32 is False and to_dict(cfg)["tf32"] is False  # saved in the run's config.yaml

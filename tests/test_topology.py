@@ -11,7 +11,9 @@ import torch
 from sideways_cli.config import load_config
 from sideways_cli.engine.rule import LossSum
 from sideways_cli.parallel.contribution import Contribution
-from sideways_cli.parallel.topology import hang_timeout_s, job_backend, make_topology, process_name
+from sideways_cli.parallel import topology
+from sideways_cli.parallel.topology import (end_process, hang_timeout_s, job_backend, make_topology,
+                                            process_name)
 from sideways_cli.run.rundir import RunDir, save_checkpoint
 from sideways_cli.support.errors import UserError
 
@@ -41,6 +43,33 @@ def test_the_hang_timeout_is_minutes_on_cuda_unless_set():
 def test_processes_are_named_by_replica_and_stage():
     assert process_name(1, 1, 2) == "stage 1"
     assert process_name(3, 2, 2) == "replica 1 stage 1"
+
+
+class Exited(BaseException):
+    """os._exit, which would end this test's process, as an exception."""
+
+
+@pytest.mark.parametrize("code, status", [(0, 0), (None, 0), (2, 2), (138, 138), ("a message", 1)])
+def test_a_job_process_ends_without_finalization_once_out_of_its_group(code, status, monkeypatch,
+                                                                       capsys):
+    def exit_now(status: int) -> None:
+        raise Exited(status)
+
+    monkeypatch.setattr(topology.os, "_exit", exit_now)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exited:  # not a job's process: an ordinary exit
+        end_process(code)
+    assert exited.value.code == code
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as ended:
+        end_process(code)
+    assert ended.value.args == (status,)
+    if isinstance(code, str):
+        assert capsys.readouterr().err == f"{code}\n"
+    monkeypatch.setattr(topology.dist, "is_initialized", lambda: True)
+    with pytest.raises(SystemExit):  # still in its group: finalization tears the group down
+        end_process(code)
 
 
 def test_older_shards_go_once_the_checkpoint_names_newer_ones(tmp_path):

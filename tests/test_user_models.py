@@ -140,7 +140,7 @@ def test_the_readme_example_keeps_the_frame_step_contract():
 
 
 @pytest.mark.slow
-def test_the_readme_example_trains_with_compare(outside, tmp_path):
+def test_the_readme_example_trains_with_compare(outside, tmp_path, train_in_process):
     invoke("compare", outside / "tiny.yaml", "--set", f"model.name={EXAMPLE}", "--set", "train.steps=2",
            "--out", tmp_path / "cmp", "--quiet")
     runs = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]

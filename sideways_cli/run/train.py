@@ -122,6 +122,9 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     learner = StageLearner(cfg, topology, network)
     session = Session(cfg, run, data, learner, log, previous)
     try:
+        # a step's waits are bounded by the hang timeout: start the first only once every process
+        # has built its learner (importing torch's compiler stack, loading a checkpoint: seconds)
+        topology.barrier("waiting for the other processes to be ready")
         session.train_steps(quiet)
         summary = session.finish(quiet)
     finally:

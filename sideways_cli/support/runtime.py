@@ -54,7 +54,10 @@ def set_deterministic(enabled: bool) -> None:
     """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    if torch.are_deterministic_algorithms_enabled() != enabled:
+        # only on a change: torch's setter imports its compiler stack (torch._inductor, about
+        # 2 s of CPU), which every process of every command would pay to set the default again
+        torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     # cuDNN's autotuner times the candidate kernels of each new shape and keeps the fastest, which
     # may be another one on the next run: not with deterministic. Otherwise on: the engine's shapes
