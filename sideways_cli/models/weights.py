@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sideways_cli.models.stack import FrameStack
+from sideways_cli.support.safe_load import UnsafeFile, load_tensors
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 OWN_PREFIX = "stack."
@@ -33,7 +34,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"model.weights {path}: no such file; give a state dict saved with "
                            "torch.save")
     try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+        data: Any = load_tensors(path)
+    except UnsafeFile as exc:
+        raise WeightsError(f"model.weights {exc}; give a state dict saved with torch.save") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"model.weights {path}: not a state dict torch.load(weights_only=True) "

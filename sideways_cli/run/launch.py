@@ -19,12 +19,11 @@ import sys
 import uuid
 from typing import Any
 
-import torch
-
 from sideways_cli.config import Config, save_config
 from sideways_cli.parallel.topology import STARTED_BY_SIDEWAYS, process_name
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
+from sideways_cli.support.safe_load import load_tensors
 from sideways_cli.support.stop_signals import STOP_SIGNALS, Stopped
 
 SIGNALS_TO_FORWARD = "TORCHELASTIC_SIGNALS_TO_HANDLE"
@@ -68,7 +67,7 @@ def run_as_processes(cfg: Config, run: RunDir, quiet: bool, restart: bool) -> di
 def checkpointed_step(run: RunDir) -> int | None:
     """The step of the run's last checkpoint, if there is one (its manifest is small)."""
     try:
-        return int(torch.load(run.checkpoint(), map_location="cpu", weights_only=True)["step"])
+        return int(load_tensors(run.checkpoint())["step"])
     except Exception:  # noqa: BLE001 - none yet, or being replaced: the message omits the step
         return None
 

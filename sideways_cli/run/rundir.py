@@ -38,6 +38,7 @@ from sideways_cli.parallel.resharding import merge_shards, stage_rules_merger, w
 from sideways_cli.support.atomic import (WriteError, complete_lines, replace_atomically, write_text_atomic,
                                          writing)
 from sideways_cli.support.errors import UserError
+from sideways_cli.support.safe_load import UnsafeFile, load_tensors
 
 CHECKPOINTS = ("last", "best")
 _START_AGAIN = "to train {} again from scratch, run 'sideways train' on it with --restart"
@@ -153,7 +154,10 @@ class RunDir:
             raise UserError(f"{path} not found, though {self.checkpoint()} or "
                             f"{self.checkpoint('best')} names it; {_START_AGAIN.format(self.path)}")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_tensors(path)
+        except UnsafeFile as exc:
+            raise UserError(f"{exc}; use a run directory written by 'sideways train' (or "
+                            f"{_START_AGAIN.format(self.path)})") from None
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
             raise UserError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not "
                             f"a checkpoint; {_START_AGAIN.format(self.path)}") from None

@@ -1,0 +1,37 @@
+"""Reading a torch file without running anything it holds.
+
+A checkpoint, shard or weights file is a pickle, and unpickling an arbitrary object calls whatever
+the file names: a run directory someone shared could run code on ``sideways eval``. Every file the
+project reads goes through :func:`load_tensors`, which unpickles only tensors and plain data
+(``torch.load(weights_only=True)``) and reports, in one line, what else a file holds.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UnsafeFile(Exception):
+    """A file that holds objects other than tensors and plain data; nothing of it was run."""
+
+    def __init__(self, path: Path, names: str):
+        self.path, self.names = path, names
+        super().__init__(f"{path} holds {names}, not only tensors and plain data; it was not "
+                         "loaded, since loading it could run code")
+
+
+def load_tensors(path: Path) -> Any:
+    """``path``'s contents on the CPU, tensors and plain data only. UnsafeFile if it holds
+    anything else; the loader's own exception if it is damaged or not a torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what the weights-only unpickler refuses
+        named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+        if not named and "weights only load failed" not in str(exc).lower():
+            raise  # a damaged file, not a refused object
+        raise UnsafeFile(path, f"the object {named[0]}" if named else "objects") from None
