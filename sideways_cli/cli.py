@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 from rich.console import Console
 
 from sideways_cli.analyses import comparison
@@ -18,7 +19,7 @@ from sideways_cli.analyses.check import (balance_lines, check_network, contract_
                                          not_applicable_lines)
 from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity, load_run_weights
 from sideways_cli.analyses.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-from sideways_cli.config import Config, from_dict
+from sideways_cli.config import Config, from_dict, to_dict
 from sideways_cli.data import catalog
 from sideways_cli.data.decode import DecodeError
 from sideways_cli.data.download import DOWNLOADABLE, download_dataset
@@ -27,12 +28,13 @@ from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.parallel.links import StageFailure
 from sideways_cli.parallel.topology import end_process
+from sideways_cli.reports.config_reference import key_rows
 from sideways_cli.reports.plots import confusion_png
 from sideways_cli.reports.progress import console_log, progress_bar
 from sideways_cli.reports.tables import compare_table, eval_table, fidelity_table, stream_table, write_json
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.run.contract_gate import failure_line
-from sideways_cli.run.evaluate import evaluate_split, evaluate_with_confusion
+from sideways_cli.run.evaluate import evaluate_split, evaluate_videos, write_video_scores
 from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.rundir import RunDir
@@ -62,7 +64,7 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-app = HelpfulTyper(cls=HelpGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = HelpfulTyper(cls=HelpGroup, no_args_is_help=True, pretty_exceptions_enable=False,
            help="Train and compare video networks with backprop (bp) or Sideways.")
 console = Console()
 err_console = Console(stderr=True)
@@ -176,34 +178,72 @@ def train(
         console.print(compare_table([summary], title=f"run {run_dir}"))
 
 
+config_app = HelpfulTyper(cls=HelpGroup, no_args_is_help=True,
+                          help="Show a resolved config, or every config key.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg = None, set_: SetOpt = None) -> None:
+    """Print the config a run would train with, as YAML: the file after its bases, then --set."""
+    cfg = resolve(config, set_, seed=None)
+    typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """Every config key: its default and the values it accepts, then what it means (the
+    reference in docs/config.md)."""
+    rows = key_rows()
+    width = max(len(key) for key, *_ in rows)
+    for key, default, accepts, meaning in rows:
+        typer.echo(f"{key:<{width}}  {default}  ({accepts})\n    {meaning}")
+
+
 @app.command("eval")
 def evaluate_run(
     run_dir: Annotated[Path, typer.Argument(
-        metavar="RUN_DIR", help="A run directory written by 'sideways train'; its last "
-                                "checkpoint is evaluated.")],
+        metavar="RUN_DIR", help="A run directory written by 'sideways train'.")],
     split: Annotated[str, typer.Option(metavar="SPLIT", help="The split to evaluate: val | train.")] = "val",
+    checkpoint: Annotated[str, typer.Option(
+        metavar="WHICH", help="last: the last checkpoint | best: the best evaluation's "
+                              "(best.pt).")] = "last",
     clips: Annotated[Optional[int], typer.Option(
         metavar="N", show_default="the run's eval.clips_per_video",
-        help="Clips per video, one centre crop each; a video's prediction averages their "
-             "probabilities.")] = None,
-    json_path: json_option("the result (the metrics, split and clips per video)") = None,
+        help="Clips per video; a video's prediction averages their probabilities.")] = None,
+    crops: Annotated[Optional[int], typer.Option(
+        metavar="C", show_default="the run's eval.crops",
+        help="Crops per clip: 1 (the centre) or 3 (along the long side: the 3-crop test).")] = None,
+    dump: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Also write every video's probabilities, label and prediction: "
+                             "JSON for a .json name, else CSV.")] = None,
+    json_path: json_option("the result (the metrics, split, checkpoint and views)") = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress bars or 'wrote' line; the table is still printed.")] = False,
 ) -> None:
-    """Evaluate a run's last checkpoint on a split.
+    """Evaluate a run's checkpoint on a split.
 
     Classification: clip and video top-1/top-5 and mean class accuracy, and a confusion-matrix PNG
     written into the run directory (confusion_<split>.png). Reconstruction: MSE and PSNR.
     """
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
+    if checkpoint not in ("last", "best"):
+        raise UserError(f"--checkpoint must be last or best, got {checkpoint!r}")
     if clips is not None and clips < 1:
         raise UserError(f"--clips must be >= 1, got {clips}")
-    if json_path:
-        output_file(json_path, "--json")
+    if crops is not None and crops not in (1, 3):
+        raise UserError(f"--crops must be 1 or 3, got {crops}")
+    for path, option in ((json_path, "--json"), (dump, "--dump")):
+        if path:
+            output_file(path, option)
     run = RunDir(run_dir)
-    ckpt = run.load_checkpoint()
-    cfg = from_dict(ckpt["config"], str(run.checkpoint()))
+    ckpt = run.load_checkpoint(checkpoint)
+    cfg = from_dict(ckpt["config"], str(run.checkpoint(checkpoint)))
+    if crops is not None:
+        cfg.eval.crops = crops
+    if dump and cfg.task == "reconstruct":
+        raise UserError("--dump writes class probabilities; a reconstruction run has none")
     configure_backends(cfg)  # evaluated as the run was trained
     device = resolve_device(cfg.device)
     autocast = forward_autocast(device, cfg.amp)
@@ -211,29 +251,36 @@ def evaluate_run(
     model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
-    views_text = f"{views} clips x 1 centre crop per video"
+    crop_text = "1 centre crop" if cfg.eval.crops == 1 else f"{cfg.eval.crops} crops"
+    views_text = f"{views} clips x {crop_text} per video"
     loader = eval_loader(cfg, data, split, views, device=device)
     result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
-              "clips_per_video": views}
+              "checkpoint": checkpoint, "step": ckpt["step"], "clips_per_video": views,
+              "crops": cfg.eval.crops}
     figure = None
     with progress_bar(quiet) as bar:
         if cfg.task == "reconstruct":
             metrics = evaluate_split(cfg, model.to(device), loader, data, device, split, autocast, bar)
         else:
-            metrics, confusion = evaluate_with_confusion(model.to(device), loader, len(data.split(split)),
-                                                         len(ckpt["classes"]), device, split, autocast, bar,
-                                                         chunk=cfg.eval.chunk)
+            scores = evaluate_videos(model.to(device), loader, len(data.split(split)),
+                                     len(ckpt["classes"]), device, split, autocast, bar,
+                                     chunk=cfg.eval.chunk)
+            metrics = scores.metrics
             figure = run.confusion(split)
     if figure:
-        confusion_png(confusion, ckpt["classes"], figure,
+        confusion_png(scores.confusion, ckpt["classes"], figure,
                       title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
         result["confusion_png"] = str(figure)
+    if dump:
+        write_video_scores(dump, scores, [entry.path for entry in data.split(split)], ckpt["classes"])
     result.update(metrics)
     if json_path:
         write_json(json_path, result)
-    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {split} split, {views_text}"))
-    if figure:
-        console_log(console, quiet)(f"wrote {figure}")
+    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {checkpoint}.pt at step "
+                                            f"{ckpt['step']}, {split} split, {views_text}"))
+    for path in (figure, dump):
+        if path:
+            console_log(console, quiet)(f"wrote {path}")
 
 
 @app.command()

@@ -218,6 +218,9 @@ class TrainConfig:
 class EvalConfig:
     clips_per_video: int = setting(2, at_least(1), "evaluation clips per video, uniformly spaced; "
                                    "video prediction = mean over them")
+    crops: int = setting(1, one_of(1, 3), "crops per clip: 1 = the centre | 3 = the long side's "
+                         "start, centre and end (the 3-crop test); video prediction = mean over "
+                         "every clip's crops")
     batch_size: int = setting(32, at_least(1), "clips per evaluation batch")
     chunk: int = setting(16, at_least(1), "frames per forward call: memory bounded by it whatever "
                          "the clip length; same numbers")
@@ -393,19 +396,19 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+BASE_KEY = "_base_"  # a config file's bases: a file name or a list, relative to the file
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The defaults, then ``path``'s bases (``_base_``, in order, each with its own bases first),
+    then ``path`` itself, then ``overrides``: a later value wins, key by key."""
     cfg = Config()
     if path is not None:
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass an existing YAML file "
                             "(the presets are in experiments/)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} must hold a mapping of config keys")
-        _apply(cfg, data, "", str(path))
+        for data, source in config_layers(path):
+            _apply(cfg, data, "", source)
     for text in overrides or []:
         _apply(cfg, parse_override(text), "", f"--set {text}")
     if cfg.model.weights:
@@ -413,6 +416,35 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
     validate(cfg)
     return cfg
+
+
+def config_layers(path: Path, within: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    """(mapping, file name) of ``path``'s bases, recursively, then of ``path``; ``within``: the
+    files whose bases are being read, to refuse a cycle."""
+    if path.resolve() in within:
+        chain = " -> ".join(str(p) for p in (*within, path.resolve()))
+        raise UserError(f"{path}: its {BASE_KEY} chain comes back to it ({chain}); remove one "
+                        f"of those {BASE_KEY} entries")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: {BASE_KEY} must be a file name or a list of file names, "
+                        f"got {bases!r}")
+    layers = []
+    for base in bases:
+        base_path = path.parent / Path(base).expanduser()  # an absolute name stays as it is
+        if not base_path.is_file():
+            raise UserError(f"{path}: {BASE_KEY} {base} not found ({base_path} does not exist); "
+                            "names are relative to the file that gives them")
+        layers += config_layers(base_path, (*within, path.resolve()))
+    return [*layers, (data, str(path))]
 
 
 def fields_of(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:

@@ -100,6 +100,54 @@ def test_eval_other_split_and_views(tiny_config, tmp_path):
     assert (run / "confusion_train.png").is_file()
 
 
+def test_eval_the_best_checkpoint_over_three_crops_with_a_dump(tiny_config, tmp_path):
+    """best.pt is the best evaluation's: evaluated again it gives that row of evaluations.csv;
+    3 crops triple the clips and the dump holds each video's probabilities."""
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=4",
+           "--set", "train.eval_every=1", "--set", "data.resize=40")  # 40 px frames, 32 px crops
+    rows = list(csv.DictReader((run / "evaluations.csv").open()))
+    best = max(rows, key=lambda row: float(row["val_video_top1"]))  # the first of equals
+    invoke("eval", run, "--checkpoint", "best", "--json", tmp_path / "best.json", "--quiet")
+    result = json.loads((tmp_path / "best.json").read_text())
+    assert result["checkpoint"] == "best" and result["step"] == int(best["step"])
+    assert result["val_video_top1"] == pytest.approx(float(best["val_video_top1"]))
+    assert result["val_clip_top1"] == pytest.approx(float(best["val_clip_top1"]))
+
+    out = invoke("eval", run, "--crops", "3", "--dump", tmp_path / "videos.csv", "--json",
+                 tmp_path / "three.json").output
+    assert "2 clips x 3 crops per video" in " ".join(out.split())
+    three = json.loads((tmp_path / "three.json").read_text())
+    assert three["crops"] == 3 and three["val_clips"] == 3 * 2 * three["val_videos"]
+    dumped = list(csv.DictReader((tmp_path / "videos.csv").open()))
+    assert len(dumped) == three["val_videos"]
+    hits = sum(row["predicted"] == row["label"] for row in dumped) / len(dumped)
+    assert hits == pytest.approx(three["val_video_top1"])
+    invoke("eval", run, "--crops", "1", "--dump", tmp_path / "centre.csv", "--quiet")
+    centre = list(csv.DictReader((tmp_path / "centre.csv").open()))
+    assert [row["video"] for row in centre] == [row["video"] for row in dumped]
+    classes = [k for k in centre[0] if k not in ("video", "label", "predicted")]
+    assert len(classes) == 10 and any(a[k] != b[k] for a, b in zip(centre, dumped) for k in classes)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "first"], "--checkpoint must be last or best, got 'first'"),
+    (["--crops", "2"], "--crops must be 1 or 3, got 2"),
+])
+def test_eval_options_are_checked(args, message, tiny_config, tmp_path, monkeypatch, capsys):
+    code, err = run_main(["eval", tmp_path, *args], monkeypatch, capsys)
+    assert code == 2 and message in err
+
+
+def test_eval_of_a_best_checkpoint_not_yet_written_says_so(tiny_config, tmp_path, monkeypatch,
+                                                           capsys):
+    run = tmp_path / "run"
+    invoke("train", tiny_config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=1")
+    (run / "checkpoints" / "best.pt").unlink()  # as a run stopped before its first evaluation
+    code, err = run_main(["eval", run, "--checkpoint", "best"], monkeypatch, capsys)
+    assert code == 2 and "best.pt not found: the run has not evaluated yet" in " ".join(err.split())
+
+
 @pytest.mark.slow  # test_executor_equivalence checks the engine's side in make test-fast
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_in_float64_every_executor_trains_to_the_same_weights(optimizer, tiny_config, tmp_path):

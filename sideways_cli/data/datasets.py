@@ -83,8 +83,9 @@ class ClipDataset(Dataset):
     Train mode yields one random clip per video, everything random about it drawn from the item's
     seed: index it with a :class:`~.sampler.Draw` (video, seed), as `SeededBatchSampler` does,
     or with a plain video number, which takes the seed of that position of epoch 0. Eval mode
-    yields `clips_per_video` clips per video at evenly spaced offsets, deterministically. `transform` resizes and crops (random in
-    train mode, centre in eval mode) and may flip in train mode; the default keeps frames as
+    yields `clips_per_video` clips per video at evenly spaced offsets, each as `crops` crops
+    (centre, or along the long side), deterministically. `transform` resizes and crops (random in
+    train mode, those views in eval mode) and may flip in train mode; the default keeps frames as
     decoded and never flips (the synthetic classes are mirror pairs). Frames past the end of a
     short video repeat the last frame.
 
@@ -102,20 +103,22 @@ class ClipDataset(Dataset):
         train: bool,
         shuffle_frames: bool = False,
         clips_per_video: int = 1,
+        crops: int = 1,
         mean: Sequence[float] = (0.45, 0.45, 0.45),
         std: Sequence[float] = (0.225, 0.225, 0.225),
         seed: int = 0,
         decoder_backend: Backend = "auto",
         transform: ClipTransform | None = None,
     ) -> None:
-        if clip_len < 1 or frame_stride < 1 or clips_per_video < 1:
-            raise ValueError("clip_len, frame_stride and clips_per_video must be >= 1")
+        if clip_len < 1 or frame_stride < 1 or clips_per_video < 1 or crops < 1:
+            raise ValueError("clip_len, frame_stride, clips_per_video and crops must be >= 1")
         self.entries = list(entries)
         self.clip_len = clip_len
         self.frame_stride = frame_stride
         self.train = train
         self.shuffle_frames = shuffle_frames
         self.clips_per_video = 1 if train else clips_per_video
+        self.crops = 1 if train else crops
         self.transform = transform or ClipTransform(mean=tuple(mean), std=tuple(std))
         self.seed = seed
         self.decoder_backend = decoder_backend
@@ -123,7 +126,7 @@ class ClipDataset(Dataset):
         self._bad: set[int] = set()  # videos this process failed to decode: not retried
 
     def __len__(self) -> int:
-        return len(self.entries) * self.clips_per_video
+        return len(self.entries) * self.clips_per_video * self.crops
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned workers: per-process state is rebuilt there.
@@ -159,10 +162,11 @@ class ClipDataset(Dataset):
         if self.train:
             draw = item if isinstance(item, Draw) else Draw(item, item_seed(self.seed, 0, item))
             return self._train_item(draw.video, torch.Generator().manual_seed(draw.seed))
-        video_idx, clip_idx = divmod(item, self.clips_per_video)
+        video_idx, view = divmod(item, self.clips_per_video * self.crops)
+        clip_idx, crop = divmod(view, self.crops)
         entry = self.entries[video_idx]
         try:
-            frames = self._eval_frames(video_idx, self.clip_indices(video_idx, clip_idx))
+            frames = self._eval_frames(video_idx, self.clip_indices(video_idx, clip_idx), crop)
         except VideoDecodeError as exc:
             return {"label": entry.label, "video": video_idx, "failed": self._failure(video_idx, exc)}
         if self.shuffle_frames:
@@ -212,18 +216,18 @@ class ClipDataset(Dataset):
         except (IndexError, ValueError) as exc:  # a reader that disagrees with itself
             raise VideoDecodeError(self.entries[video_idx].path, str(exc)) from exc
 
-    def _eval_frames(self, video_idx: int, indices: list[int]) -> torch.Tensor:
-        # Eval visits a video's clips consecutively, so decode the one contiguous span they cover
-        # once (sequential decoding, no seeks), transform it once (the centre crop is the same
-        # for every clip) and index into it.
+    def _eval_frames(self, video_idx: int, indices: list[int], crop: int) -> torch.Tensor:
+        # Eval visits a video's views consecutively, so decode the one contiguous span they cover
+        # once (sequential decoding, no seeks), resize it once and take each view's crop of it.
         if self._span is None or self._span[0] != video_idx:
             self._span = None  # release the previous video's frames before decoding the next
             covered = [i for c in range(self.clips_per_video) for i in self.clip_indices(video_idx, c)]
             first, last = min(covered), max(covered)
             frames = self._decode(video_idx, list(range(first, last + 1)))
-            self._span = (video_idx, first, self.transform.spatial(frames, None))
+            self._span = (video_idx, first, self.transform.resized(frames))
         _, first, frames = self._span
-        return frames[[min(i - first, len(frames) - 1) for i in indices]]
+        return self.transform.view(frames[[min(i - first, len(frames) - 1) for i in indices]],
+                                   crop, self.crops)
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:

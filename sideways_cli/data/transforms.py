@@ -1,7 +1,7 @@
 """Spatial transforms of a clip: resize the short side, crop a square, maybe flip, normalise.
 
-Training crops at random and may flip; evaluation crops the centre and never flips, so its
-numbers are deterministic. Every frame of a clip gets the same crop and flip: a per-frame crop
+Training crops at random and may flip; evaluation crops the centre (or three crops along the long
+side, ``eval.crops: 3``) and never flips, so its numbers are deterministic. Every frame of a clip gets the same crop and flip: a per-frame crop
 would add motion that is not in the video.
 """
 
@@ -43,6 +43,18 @@ class ClipTransform:
     def spatial(self, frames: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> float [T, 3, size, size] in [0, 1]. A generator means training
         (random crop, maybe flip); None means evaluation (centre crop)."""
+        x = self.resized(frames)
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            # (no crop, and no random draw, when the frames already have the size: the synthetic
+            # dataset keeps the same random stream, and so the same clips, as before transforms)
+            x = self._crop(x, generator)
+        if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x
+
+    def resized(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float [T, 3, H', W'] in [0, 1], the short side brought to
+        ``resize`` (or up to ``size`` when smaller), not yet cropped."""
         x = frames.permute(0, 3, 1, 2).float().div_(255)
         short = self.resize
         if short is None and self.size is not None and min(x.shape[-2:]) < self.size:
@@ -53,21 +65,28 @@ class ClipTransform:
             new = (max(short, round(h * scale)), max(short, round(w * scale)))
             x = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True)
             x = x.clamp_(0, 1)
-        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            # (no crop, and no random draw, when the frames already have the size: the synthetic
-            # dataset keeps the same random stream, and so the same clips, as before transforms)
-            x = self._crop(x, generator)
-        if self.flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
-            x = x.flip(-1)
         return x
 
-    def _crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def view(self, x: torch.Tensor, crop: int, crops: int) -> torch.Tensor:
+        """Evaluation crop ``crop`` of ``crops`` of resized frames (:meth:`resized`): one is the
+        centre; three run along the long side, its start, centre and end, as the 3-crop test of
+        published video models takes them."""
+        if self.size is None:
+            return x
         h, w = x.shape[-2:]
-        if generator is None:
+        if crops == 1:
             top, left = (h - self.size) // 2, (w - self.size) // 2
-        else:
-            top = int(torch.randint(h - self.size + 1, (), generator=generator))
-            left = int(torch.randint(w - self.size + 1, (), generator=generator))
+        else:  # the long side's start, centre or end; the short side's centre
+            along = [round(crop * (side - self.size) / (crops - 1)) for side in (h, w)]
+            top, left = (along[0], (w - self.size) // 2) if h > w else ((h - self.size) // 2, along[1])
+        return x[..., top : top + self.size, left : left + self.size]
+
+    def _crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return self.view(x, 0, 1)
+        h, w = x.shape[-2:]
+        top = int(torch.randint(h - self.size + 1, (), generator=generator))
+        left = int(torch.randint(w - self.size + 1, (), generator=generator))
         return x[..., top : top + self.size, left : left + self.size]
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from sideways_cli.config import Config, accepts_null, fields_of
 HEADER = """# Configuration reference
 
 Every key of a run's config: its default, the values it accepts and what it means. A YAML file
-overrides the defaults and `--set key=value` overrides the file; an unknown key, a value of the
+overrides the defaults (after its bases: `_base_: FILE` or a list of files, relative to it, each
+overriding the one before) and `--set key=value` overrides the file; an unknown key, a value of the
 wrong type or one out of its range is refused in one line naming the key. Made from
 `sideways_cli/config.py` by `make config-docs`; do not edit by hand.
 """
@@ -31,19 +32,26 @@ def _default(value: object) -> str:
     return str(value)
 
 
-def reference_markdown() -> str:
-    """The reference: one table per section of the config, keys in declaration order."""
+def key_rows() -> list[tuple[str, str, str, str]]:
+    """(key, default, accepted values, meaning) of every key, in declaration order."""
     defaults = Config()
-    sections: dict[str, list[str]] = {}
+    rows = []
     for key, f, hint in fields_of():
         value = defaults  # by attribute: flat_dict would open model.args, a mapping value
         for part in key.split("."):
             value = getattr(value, part)
-        section = key.rsplit(".", 1)[0] if "." in key else "top level"
         accepts = f.metadata["allowed"].text + (" or null" if accepts_null(hint) else "")
+        rows.append((key, _default(value), accepts, f.metadata["doc"]))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The reference: one table per section of the config, keys in declaration order."""
+    sections: dict[str, list[str]] = {}
+    for key, default, accepts, doc in key_rows():
+        section = key.rsplit(".", 1)[0] if "." in key else "top level"
         sections.setdefault(section, []).append(
-            f"| `{key}` | `{_cell(_default(value))}` | {_cell(accepts)} | "
-            f"{_cell(f.metadata['doc'])} |")
+            f"| `{key}` | `{_cell(default)}` | {_cell(accepts)} | {_cell(doc)} |")
     parts = [HEADER]
     for section, rows in sections.items():
         parts.append(f"\n## {section}\n\n| key | default | accepts | meaning |\n|---|---|---|---|\n"

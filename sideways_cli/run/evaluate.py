@@ -9,8 +9,13 @@ recall, which weighs every class alike whatever its number of videos.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from contextlib import nullcontext
-from typing import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from rich.progress import Progress
@@ -22,6 +27,7 @@ from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
 from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.reports.progress import tracked
 from sideways_cli.run.reconstruction import Shards, evaluate_reconstruction
+from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.runtime import Autocast, forward_autocast, to_device
 
 # what an evaluation is ranked by (best.pt) and reported with, per task
@@ -32,20 +38,31 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
+@dataclass
+class VideoScores:
+    """An evaluation of a split: its metrics, the video-level confusion matrix [true, predicted]
+    and, per video that had a readable clip, its index in the split, label and probabilities."""
+
+    metrics: dict[str, float]
+    confusion: torch.Tensor
+    videos: torch.Tensor  # [V] indices into the split
+    labels: torch.Tensor  # [V]
+    probabilities: torch.Tensor  # [V, classes]: the mean over the video's views
+
+
 def evaluate(model: CausalNetwork, loader: Iterable[dict], num_videos: int, num_classes: int,
              device: torch.device, split: str = "val", autocast: Autocast = nullcontext,
              bar: Progress | None = None, *, chunk: int, shards: Shards | None = None) -> dict[str, float]:
-    return evaluate_with_confusion(model, loader, num_videos, num_classes, device, split, autocast,
-                                   bar, chunk=chunk, shards=shards)[0]
+    return evaluate_videos(model, loader, num_videos, num_classes, device, split, autocast,
+                           bar, chunk=chunk, shards=shards).metrics
 
 
 @torch.no_grad()
-def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_videos: int,
-                            num_classes: int, device: torch.device, split: str = "val",
-                            autocast: Autocast = nullcontext, bar: Progress | None = None,
-                            *, chunk: int, shards: Shards | None = None
-                            ) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics named ``<split>_...`` and the video-level confusion matrix [true, predicted].
+def evaluate_videos(model: CausalNetwork, loader: Iterable[dict], num_videos: int,
+                    num_classes: int, device: torch.device, split: str = "val",
+                    autocast: Autocast = nullcontext, bar: Progress | None = None,
+                    *, chunk: int, shards: Shards | None = None) -> VideoScores:
+    """Metrics named ``<split>_...``, the confusion matrix and every video's probabilities.
     The forward passes run in ``autocast`` (bf16 with AMP), ``chunk`` frames at a time; ``bar``
     gets a task for the batches. ``shards``: the loader holds this replica's share of the split,
     and the totals are summed over the replicas before any metric is taken."""
@@ -87,7 +104,29 @@ def evaluate_with_confusion(model: CausalNetwork, loader: Iterable[dict], num_vi
         f"{split}_clips": clips,
         f"{split}_videos": int(seen.sum()),
     }
-    return metrics, confusion
+    return VideoScores(metrics, confusion, seen.nonzero().flatten(), vlabels, vprobs)
+
+
+def write_video_scores(path: Path, scores: VideoScores, videos: Sequence[Path],
+                       classes: Sequence[str]) -> None:
+    """``sideways eval --dump``: ``scores`` of the split whose videos are ``videos`` (in the
+    split's order), for ensembling models' predictions or reading the errors one by one. A
+    ``.json`` file holds the class names and a record per video; any other name is a CSV, a row
+    per video and a column per class. Written atomically."""
+    rows = [(str(videos[int(v)]), classes[int(label)], classes[int(probs.argmax())], probs.tolist())
+            for v, label, probs in zip(scores.videos, scores.labels, scores.probabilities)]
+    if path.suffix == ".json":
+        records = [{"video": video, "label": label, "predicted": predicted, "probabilities": probs}
+                   for video, label, predicted, probs in rows]
+        text = json.dumps({"classes": list(classes), "videos": records}, indent=1) + "\n"
+    else:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["video", "label", "predicted", *classes])
+        writer.writerows([video, label, predicted, *(f"{p:.6g}" for p in probs)]
+                         for video, label, predicted, probs in rows)
+        text = out.getvalue()
+    write_text_atomic(path, text)
 
 
 def evaluate_split(cfg: Config, model: CausalNetwork, loader: GuardedLoader, data: DatasetIndex,

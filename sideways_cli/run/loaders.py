@@ -66,8 +66,8 @@ def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
                 clips_per_video: int | None = None, shard: tuple[int, int] = (0, 1),
                 device: torch.device = CPU) -> GuardedLoader:
     """Evaluation clips of ``split``: ``clips_per_video`` (default eval.clips_per_video) evenly
-    spaced clips per video, centre crop, no flip; ``shard``: every replicas-th clip; ``device``:
-    where the batches will go."""
+    spaced clips per video, each as eval.crops crops, no flip; ``shard``: every replicas-th clip;
+    ``device``: where the batches will go."""
     validate_loader_memory(cfg, [val_load(cfg, shard, device)])
     return _eval_loader(cfg, data, split, clips_per_video, shard, device)
 
@@ -87,7 +87,8 @@ def _eval_loader(cfg: Config, data: DatasetIndex, split: str, clips_per_video: i
     d = cfg.data
     dataset = ClipDataset(data.split(split), clip_len=d.clip_len,
                           frame_stride=d.frame_stride, shuffle_frames=d.shuffle_frames, train=False,
-                          clips_per_video=clips_per_video or cfg.eval.clips_per_video, seed=cfg.seed,
+                          clips_per_video=clips_per_video or cfg.eval.clips_per_video,
+                          crops=cfg.eval.crops, seed=cfg.seed,
                           decoder_backend=d.decoder,
                           transform=ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize)))
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,

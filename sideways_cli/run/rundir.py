@@ -138,6 +138,9 @@ class RunDir:
         is not there or cannot be read. Nothing in it can run code: only tensors and plain data
         are unpickled."""
         path = self.checkpoint(which)
+        if which == "best" and not path.is_file() and self.checkpoint().is_file():
+            raise UserError(f"{path} not found: the run has not evaluated yet (best.pt is written "
+                            "at its first evaluation); use its last checkpoint")
         if not path.is_file():
             raise UserError(f"{path} not found; train first with 'sideways train --out {self.path}'")
         ckpt = self._read(path)

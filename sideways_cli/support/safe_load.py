@@ -19,9 +19,9 @@ import torch
 class UnsafeFile(Exception):
     """A file that holds objects other than tensors and plain data; nothing of it was run."""
 
-    def __init__(self, path: Path, names: str):
-        self.path, self.names = path, names
-        super().__init__(f"{path} holds {names}, not only tensors and plain data; it was not "
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        super().__init__(f"{path} holds {what}, not only tensors and plain data; it was not "
                          "loaded, since loading it could run code")
 
 
@@ -30,8 +30,10 @@ def load_tensors(path: Path) -> Any:
     anything else; the loader's own exception if it is damaged or not a torch file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # what the weights-only unpickler refuses
+    except pickle.UnpicklingError as exc:
+        # running code from a pickle takes a callable, which it names as a global: the one the
+        # weights-only unpickler refuses; any other failure is a damaged file
         named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-        if not named and "weights only load failed" not in str(exc).lower():
-            raise  # a damaged file, not a refused object
-        raise UnsafeFile(path, f"the object {named[0]}" if named else "objects") from None
+        if not named:
+            raise
+        raise UnsafeFile(path, f"the object {named[0]}") from None
