@@ -190,7 +190,8 @@ class DataConfig:
                                  "real data, synthetic as is")
     flip: bool | None = setting(None, FLAG, "random horizontal flip; None: on for real data; "
                                 "never for synthetic")
-    decoder: str = setting("auto", one_of(*DECODERS), "the video decoder: auto | decord | pyav")
+    decoder: str = setting("auto", one_of(*DECODERS), "the video decoder; auto: decord where "
+                           "installed (PyAV for a file it fails on), else PyAV | decord | pyav")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     list: ListConfig = field(default_factory=ListConfig)
 

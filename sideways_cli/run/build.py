@@ -13,15 +13,27 @@ from pathlib import Path
 import torch
 
 from sideways_cli.config import Config, TrainConfig, load_config
+from sideways_cli.data.decode import decord_module
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.clock import BETWEEN_CLIPS, parse_update
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import GradientRule
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
-from sideways_cli.models.torchvision_nets import (TorchvisionError, arch_of, build_torchvision,
-                                                  is_torchvision, refuse_reserved_args)
-from sideways_cli.models.user import (BuilderError, absolute, build_user_model, validate_outputs,
-                                      is_user_builder, load_builder)
+from sideways_cli.models.torchvision_nets import (
+    TorchvisionError,
+    arch_of,
+    build_torchvision,
+    is_torchvision,
+    refuse_reserved_args,
+)
+from sideways_cli.models.user import (
+    BuilderError,
+    absolute,
+    build_user_model,
+    is_user_builder,
+    load_builder,
+    validate_outputs,
+)
 from sideways_cli.models.weights import WeightsError, load_weights
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.runtime import Autocast
@@ -39,6 +51,9 @@ def validate(cfg: Config) -> None:
         _validate_user_model(cfg)
     else:
         _validate_zoo_model(cfg)
+    if cfg.data.decoder == "decord" and decord_module() is None:
+        raise UserError("config key 'data.decoder' is decord, which is not installed here (it has "
+                        "no wheels for this platform); set data.decoder=auto or pyav")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
                         "dict saved with torch.save (a relative path is from the working directory)")

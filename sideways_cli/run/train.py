@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
+from sideways_cli.data.decode import auto_decoder
 from sideways_cli.models.user import is_user_builder
 from sideways_cli.parallel.resharding import with_learner
 from sideways_cli.parallel.topology import Topology, join, launched, leave, single
@@ -31,7 +32,7 @@ from sideways_cli.run.contract_gate import refuse_broken_builder
 from sideways_cli.run.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
 from sideways_cli.run.launch import run_as_processes
 from sideways_cli.run.learner import StageLearner
-from sideways_cli.run.loaders import validate_training_memory, data_loaders, forever
+from sideways_cli.run.loaders import data_loaders, forever, validate_training_memory
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
 from sideways_cli.run.rundir import LineLog, RunDir, csv_line, save_checkpoint, trim_csv, trim_jsonl
@@ -39,7 +40,7 @@ from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.memory import PeakMemory
 from sideways_cli.support.runtime import configure_backends, forward_autocast, seed_everything, to_device
-from sideways_cli.support.stop_signals import StopRequests, Stopped
+from sideways_cli.support.stop_signals import Stopped, StopRequests
 
 
 def train(cfg: Config, out_dir: Path, quiet: bool = False, log: Log = print,
@@ -113,6 +114,8 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
         run.write_config(cfg)
     # rank 0 first: a dataset generated or indexed on first use is prepared once
     data = resolve_dataset(cfg.data, progress=not quiet) if topology.is_writer else None
+    if cfg.data.decoder == "auto":
+        log(f"decoding with {auto_decoder()}")
     topology.barrier("waiting for the dataset")
     if data is None:
         data = resolve_dataset(cfg.data, progress=False)
