@@ -275,13 +275,17 @@ def test_an_installed_package_finds_its_own_presets(tmp_path, monkeypatch):
 
 def test_the_presets_are_packaged_with_the_code():
     """pyproject.toml lists its packages (find cannot rename experiments/): every package on disk
-    is listed, and every preset is package data of sideways_cli.presets."""
+    is listed, and every preset and base is package data of sideways_cli.presets (or .bases)."""
     tomllib = pytest.importorskip("tomllib")
     setuptools = pytest.importorskip("setuptools")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = setuptools.find_namespace_packages(str(REPO), include=["sideways_cli*"])
-    assert sorted(config["packages"]) == sorted([*on_disk, "sideways_cli.presets"])
+    folders = [".".join(("sideways_cli", "presets", *d.relative_to(REPO / "experiments").parts))
+               for d in (REPO / "experiments").rglob("*") if d.is_dir() and d.name != "__pycache__"]
+    assert sorted(config["packages"]) == sorted([*on_disk, "sideways_cli.presets", *folders])
     assert config["package-dir"] == {"sideways_cli.presets": "experiments"}
-    patterns = config["package-data"]["sideways_cli.presets"]
-    presets = sorted(p.name for p in (REPO / "experiments").glob("*.yaml"))
-    assert presets and all(any(Path(p).match(pattern) for pattern in patterns) for p in presets)
+    for package in ["sideways_cli.presets", *folders]:
+        folder = REPO / "experiments" / Path(*package.split(".")[2:])
+        patterns = config["package-data"][package]
+        presets = sorted(p.name for p in folder.glob("*.yaml"))
+        assert presets and all(any(Path(p).match(pattern) for pattern in patterns) for p in presets)
