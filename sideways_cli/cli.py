@@ -31,12 +31,14 @@ from sideways_cli.parallel.topology import end_process
 from sideways_cli.reports.config_reference import key_rows
 from sideways_cli.reports.plots import confusion_png
 from sideways_cli.reports.progress import console_log, progress_bar
-from sideways_cli.reports.tables import compare_table, eval_table, fidelity_table, stream_table, write_json
+from sideways_cli.reports.tables import (compare_table, eval_table, fidelity_table, prediction_table,
+                                         stream_table, write_csv, write_json)
 from sideways_cli.run.build import build_network, resolve_config
 from sideways_cli.run.contract_gate import failure_line
 from sideways_cli.run.evaluate import evaluate_split, evaluate_videos, write_video_scores
 from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.lock import RunLock
+from sideways_cli.run.predict import Predictor
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.run.train import train as run_training
 from sideways_cli.support.errors import UserError, print_user_error
@@ -281,6 +283,57 @@ def evaluate_run(
     for path in (figure, dump):
         if path:
             console_log(console, quiet)(f"wrote {path}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by 'sideways train' (classification).")],
+    videos: Annotated[list[Path], typer.Argument(metavar="VIDEO", help="Video files to label.")],
+    checkpoint: Annotated[str, typer.Option(
+        metavar="WHICH", help="last: the last checkpoint | best: the best evaluation's.")] = "last",
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Labels to report per video.")] = 5,
+    clips: Annotated[Optional[int], typer.Option(
+        metavar="N", show_default="the run's eval.clips_per_video",
+        help="Clips per video, evenly spaced; the prediction averages their probabilities.")] = None,
+    json_path: json_option("one record per video: its path and top-k labels with probabilities") = None,
+    csv_path: Annotated[Optional[Path], typer.Option(
+        "--csv", metavar="FILE", help="Also write a row per video: video, rank, label, "
+                                      "probability.")] = None,
+) -> None:
+    """Label videos with a trained run's top-k classes and their probabilities.
+
+    A video is seen as 'sideways eval' sees one of its split (the run's clips, crops and
+    transforms), so a validation video gets the probabilities eval computes for it. A video that
+    is missing or cannot be decoded is named in one line and the others are still labelled; the
+    exit status is then 1.
+    """
+    if checkpoint not in ("last", "best"):
+        raise UserError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    if top_k < 1 or (clips is not None and clips < 1):
+        raise UserError(f"--top-k and --clips must be >= 1, got {top_k} and {clips}")
+    for path, option in ((json_path, "--json"), (csv_path, "--csv")):
+        if path:
+            output_file(path, option)
+    predictor = Predictor(run_dir, checkpoint)
+    predictions, failed = [], 0
+    for video in videos:
+        try:
+            predictions.append(predictor.predict(video, top_k, clips))
+        except DecodeError as exc:
+            print_user_error(exc)
+            failed += 1
+    if json_path:
+        write_json(json_path, {"run": str(run_dir), "checkpoint": checkpoint, "step": predictor.step,
+                               "videos": [p.as_dict() for p in predictions]})
+    if csv_path:
+        rows = [[str(p.video), rank, label, f"{prob:.6g}"] for p in predictions
+                for rank, (label, prob) in enumerate(p.top, start=1)]
+        write_csv(csv_path, ["video", "rank", "label", "probability"], rows)
+    console.print(prediction_table(predictions, title=f"{run_dir}, {checkpoint}.pt at step "
+                                                      f"{predictor.step}"))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sideways_cli"
-# The layer of each folder of the package (and of the three modules at its root): lower is more
+# The layer of each folder of the package (and of the modules at its root): lower is more
 # basic. A module added to a folder takes the folder's layer; a new folder or root module must be
 # given one here.
 LAYERS = {
@@ -21,9 +21,10 @@ LAYERS = {
     "parallel": 4,  # ... and their depth- and data-parallel execution over torch.distributed
     "run": 5,  # one training run: build, loaders, learner, loop, run directory, resume, evaluation
     "analyses": 6,  # compare, check, fidelity, stream
+    "api": 6,  # a trained run used from Python (predict)
     "cli": 7, "__main__": 7,
 }
-ROOT_MODULES = {"__init__", "__main__", "cli", "config"}
+ROOT_MODULES = {"__init__", "__main__", "api", "cli", "config"}
 
 
 def module_name(path: Path) -> str:
@@ -83,7 +84,7 @@ def test_every_module_has_a_layer():
             layer(module_name(path))
 
 
-def test_the_root_holds_only_the_command_line_and_the_config():
+def test_the_root_holds_only_the_command_line_the_config_and_the_api():
     """Everything else lives in a folder that says what it is."""
     assert {p.stem for p in PACKAGE.glob("*.py")} == ROOT_MODULES
 

@@ -7,8 +7,6 @@ the last --sweep value must not cost the time the first runs took.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import re
@@ -21,12 +19,11 @@ from sideways_cli.config import MODES, Config, current_key, flat_dict, valid_key
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.reports.plots import compare_png, sweep_png
 from sideways_cli.reports.progress import Log
-from sideways_cli.reports.tables import compare_table, format_value, write_json
+from sideways_cli.reports.tables import compare_table, format_value, write_csv, write_json
 from sideways_cli.run import isolated
 from sideways_cli.run.build import resolve_config
 from sideways_cli.run.resume import MAY_DIFFER, config_differences
 from sideways_cli.run.rundir import FinishedRun, RunDir
-from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError
 
 # Settings not warned about: those that cannot change a run's numbers, and the device (resuming
@@ -277,17 +274,15 @@ def write_compare_csv(path: Path, runs: list[RunResult], compared: list[str]) ->
     keys = [k for k in compared if k != "mode"]
     modules = _unique([f"fidelity_{row['name']}" for run in runs for row in run.fidelity or []])
     fidelity = ["fidelity_mean", "tick_fidelity_mean", *modules] if any(run.fidelity for run in runs) else []
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["run", "mode", *keys, *SUMMARY_COLUMNS, *fidelity])
+    rows = []
     for run in runs:
         cosines = {f"fidelity_{row['name']}": row["cosine"] for row in run.fidelity or []}
         cosines["fidelity_mean"] = run.fidelity_mean
         cosines["tick_fidelity_mean"] = run.tick_fidelity_mean
-        writer.writerow([run.name, run.summary["mode"], *(format_value(run.config.get(k)) for k in keys),
-                         *(run.summary.get(k, "") for k in SUMMARY_COLUMNS),
-                         *("" if cosines.get(k) is None else cosines[k] for k in fidelity)])
-    write_text_atomic(path, text.getvalue())
+        rows.append([run.name, run.summary["mode"], *(format_value(run.config.get(k)) for k in keys),
+                     *(run.summary.get(k, "") for k in SUMMARY_COLUMNS),
+                     *("" if cosines.get(k) is None else cosines[k] for k in fidelity)])
+    write_csv(path, ["run", "mode", *keys, *SUMMARY_COLUMNS, *fidelity], rows)
 
 
 def write_outputs(out_dir: Path, runs: list[RunResult], compared: list[str], swept: list[str],

@@ -1,10 +1,12 @@
-"""Rendering results: rich tables for people, JSON for scripts."""
+"""Rendering results: rich tables for people, JSON and CSV for scripts."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from rich.table import Table
 
@@ -13,6 +15,15 @@ from sideways_cli.support.atomic import write_text_atomic
 
 def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A header and rows, written atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def _pct(x: float) -> str:
@@ -90,4 +101,15 @@ def stream_table(learners: list[dict[str, Any]], title: str) -> Table:
         held_out = "-" if r["held_out_psnr"] is None else f"{r['held_out_psnr']:.2f}"
         table.add_row(r["mode"], f"{r['frames_used']}/{r['frames_arrived']}", str(r["updates"]),
                       f"{r['psnr']:.2f}", held_out, f"{r['wall_s']:.1f}")
+    return table
+
+
+def prediction_table(predictions: list, title: str) -> Table:
+    """A row per video (``run.predict.Prediction``): its top labels with their probabilities."""
+    table = Table(title=title)
+    table.add_column("video", overflow="fold")
+    table.add_column("top labels")
+    for prediction in predictions:
+        table.add_row(str(prediction.video),
+                      ", ".join(f"{label} {_pct(p)}" for label, p in prediction.top))
     return table

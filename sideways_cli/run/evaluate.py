@@ -9,9 +9,6 @@ recall, which weighs every class alike whatever its number of videos.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +23,8 @@ from sideways_cli.data.datasets import GuardedLoader
 from sideways_cli.engine.losses import at_least_fp32, clip_probabilities
 from sideways_cli.models.stack import CausalNetwork, causal_outputs
 from sideways_cli.reports.progress import tracked
+from sideways_cli.reports.tables import write_csv, write_json
 from sideways_cli.run.reconstruction import Shards, evaluate_reconstruction
-from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.runtime import Autocast, forward_autocast, to_device
 
 # what an evaluation is ranked by (best.pt) and reported with, per task
@@ -48,6 +45,16 @@ class VideoScores:
     videos: torch.Tensor  # [V] indices into the split
     labels: torch.Tensor  # [V]
     probabilities: torch.Tensor  # [V, classes]: the mean over the video's views
+
+
+def batch_probabilities(model: CausalNetwork, clips: torch.Tensor, device: torch.device,
+                        autocast: Autocast, chunk: int) -> torch.Tensor:
+    """Each clip's class probabilities [B, K] on the CPU: the mean of its frames' softmax, the
+    network run ``chunk`` frames at a time."""
+    with autocast():  # logits [B, K, T] are small: only the activations are chunked
+        logits = torch.cat([at_least_fp32(y) for y in causal_outputs(
+            model, to_device(clips, device, model.dtype), chunk)], dim=2)
+    return clip_probabilities(logits).float().cpu()
 
 
 def evaluate(model: CausalNetwork, loader: Iterable[dict], num_videos: int, num_classes: int,
@@ -73,10 +80,7 @@ def evaluate_videos(model: CausalNetwork, loader: Iterable[dict], num_videos: in
     video_counts = torch.zeros(num_videos)
     video_labels = torch.full((num_videos,), -1, dtype=torch.long)
     for batch in tracked(loader, bar, f"eval {split}"):
-        with autocast():  # logits [B, K, T] are small: only the activations are chunked
-            logits = torch.cat([at_least_fp32(y) for y in causal_outputs(
-                model, to_device(batch["clip"], device, model.dtype), chunk)], dim=2)
-        probs = clip_probabilities(logits).float().cpu()
+        probs = batch_probabilities(model, batch["clip"], device, autocast, chunk)
         labels = batch["label"]
         hits += torch.tensor([len(labels), *(topk_correct(probs, labels, k).sum() for k in (1, 5))])
         video_probs.index_add_(0, batch["video"], probs)
@@ -118,15 +122,11 @@ def write_video_scores(path: Path, scores: VideoScores, videos: Sequence[Path],
     if path.suffix == ".json":
         records = [{"video": video, "label": label, "predicted": predicted, "probabilities": probs}
                    for video, label, predicted, probs in rows]
-        text = json.dumps({"classes": list(classes), "videos": records}, indent=1) + "\n"
+        write_json(path, {"classes": list(classes), "videos": records})
     else:
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["video", "label", "predicted", *classes])
-        writer.writerows([video, label, predicted, *(f"{p:.6g}" for p in probs)]
-                         for video, label, predicted, probs in rows)
-        text = out.getvalue()
-    write_text_atomic(path, text)
+        write_csv(path, ["video", "label", "predicted", *classes],
+                  ([video, label, predicted, *(f"{p:.6g}" for p in probs)]
+                   for video, label, predicted, probs in rows))
 
 
 def evaluate_split(cfg: Config, model: CausalNetwork, loader: GuardedLoader, data: DatasetIndex,

