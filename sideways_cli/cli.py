@@ -300,6 +300,10 @@ def predict(
     csv_path: Annotated[Optional[Path], typer.Option(
         "--csv", metavar="FILE", help="Also write a row per video: video, rank, label, "
                                       "probability.")] = None,
+    per_frame: Annotated[bool, typer.Option(
+        "--per-frame", help="Also stream each video through the causal network a frame at a "
+                            "time, printing every frame's top-k as it arrives (bounded memory, "
+                            "any length); --json records them too.")] = False,
 ) -> None:
     """Label videos with a trained run's top-k classes and their probabilities.
 
@@ -317,15 +321,26 @@ def predict(
             output_file(path, option)
     predictor = Predictor(run_dir, checkpoint)
     predictions, failed = [], 0
+    frames: dict[str, list[dict]] = {}
     for video in videos:
         try:
             predictions.append(predictor.predict(video, top_k, clips))
+            if per_frame:
+                frames[str(video)] = []
+                for online in predictor.predict_frames(video, top_k):
+                    labels = ", ".join(f"{label} {100 * p:.1f}%" for label, p in online.top)
+                    console.print(f"{video} frame {online.frame}: {labels}", highlight=False,
+                                  soft_wrap=True)
+                    frames[str(video)].append({"frame": online.frame, "top": [
+                        {"label": label, "probability": p} for label, p in online.top]})
         except DecodeError as exc:
             print_user_error(exc)
             failed += 1
     if json_path:
         write_json(json_path, {"run": str(run_dir), "checkpoint": checkpoint, "step": predictor.step,
-                               "videos": [p.as_dict() for p in predictions]})
+                               "videos": [{**p.as_dict(), **({"frames": frames[str(p.video)]}
+                                                             if per_frame else {})}
+                                          for p in predictions]})
     if csv_path:
         rows = [[str(p.video), rank, label, f"{prob:.6g}"] for p in predictions
                 for rank, (label, prob) in enumerate(p.top, start=1)]

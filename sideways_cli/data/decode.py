@@ -13,7 +13,7 @@ import os
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, Protocol, Sequence
+from typing import Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch  # decord must be imported after torch: the other order can crash on clashing shared libraries
@@ -206,6 +206,26 @@ class _FallbackDecoder:
 
     def close(self) -> None:
         self._decoder.close()
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[torch.Tensor]:
+    """A video's frames in order, uint8 [H, W, 3] (RGB) one at a time, decoded as they are taken:
+    memory stays one frame's, whatever the video's length. VideoDecodeError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError(path, "file does not exist")
+    try:
+        container = av.open(str(path))
+    except Exception as exc:
+        raise VideoDecodeError(path, f"PyAV could not open it ({_first_line(exc)})") from exc
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(path, "it has no video stream")
+        try:
+            for frame in container.decode(video=0):
+                yield torch.from_numpy(frame.to_ndarray(format="rgb24"))
+        except av.error.FFmpegError as exc:
+            raise VideoDecodeError(path, f"PyAV failed to decode frames ({_first_line(exc)})") from exc
 
 
 def _first_line(exc: BaseException) -> str:

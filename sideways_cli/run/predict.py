@@ -11,18 +11,20 @@ from __future__ import annotations
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from sideways_cli.config import Config, from_dict
 from sideways_cli.data.datasets import ClipDataset, VideoEntry, collate_clips
-from sideways_cli.data.decode import DecodeError, open_video
+from sideways_cli.data.decode import DecodeError, iter_frames, open_video
 from sideways_cli.data.transforms import ClipTransform, default_resize
+from sideways_cli.engine.losses import at_least_fp32
 from sideways_cli.run.build import build_network
 from sideways_cli.run.evaluate import batch_probabilities
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
-from sideways_cli.support.runtime import configure_backends, forward_autocast, resolve_device
+from sideways_cli.support.runtime import configure_backends, forward_autocast, resolve_device, to_device
 
 
 @dataclass
@@ -37,6 +39,14 @@ class Prediction:
     def as_dict(self) -> dict:
         return {"video": str(self.video), "top": [{"label": label, "probability": p}
                                                   for label, p in self.top]}
+
+
+@dataclass
+class FramePrediction:
+    """One frame's top (label, probability) pairs, from the frames up to it alone."""
+
+    frame: int  # its index in the video
+    top: list[tuple[str, float]]
 
 
 class Predictor:
@@ -83,3 +93,23 @@ class Predictor:
         top = probs.topk(min(top_k, len(self.classes)))
         return Prediction(video, [(self.classes[int(i)], float(p)) for p, i in zip(*top)],
                           dict(zip(self.classes, probs.tolist())))
+
+    @torch.no_grad()
+    def predict_frames(self, video: Path | str, top_k: int = 5) -> Iterator[FramePrediction]:
+        """Online prediction: the video streamed through the causal network one frame per tick
+        (every data.frame_stride-th frame, the spacing the run trained on), each frame's top
+        labels yielded as it arrives, from that frame and those before it alone. Memory is one
+        frame and each module's window, whatever the video's length; the outputs are exactly the
+        whole-clip forward's for those frames."""
+        d = self.cfg.data
+        transform = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize))
+        stream = self.model.stream()
+        for index, frame in enumerate(iter_frames(video)):
+            if index % d.frame_stride:
+                continue
+            x = transform.normalise(transform.view(transform.resized(frame[None]), 0, 1))
+            with self.autocast():
+                logits = stream(to_device(x[None], self.device, self.model.dtype))  # [1, K, 1]
+            probs = at_least_fp32(logits)[0, :, 0].softmax(dim=0).cpu()
+            top = probs.topk(min(top_k, len(self.classes)))
+            yield FramePrediction(index, [(self.classes[int(i)], float(p)) for p, i in zip(*top)])
