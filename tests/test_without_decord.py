@@ -9,24 +9,15 @@ import sys
 import pytest
 
 from cli_helpers import invoke, run_main
-from sideways_cli.data import decode
 from sideways_cli.data.decode import decord_module
 from tiny import tiny_run_config
 
 
 @pytest.fixture
-def without_decord(monkeypatch):
+def without_decord(monkeypatch, opened):
+    """decord unimportable, and the decoders opened from now on (their class names)."""
     monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
     decord_module.cache_clear()
-    opened = []
-    for cls in (decode.DecordDecoder, decode.PyAVDecoder):
-        init = cls.__init__
-
-        def recording_init(self, *args, _init=init, _name=cls.__name__, **kwargs):
-            opened.append(_name)
-            _init(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__init__", recording_init)
     yield opened
     decord_module.cache_clear()
 
