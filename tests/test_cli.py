@@ -170,6 +170,7 @@ def test_in_float64_every_executor_trains_to_the_same_weights(optimizer, tiny_co
     assert json.loads((tmp_path / "eval.json").read_text())["val_clip_top1"] == summary["val_clip_top1"]
 
 
+@pytest.mark.slow  # two whole runs
 def test_compare_starts_both_modes_from_the_same_weights(tiny_config, tmp_path, train_in_process):
     # a step of 1e-30 is below every weight's float32 resolution: nothing moves, so equal initial
     # weights mean equal evaluations

@@ -43,6 +43,7 @@ def test_a_validation_video_gets_the_probabilities_eval_computes_for_it(trained)
         assert [p for _, p in prediction.top] == sorted((p for _, p in prediction.top), reverse=True)
 
 
+@pytest.mark.slow  # end to end on real video: make test; the API's equality stays in test-fast
 def test_the_command_labels_every_readable_video_and_names_the_others(trained, tmp_path,
                                                                        monkeypatch, capsys):
     run, dump = trained
@@ -75,6 +76,7 @@ def test_a_reconstruction_run_is_refused(tmp_path, monkeypatch, capsys):
     assert code == 2 and "is a reconstruct run; predict gives class labels" in " ".join(err.split())
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_per_frame_streaming_is_the_whole_clip_forward_frame_by_frame(trained, tmp_path):
     run, _ = trained

@@ -21,6 +21,7 @@ def tiny_reconstruct(tmp_path_factory) -> Path:
 
 
 
+@pytest.mark.slow  # two whole runs
 def test_both_modes_report_psnr_and_eval_reads_it_back(tiny_reconstruct, tmp_path, train_in_process):
     invoke("compare", tiny_reconstruct, "--out", tmp_path, "--quiet")
     for mode in ("bp", "sideways"):
