@@ -19,7 +19,7 @@ from sideways_cli.analyses.check import (balance_lines, check_network, contract_
                                          not_applicable_lines)
 from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity, load_run_weights
 from sideways_cli.analyses.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
-from sideways_cli.config import Config, from_dict, to_dict
+from sideways_cli.config import Config, to_dict
 from sideways_cli.data import catalog
 from sideways_cli.data.decode import DecodeError
 from sideways_cli.data.download import DOWNLOADABLE, download_dataset
@@ -40,11 +40,12 @@ from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.predict import Predictor
 from sideways_cli.run.rundir import RunDir
+from sideways_cli.run.trained import load_trained
 from sideways_cli.run.train import train as run_training
 from sideways_cli.support.errors import UserError, print_user_error
 from sideways_cli.support.help_format import HelpfulTyper, HelpGroup
 from sideways_cli.support.paths import output_dir, output_file, preset
-from sideways_cli.support.runtime import configure_backends, forward_autocast, resolve_device
+from sideways_cli.support.runtime import configure_backends, resolve_device
 from sideways_cli.support.stop_signals import Stopped
 
 
@@ -125,6 +126,12 @@ def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode:
     return resolve_config(config if config is not None else preset(preset_name),
                           overrides(sets, seed=seed, mode=mode, device=device,
                                     deterministic=deterministic, amp=amp))
+
+
+def checked_checkpoint(which: str) -> None:
+    """--checkpoint of eval and predict: the run directory's last or best checkpoint."""
+    if which not in ("last", "best"):
+        raise UserError(f"--checkpoint must be last or best, got {which!r}")
 
 
 def print_whole(renderable) -> None:
@@ -230,8 +237,7 @@ def evaluate_run(
     """
     if split not in ("val", "train"):
         raise UserError(f"--split must be val or train, got {split!r}")
-    if checkpoint not in ("last", "best"):
-        raise UserError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    checked_checkpoint(checkpoint)
     if clips is not None and clips < 1:
         raise UserError(f"--clips must be >= 1, got {clips}")
     if crops is not None and crops not in (1, 3):
@@ -239,47 +245,40 @@ def evaluate_run(
     for path, option in ((json_path, "--json"), (dump, "--dump")):
         if path:
             output_file(path, option)
-    run = RunDir(run_dir)
-    ckpt = run.load_checkpoint(checkpoint)
-    cfg = from_dict(ckpt["config"], str(run.checkpoint(checkpoint)))
+    trained = load_trained(run_dir, checkpoint)
+    cfg, model, device, autocast = trained.cfg, trained.model, trained.device, trained.autocast
     if crops is not None:
         cfg.eval.crops = crops
     if dump and cfg.task == "reconstruct":
         raise UserError("--dump writes class probabilities; a reconstruction run has none")
-    configure_backends(cfg)  # evaluated as the run was trained
-    device = resolve_device(cfg.device)
-    autocast = forward_autocast(device, cfg.amp)
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
-    model = build_network(cfg, len(ckpt["classes"]), pretrained=False)
-    model.load_state_dict(ckpt["model"])
     views = clips or cfg.eval.clips_per_video
     crop_text = "1 centre crop" if cfg.eval.crops == 1 else f"{cfg.eval.crops} crops"
     views_text = f"{views} clips x {crop_text} per video"
     loader = eval_loader(cfg, data, split, views, device=device)
     result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
-              "checkpoint": checkpoint, "step": ckpt["step"], "clips_per_video": views,
+              "checkpoint": checkpoint, "step": trained.step, "clips_per_video": views,
               "crops": cfg.eval.crops}
     figure = None
     with progress_bar(quiet) as bar:
         if cfg.task == "reconstruct":
-            metrics = evaluate_split(cfg, model.to(device), loader, data, device, split, autocast, bar)
+            metrics = evaluate_split(cfg, model, loader, data, device, split, autocast, bar)
         else:
-            scores = evaluate_videos(model.to(device), loader, len(data.split(split)),
-                                     len(ckpt["classes"]), device, split, autocast, bar,
-                                     chunk=cfg.eval.chunk)
+            scores = evaluate_videos(model, loader, len(data.split(split)), len(trained.classes),
+                                     device, split, autocast, bar, chunk=cfg.eval.chunk)
             metrics = scores.metrics
-            figure = run.confusion(split)
+            figure = trained.run.confusion(split)
     if figure:
-        confusion_png(scores.confusion, ckpt["classes"], figure,
+        confusion_png(scores.confusion, trained.classes, figure,
                       title=f"{run_dir.name} ({cfg.mode}), {split}, {views_text}")
         result["confusion_png"] = str(figure)
     if dump:
-        write_video_scores(dump, scores, [entry.path for entry in data.split(split)], ckpt["classes"])
+        write_video_scores(dump, scores, [entry.path for entry in data.split(split)], trained.classes)
     result.update(metrics)
     if json_path:
         write_json(json_path, result)
     console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {checkpoint}.pt at step "
-                                            f"{ckpt['step']}, {split} split, {views_text}"))
+                                            f"{trained.step}, {split} split, {views_text}"))
     for path in (figure, dump):
         if path:
             console_log(console, quiet)(f"wrote {path}")
@@ -312,8 +311,7 @@ def predict(
     is missing or cannot be decoded is named in one line and the others are still labelled; the
     exit status is then 1.
     """
-    if checkpoint not in ("last", "best"):
-        raise UserError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    checked_checkpoint(checkpoint)
     if top_k < 1 or (clips is not None and clips < 1):
         raise UserError(f"--top-k and --clips must be >= 1, got {top_k} and {clips}")
     for path, option in ((json_path, "--json"), (csv_path, "--csv")):

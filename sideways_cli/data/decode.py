@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import closing
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -172,6 +173,15 @@ class PyAVDecoder:
             raise VideoDecodeError(self.path, reason)
         return torch.from_numpy(np.stack([found[i] for i in idx]))
 
+    def frames(self) -> Iterator[torch.Tensor]:
+        """Every frame from the first, uint8 [H, W, 3], decoded as it is taken."""
+        try:
+            self._container.seek(0)
+            for frame in self._container.decode(self._stream):
+                yield torch.from_numpy(frame.to_ndarray(format="rgb24"))
+        except av.error.FFmpegError as exc:
+            raise VideoDecodeError(self.path, f"PyAV failed to decode frames ({_first_line(exc)})") from exc
+
     def close(self) -> None:
         self._container.close()
 
@@ -211,21 +221,8 @@ class _FallbackDecoder:
 def iter_frames(path: str | os.PathLike) -> Iterator[torch.Tensor]:
     """A video's frames in order, uint8 [H, W, 3] (RGB) one at a time, decoded as they are taken:
     memory stays one frame's, whatever the video's length. VideoDecodeError names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(path, "file does not exist")
-    try:
-        container = av.open(str(path))
-    except Exception as exc:
-        raise VideoDecodeError(path, f"PyAV could not open it ({_first_line(exc)})") from exc
-    with container:
-        if not container.streams.video:
-            raise VideoDecodeError(path, "it has no video stream")
-        try:
-            for frame in container.decode(video=0):
-                yield torch.from_numpy(frame.to_ndarray(format="rgb24"))
-        except av.error.FFmpegError as exc:
-            raise VideoDecodeError(path, f"PyAV failed to decode frames ({_first_line(exc)})") from exc
+    with closing(open_video(path, "pyav")) as decoder:
+        yield from decoder.frames()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from sideways_cli.config import Config
 from sideways_cli.data.catalog import DatasetIndex
-from sideways_cli.data.datasets import ClipDataset, GuardedLoader, build_loader
+from sideways_cli.data.datasets import ClipDataset, GuardedLoader, VideoEntry, build_loader
 from sideways_cli.data.sampler import Position
 from sideways_cli.data.transforms import ClipTransform, default_flip, default_resize
 from sideways_cli.support.errors import UserError
@@ -81,16 +81,28 @@ def leave_stops_to_the_trainer(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def eval_transform(cfg: Config) -> ClipTransform:
+    """The run's evaluation resize and crop (never a flip)."""
+    return ClipTransform(size=cfg.data.size, resize=default_resize(cfg.data.dataset, cfg.data.resize))
+
+
+def eval_dataset(cfg: Config, entries: list[VideoEntry],
+                 clips_per_video: int | None = None) -> ClipDataset:
+    """The evaluation views of ``entries``: ``clips_per_video`` (default eval.clips_per_video)
+    evenly spaced clips each, as eval.crops crops."""
+    d = cfg.data
+    return ClipDataset(entries, clip_len=d.clip_len, frame_stride=d.frame_stride,
+                       shuffle_frames=d.shuffle_frames, train=False,
+                       clips_per_video=clips_per_video or cfg.eval.clips_per_video,
+                       crops=cfg.eval.crops, seed=cfg.seed, decoder_backend=d.decoder,
+                       transform=eval_transform(cfg))
+
+
 def _eval_loader(cfg: Config, data: DatasetIndex, split: str, clips_per_video: int | None,
                  shard: tuple[int, int], device: torch.device,
                  worker_init_fn: Callable[[int], None] | None = None) -> GuardedLoader:
     d = cfg.data
-    dataset = ClipDataset(data.split(split), clip_len=d.clip_len,
-                          frame_stride=d.frame_stride, shuffle_frames=d.shuffle_frames, train=False,
-                          clips_per_video=clips_per_video or cfg.eval.clips_per_video,
-                          crops=cfg.eval.crops, seed=cfg.seed,
-                          decoder_backend=d.decoder,
-                          transform=ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize)))
+    dataset = eval_dataset(cfg, data.split(split), clips_per_video)
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
                           seed=cfg.seed, drop_last=False, pin_memory=pin_memory_for(device),
                           shard=shard, worker_init_fn=worker_init_fn)

@@ -15,16 +15,14 @@ from typing import Iterator
 
 import torch
 
-from sideways_cli.config import Config, from_dict
-from sideways_cli.data.datasets import ClipDataset, VideoEntry, collate_clips
+from sideways_cli.data.datasets import VideoEntry, collate_clips
 from sideways_cli.data.decode import DecodeError, iter_frames, open_video
-from sideways_cli.data.transforms import ClipTransform, default_resize
 from sideways_cli.engine.losses import at_least_fp32
-from sideways_cli.run.build import build_network
 from sideways_cli.run.evaluate import batch_probabilities
-from sideways_cli.run.rundir import RunDir
+from sideways_cli.run.loaders import eval_dataset, eval_transform
+from sideways_cli.run.trained import load_trained
 from sideways_cli.support.errors import UserError
-from sideways_cli.support.runtime import configure_backends, forward_autocast, resolve_device, to_device
+from sideways_cli.support.runtime import to_device
 
 
 @dataclass
@@ -53,22 +51,12 @@ class Predictor:
     """A run directory's model, ready to predict: ``Predictor(run_dir).predict(video)``."""
 
     def __init__(self, run_dir: Path | str, checkpoint: str = "last", device: str | None = None):
-        run = RunDir(Path(run_dir))
-        ckpt = run.load_checkpoint(checkpoint)
-        self.cfg: Config = from_dict(ckpt["config"], str(run.checkpoint(checkpoint)))
-        if self.cfg.task != "classify":
-            raise UserError(f"{run.path} is a {self.cfg.task} run; predict gives class labels "
-                            "of a classification run")
-        if device is not None:
-            self.cfg.device = device
-        configure_backends(self.cfg)
-        self.device = resolve_device(self.cfg.device)
-        self.autocast = forward_autocast(self.device, self.cfg.amp)
-        self.classes: list[str] = list(ckpt["classes"])
-        self.model = build_network(self.cfg, len(self.classes), pretrained=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device).eval()
-        self.step = int(ckpt["step"])
+        self.trained = trained = load_trained(run_dir, checkpoint, device)
+        if trained.cfg.task != "classify":
+            raise UserError(f"{trained.run.path} is a {trained.cfg.task} run; predict gives class "
+                            "labels of a classification run")
+        self.cfg, self.classes, self.step = trained.cfg, trained.classes, trained.step
+        self.model = trained.model.eval()
 
     @torch.no_grad()
     def predict(self, video: Path | str, top_k: int = 5, clips: int | None = None) -> Prediction:
@@ -78,21 +66,14 @@ class Predictor:
         video = Path(video)
         with closing(open_video(video, self.cfg.data.decoder)) as decoder:
             entry = VideoEntry(video.resolve(), 0, decoder.num_frames, decoder.fps)
-        d = self.cfg.data
-        views = ClipDataset([entry], clip_len=d.clip_len, frame_stride=d.frame_stride,
-                            shuffle_frames=d.shuffle_frames, train=False,
-                            clips_per_video=clips or self.cfg.eval.clips_per_video,
-                            crops=self.cfg.eval.crops, seed=self.cfg.seed, decoder_backend=d.decoder,
-                            transform=ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize)))
+        views = eval_dataset(self.cfg, [entry], clips)
         batch = collate_clips([views[i] for i in range(len(views))])
         if batch["failed"]:
             raise DecodeError(f"cannot decode video {video}: {batch['failed'][0][1]}")
-        probs = torch.cat([batch_probabilities(self.model, clips, self.device, self.autocast,
-                                               self.cfg.eval.chunk)
+        probs = torch.cat([batch_probabilities(self.model, clips, self.trained.device,
+                                               self.trained.autocast, self.cfg.eval.chunk)
                            for clips in batch["clip"].split(self.cfg.eval.batch_size)]).mean(dim=0)
-        top = probs.topk(min(top_k, len(self.classes)))
-        return Prediction(video, [(self.classes[int(i)], float(p)) for p, i in zip(*top)],
-                          dict(zip(self.classes, probs.tolist())))
+        return Prediction(video, self._top(probs, top_k), dict(zip(self.classes, probs.tolist())))
 
     @torch.no_grad()
     def predict_frames(self, video: Path | str, top_k: int = 5) -> Iterator[FramePrediction]:
@@ -101,15 +82,18 @@ class Predictor:
         labels yielded as it arrives, from that frame and those before it alone. Memory is one
         frame and each module's window, whatever the video's length; the outputs are exactly the
         whole-clip forward's for those frames."""
-        d = self.cfg.data
-        transform = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize))
+        transform = eval_transform(self.cfg)
         stream = self.model.stream()
         for index, frame in enumerate(iter_frames(video)):
-            if index % d.frame_stride:
+            if index % self.cfg.data.frame_stride:
                 continue
-            x = transform.normalise(transform.view(transform.resized(frame[None]), 0, 1))
-            with self.autocast():
-                logits = stream(to_device(x[None], self.device, self.model.dtype))  # [1, K, 1]
-            probs = at_least_fp32(logits)[0, :, 0].softmax(dim=0).cpu()
-            top = probs.topk(min(top_k, len(self.classes)))
-            yield FramePrediction(index, [(self.classes[int(i)], float(p)) for p, i in zip(*top)])
+            x = transform.normalise(transform.spatial(frame[None], None))
+            with self.trained.autocast():
+                logits = stream(to_device(x[None], self.trained.device, self.model.dtype))  # [1, K, 1]
+            yield FramePrediction(index, self._top(at_least_fp32(logits)[0, :, 0].softmax(dim=0).cpu(),
+                                                   top_k))
+
+    def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most likely (label, probability) pairs of ``probs`` [classes], most likely first."""
+        top = probs.topk(min(k, len(self.classes)))
+        return [(self.classes[int(i)], float(p)) for p, i in zip(*top)]
