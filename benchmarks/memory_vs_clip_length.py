@@ -41,6 +41,15 @@ def measure_one(rule_name: str, clip_len: int) -> float:
     return peak.peak_mb
 
 
+def warm_peaks(rule_name: str, clip_lens: list[int]) -> list[float]:
+    """Each length's peak in this one process, after an unmeasured step at the first length: what
+    the steps themselves hold, without the first step's one-time allocations. With
+    ``fresh_process_env``'s malloc setting a step's large blocks go back to the system when freed,
+    so one step hides nothing of the next one's."""
+    measure_one(rule_name, clip_lens[0])
+    return [measure_one(rule_name, clip_len) for clip_len in clip_lens]
+
+
 def peak_in_fresh_process(rule_name: str, clip_len: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--one", rule_name, str(clip_len)], check=True,
                          capture_output=True, text=True, env=fresh_process_env(), timeout=600)
@@ -114,10 +123,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=("step", "whole"))
     parser.add_argument("--one", nargs=2, metavar=("RULE", "CLIP_LEN"), help=argparse.SUPPRESS)
+    parser.add_argument("--warm", nargs="+", metavar="RULE=LEN,LEN", help=argparse.SUPPRESS)
     parser.add_argument("--json-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+        return
+    if args.warm:  # tests/test_memory.py's measurements: {rule: [peak at each length]}
+        series = dict(spec.split("=") for spec in args.warm)
+        print(json.dumps({rule: warm_peaks(rule, [int(t) for t in lengths.split(",")])
+                          for rule, lengths in series.items()}))
         return
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.only != "whole":

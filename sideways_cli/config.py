@@ -89,6 +89,7 @@ def even_at_least(low: int, why: str) -> Allowed:
 FLAG = Allowed("true or false", lambda v: isinstance(v, bool))
 PATH = Allowed("a path", lambda v: isinstance(v, str))
 FOLDER = Allowed("a folder's path", lambda v: isinstance(v, str) and bool(v.strip()))
+NAME = Allowed("a name that is not empty", lambda v: isinstance(v, str) and bool(v.strip()))
 KEYWORDS = Allowed("a mapping of keyword-argument names to values",
                  lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.isidentifier() for k in v))
 # the engine parses it (engine/clock.py, parse_update): the same grammar, the same words
@@ -269,6 +270,21 @@ class ParallelConfig:
 
 
 @dataclass
+class LogConfig:
+    """Live tracking while a run trains (run/tracking.py); only global rank 0 logs, and a tracker
+    that fails is one warning line, never a stopped run."""
+
+    tensorboard: bool = setting(False, FLAG, "write TensorBoard event files to RUN_DIR/tensorboard "
+                                "as the run trains: tensorboard --logdir RUN_DIR")
+    wandb: bool = setting(False, FLAG, "log to Weights & Biases, offline with WANDB_MODE=offline "
+                          "(pip install 'sideways-cli[wandb]')")
+    wandb_project: str = setting("sideways", NAME, "the W&B project the run is logged to")
+    mlflow: bool = setting(False, FLAG, "log to MLflow: the server MLFLOW_TRACKING_URI names, else "
+                           "a store in RUN_DIR/mlflow.db (pip install 'sideways-cli[mlflow]')")
+    mlflow_experiment: str = setting("sideways", NAME, "the MLflow experiment the run is logged to")
+
+
+@dataclass
 class Config:
     seed: int = setting(0, between(0, MAX_SEED), "the run's seed: initial weights, clip order, "
                         "crops, dropout")
@@ -292,6 +308,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sideways: SidewaysEngineConfig = field(default_factory=SidewaysEngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -30,6 +30,7 @@ from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import make_topology
 from sideways_cli.run.rundir import RunDir
 from tiny import random_clips, tiny_network, tiny_run_config
+from tracked import tensorboard_scalars
 
 # -- the engine: P stages against the single-process engine with the same settings ------------------
 # float64 over several steps of every optimizer: what is compared is the computation, not round-off
@@ -242,9 +243,14 @@ def test_a_two_stage_run_resumes_and_matches_one_process(config, single, tmp_pat
     """The tick protocol through the CLI, killed and resumed (the chunked executor's staged run:
     the next test; its numbers against the tick rule's: test_stages_give_...)."""
     run = tmp_path / "two"
-    kill_after_checkpoint(start(config, run, "parallel.stages=2", "sideways.chunk=1"), run)
-    finish(start(config, run, "parallel.stages=2", "sideways.chunk=1"))
+    tracked = ("parallel.stages=2", "sideways.chunk=1", "log.tensorboard=true")
+    kill_after_checkpoint(start(config, run, *tracked), run)
+    finish(start(config, run, *tracked))
     assert_same_run(run, single)  # every chunk gives the tick rule's numbers
+    # only global rank 0 tracks: one event file a start, holding each logged step once
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in tensorboard_scalars(run)["train/loss"]] == logged
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["updates"] == STEPS
     stage_peaks = summary["stage_peak_mem_mb"]  # each stage measures its own, the largest counts

@@ -17,12 +17,14 @@ from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from sideways_cli.cli import app
 from sideways_cli.support.errors import UserError
 from tiny import tiny_run_config
+from tracked import tensorboard_scalars
 
 STEPS, EVERY = 10, 3
+TRACKED = ["--set", "log.tensorboard=true"]  # the curves continue as the logs do
 CASES = {
-    "bp": ["--mode", "bp"],
-    "sideways": ["--mode", "sideways"],  # the default chunked executor
-    "continuous": ["--mode", "sideways", "--set", "sideways.between_clips=continuous"],
+    "bp": ["--mode", "bp", *TRACKED],
+    "sideways": ["--mode", "sideways", *TRACKED],  # the default chunked executor
+    "continuous": ["--mode", "sideways", "--set", "sideways.between_clips=continuous", *TRACKED],
 }
 
 
@@ -141,7 +143,23 @@ def test_killed_runs_resume_to_the_same_weights(config, tmp_path, monkeypatch):
             assert all(torch.equal(x, y) for x, y in zip(expected, actual)), (case, part)
         assert logged(straight) == logged(killed[case]), case  # no step logged twice, none missing
         assert [r["step"] for r in logged(killed[case])[1]] == ["5", "10"]
+        assert same_curves(straight, killed[case]), case
         assert not list(killed[case].rglob("*.tmp"))
+
+
+TIMINGS = ("train/frames_per_s", "train/data_wait_share", "memory/")
+
+
+def same_curves(straight: Path, resumed: Path) -> bool:
+    """TensorBoard shows the resumed run's curves as the uninterrupted run's: the same tags and
+    steps, no point twice, the same values but for timings."""
+    a, b = tensorboard_scalars(straight), tensorboard_scalars(resumed)
+    assert a.keys() == b.keys() and "val/video_top1" in a
+    for tag in a:
+        assert [step for step, _ in a[tag]] == [step for step, _ in b[tag]], tag
+        if not tag.startswith(TIMINGS):
+            assert a[tag] == b[tag], tag
+    return True
 
 
 def unwrapped(text: str) -> str:
@@ -188,17 +206,24 @@ def test_another_config_is_refused_and_restart_starts_over(config, tmp_path):
 
 def test_a_kill_during_the_final_evaluation_only_evaluates_again(config, tmp_path):
     run = tmp_path / "run"
-    invoke_ok("train", config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=2")
+    invoke_ok("train", config, "--mode", "bp", "--out", run, "--quiet", "--set", "train.steps=2", *TRACKED)
+    finished_curves = tensorboard_scalars(run)
     finished = json.loads((run / "summary.json").read_text())
     # what a kill leaves after the final evaluation's row but before the final checkpoint
     ckpt = load(run)
     del ckpt["summary"]
     torch.save(ckpt, run / "checkpoints" / "last.pt")
     (run / "summary.json").unlink()
-    result = invoke_ok("train", config, "--mode", "bp", "--out", run, "--set", "train.steps=2")
+    result = invoke_ok("train", config, "--mode", "bp", "--out", run, "--set", "train.steps=2", *TRACKED)
     assert unwrapped(f"resuming {run} from step 2") in unwrapped(result.output)
     again = json.loads((run / "summary.json").read_text())
     timings = ("wall_s", "peak_mem_mb")
     assert {k: v for k, v in again.items() if k not in timings} == \
         {k: v for k, v in finished.items() if k not in timings}
     assert [row["step"] for row in logged(run)[1]] == ["2"]  # the final row once
+    curves = tensorboard_scalars(run)  # the final step's points once, its training record kept
+    assert {tag: [step for step, _ in points] for tag, points in curves.items()} == \
+        {tag: [step for step, _ in points] for tag, points in finished_curves.items()}
+    assert curves["train/loss"] == finished_curves["train/loss"]
+    assert curves["val/video_top1"] == finished_curves["val/video_top1"]
+    assert curves["val/video_top1"] == [(2, pytest.approx(finished["val_video_top1"], rel=1e-6))]

@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -73,6 +74,16 @@ class RunDir:
         return self.path / "summary.json"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (log.tensorboard)."""
+        return self.path / "tensorboard"
+
+    @property
+    def tracking(self) -> Path:
+        """tracking.json: the ids W&B and MLflow track the run under, to continue them on resume."""
+        return self.path / "tracking.json"
+
+    @property
     def launch_config(self) -> Path:
         return self.path / "launch.yaml"
 
@@ -116,8 +127,10 @@ class RunDir:
     def discard(self) -> None:
         """--restart: forget the run's state and logs (config.yaml is rewritten anyway), and the
         figures made from the discarded weights."""
-        for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics):
+        for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics,
+                     self.tracking):  # a restarted run is tracked as a new one
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
         for shard in self.shards.glob("*"):
             shard.unlink()
         for figure in self.path.glob("confusion_*.png"):

@@ -35,7 +35,9 @@ from sideways_cli.run.learner import StageLearner
 from sideways_cli.run.loaders import data_loaders, forever, validate_training_memory
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
-from sideways_cli.run.rundir import LineLog, RunDir, csv_line, save_checkpoint, trim_csv, trim_jsonl
+from sideways_cli.run.rundir import (LineLog, RunDir, csv_line, read_jsonl, save_checkpoint, trim_csv,
+                                     trim_jsonl)
+from sideways_cli.run.tracking import Trackers, evaluation_scalars, training_scalars
 from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.memory import PeakMemory
@@ -130,8 +132,13 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
         topology.barrier("waiting for the other processes to be ready")
         session.train_steps(quiet)
         summary = session.finish(quiet)
-    finally:
-        session.close()
+    except Stopped:
+        session.close("stopped")
+        raise
+    except BaseException:
+        session.close("failed")
+        raise
+    session.close("finished")
     log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
         + f", {summary['frames_per_s']:.0f} frames/s")
     return summary
@@ -168,11 +175,24 @@ class Session:
             continued = (previous.step - final, self.state.best)
         self.evaluations = Evaluations(run, self.started, cfg.task, continued, self.writer)
         self.val: dict[str, float] = {}
+        self.trackers = self._trackers(continued[0] if continued else 0)
 
-    def close(self) -> None:
-        """Stop the loaders' workers now: none outlives the run."""
+    def _trackers(self, kept: int) -> Trackers:
+        """The live trackers, continuing from step ``kept``: the metrics.jsonl records past it (the
+        final step's, when the final evaluation is redone) are logged again after the purge."""
+        trackers = Trackers(self.cfg, self.run, kept, self.writer)
+        if self.writer and trackers.live and kept:
+            for record in read_jsonl(self.run.metrics):
+                if record["step"] > kept:
+                    trackers.scalars(record["step"], training_scalars(record))
+        return trackers
+
+    def close(self, outcome: str) -> None:
+        """Stop the loaders' workers now (none outlives the run) and end the trackers' runs as
+        ``outcome`` (finished, stopped, failed)."""
         self.train_loader.close()
         self.val_loader.close()
+        self.trackers.close(outcome)
 
     def train_steps(self, quiet: bool) -> None:
         """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
@@ -197,6 +217,7 @@ class Session:
                     record = self.record(step)  # on every process: it gathers their peaks
                     if metrics is not None:
                         metrics.append(json.dumps(record))
+                    self.trackers.scalars(step, training_scalars(record))
                 evaluates = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps
                 if stop:  # every process of a job stops after this same step
@@ -251,6 +272,7 @@ class Session:
 
     def evaluate(self, step: int, bar) -> None:
         self.val = self.validation(bar)
+        self.trackers.scalars(step, evaluation_scalars(self.val))
         self.state.pending_evaluation = False
         self.evaluations.record(step, self.state.frames_seen, self.state.loss(), self.val,
                                 lambda which: self.save(which, step))
@@ -287,6 +309,7 @@ class Session:
         state.wall_s = time.perf_counter() - self.started
         state.best = self.evaluations.best
         state.unreadable = dict(self.train_loader.failed)
+        self.trackers.flush()  # what was logged up to here outlives a kill: a resume keeps it
         self.save("last", step, resume=state.to_checkpoint(self.device), **extra)
 
     def finish(self, quiet: bool) -> dict[str, Any]:
@@ -297,6 +320,7 @@ class Session:
             self.checkpoint(steps)
         with progress_bar(quiet) as bar:
             self.val = self.validation(bar)
+        self.trackers.scalars(steps, evaluation_scalars(self.val))
         summary = {
             "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset,
             "seed": cfg.seed, "steps": steps, "updates": state.updates,
