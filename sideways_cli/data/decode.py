@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from contextlib import closing
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -216,13 +215,6 @@ class _FallbackDecoder:
 
     def close(self) -> None:
         self._decoder.close()
-
-
-def iter_frames(path: str | os.PathLike) -> Iterator[torch.Tensor]:
-    """A video's frames in order, uint8 [H, W, 3] (RGB) one at a time, decoded as they are taken:
-    memory stays one frame's, whatever the video's length. VideoDecodeError names the file."""
-    with closing(open_video(path, "pyav")) as decoder:
-        yield from decoder.frames()
 
 
 def _first_line(exc: BaseException) -> str:

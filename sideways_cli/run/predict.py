@@ -8,7 +8,7 @@ a video of the validation split a prediction equals that video's row of ``eval -
 
 from __future__ import annotations
 
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,8 +16,9 @@ from typing import Iterator
 import torch
 
 from sideways_cli.data.datasets import VideoEntry, collate_clips
-from sideways_cli.data.decode import DecodeError, iter_frames, open_video
+from sideways_cli.data.decode import DecodeError, open_video
 from sideways_cli.engine.losses import at_least_fp32
+from sideways_cli.reports.labelled_video import LabelledVideo
 from sideways_cli.run.evaluate import batch_probabilities
 from sideways_cli.run.loaders import eval_dataset, eval_transform
 from sideways_cli.run.trained import load_trained
@@ -76,22 +77,31 @@ class Predictor:
         return Prediction(video, self._top(probs, top_k), dict(zip(self.classes, probs.tolist())))
 
     @torch.no_grad()
-    def predict_frames(self, video: Path | str, top_k: int = 5) -> Iterator[FramePrediction]:
+    def predict_frames(self, video: Path | str, top_k: int = 5,
+                       out_video: Path | None = None) -> Iterator[FramePrediction]:
         """Online prediction: the video streamed through the causal network one frame per tick
         (every data.frame_stride-th frame, the spacing the run trained on), each frame's top
         labels yielded as it arrives, from that frame and those before it alone. Memory is one
         frame and each module's window, whatever the video's length; the outputs are exactly the
-        whole-clip forward's for those frames."""
+        whole-clip forward's for those frames. ``out_video``: also write every frame of the video
+        to that MP4 with the running label (the latest prediction's top one) drawn on it."""
         transform = eval_transform(self.cfg)
         stream = self.model.stream()
-        for index, frame in enumerate(iter_frames(video)):
-            if index % self.cfg.data.frame_stride:
-                continue
-            x = transform.normalise(transform.spatial(frame[None], None))
-            with self.trained.autocast():
-                logits = stream(to_device(x[None], self.trained.device, self.model.dtype))  # [1, K, 1]
-            yield FramePrediction(index, self._top(at_least_fp32(logits)[0, :, 0].softmax(dim=0).cpu(),
-                                                   top_k))
+        with ExitStack() as stack:
+            decoder = stack.enter_context(closing(open_video(video, "pyav")))
+            labelled = stack.enter_context(LabelledVideo(out_video, decoder.fps)) if out_video else None
+            latest = None
+            for index, frame in enumerate(decoder.frames()):
+                if index % self.cfg.data.frame_stride == 0:
+                    x = transform.normalise(transform.spatial(frame[None], None))
+                    with self.trained.autocast():
+                        logits = stream(to_device(x[None], self.trained.device, self.model.dtype))  # [1, K, 1]
+                    probs = at_least_fp32(logits)[0, :, 0].softmax(dim=0).cpu()
+                    latest = FramePrediction(index, self._top(probs, top_k))
+                    yield latest
+                if labelled is not None:
+                    label, probability = latest.top[0]
+                    labelled.write(frame.numpy(), f"{label} {100 * probability:.0f}%")
 
     def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The ``k`` most likely (label, probability) pairs of ``probs`` [classes], most likely first."""

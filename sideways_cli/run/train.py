@@ -35,8 +35,7 @@ from sideways_cli.run.learner import StageLearner
 from sideways_cli.run.loaders import data_loaders, forever, validate_training_memory
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
-from sideways_cli.run.rundir import (LineLog, RunDir, csv_line, read_jsonl, save_checkpoint, trim_csv,
-                                     trim_jsonl)
+from sideways_cli.run.rundir import LineLog, RunDir, csv_line, read_jsonl, save_checkpoint, trim_csv, trim_jsonl
 from sideways_cli.run.tracking import Trackers, evaluation_scalars, training_scalars
 from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError

@@ -52,6 +52,37 @@ def output_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def output_per_input(path: str | os.PathLike, inputs: list[Path], option: str,
+                     suffix: str) -> dict[Path, Path]:
+    """Where ``option`` writes one ``suffix`` file per input: ``path`` itself when it names such a
+    file (one input only), else a folder (created if needed) that mirrors the inputs' folders below
+    the one they share (``val/a/0.mp4`` and ``val/b/0.mp4`` give ``path/a/0<suffix>`` and
+    ``path/b/0<suffix>``). UserError for several inputs and one file, two inputs that would share
+    an output, or an output that would replace an input."""
+    path = Path(path)
+    if path.suffix.lower() == suffix:
+        if len(set(inputs)) > 1:
+            raise UserError(f"{option} {path} names one file for {len(inputs)} inputs; give a "
+                            f"folder, which gets <name>{suffix} for each")
+        outputs = {item: output_file(path, option) for item in inputs}
+    else:
+        folder = output_dir(path, option)
+        shared = Path(os.path.commonpath([item.resolve().parent for item in inputs]))
+        outputs = {item: folder / item.resolve().relative_to(shared).with_suffix(suffix) for item in inputs}
+        by_output: dict[Path, Path] = {}
+        for item, out in outputs.items():
+            other = by_output.setdefault(out, item)
+            if other.resolve() != item.resolve():
+                raise UserError(f"{option}: {other} and {item} would both be written to {out}; "
+                                "label them in separate commands")
+    for item, out in outputs.items():
+        if out.resolve() == item.resolve():
+            raise UserError(f"{option} would write over {item}, one of the inputs; choose another "
+                            "place")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return outputs
+
+
 def _make_dirs(folder: Path, option: str, shown: Path) -> None:
     """``folder.mkdir(parents=True)``, what goes wrong as a UserError about ``option shown``."""
     try:
