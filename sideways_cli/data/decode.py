@@ -1,9 +1,12 @@
-"""Video decoding behind a small interface: PyAV, always installed, and decord where it is.
+"""Video decoding behind a small interface: PyAV, always installed; TorchCodec and decord where
+they are.
 
-decord decodes random clips faster but is optional: it has no wheels for macOS on Apple Silicon or
-Linux on aarch64 (``pip`` installs it only where it has), and it is imported only when used.
-``data.decoder: auto`` takes decord when it is installed (PyAV takes over a file decord fails on),
-PyAV otherwise; :func:`auto_decoder` says which, and the run's log line names it.
+TorchCodec (PyTorch's own decoder, the ``torchcodec`` extra, with the system's FFmpeg libraries)
+and decord (no wheels for macOS on Apple Silicon or Linux on aarch64: ``pip`` installs it only
+where it has) seek to the frames a clip needs instead of decoding from the start; both are
+optional and imported only when used. ``data.decoder: auto`` takes the best installed: TorchCodec,
+else decord (PyAV takes over a file either fails on), else PyAV; :func:`auto_decoder` says which,
+and the run's log line names it. Every backend gives the same frames of a lossless video.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch  # decord must be imported after torch: the other order can crash o
 # isort: split
 import av
 
-Backend = Literal["auto", "decord", "pyav"]
+Backend = Literal["auto", "torchcodec", "decord", "pyav"]
 
 
 @cache
@@ -33,9 +36,26 @@ def decord_module() -> ModuleType | None:
         return None
 
 
+@cache
+def torchcodec_decoders() -> ModuleType | None:
+    """``torchcodec.decoders``, imported on first use; None where torchcodec is not installed or
+    cannot load FFmpeg's libraries (which it leaves to the system)."""
+    try:
+        decoders = importlib.import_module("torchcodec.decoders")
+        ops = importlib.import_module("torchcodec._core.ops")
+    except Exception:  # noqa: BLE001 - ImportError, or an OSError from a library that fails to load
+        return None
+    # newer torchcodec imports without FFmpeg (its image decoders need none) and says so here
+    return decoders if getattr(ops, "_FFMPEG_AVAILABLE", True) else None
+
+
 def auto_decoder() -> str:
-    """What ``data.decoder: auto`` decodes with here: decord (PyAV where it fails) or PyAV."""
-    return "decord, PyAV where decord fails" if decord_module() is not None else "PyAV (decord is not installed)"
+    """What ``data.decoder: auto`` decodes with here."""
+    if torchcodec_decoders() is not None:
+        return "TorchCodec, PyAV where it fails"
+    if decord_module() is not None:
+        return "decord, PyAV where decord fails (TorchCodec is not installed)"
+    return "PyAV (neither TorchCodec nor decord is installed)"
 
 
 class DecodeError(Exception):
@@ -107,6 +127,44 @@ class DecordDecoder:
 
     def close(self) -> None:
         self._reader = None
+
+
+class TorchCodecDecoder:
+    """PyTorch's own decoder: FFmpeg through TorchCodec, seeking exactly to each frame asked for.
+    ``device="cuda"`` decodes on the GPU (NVDEC) where TorchCodec was built for it."""
+
+    def __init__(self, path: str | os.PathLike, num_threads: int = 1, device: str = "cpu") -> None:
+        self.path = Path(path)
+        decoders = torchcodec_decoders()
+        if decoders is None:
+            raise DecodeError("data.decoder=torchcodec but TorchCodec is not installed or cannot load "
+                              "FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and FFmpeg "
+                              "4 to 8); set data.decoder=pyav or auto")
+        try:
+            self._decoder = decoders.VideoDecoder(str(self.path), dimension_order="NHWC", seek_mode="exact",
+                                                  num_ffmpeg_threads=_bounded_threads(num_threads),
+                                                  device=device)
+            self.num_frames = len(self._decoder)
+            self.fps = float(self._decoder.metadata.average_fps or 0.0)
+        except Exception as exc:  # noqa: BLE001 - TorchCodec raises RuntimeError/ValueError from C++
+            raise VideoDecodeError(self.path, f"TorchCodec could not open it ({_first_line(exc)})") from exc
+        if self.num_frames == 0:
+            raise VideoDecodeError(self.path, "it contains no video frames")
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        idx = _check_indices(self.path, indices, self.num_frames)
+        if not idx:
+            raise ValueError("no frame indices requested")
+        unique = sorted(set(idx))
+        try:
+            frames = self._decoder.get_frames_at(unique).data
+        except Exception as exc:  # noqa: BLE001
+            raise VideoDecodeError(self.path, f"TorchCodec failed to decode frames ({_first_line(exc)})") from exc
+        pos = {frame: i for i, frame in enumerate(unique)}
+        return frames[[pos[i] for i in idx]]
+
+    def close(self) -> None:
+        self._decoder = None
 
 
 class PyAVDecoder:
@@ -186,10 +244,10 @@ class PyAVDecoder:
 
 
 class _FallbackDecoder:
-    """decord, switching to PyAV for good if decord opens a file but fails to decode it (decord
-    0.6 mangles some frame sizes that FFmpeg itself decodes fine)."""
+    """TorchCodec or decord, switching to PyAV for good if it opens a file but fails to decode it
+    (decord 0.6 mangles some frame sizes that FFmpeg itself decodes fine)."""
 
-    def __init__(self, decoder: DecordDecoder, num_threads: int) -> None:
+    def __init__(self, decoder: TorchCodecDecoder | DecordDecoder, num_threads: int) -> None:
         self._decoder: VideoDecoder = decoder
         self._num_threads = num_threads
         self.path, self.num_frames, self.fps = decoder.path, decoder.num_frames, decoder.fps
@@ -197,19 +255,19 @@ class _FallbackDecoder:
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         try:
             return self._decoder.get(indices)
-        except VideoDecodeError as decord_error:
-            if not isinstance(self._decoder, DecordDecoder):
+        except VideoDecodeError as seeking_error:
+            if isinstance(self._decoder, PyAVDecoder):
                 raise
             self._decoder.close()
             try:
                 self._decoder = PyAVDecoder(self.path, self._num_threads)
             except VideoDecodeError as pyav_error:
-                reason = f"{decord_error.reason}; {pyav_error.reason}"
+                reason = f"{seeking_error.reason}; {pyav_error.reason}"
                 raise VideoDecodeError(self.path, reason) from pyav_error
-            # The caller's indices were checked against decord's count, which comes from demuxing
-            # the whole file; PyAV's may be a header's claim, smaller or larger. PyAV decodes
-            # sequentially and raises if the stream ends before a requested frame, so letting it
-            # reach decord's count is safe; clamping indices would return substituted frames.
+            # The caller's indices were checked against the first decoder's count, which comes
+            # from demuxing the whole file; PyAV's may be a header's claim, smaller or larger. PyAV
+            # decodes sequentially and raises if the stream ends before a requested frame, so
+            # letting it reach that count is safe; clamping indices would return substituted frames.
             self._decoder.num_frames = max(self._decoder.num_frames, self.num_frames)
             return self._decoder.get(indices)
 
@@ -228,18 +286,23 @@ def open_video(path: str | os.PathLike, backend: Backend = "auto", num_threads: 
         raise VideoDecodeError(path, "file does not exist")
     if path.stat().st_size == 0:
         raise VideoDecodeError(path, "file is empty")
+    if backend == "torchcodec":
+        return TorchCodecDecoder(path, num_threads)
     if backend == "decord":
         return DecordDecoder(path, num_threads)
     if backend == "pyav":
         return PyAVDecoder(path, num_threads)
     if backend != "auto":
-        raise ValueError(f"unknown decoder backend {backend!r} (expected 'auto', 'decord' or 'pyav')")
-    if decord_module() is None:
+        raise ValueError(f"unknown decoder backend {backend!r} (expected 'auto', 'torchcodec', "
+                         "'decord' or 'pyav')")
+    seeking = (TorchCodecDecoder if torchcodec_decoders() is not None
+               else DecordDecoder if decord_module() is not None else None)
+    if seeking is None:
         return PyAVDecoder(path, num_threads)
     try:
-        return _FallbackDecoder(DecordDecoder(path, num_threads), num_threads)
-    except VideoDecodeError as decord_error:
+        return _FallbackDecoder(seeking(path, num_threads), num_threads)
+    except VideoDecodeError as seeking_error:
         try:
             return PyAVDecoder(path, num_threads)
         except VideoDecodeError as pyav_error:
-            raise VideoDecodeError(path, f"{decord_error.reason}; {pyav_error.reason}") from pyav_error
+            raise VideoDecodeError(path, f"{seeking_error.reason}; {pyav_error.reason}") from pyav_error

@@ -31,6 +31,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -153,6 +154,9 @@ def _init_prober() -> None:
     # index. FFmpeg and decord print every broken file's complaints straight to fd 2, which would
     # bury the progress bar; the reasons are kept in bad_files.csv instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one thread, as a DataLoader worker: a forked child that runs a parallel op in a pool its
+    # parent had started hangs (TorchCodec's frame conversion does, after the parent decoded)
+    torch.set_num_threads(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)

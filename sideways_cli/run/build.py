@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sideways_cli.config import Config, TrainConfig, load_config
-from sideways_cli.data.decode import decord_module
+from sideways_cli.data.decode import decord_module, torchcodec_decoders
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.clock import BETWEEN_CLIPS, parse_update
 from sideways_cli.engine.losses import OBJECTIVES
@@ -54,6 +54,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.decoder == "decord" and decord_module() is None:
         raise UserError("config key 'data.decoder' is decord, which is not installed here (it has "
                         "no wheels for this platform); set data.decoder=auto or pyav")
+    if cfg.data.decoder == "torchcodec" and torchcodec_decoders() is None:
+        raise UserError("config key 'data.decoder' is torchcodec, which is not installed here or "
+                        "cannot load FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and "
+                        "FFmpeg 4 to 8); set data.decoder=auto or pyav")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
                         "dict saved with torch.save (a relative path is from the working directory)")
