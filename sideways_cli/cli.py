@@ -17,13 +17,14 @@ from rich.console import Console
 from sideways_cli.analyses import comparison
 from sideways_cli.analyses.check import (balance_lines, check_network, contract_table, costs_table,
                                          not_applicable_lines)
-from sideways_cli.analyses.fidelity import fidelity_batch, gradient_fidelity, load_run_weights
+from sideways_cli.analyses.fidelity import fidelity_batch, load_run_weights
 from sideways_cli.analyses.stream import as_dicts, prepare, run_stream, stream_psnr, synthetic_stream, video_stream
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data import catalog
 from sideways_cli.data.decode import DecodeError
 from sideways_cli.data.download import DOWNLOADABLE, download_dataset
 from sideways_cli.engine.contract import causes
+from sideways_cli.engine.fidelity import gradient_fidelity
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.probes import VIDEO_KINDS
 from sideways_cli.parallel.links import StageFailure
@@ -40,8 +41,8 @@ from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.predict import Predictor
 from sideways_cli.run.rundir import RunDir
-from sideways_cli.run.trained import load_trained
 from sideways_cli.run.train import train as run_training
+from sideways_cli.run.trained import load_trained
 from sideways_cli.support.errors import UserError, print_user_error
 from sideways_cli.support.help_format import HelpfulTyper, HelpGroup
 from sideways_cli.support.paths import output_dir, output_file, output_per_input, preset

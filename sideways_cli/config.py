@@ -215,6 +215,10 @@ class TrainConfig:
     eval_every: int = setting(0, at_least(0), "steps between evaluations; 0: evaluate once, at the end")
     checkpoint_every: int = setting(100, at_least(0), "steps between resumable "
                                     "checkpoints/last.pt; 0: only at the end")
+    fidelity_every: int = setting(0, at_least(0), "steps between measurements of each module's "
+                                  "gradient fidelity (cosine of Sideways' pseudo-gradient to BP's "
+                                  "gradient) on the step's batch, from its weights, into "
+                                  "fidelity.jsonl; 0: none. Needs parallel.stages 1")
 
 
 @dataclass

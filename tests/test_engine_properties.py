@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sideways_cli.analyses.fidelity import gradient_fidelity
+from sideways_cli.engine.fidelity import gradient_fidelity
 from sideways_cli.engine import BackpropRule, SidewaysRule
 from sideways_cli.engine.losses import clip_loss, frame_loss
 from sideways_cli.engine.probes import make_video, module_gradients

@@ -1,17 +1,5 @@
-"""How close Sideways pseudo-gradients are to BP gradients, module by module (docs/sideways.md,
-property 5).
-
-From the same weights and the same batch, both rules compute their gradients without stepping; the
-cosine similarity per module is 1 on a static video with per-frame modules and falls as consecutive
-frames grow less alike (larger frame stride, shuffled frames).
-
-Two measures per module. ``cosine``: the whole batch's Sideways gradient against BP's. Summed over
-a clip whose frames share one label, it re-pairs much the same messages and activations in any
-frame order, so on short clips it moves little with smoothness. ``tick_cosine``: the mean over ticks
-of the cosine between what a message gives at the window it meets (Sideways) and at the window that
-produced its frame, 2(D-d) frames older (what exact credit assignment would use): the mismatch
-that smoothness is meant to make small, isolated.
-"""
+"""``sideways fidelity`` and ``compare --fidelity``: the batch the per-module fidelity is measured
+on (``engine/fidelity.py`` measures it) and a run's trained weights to measure it at."""
 
 from __future__ import annotations
 
@@ -22,76 +10,16 @@ import torch
 from sideways_cli.config import Config, from_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.datasets import collate_clips
-from sideways_cli.engine import BackpropRule, SidewaysRule
-from sideways_cli.engine.clock import message_frame
-from sideways_cli.engine.losses import CLASSIFY, OBJECTIVES, Objective
-from sideways_cli.engine.probes import make_video, module_gradients
-from sideways_cli.engine.registers import ModuleStep, Token
+from sideways_cli.engine.fidelity import gradient_fidelity
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.probes import make_video
 from sideways_cli.models import FrameStack
 from sideways_cli.models.weights import WeightsError, load_own_state
 from sideways_cli.run.build import build_network
 from sideways_cli.run.loaders import eval_loader
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
-from sideways_cli.support.runtime import configure_backends, resolve_device, to_device
-
-
-class TickMatchedSideways(SidewaysRule):
-    """The reference tick rule (``between_clips: reset``) that also takes each message's parameter VJP at
-    the window that produced the message's frame, and records per module the cosine between that
-    and the VJP at the window the message meets."""
-
-    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
-        super().__init__(model, between_clips="reset", objective=objective)
-        # 0-dim tensors on the device, read once at the end: reading each would wait for its tick
-        self.tick_cosines: list[list[torch.Tensor]] = [[] for _ in model.stack]
-        self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
-
-    def forward(self, frame: Token | None) -> list[ModuleStep]:
-        """The rule's forward, remembering each module's window by the frame it belongs to."""
-        steps = super().forward(frame)
-        for step in steps:
-            self.windows[step.index][step.token.frame] = step.window.detach()
-        return steps
-
-    def reset(self) -> None:
-        super().reset()
-        for windows in self.windows:
-            windows.clear()
-
-    def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
-        produced = self.windows[d][message_frame(d, self.clock, len(self.model))]
-        met, matched = (self._param_vjp(d, w, message) for w in (self.current[d].window.detach(), produced))
-        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0))
-        return super().backward_module(d, message)
-
-    def _param_vjp(self, d: int, window: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
-        params = self.params[d]
-        grads = torch.autograd.grad(self.model[d].forward_window(window), params, grad_outputs=message,
-                                    allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
-                          for p, g in zip(params, grads)])
-
-
-def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,
-                      objective: Objective = CLASSIFY) -> list[dict]:
-    """[{index, name, cosine, tick_cosine}] for every module; Sideways runs its reference tick
-    schedule, on the device the model is on."""
-    was_training = model.training
-    model.eval()  # dropout would give the two rules different masks
-    clips, labels = to_device(clips, model.device, model.dtype), to_device(labels, model.device)
-    bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
-    sideways = TickMatchedSideways(model, objective)
-    sw = module_gradients(model, sideways, clips, labels)
-    model.train(was_training)
-    rows = []
-    for d, (g_bp, g_sw) in enumerate(zip(bp, sw)):
-        cosine = torch.nn.functional.cosine_similarity(g_bp.double(), g_sw.double(), dim=0)
-        ticks = torch.stack(sideways.tick_cosines[d]).tolist() if sideways.tick_cosines[d] else []
-        rows.append({"index": d, "name": model.names[d], "cosine": cosine.item(),
-                     "tick_cosine": sum(ticks) / len(ticks) if ticks else 1.0})
-    return rows
-
+from sideways_cli.support.runtime import configure_backends, resolve_device
 
 FIDELITY_CLIPS = 64  # one cosine per module over this many clips: a single batch's is noisy
 

@@ -58,6 +58,9 @@ def validate(cfg: Config) -> None:
         raise UserError("config key 'data.decoder' is torchcodec, which is not installed here or "
                         "cannot load FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and "
                         "FFmpeg 4 to 8); set data.decoder=auto or pyav")
+    if cfg.train.fidelity_every and cfg.parallel.stages > 1:
+        raise UserError("config key 'train.fidelity_every' measures the whole network in one "
+                        "process; set parallel.stages=1 (replicas may stay) or train.fidelity_every=0")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
                         "dict saved with torch.save (a relative path is from the working directory)")

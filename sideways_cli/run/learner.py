@@ -9,6 +9,7 @@ reconstruction the clips), and every other stage knows the batch's shape from th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sideways_cli.config import Config
 from sideways_cli.engine.clock import runs_chunked
+from sideways_cli.engine.fidelity import gradient_fidelity
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
 from sideways_cli.models import FrameStack
@@ -124,7 +126,12 @@ class StageLearner:
             contribution = replace(self._contribution(clips, labels, shape), stop=stop)
             stats, stop = self.topology.batch_stats(contribution)
         self.trained_lr = self.lr  # what this batch's updates used, as its log line says
-        self.lr_schedule.step()
+        with warnings.catch_warnings():
+            # the schedule counts batches; a batch may make no update (in continuous mode with
+            # updates every N ticks, the first messages are still on their way down), which torch
+            # warns of as a misordered step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.lr_schedule.step()
         return stats, stop
 
     def _targets(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
@@ -161,6 +168,13 @@ class StageLearner:
         if topology.stages > 1:  # pipelined BP: every stage counts the frames, the last the losses
             topology.links.settle()  # the targets sent to the last stage
         return Contribution.of(stats, losses=topology.is_last, frames=topology.is_first)
+
+    def fidelity(self, clips: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+        """Each module's gradient fidelity on this batch from the weights its step starts from
+        (``engine/fidelity.py``), with neither rule stepping; the whole network (one stage). The
+        training goes on as without it: between steps no ``.grad`` is set (the rule keeps what it
+        carries across batches in its own registers), and the measurement leaves none."""
+        return gradient_fidelity(self.stack, clips, labels, self.objective)
 
     def evaluated(self, evaluate: Callable[[CausalNetwork], dict[str, float]]) -> dict[str, float]:
         """The metrics ``evaluate(network)`` computes on the first stage, with the network as the

@@ -21,7 +21,8 @@ from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
 
 # how the work is spread, logged, tracked or chunked, never what is computed
-MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "eval.chunk",
+MAY_DIFFER = ("data.num_workers", "train.log_every", "train.checkpoint_every", "train.fidelity_every",
+              "eval.chunk",
               "parallel.replicas", "parallel.stages", "parallel.balance", "parallel.bp_schedule",
               "parallel.microbatches", "parallel.threads", "parallel.timeout_s", "parallel.backend",
               "log.tensorboard", "log.wandb", "log.wandb_project", "log.mlflow", "log.mlflow_experiment")

@@ -74,6 +74,11 @@ class RunDir:
         return self.path / "summary.json"
 
     @property
+    def fidelity(self) -> Path:
+        """fidelity.jsonl: each module's gradient fidelity every train.fidelity_every steps."""
+        return self.path / "fidelity.jsonl"
+
+    @property
     def tensorboard(self) -> Path:
         """TensorBoard's event files (log.tensorboard)."""
         return self.path / "tensorboard"
@@ -128,7 +133,7 @@ class RunDir:
         """--restart: forget the run's state and logs (config.yaml is rewritten anyway), and the
         figures made from the discarded weights."""
         for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics,
-                     self.tracking):  # a restarted run is tracked as a new one
+                     self.fidelity, self.tracking):  # a restarted run is tracked as a new one
             path.unlink(missing_ok=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)
         for shard in self.shards.glob("*"):

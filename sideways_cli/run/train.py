@@ -36,7 +36,7 @@ from sideways_cli.run.loaders import data_loaders, forever, validate_training_me
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
 from sideways_cli.run.rundir import LineLog, RunDir, csv_line, read_jsonl, save_checkpoint, trim_csv, trim_jsonl
-from sideways_cli.run.tracking import Trackers, evaluation_scalars, training_scalars
+from sideways_cli.run.tracking import Trackers, evaluation_scalars, fidelity_scalars, training_scalars
 from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.memory import PeakMemory
@@ -162,6 +162,8 @@ class Session:
                                                           self.device)
         seed_everything(cfg.seed + topology.stage)  # each stage its own stream (dropout)
         self.first_step, continued = 1, None
+        if previous is None and self.writer:
+            run.fidelity.unlink(missing_ok=True)  # a start that never checkpointed
         if previous is not None:
             learner.load(previous.checkpoint)
             self.train_loader.failed.update(self.state.unreadable)  # reported once, over every start
@@ -169,6 +171,7 @@ class Session:
             log(f"resuming {run.path} from step {previous.step}")
             if self.writer:  # a kill after the checkpoint may have logged steps to be redone
                 trim_jsonl(run.metrics, previous.step)
+                trim_jsonl(run.fidelity, previous.step)
             # the checkpoint at the last step comes before the final evaluation, which is redone
             final = previous.step >= cfg.train.steps
             continued = (previous.step - final, self.state.best)
@@ -210,7 +213,7 @@ class Session:
             if state.pending_evaluation:  # stopped by a signal before this step's evaluation
                 self.evaluate(self.first_step - 1, bar)
             for step in range(self.first_step, cfg.train.steps + 1):
-                stop = self.train_step(batches, stops.signum)
+                stop = self.train_step(step, batches, stops.signum)
                 state.data_position = sampler.advance(state.data_position)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     record = self.record(step)  # on every process: it gathers their peaks
@@ -232,23 +235,33 @@ class Session:
                     self.checkpoint(step)
             self.update_peaks()  # training's, not the final evaluation's
 
-    def train_step(self, batches: Iterator[dict] | None, stop: int) -> int:
-        """The next batch through the learner; the time spent waiting for it and training on it.
-        Returns the stop signal the job agrees on after it, given this process's (0: none)."""
+    def train_step(self, step: int, batches: Iterator[dict] | None, stop: int) -> int:
+        """The next batch through the learner; the time spent waiting for it and training on it
+        (not measuring its fidelity, when due). Returns the stop signal the job agrees on after
+        it, given this process's (0: none)."""
         state, started = self.state, time.perf_counter()
         clips = labels = None
         if batches is not None:
             batch = next(batches)
             clips = to_device(batch["clip"], self.device, DTYPES[self.cfg.precision])
             labels = to_device(batch["label"], self.device)
-        loaded = time.perf_counter()
+        state.wait_s += time.perf_counter() - started
+        every = self.cfg.train.fidelity_every
+        if every and step % every == 0 and self.writer:  # on its share of the batch
+            self.record_fidelity(step, self.learner.fidelity(clips, labels))
+        computing = time.perf_counter()
         stats, stop = self.learner.train_batch(clips, labels, stop)
-        state.wait_s += loaded - started
-        state.compute_s += time.perf_counter() - loaded
+        state.compute_s += time.perf_counter() - computing
         state.frames_seen += stats.frames
         state.updates += stats.updates
         state.recent = (state.recent + [stats.loss])[-self.cfg.train.log_every:]
         return stop
+
+    def record_fidelity(self, step: int, rows: list[dict]) -> None:
+        """A line of fidelity.jsonl, and the trackers' fidelity/ scalars."""
+        with LineLog(self.run.fidelity) as log:
+            log.append(json.dumps({"step": step, "modules": rows}))
+        self.trackers.scalars(step, fidelity_scalars(rows))
 
     def update_peaks(self) -> None:
         self.state.add_peaks(self.topology.peaks_mb(self.memory.read()))
