@@ -247,8 +247,10 @@ class Session:
             labels = to_device(batch["label"], self.device)
         state.wait_s += time.perf_counter() - started
         every = self.cfg.train.fidelity_every
-        if every and step % every == 0 and self.writer:  # on its share of the batch
-            self.record_fidelity(step, self.learner.fidelity(clips, labels))
+        if every and step % every == 0:  # every replica, so that none waits on rank 0's; it logs
+            rows = self.learner.fidelity(clips, labels)  # its share of the batch
+            if self.writer:
+                self.record_fidelity(step, rows)
         computing = time.perf_counter()
         stats, stop = self.learner.train_batch(clips, labels, stop)
         state.compute_s += time.perf_counter() - computing
