@@ -10,12 +10,22 @@ without interpreter finalization, which destroys gloo's threads in whatever orde
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import torch.distributed as dist
+
+# Workers are forked from one server process that imported torch, its compiler stack (which
+# every optimizer imports) and the engine once, instead of each spawned interpreter importing
+# them again (about 5 s of CPU each). The server only imports: it starts no thread that a fork
+# could break. Set before the first worker starts the server; every test module shares it.
+START_METHOD = "forkserver"
+multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed",
+                                        "sideways_cli.engine", "sideways_cli.parallel.staged_sideways",
+                                        "sideways_cli.parallel.staged_chunked", "tiny"])
 
 
 def join(rank: int, world: int, rendezvous: Path | str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def staged(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("staged")
     # both jobs at once: one's processes import torch while the other's compute
     jobs = [mp.start_processes(stage_process, args=(str(out), cases, stages), nprocs=stages,
-                               join=False, start_method="spawn")
+                               join=False, start_method=spawned.START_METHOD)
             for cases, stages in ((CASES, 2), (THREE_STAGE_CASES, 3))]
     for job in jobs:
         while not job.join():
@@ -239,33 +240,32 @@ def single(config, tmp_path_factory, one_thread) -> Path:
 
 
 @pytest.mark.multiprocess
-def test_a_two_stage_run_resumes_and_matches_one_process(config, single, tmp_path):
-    """The tick protocol through the CLI, killed and resumed (the chunked executor's staged run:
-    the next test; its numbers against the tick rule's: test_stages_give_...)."""
-    run = tmp_path / "two"
-    tracked = ("parallel.stages=2", "sideways.chunk=1", "log.tensorboard=true")
-    kill_after_checkpoint(start(config, run, *tracked), run)
-    finish(start(config, run, *tracked))
-    assert_same_run(run, single)  # every chunk gives the tick rule's numbers
-    # only global rank 0 tracks: one event file a start, holding each logged step once
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
-    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [step for step, _ in tensorboard_scalars(run)["train/loss"]] == logged
-    summary = json.loads((run / "summary.json").read_text())
+def test_a_killed_two_stage_run_resumes_as_two_stages_or_in_one_process(config, single, tmp_path,
+                                                                        one_thread):
+    """A 2-stage run of the chunked executor SIGKILLed after its first checkpoint, then started
+    again from that checkpoint twice: as the same 2-stage job through the CLI, and in this one
+    process (the stages' chunked registers reassemble into the single-process executor's). Both
+    end with the tick rule's numbers (every chunk gives them). The tick rule's staged numbers:
+    test_stages_give_the_single_process_numbers."""
+    killed, handover = tmp_path / "two", tmp_path / "handover"
+    staged = ("parallel.stages=2", "sideways.chunk=3", "log.tensorboard=true")
+    kill_after_checkpoint(start(config, killed, *staged), killed)
+    shutil.copytree(killed, handover)
+    resumed = start(config, killed, *staged)
+    invoke("train", config, "--set", "parallel.stages=1", "--set", "sideways.chunk=3", "--out",
+           handover, "--quiet")
+    finish(resumed)
+    for run in (killed, handover):
+        assert_same_run(run, single)
+    summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["updates"] == STEPS
     stage_peaks = summary["stage_peak_mem_mb"]  # each stage measures its own, the largest counts
     assert len(stage_peaks) == 2 and min(stage_peaks) > 0
     assert summary["peak_mem_mb"] == max(stage_peaks)
-
-
-@pytest.mark.multiprocess
-def test_a_two_stage_checkpoint_resumes_in_one_process(config, single, tmp_path, one_thread):
-    """The stages' chunked registers reassemble into the single-process executor's."""
-    run = tmp_path / "handover"
-    kill_after_checkpoint(start(config, run, "parallel.stages=2", "sideways.chunk=3"), run)
-    invoke("train", config, "--set", "parallel.stages=1", "--set", "sideways.chunk=3", "--out", run,
-           "--quiet")
-    assert_same_run(run, single)
+    # only global rank 0 tracks: one event file a start, holding each logged step once
+    assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in tensorboard_scalars(killed)["train/loss"]] == logged
 
 
 def training(config: Path, run: Path) -> subprocess.Popen:

@@ -41,37 +41,33 @@ def measured(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "fidelity.jsonl").read_text().splitlines()]
 
 
-def test_fidelity_is_measured_without_changing_the_training(config, tmp_path):
+def test_fidelity_is_measured_without_changing_the_training_and_resumes(config, tmp_path, monkeypatch):
     plain = train(config, tmp_path / "plain")
-    run = train(config, tmp_path / "measured", "train.fidelity_every=2", "log.tensorboard=true")
-    a, b = (RunDir(r).load_checkpoint() for r in (plain, run))
+    straight = train(config, tmp_path / "straight", "train.fidelity_every=1", "log.tensorboard=true")
+    a, b = (RunDir(r).load_checkpoint() for r in (plain, straight))
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
     assert a["summary"]["train_loss"] == b["summary"]["train_loss"]
-    records = measured(run)
-    assert [r["step"] for r in records] == [2, 4]
-    assert [m["name"] for m in records[0]["modules"]] == [m["name"] for m in records[1]["modules"]]
+    records = measured(straight)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    names = [m["name"] for m in records[0]["modules"]]
+    assert len(names) > 1 and all([m["name"] for m in r["modules"]] == names for r in records)
     for record in records:
-        modules = record["modules"]
-        assert len(modules) > 1
-        assert all(-1 <= m["cosine"] <= 1 + 1e-9 for m in modules)
-        assert modules[-1]["cosine"] == pytest.approx(1, abs=1e-9)  # the head's gradient is exact
-    scalars = tensorboard_scalars(run)
+        assert all(-1 <= m["cosine"] <= 1 + 1e-9 for m in record["modules"])
+        assert record["modules"][-1]["cosine"] == pytest.approx(1, abs=1e-9)  # the head is exact
+    scalars = tensorboard_scalars(straight)
     tags = [tag for tag in scalars if tag.startswith("fidelity/")]
-    assert len(tags) == len(records[0]["modules"])
-    assert all([step for step, _ in scalars[tag]] == [2, 4] for tag in tags)
+    assert len(tags) == len(names)
+    assert all([step for step, _ in scalars[tag]] == list(range(1, STEPS + 1)) for tag in tags)
     assert not (plain / "fidelity.jsonl").exists()
 
-
-def test_a_resumed_run_measures_on_as_the_uninterrupted_one(config, tmp_path, monkeypatch):
-    straight = train(config, tmp_path / "straight", "train.fidelity_every=1")
-    run = tmp_path / "resumed"
+    run = tmp_path / "resumed"  # killed past its first checkpoint, then started again
     with monkeypatch.context() as patched:
         crash_after_first_checkpoint(patched)
         with pytest.raises(Crash):
             train(config, run, "train.fidelity_every=1")
     assert [r["step"] for r in measured(run)] == [1, 2, 3]  # past the checkpoint at 2
     train(config, run, "train.fidelity_every=1")
-    assert measured(run) == measured(straight)
+    assert measured(run) == records
 
 
 def test_with_stages_it_is_refused_in_one_line(config, monkeypatch, capsys):

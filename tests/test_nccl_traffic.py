@@ -8,6 +8,7 @@ First the replay itself on hand-written traces, so that it cannot pass vacuously
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from cli_helpers import invoke
 from crash_after_checkpoint import Crash, crash_after_first_checkpoint
 from nccl_replay import Event, load_traces, replay
+from sideways_cli.run.rundir import RunDir
 from tiny import tiny_run_config
 
 # -- the replay, on hand-written traces ------------------------------------------------------------
@@ -117,10 +119,13 @@ CASES: dict[str, tuple[list[str], int, bool]] = {
         ["mode=sideways", "sideways.chunk=4", "sideways.between_clips=continuous",
          "parallel.replicas=2", *STAGES_2], 4, False),
     # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
-    # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's
+    # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's.
+    # In float64 with SGD, it must also give one process's losses, weights and evaluation.
     "bp 1f1b, 2 stages": (["mode=bp", "parallel.bp_schedule=1f1b", "parallel.microbatches=2",
-                           *STAGES_2], 2, False),
+                           "precision=float64", "train.optimizer=sgd", "train.lr=0.05", *STAGES_2],
+                          2, False),
 }
+EXACT = {"bp 1f1b, 2 stages"}  # compared with one process as well
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +186,27 @@ def test_a_jobs_traffic_cannot_deadlock_under_nccl(case, config, tmp_path, monke
     assert all(point_to_point(events) for events in programs.values())
     verdict = replay(programs)
     assert verdict.ok, str(verdict)
+    if case in EXACT:
+        one = tmp_path / "one"
+        invoke("train", config, "--out", one, "--quiet",
+               *[a for s in [*settings, "parallel.stages=1", "parallel.balance=auto"] for a in ("--set", s)])
+        assert_one_process_numbers(tmp_path / "run", one)
+
+
+def assert_one_process_numbers(job: Path, one: Path) -> None:
+    """The job's losses, weights and final evaluation are one process's, in float64; it ran as
+    its config's stages (each measured its own memory)."""
+    config = RunDir(job).read_config()
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, job)]
+    assert len(summaries[1]["stage_peak_mem_mb"]) == config.parallel.stages == 2
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (one, job)]
+    assert len(losses[0]) == STEPS
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    weights = [RunDir(run).load_checkpoint()["model"] for run in (one, job)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(w.dtype == torch.float64 for w in weights[1].values() if w.is_floating_point())
+    for key, want in weights[0].items():
+        torch.testing.assert_close(weights[1][key], want, rtol=1e-11, atol=1e-13)
+    for key in ("train_loss", "val_clip_top1", "val_video_top1", "val_clips"):
+        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-12), key

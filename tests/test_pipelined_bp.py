@@ -78,7 +78,7 @@ def _worker(rank: int, batches, out: Path) -> None:
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("pipelined_bp")
-    mp.spawn(_worker, args=(make_batches(), out), nprocs=2)
+    mp.start_processes(_worker, args=(make_batches(), out), nprocs=2, start_method=spawned.START_METHOD)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 

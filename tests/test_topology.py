@@ -8,6 +8,8 @@ import signal
 import pytest
 import torch
 
+import spawned
+
 from sideways_cli.config import load_config
 from sideways_cli.engine.rule import LossSum
 from sideways_cli.parallel.contribution import Contribution
@@ -114,8 +116,8 @@ def agree_on_stops(rank: int, rendezvous: str, out: str) -> None:
 def test_every_process_of_a_job_agrees_on_the_stop_signal_any_one_received(tmp_path):
     """The stop signal travels with the batch's statistics: every process sees the same one, so
     every process stops after the same batch."""
-    torch.multiprocessing.spawn(agree_on_stops, args=(str(tmp_path / "rdzv"), str(tmp_path)),
-                                nprocs=4)
+    torch.multiprocessing.start_processes(agree_on_stops, args=(str(tmp_path / "rdzv"), str(tmp_path)),
+                                          nprocs=4, start_method=spawned.START_METHOD)
     expected = [(0, 6, 1), (signal.SIGUSR1, 6, 1), (signal.SIGTERM, 6, 1)]
     for rank in range(4):
         assert torch.load(tmp_path / f"rank{rank}.pt") == expected
