@@ -47,11 +47,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import av
 import torch
 
 from common import PRESET, default_setup, emit, median, random_batch, rule_for, time_rules
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
+from sideways_cli.data.decode import TorchCodecDecoder, torchcodec_decoders
 from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.memory import PeakMemory, fresh_process_env
 
@@ -117,6 +119,10 @@ TINY = Sizes(
 
 class CheckFailed(Exception):
     """What a check found wrong, in one line: its row's reason."""
+
+
+class CheckSkipped(Exception):
+    """Why a check cannot run on this machine, in one line: its row's reason."""
 
 
 @dataclass
@@ -436,6 +442,37 @@ def check_amp(ctx: Context, launcher: Launcher) -> dict[str, Any]:
     return figures
 
 
+def check_gpu_decoding(ctx: Context, launcher: Launcher) -> dict[str, Any]:
+    """``data.decoder: torchcodec-cuda``: an H.264 video decoded on the GPU against TorchCodec's
+    CPU decoding (NVDEC converts to RGB itself: a few levels apart at most), then a run that
+    decodes on the GPU and trains as the CPU-decoded ``train bp`` row does."""
+    if ctx.device.type != "cuda":
+        raise CheckSkipped("decodes on a CUDA device only")
+    if torchcodec_decoders() is None:
+        raise CheckSkipped("TorchCodec is not installed (pip install 'sideways-cli[torchcodec]', "
+                           "with FFmpeg's libraries)")
+    video = ctx.work / "h264.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(16):
+            frame = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=generator)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.numpy(), format="rgb24")))
+        container.mux(stream.encode())
+    frames = {device: TorchCodecDecoder(video, device=device).get(range(16)).cpu().int()
+              for device in ("cpu", "cuda")}
+    apart = int((frames["cuda"] - frames["cpu"]).abs().max())
+    if apart > 4:
+        raise CheckFailed(f"frames decoded on the GPU are up to {apart} levels from the CPU's")
+    name = "train bp, decoding on the GPU"
+    launcher.finish(launcher.train(name, ctx.sets(("data.decoder=torchcodec-cuda",
+                                                   "data.num_workers=0")), "--mode", "bp"))
+    loss = require_finite_loss(read_summary(ctx.run_dir(name)), name)
+    return {"levels apart": apart, "loss": round(loss, 4)}
+
+
 def check_determinism(model: str) -> Callable[[Context, Launcher], dict[str, Any]]:
     """Two ``--deterministic`` Sideways runs of a torchvision network, side by side."""
     def check(ctx: Context, launcher: Launcher) -> dict[str, Any]:
@@ -594,7 +631,7 @@ def phases(ctx: Context, jobs: int) -> list[tuple[list[Check | int], int]]:
     timings alone (an int is an engine clip length: its rows come from one child)."""
     single = [Check(f"train {mode}", check_training(mode)) for mode in ("bp", "sideways")]
     single += [Check("kill and resume, --deterministic", check_resume),
-               Check("--amp (bf16)", check_amp)]
+               Check("--amp (bf16)", check_amp), Check("decoding on the GPU", check_gpu_decoding)]
     single += [Check(f"--deterministic {model}", check_determinism(model))
                for model in ("torchvision:resnet18", "torchvision:r2plus1d_18")]
     references = [Check(f"P=1 float64 reference, {p}", check_reference(p), gpus=2)
@@ -629,6 +666,8 @@ def run_check(check: Check, ctx: Context) -> Row:
         row.figures = check.run(ctx, launcher)
     except CheckFailed as failure:
         row.status, row.reason = "FAIL", str(failure)
+    except CheckSkipped as skipped:
+        row.status, row.reason = "skip", str(skipped)
     except Exception as error:  # a check's own bug, or an unreadable result: still one row
         row.status, row.reason = "FAIL", f"{type(error).__name__}: {error}".splitlines()[0][:300]
     finally:

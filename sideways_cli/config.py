@@ -32,7 +32,7 @@ NORMS = ("group", "frozen")  # model.norm; models/norms.py implements them
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
-DECODERS = ("auto", "torchcodec", "decord", "pyav")
+DECODERS = ("auto", "torchcodec", "torchcodec-cuda", "decord", "pyav")
 BP_SCHEDULES = ("gpipe", "1f1b")
 BACKENDS = ("auto", "nccl", "gloo")
 MAX_SEED = 2**32 - 1
@@ -193,7 +193,8 @@ class DataConfig:
                                 "never for synthetic")
     decoder: str = setting("auto", one_of(*DECODERS), "the video decoder; auto: the best installed, "
                            "TorchCodec, else decord (PyAV for a file either fails on), else PyAV | "
-                           "torchcodec | decord | pyav")
+                           "torchcodec | torchcodec-cuda (on the run's GPU, in the training process: "
+                           "data.num_workers 0) | decord | pyav")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     list: ListConfig = field(default_factory=ListConfig)
 

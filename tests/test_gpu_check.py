@@ -52,7 +52,7 @@ def test_tiny_cpu_run_passes_every_single_device_check_it_is_asked_for(tmp_path)
     assert not failed
     assert {"train bp", "eval bp", "kill and resume, --deterministic"} <= ran.keys()
     left_out = {"train sideways", "--amp (bf16)", "--deterministic torchvision:resnet18",
-                "--deterministic torchvision:r2plus1d_18"}
+                "--deterministic torchvision:r2plus1d_18", "decoding on the GPU"}
     assert all(single[name]["reason"] == "not asked for (--only)" for name in left_out)
     engine = [row for name, row in single.items() if name.startswith("engine ")]
     assert len(engine) == 4 and all(row["figures"]["frames/s"] > 0 for row in engine)  # T=8

@@ -20,10 +20,9 @@ from sideways_cli.data.datasets import VideoEntry
 from sideways_cli.data.decode import torchcodec_decoders
 from sideways_cli.parallel.topology import single
 from sideways_cli.run import learner as learner_module
-from sideways_cli.run.build import build_network, make_lr_schedule, make_optimizer
+from sideways_cli.run.build import build_network, make_lr_schedule, make_optimizer, resolve_config
 from sideways_cli.run.learner import StageLearner
 from sideways_cli.run.loaders import data_loaders, eval_loader
-from sideways_cli.run.rundir import RunDir
 from sideways_cli.support.errors import UserError
 from tiny import NEEDS_DECORD, decoders, merged, random_clips, tiny_run_config
 
@@ -287,18 +286,6 @@ def test_a_runs_training_and_evaluation_loaders_use_data_decoder(decoder, synthe
 
 # -- parallel.bp_schedule=1f1b from the command line ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pipelined_config(tmp_path_factory) -> Path:
-    return config_in(tmp_path_factory.mktemp("1f1b"), {
-        "mode": "bp", "precision": "float64",
-        "model": {"name": "c3d", "temporal_kernel": 3, "depth": 2},
-        "data": {"size": 16, "clip_len": 4},
-        "train": {"steps": 2, "warmup_steps": 1, "optimizer": "sgd", "lr": 0.05},
-        "eval": {"clips_per_video": 1},
-        "parallel": {"balance": [2, 1], "threads": 1, "microbatches": 2}},
-        generate=True)
-
-
 LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 
 
@@ -322,37 +309,17 @@ def test_launching_a_job_leaves_the_callers_signal_handlers_as_they_were(signal_
     assert {s: signal.getsignal(s) for s in LAUNCHER_SIGNALS} == before
 
 
-@pytest.mark.multiprocess
-def test_1f1b_across_two_stages_gives_the_single_process_numbers(pipelined_config, tmp_path,
-                                                                 signal_handlers_kept):
-    """`sideways train --set parallel.stages=2 --set parallel.bp_schedule=1f1b`: two stage processes,
-    2 microbatches in 1F1B order, in float64; the same losses, weights and evaluation as one
-    process."""
-    one, two = tmp_path / "single", tmp_path / "1f1b"
-    invoke("train", pipelined_config, "--out", one, "--quiet")
-    invoke("train", pipelined_config, "--set", "parallel.stages=2", "--set",
-           "parallel.bp_schedule=1f1b", "--out", two, "--quiet")
-    # config.yaml is written by the job's rank-0 stage process: the config its learner built
-    # PipelinedBackprop from
-    config = RunDir(two).read_config()
-    assert (config.parallel.stages, config.parallel.bp_schedule) == (2, "1f1b")
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
-    assert len(summaries[1]["stage_peak_mem_mb"]) == 2  # it did run as two stage processes
-    assert "stage_peak_mem_mb" not in summaries[0]
-    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-              for run in (one, two)]
-    assert len(losses[0]) == 2
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
-    weights = [RunDir(run).load_checkpoint()["model"] for run in (one, two)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(w.dtype == torch.float64 for w in weights[1].values() if w.is_floating_point())
-    for key, want in weights[0].items():
-        torch.testing.assert_close(weights[1][key], want, rtol=1e-11, atol=1e-13)
-    for key in ("train_loss", "val_clip_top1", "val_video_top1", "val_clips"):
-        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-12), key
-
-
 def test_1f1b_with_fewer_microbatches_than_stages_is_refused_by_the_config():
     load_config(None, ["parallel.stages=2", "parallel.bp_schedule=gpipe", "parallel.microbatches=1"])
     with pytest.raises(UserError, match="parallel.microbatches"):
         load_config(None, ["parallel.stages=2", "parallel.bp_schedule=1f1b", "parallel.microbatches=1"])
+
+
+def test_decoding_on_the_gpu_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    config = tiny_run_config(tmp_path)
+    with pytest.raises(UserError, match="decodes on the GPU the run trains on, and this run trains "
+                                        "on the CPU; set data.decoder=torchcodec"):
+        resolve_config(config, ["data.decoder=torchcodec-cuda", "device=cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    with pytest.raises(UserError, match="CUDA cannot be used in loader workers.*set data.num_workers=0"):
+        resolve_config(config, ["data.decoder=torchcodec-cuda", "data.num_workers=2"])

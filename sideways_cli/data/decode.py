@@ -24,7 +24,7 @@ import torch  # decord must be imported after torch: the other order can crash o
 # isort: split
 import av
 
-Backend = Literal["auto", "torchcodec", "decord", "pyav"]
+Backend = Literal["auto", "torchcodec", "torchcodec-cuda", "decord", "pyav"]
 
 
 @cache
@@ -288,13 +288,15 @@ def open_video(path: str | os.PathLike, backend: Backend = "auto", num_threads: 
         raise VideoDecodeError(path, "file is empty")
     if backend == "torchcodec":
         return TorchCodecDecoder(path, num_threads)
+    if backend == "torchcodec-cuda":  # frames on this process's GPU
+        return TorchCodecDecoder(path, num_threads, device="cuda")
     if backend == "decord":
         return DecordDecoder(path, num_threads)
     if backend == "pyav":
         return PyAVDecoder(path, num_threads)
     if backend != "auto":
         raise ValueError(f"unknown decoder backend {backend!r} (expected 'auto', 'torchcodec', "
-                         "'decord' or 'pyav')")
+                         "'torchcodec-cuda', 'decord' or 'pyav')")
     seeking = (TorchCodecDecoder if torchcodec_decoders() is not None
                else DecordDecoder if decord_module() is not None else None)
     if seeking is None:

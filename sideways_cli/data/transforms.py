@@ -91,8 +91,9 @@ class ClipTransform:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """float [T, 3, H, W] in [0, 1] -> normalised [3, T, H, W]."""
-        scale = 1 / torch.tensor(self.std, dtype=x.dtype).view(3, 1, 1, 1)
-        shift = -torch.tensor(self.mean, dtype=x.dtype).view(3, 1, 1, 1) * scale
-        # one pass that also lays the clip out as [3, T, H, W] (the loader's hottest arithmetic)
-        out = torch.empty((3, *x.shape[:1], *x.shape[2:]), dtype=x.dtype)
+        scale = 1 / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1, 1)
+        shift = -torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1, 1) * scale
+        # one pass that also lays the clip out as [3, T, H, W] (the loader's hottest arithmetic);
+        # on the device the frames were decoded on (the GPU, with data.decoder torchcodec-cuda)
+        out = torch.empty((3, *x.shape[:1], *x.shape[2:]), dtype=x.dtype, device=x.device)
         return torch.addcmul(shift, x.permute(1, 0, 2, 3), scale, out=out)

@@ -54,7 +54,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.decoder == "decord" and decord_module() is None:
         raise UserError("config key 'data.decoder' is decord, which is not installed here (it has "
                         "no wheels for this platform); set data.decoder=auto or pyav")
-    if cfg.data.decoder == "torchcodec" and torchcodec_decoders() is None:
+    if cfg.data.decoder == "torchcodec-cuda":
+        _validate_cuda_decoding(cfg)
+    if cfg.data.decoder.startswith("torchcodec") and torchcodec_decoders() is None:
         raise UserError("config key 'data.decoder' is torchcodec, which is not installed here or "
                         "cannot load FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and "
                         "FFmpeg 4 to 8); set data.decoder=auto or pyav")
@@ -71,6 +73,18 @@ def validate(cfg: Config) -> None:
         parse_update(cfg.sideways.update)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _validate_cuda_decoding(cfg: Config) -> None:
+    """Decoding on the GPU: the run's device is one, and the decoding runs in the training
+    process (a loader worker is a forked process, where CUDA cannot be used)."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        raise UserError("config key 'data.decoder' is torchcodec-cuda, which decodes on the GPU the "
+                        "run trains on, and this run trains on the CPU; set data.decoder=torchcodec "
+                        "(or auto), or train on a CUDA device")
+    if cfg.data.num_workers:
+        raise UserError("config key 'data.decoder' is torchcodec-cuda, which decodes in the training "
+                        "process (CUDA cannot be used in loader workers); set data.num_workers=0")
 
 
 def _validate_user_model(cfg: Config) -> None:

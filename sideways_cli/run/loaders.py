@@ -32,10 +32,11 @@ PREFETCH_FACTOR = 2  # batches each worker loads ahead: the DataLoader's default
 MEMINFO = Path("/proc/meminfo")
 
 
-def pin_memory_for(device: torch.device) -> bool:
+def pin_memory_for(device: torch.device, decoder: str = "auto") -> bool:
     """Whether batches for ``device`` go to pinned (page-locked) memory: a GPU copies from it
-    without a staging copy and, with ``runtime.to_device``, while earlier kernels still run."""
-    return device.type == "cuda"
+    without a staging copy and, with ``runtime.to_device``, while earlier kernels still run.
+    Not when the frames are decoded on the GPU already (``torchcodec-cuda``)."""
+    return device.type == "cuda" and decoder != "torchcodec-cuda"
 
 
 def data_loaders(cfg: Config, data: DatasetIndex, start: Position = (0, 0),
@@ -56,7 +57,7 @@ def data_loaders(cfg: Config, data: DatasetIndex, start: Position = (0, 0),
         raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
                         "training videos; lower data.batch_size")
     loader = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
-                          seed=cfg.seed, drop_last=True, pin_memory=pin_memory_for(device),
+                          seed=cfg.seed, drop_last=True, pin_memory=pin_memory_for(device, cfg.data.decoder),
                           start=start, shard=shard, worker_init_fn=leave_stops_to_the_trainer)
     return (_guarded(cfg, data, "train", loader),
             _eval_loader(cfg, data, "val", None, shard, device, leave_stops_to_the_trainer))
@@ -104,7 +105,7 @@ def _eval_loader(cfg: Config, data: DatasetIndex, split: str, clips_per_video: i
     d = cfg.data
     dataset = eval_dataset(cfg, data.split(split), clips_per_video)
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=d.num_workers,
-                          seed=cfg.seed, drop_last=False, pin_memory=pin_memory_for(device),
+                          seed=cfg.seed, drop_last=False, pin_memory=pin_memory_for(device, cfg.data.decoder),
                           shard=shard, worker_init_fn=worker_init_fn)
     return _guarded(cfg, data, split, loader)
 
@@ -164,14 +165,15 @@ def _side(cfg: Config) -> int:
 def train_load(cfg: Config, device: torch.device = CPU) -> LoaderLoad:
     """The training loaders of every replica together: each holds its shard of data.batch_size."""
     return LoaderLoad("data.batch_size", cfg.data.batch_size, cfg.data.clip_len, _side(cfg),
-                      max(0, cfg.data.num_workers), pin_memory_for(device))
+                      max(0, cfg.data.num_workers), pin_memory_for(device, cfg.data.decoder))
 
 
 def val_load(cfg: Config, shard: tuple[int, int] = (0, 1), device: torch.device = CPU) -> LoaderLoad:
     """The evaluation loaders: every replica's (``shard``: (index, replicas)) batches are whole
     eval.batch_size ones."""
     return LoaderLoad("eval.batch_size", cfg.eval.batch_size, cfg.data.clip_len, _side(cfg),
-                      max(0, cfg.data.num_workers), pin_memory_for(device), copies=shard[1])
+                      max(0, cfg.data.num_workers), pin_memory_for(device, cfg.data.decoder),
+                      copies=shard[1])
 
 
 def available_memory() -> int | None:

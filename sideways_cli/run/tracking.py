@@ -26,9 +26,6 @@ from sideways_cli.reports.tables import write_json
 from sideways_cli.run.evaluate import PRIMARY_METRIC
 from sideways_cli.run.rundir import RunDir
 
-Warn = Callable[[str], None]
-
-
 def training_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The tracked scalars of a ``metrics.jsonl`` record, by tag."""
     scalars = {"train/loss": record["loss"], "train/lr": record["lr"],
@@ -53,13 +50,11 @@ def fidelity_scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
 class Trackers:
     """The trackers ``cfg.log`` turns on, for one start of a run.
 
-    ``resumed_from``: the last step whose logged points stand when the run continues (None: a
-    fresh run, or a command that only adds points, such as ``fidelity --run``). ``writes``: False
-    on every process of a job but global rank 0, which then tracks nothing."""
+    ``resumed_from``: the last step whose logged points stand (0 for a fresh run: a start that
+    died before its first checkpoint leaves none); what earlier starts logged after it is purged.
+    ``writes``: False on every process of a job but global rank 0, which then tracks nothing."""
 
-    def __init__(self, cfg: Config, run: RunDir, resumed_from: int | None = None,
-                 writes: bool = True, warn: Warn | None = None):
-        self.warn = warn or _stderr
+    def __init__(self, cfg: Config, run: RunDir, resumed_from: int, writes: bool = True):
         self.live: list[Any] = []
         if not writes:
             return
@@ -94,11 +89,11 @@ class Trackers:
 
     def _drop(self, name: str, exc: Exception) -> None:
         if isinstance(exc, ImportError):
-            self.warn(f"warning: log.{name} is on but {INSTALL[name][0]} is not installed "
+            _warn(f"warning: log.{name} is on but {INSTALL[name][0]} is not installed "
                       f"({INSTALL[name][1]}); training goes on without it")
         else:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.warn(f"warning: log.{name} stopped ({reason}); training goes on without it")
+            _warn(f"warning: log.{name} stopped ({reason}); training goes on without it")
 
 
 # the package each tracker needs and how to get it
@@ -107,7 +102,7 @@ INSTALL = {"tensorboard": ("tensorboard", "pip install tensorboard"),
            "mlflow": ("mlflow", "pip install 'sideways-cli[mlflow]'")}
 
 
-def _stderr(line: str) -> None:
+def _warn(line: str) -> None:
     from rich.console import Console
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(line, markup=False)
@@ -119,12 +114,11 @@ class TensorBoard:
 
     name = "tensorboard"
 
-    def __init__(self, cfg: Config, run: RunDir, resumed_from: int | None):
+    def __init__(self, cfg: Config, run: RunDir, resumed_from: int):
         from torch.utils.tensorboard import SummaryWriter  # ImportError without tensorboard
 
         fresh = not any(run.tensorboard.glob("events.out.tfevents.*"))
-        purge = resumed_from + 1 if resumed_from is not None else None
-        self.writer = SummaryWriter(str(run.tensorboard), purge_step=purge, flush_secs=10)
+        self.writer = SummaryWriter(str(run.tensorboard), purge_step=resumed_from + 1, flush_secs=10)
         if fresh:
             self._describe(cfg)
 
