@@ -35,6 +35,7 @@ Ops are numbered per rank; "at" (optional) says where the program issued the op.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +234,13 @@ class _Replay:
 def replay(programs: dict[int, list[Event]]) -> Verdict:
     """Runs every rank's program (global rank -> events) under the rule in this module's doc."""
     return _Replay(programs).run()
+
+
+TRAFFIC = Path(__file__).parent / "traffic"  # the recorder every process of a job loads (sitecustomize)
+
+
+def recording(traffic: Path) -> dict[str, str]:
+    """The environment that makes every process of a job record its traffic into ``traffic``."""
+    traffic.mkdir(parents=True)
+    path = os.pathsep.join(filter(None, [str(TRAFFIC), os.environ.get("PYTHONPATH")]))
+    return {"SIDEWAYS_TRAFFIC_DIR": str(traffic), "PYTHONPATH": path}

@@ -79,11 +79,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 # name -> (settings, replicas and stages). Sideways: with AdamW at R=2 the torchrun restart
 # test's job; with SGD at R=2 x P=2 the continuous-registers test's (its steps before the kill
-# must be one process's for the resumed run to end as the uninterrupted one)
+# must be one process's for the resumed run to end as the uninterrupted one). BP with AdamW at
+# R=2 x P=2: test_nccl_traffic's job, whose numbers are checked against one process's too.
 CASES = {
     "bp, sgd, R=2": (["mode=bp"], ["parallel.replicas=2"]),
-    "bp, adamw, R=2 x P=2": (["mode=bp", "train.optimizer=adamw", "train.lr=0.01"],
-                             ["parallel.replicas=2", "parallel.stages=2", "parallel.balance=[2,1]"]),
 }
 
 

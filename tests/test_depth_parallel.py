@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import spawned
 from cli_helpers import invoke
+from nccl_replay import load_traces, recording, replay
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
 from sideways_cli.engine import make_rule
@@ -155,11 +156,11 @@ def config(tmp_path_factory) -> Path:
         generate=True)  # generated once, before any run
 
 
-def start(config: Path, out: Path, *sets: str) -> subprocess.Popen:
+def start(config: Path, out: Path, *sets: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "sideways_cli", "train", str(config), "--out", str(out), "--quiet"]
     for s in sets:
         args += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the stages and the in-process references
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: as the stages and the in-process references
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
 
@@ -251,7 +252,8 @@ def test_a_killed_two_stage_run_resumes_as_two_stages_or_in_one_process(config, 
     staged = ("parallel.stages=2", "sideways.chunk=3", "log.tensorboard=true")
     kill_after_checkpoint(start(config, killed, *staged), killed)
     shutil.copytree(killed, handover)
-    resumed = start(config, killed, *staged)
+    # the chunked protocol's traffic, recorded from the resume on, replayed under NCCL's rules
+    resumed = start(config, killed, *staged, env=recording(tmp_path / "traffic"))
     invoke("train", config, "--set", "parallel.stages=1", "--set", "sideways.chunk=3", "--out",
            handover, "--quiet")
     finish(resumed)
@@ -266,6 +268,10 @@ def test_a_killed_two_stage_run_resumes_as_two_stages_or_in_one_process(config, 
     assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) == 2
     logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [step for step, _ in tensorboard_scalars(killed)["train/loss"]] == logged
+    programs = load_traces(tmp_path / "traffic")
+    assert sorted(programs) == [0, 1]
+    verdict = replay(programs)
+    assert verdict.ok, str(verdict)
 
 
 def training(config: Path, run: Path) -> subprocess.Popen:

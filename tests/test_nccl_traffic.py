@@ -19,7 +19,7 @@ import torch
 
 from cli_helpers import invoke
 from crash_after_checkpoint import Crash, crash_after_first_checkpoint
-from nccl_replay import Event, load_traces, replay
+from nccl_replay import Event, load_traces, recording, replay
 from sideways_cli.run.rundir import RunDir
 from tiny import tiny_run_config
 
@@ -103,20 +103,22 @@ def test_a_host_wait_that_holds_back_the_peers_message_deadlocks():
 
 # -- real jobs, recorded --------------------------------------------------------------------------
 
-TRAFFIC = Path(__file__).parent / "traffic"
 STEPS = 3  # an evaluation and a checkpoint after each
 STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
-# name -> (settings, processes, resumed): between them both executors, both pipeline modes,
-# updates every N ticks, 2 and 3 stages, replicas of stages and pipelined BP, each evaluating and
+# name -> (settings, processes, resumed): between them the tick protocol with updates every N
+# ticks, 2 and 3 stages, replicas of stages, both pipelined-BP schedules, each evaluating and
 # checkpointing after every step (three jobs: every process of a job starts torch, seconds each).
+# The chunked protocol's traffic: test_depth_parallel's resumed 2-stage job.
 # A resumed job is recorded from its resume on, which saves a job: its pipeline is reset, so every
 # batch starts from an empty one and the resumed job's traffic is a fresh job's from its first step.
 CASES: dict[str, tuple[list[str], int, bool]] = {
     "sideways tick, reset, every 2 ticks, 3 stages, resumed": (
         ["mode=sideways", "sideways.chunk=1", "sideways.between_clips=reset",
          "sideways.update=every 2 ticks", "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
-    "sideways chunk 4, continuous, 2 replicas x 2 stages": (
-        ["mode=sideways", "sideways.chunk=4", "sideways.between_clips=continuous",
+    # replicas of pipelined BP: their gradients averaged after the stages' GPipe batches; in
+    # float64 with AdamW, also one process's numbers
+    "bp gpipe, 2 replicas x 2 stages": (
+        ["mode=bp", "parallel.microbatches=2", "precision=float64", "train.lr=0.01",
          "parallel.replicas=2", *STAGES_2], 4, False),
     # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
     # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's.
@@ -125,7 +127,7 @@ CASES: dict[str, tuple[list[str], int, bool]] = {
                            "precision=float64", "train.optimizer=sgd", "train.lr=0.05", *STAGES_2],
                           2, False),
 }
-EXACT = {"bp 1f1b, 2 stages"}  # compared with one process as well
+EXACT = {"bp gpipe, 2 replicas x 2 stages", "bp 1f1b, 2 stages"}  # compared with one process too
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +152,7 @@ def train(config: Path, out: Path, sets: list[str], env: dict[str, str]) -> subp
 
 def recorded_run(config: Path, out: Path, traffic: Path, sets: list[str]) -> dict[int, list[Event]]:
     """``sideways train`` with every process's traffic recorded into ``traffic``; its traces."""
-    traffic.mkdir(parents=True)
-    path = os.pathsep.join(filter(None, [str(TRAFFIC), os.environ.get("PYTHONPATH")]))
-    process = train(config, out, sets, {"SIDEWAYS_TRAFFIC_DIR": str(traffic), "PYTHONPATH": path})
+    process = train(config, out, sets, recording(traffic))
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     return load_traces(traffic)
@@ -188,8 +188,8 @@ def test_a_jobs_traffic_cannot_deadlock_under_nccl(case, config, tmp_path, monke
     assert verdict.ok, str(verdict)
     if case in EXACT:
         one = tmp_path / "one"
-        invoke("train", config, "--out", one, "--quiet",
-               *[a for s in [*settings, "parallel.stages=1", "parallel.balance=auto"] for a in ("--set", s)])
+        single = [*settings, "parallel.replicas=1", "parallel.stages=1", "parallel.balance=auto"]
+        invoke("train", config, "--out", one, "--quiet", *[a for s in single for a in ("--set", s)])
         assert_one_process_numbers(tmp_path / "run", one)
 
 
