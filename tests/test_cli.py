@@ -100,6 +100,7 @@ def test_eval_other_split_and_views(tiny_config, tmp_path):
     assert (run / "confusion_train.png").is_file()
 
 
+@pytest.mark.slow  # a run and three evaluations
 def test_eval_the_best_checkpoint_over_three_crops_with_a_dump(tiny_config, tmp_path):
     """best.pt is the best evaluation's: evaluated again it gives that row of evaluations.csv;
     3 crops triple the clips and the dump holds each video's probabilities."""

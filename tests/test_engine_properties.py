@@ -127,6 +127,7 @@ def test_static_video_sideways_equals_bp_for_per_frame_modules(name):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=f"module {d}")  # float64
 
 
+@pytest.mark.slow  # a long clip: seconds
 @pytest.mark.parametrize("name, options", [("vgg", {}), ("c3d", {"depth": 4})])
 def test_static_video_with_temporal_windows_is_close_on_a_long_clip(name, options):
     # the mismatch is confined to the 2(D-1) fill/drain ticks, so it vanishes as T grows

@@ -177,7 +177,8 @@ def test_torchvision_weights_give_torchvision_logits_for_every_frame(arch, netwo
 ADAPTIVE_POOLS = (torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
-@pytest.mark.parametrize("arch", IMAGE_NETS + VIDEO_NETS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=SLOW) if a == "vgg11" else a  # seconds to build
+                                  for a in IMAGE_NETS + VIDEO_NETS])
 def test_no_adapted_network_holds_an_adaptive_pool(arch, networks):
     """torchvision's adaptive average pools (heads, squeeze-and-excitation) become means; the
     logits test above shows they give torchvision's numbers. The norm plays no part: the frozen
@@ -345,6 +346,7 @@ def weights_error(path: Path, *sets: str) -> str:
     return message
 
 
+@SLOW
 def test_model_weights_must_fit_the_network_key_by_key(networks, tmp_path):
     state = networks.reference("resnet18").float().state_dict()
     missing = {k: v for k, v in state.items() if k != "layer2.0.bn1.weight"}

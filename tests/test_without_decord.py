@@ -26,6 +26,7 @@ def without_decord(monkeypatch, opened):
     torchcodec_decoders.cache_clear()
 
 
+@pytest.mark.slow  # a run and its evaluation
 def test_a_run_decodes_with_pyav_and_says_so(without_decord, tmp_path):
     assert decord_module() is None and torchcodec_decoders() is None
     config = tiny_run_config(tmp_path, {"train": {"steps": 1}})
