@@ -93,6 +93,23 @@ def _check_indices(path: Path, indices: Sequence[int], num_frames: int) -> list[
     return idx
 
 
+class SeekingRequest:
+    """The frames a seeking decoder is asked for: ``indices`` checked against ``num_frames``; it
+    reads the distinct ones in ascending order (``unique``: fastest, and decord's most reliable
+    order) and :meth:`ordered` gives them back as asked, repeats included."""
+
+    def __init__(self, path: Path, indices: Sequence[int], num_frames: int) -> None:
+        self.indices = _check_indices(path, indices, num_frames)
+        if not self.indices:
+            raise ValueError("no frame indices requested")
+        self.unique = sorted(set(self.indices))
+
+    def ordered(self, frames):
+        """``frames`` of ``unique`` (a tensor or an array) in the order asked for."""
+        position = {frame: i for i, frame in enumerate(self.unique)}
+        return frames[[position[i] for i in self.indices]]
+
+
 class DecordDecoder:
     def __init__(self, path: str | os.PathLike, num_threads: int = 1) -> None:
         self.path = Path(path)
@@ -110,20 +127,15 @@ class DecordDecoder:
         self.fps = float(self._reader.get_avg_fps())
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
-        idx = _check_indices(self.path, indices, self.num_frames)
-        if not idx:
-            raise ValueError("no frame indices requested")
-        # decord decodes fastest (and most reliably) in ascending order without repeats.
-        unique = sorted(set(idx))
+        request = SeekingRequest(self.path, indices, self.num_frames)
         try:
-            frames = self._reader.get_batch(unique).asnumpy()
+            frames = self._reader.get_batch(request.unique).asnumpy()
         except Exception as exc:
             raise VideoDecodeError(self.path, f"decord failed to decode frames ({_first_line(exc)})") from exc
         if frames.ndim != 4 or frames.shape[-1] != 3:
             # Seen with decord 0.6 on some frame sizes (e.g. 48x48 H.264): 4-channel buffers.
             raise VideoDecodeError(self.path, f"decord returned frames of shape {frames.shape[1:]}")
-        pos = {frame: i for i, frame in enumerate(unique)}
-        return torch.from_numpy(frames[[pos[i] for i in idx]])
+        return torch.from_numpy(request.ordered(frames))
 
     def close(self) -> None:
         self._reader = None
@@ -152,16 +164,12 @@ class TorchCodecDecoder:
             raise VideoDecodeError(self.path, "it contains no video frames")
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
-        idx = _check_indices(self.path, indices, self.num_frames)
-        if not idx:
-            raise ValueError("no frame indices requested")
-        unique = sorted(set(idx))
+        request = SeekingRequest(self.path, indices, self.num_frames)
         try:
-            frames = self._decoder.get_frames_at(unique).data
+            frames = self._decoder.get_frames_at(request.unique).data
         except Exception as exc:  # noqa: BLE001
             raise VideoDecodeError(self.path, f"TorchCodec failed to decode frames ({_first_line(exc)})") from exc
-        pos = {frame: i for i, frame in enumerate(unique)}
-        return frames[[pos[i] for i in idx]]
+        return request.ordered(frames)
 
     def close(self) -> None:
         self._decoder = None
