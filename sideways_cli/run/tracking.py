@@ -26,6 +26,7 @@ from sideways_cli.reports.tables import write_json
 from sideways_cli.run.evaluate import PRIMARY_METRIC
 from sideways_cli.run.rundir import RunDir
 
+
 def training_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The tracked scalars of a ``metrics.jsonl`` record, by tag."""
     scalars = {"train/loss": record["loss"], "train/lr": record["lr"],
@@ -43,7 +44,7 @@ def evaluation_scalars(val: dict[str, float]) -> dict[str, float]:
 
 
 def fidelity_scalars(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-module gradient fidelity (``analyses.fidelity`` rows) by tag: fidelity/<index>_<name>."""
+    """Per-module gradient fidelity (``engine.fidelity`` rows) by tag: fidelity/<index>_<name>."""
     return {f"fidelity/{row['index']}_{row['name']}": row["cosine"] for row in rows}
 
 
