@@ -275,8 +275,10 @@ def test_a_killed_two_stage_run_resumes_as_two_stages_or_in_one_process(config, 
 
 
 def training(config: Path, run: Path) -> subprocess.Popen:
-    """A long 2-stage run."""
-    return start(config, run, "parallel.stages=2", "train.steps=100000")
+    """A long 2-stage run that stays in its steps: a checkpoint's wait for the other stage is
+    patient (writing one may take minutes), so a stage stopped then is not noticed within the
+    hang timeout, which bounds a step's waits."""
+    return start(config, run, "parallel.stages=2", "train.steps=100000", "train.checkpoint_every=0")
 
 
 def wait_for_a_step(process: subprocess.Popen, run: Path) -> None:
