@@ -307,8 +307,8 @@ def predict(
     out_video: Annotated[Optional[Path], typer.Option(
         "--out-video", metavar="PATH",
         help="Also write each video as an MP4 with the running label (streamed as --per-frame) "
-             "drawn on every frame: PATH.mp4 for one VIDEO, else a folder that gets "
-             "<name>.mp4 for each.")] = None,
+             "drawn on every frame: PATH.mp4 for one VIDEO, else a folder of <name>.mp4 files "
+             "laid out as the videos' folders are.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Label videos with a trained run's top-k classes and their probabilities.
