@@ -502,7 +502,7 @@ def fidelity(
         load_run_weights(model, RunDir(run))
     model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data, video)
-    rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
+    rows = gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task], cfg.sideways.stash)
     result = {"video": video, "model": cfg.model.name, "frame_stride": cfg.data.frame_stride,
               "clip_len": cfg.data.clip_len, "modules": rows}
     if json_path:

@@ -97,6 +97,8 @@ _EVERY_N_TICKS = re.compile(r"every\s+(\d+)\s+ticks?")
 UPDATE = Allowed("'clip' or 'every N ticks' with N >= 1",
                lambda v: isinstance(v, str) and (v == "clip" or bool(
                    (m := _EVERY_N_TICKS.fullmatch(v.strip())) and int(m.group(1)) >= 1)))
+STASH = Allowed("0, a number of ticks N >= 1 or 'full'",
+                lambda v: v == "full" or (_number(v) and isinstance(v, int) and v >= 0))
 BALANCE = Allowed("auto or a list of modules per stage, each >= 1, such as [2, 3]",
                 lambda v: v == "auto" or (isinstance(v, list) and len(v) > 0
                                           and all(_number(n) and n >= 1 for n in v)))
@@ -244,6 +246,11 @@ class SidewaysEngineConfig:
                           "batch | \"every N ticks\": every N ticks")
     chunk: int = setting(8, at_least(1), "ticks per module per call: same numbers; 1 = the tick "
                          "rule, least memory")
+    stash: int | str = setting(0, STASH, "the staleness dial: how old an activation a gradient "
+                               "may meet; 0: the newest (Sideways) | N: its own frame's if at "
+                               "most N ticks old | full: always its own frame's, and each window "
+                               "slot's gradient to its own frame: BP's gradients, depth-parallel, "
+                               "memory flat in clip length")
 
 
 @dataclass

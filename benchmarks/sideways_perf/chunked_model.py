@@ -16,8 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sideways_cli.engine.clock import (BACKWARD, FORWARD, LOSSES, chunked_batch_end,
-                                       macro_ticks, split_inputs, stage_order)
+from sideways_cli.engine.clock import BACKWARD, FORWARD, LOSSES, Schedule, macro_ticks, stage_order
 from sideways_cli.parallel.balance import partition
 from sideways_perf.link import Link
 from sideways_perf.macro_costs import MacroCosts
@@ -42,6 +41,11 @@ class MacroWork:
         return [q + b for q, b in zip(self.quiet, self.busy)]
 
 
+def sideways_schedule(modules: int) -> Schedule:
+    """Sideways' schedule (stash 0), which does not depend on the modules' windows."""
+    return Schedule((1,) * modules)
+
+
 def macro_work(modules: int, clip_len: int, between_clips: str, chunk: int) -> list[MacroWork]:
     """The macro ticks of one batch as the engine runs them: ``reset`` every batch alike,
     ``continuous`` in steady state (after enough batches that every module has messages).
@@ -58,7 +62,7 @@ def macro_work(modules: int, clip_len: int, between_clips: str, chunk: int) -> l
         if between_clips == "reset":
             clock, fed, pending = 0, 0, [0] * modules
         fed += clip_len
-        end = chunked_batch_end(fed, modules, between_clips)
+        end = sideways_schedule(modules).chunked_batch_end(fed, between_clips)
         work = [_one_macro(modules, fed, macro.t0, macro.t1, macro.drain, pending)
                 for macro in macro_ticks(clock, end, chunk, between_clips)]
         clock = end
@@ -69,7 +73,8 @@ def _one_macro(modules: int, fed: int, t0: int, t1: int, drain: bool,
                pending: list[int]) -> MacroWork:
     """Ticks [t0, t1): the schedule's split of each module's inputs, then the backward's queue
     updates, top-down (``ChunkedSideways.backward_module``); ``pending`` is updated in place."""
-    quiet, busy = map(list, zip(*(split_inputs(g, modules, fed, t0, t1) for g in range(modules))))
+    schedule = sideways_schedule(modules)
+    quiet, busy = map(list, zip(*(schedule.split_inputs(g, fed, t0, t1) for g in range(modules))))
     pending[-1] += quiet[-1] + busy[-1]  # every frame reaching the top gives its loss gradient
     drain_graph, sent = [False] * modules, [0] * modules
     for g in reversed(range(modules)):
@@ -183,7 +188,7 @@ def predict_chunked(costs: MacroCosts, stages: int, link: Link, batch: int, clip
     ops = simulate(durations, orders, _hops(costs, ranges, work, link))
     steps = [math.fsum(costs.step_s[g] for g in r) if optimizer else 0.0 for r in ranges]
     seconds = batch_seconds(ops, steps, link, cores)
-    ticks = chunked_batch_end(clip_len, modules, between_clips)
+    ticks = sideways_schedule(modules).chunked_batch_end(clip_len, between_clips)
     return ChunkedPrediction(stages, sizes, ticks, seconds, batch * clip_len / seconds,
                              chunk, len(work), ops)
 

@@ -2,7 +2,7 @@
 
 The tick rule's stages (``staged_sideways.py``) run in lock step, one tick at a time. Module d is
 busy forward when it has a new input and busy backward when it holds a message (the schedule's
-``input_ticks`` and ``message_ticks``): in ``between_clips: reset`` a clip of T frames takes T + 2(D-1)
+``input_ticks`` and ``Schedule.message_ticks``): in ``between_clips: reset`` a clip of T frames takes T + 2(D-1)
 ticks, in ``continuous`` every module does both every tick, T ticks per clip. A tick lasts as long
 as its slowest stage (the sum of its busy modules' measured costs), plus the communication it
 cannot hide. frames/s = B*T / (the sum of one clip's tick times).
@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from sideways_cli.engine.clock import input_ticks, message_ticks
+from sideways_cli.engine.clock import Schedule, input_ticks
 from sideways_cli.parallel.balance import ModuleCosts, partition
 from sideways_cli.support.atomic import replace_atomically
 from sideways_perf.link import Link
@@ -57,7 +57,7 @@ def busy(modules: int, clip_len: int, between_clips: str) -> tuple[np.ndarray, n
     forward, backward = np.zeros((2, ticks, modules), dtype=bool)
     for g in range(modules):
         forward[list(input_ticks(g, clip_len)), g] = True
-        backward[list(message_ticks(g, modules, clip_len)), g] = True
+        backward[list(Schedule((1,) * modules).message_ticks(g, clip_len)), g] = True
     return forward, backward
 
 

@@ -57,7 +57,7 @@ def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
     model.load_state_dict(ckpt["model"])
     model.to(resolve_device(cfg.device))
     clips, labels = fidelity_batch(cfg, data)
-    return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task])
+    return gradient_fidelity(model, clips, labels, OBJECTIVES[cfg.task], cfg.sideways.stash)
 
 
 def load_run_weights(model: FrameStack, run: RunDir) -> None:

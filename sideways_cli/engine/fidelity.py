@@ -9,6 +9,9 @@ on short clips it moves little with smoothness. ``tick_cosine``: the mean over t
 between what a message gives at the window it meets (Sideways) and at the window that produced its
 frame, 2(D-d) frames older (what exact credit assignment would use): the mismatch that smoothness
 is meant to make small, isolated.
+
+Both measure any point of the staleness dial (``sideways.stash``): a stash pairs messages with
+older windows, and ``full`` gives BP's gradients, cosine 1 everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from sideways_cli.engine.backprop import BackpropRule
-from sideways_cli.engine.clock import message_frame
+from sideways_cli.engine.clock import Schedule
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.probes import module_gradients
 from sideways_cli.engine.registers import ModuleStep, Token
@@ -30,8 +33,9 @@ class TickMatchedSideways(SidewaysRule):
     the window that produced the message's frame, and records per module the cosine between that
     and the VJP at the window the message meets."""
 
-    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY):
-        super().__init__(model, between_clips="reset", objective=objective)
+    def __init__(self, model: FrameStack, objective: Objective = CLASSIFY, stash: int | str = 0):
+        super().__init__(model, between_clips="reset", objective=objective,
+                         schedule=Schedule.of(model, stash))
         # 0-dim tensors on the device, read once at the end: reading each would wait for its tick
         self.tick_cosines: list[list[torch.Tensor]] = [[] for _ in model.stack]
         self.windows: list[dict[int, torch.Tensor]] = [{} for _ in model.stack]  # by frame
@@ -49,8 +53,10 @@ class TickMatchedSideways(SidewaysRule):
             windows.clear()
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
-        produced = self.windows[d][message_frame(d, self.clock, len(self.model))]
-        met, matched = (self._param_vjp(d, w, message) for w in (self.current[d].window.detach(), produced))
+        produced = self.windows[d][self.schedule.message_frame(d, self.clock)]
+        paired = (self.schedule.paired_frame(d, self.clock, self.fed) if self.schedule.pairs
+                  else self.current[d].token.frame)
+        met, matched = (self._param_vjp(d, w, message) for w in (self.windows[d][paired], produced))
         self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0))
         return super().backward_module(d, message)
 
@@ -63,14 +69,14 @@ class TickMatchedSideways(SidewaysRule):
 
 
 def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,
-                      objective: Objective = CLASSIFY) -> list[dict]:
+                      objective: Objective = CLASSIFY, stash: int | str = 0) -> list[dict]:
     """[{index, name, cosine, tick_cosine}] for every module; Sideways runs its reference tick
-    schedule, on the device the model is on."""
+    schedule with ``stash``, on the device the model is on."""
     was_training = model.training
     model.eval()  # dropout would give the two rules different masks
     clips, labels = to_device(clips, model.device, model.dtype), to_device(labels, model.device)
     bp = module_gradients(model, BackpropRule(model, objective), clips, labels)
-    sideways = TickMatchedSideways(model, objective)
+    sideways = TickMatchedSideways(model, objective, stash)
     sw = module_gradients(model, sideways, clips, labels)
     model.train(was_training)
     rows = []

@@ -49,11 +49,16 @@ def optional_token(state: dict[str, Any] | None) -> Token | None:
 
 
 class WindowRegister:
-    """A module's last k inputs, oldest first; slots that never received a value read as zeros."""
+    """A module's last k inputs, oldest first; slots that never received a value read as zeros.
 
-    def __init__(self, k: int):
+    With ``stash`` it also keeps older inputs, so that a message can meet the window of an older
+    frame (:meth:`window_of`), until the executor says no message will (:meth:`forget_before`).
+    """
+
+    def __init__(self, k: int, stash: bool = False):
         self.k = k
-        self.slots: deque[Token] = deque(maxlen=k)
+        self.capacity = None if stash else k
+        self.slots: deque[Token] = deque(maxlen=self.capacity)
 
     def clear(self) -> None:
         self.slots.clear()
@@ -65,20 +70,41 @@ class WindowRegister:
         return [token.state() for token in self.slots]
 
     def load_state(self, state: list[dict[str, Any]]) -> None:
-        self.slots = deque((Token.from_state(s) for s in state), maxlen=self.k)
+        self.slots = deque((Token.from_state(s) for s in state), maxlen=self.capacity)
 
     @property
     def filled(self) -> int:
-        """How many slots hold a value; they are always the newest ones."""
-        return len(self.slots)
+        """How many of the newest window's slots hold a value; they are always the newest ones."""
+        return min(len(self.slots), self.k)
+
+    def newest(self, n: int) -> list[Token]:
+        """The newest ``n`` inputs kept (fewer if fewer arrived), oldest first."""
+        return list(self.slots)[max(0, len(self.slots) - n):]
 
     def tensor(self) -> torch.Tensor:
         """[B, C, k, ...]: the window in time order with zeros for the empty (oldest) slots."""
-        values = [slot.value for slot in self.slots]
-        missing = self.k - len(values)
-        if missing:
-            values = [torch.zeros_like(values[0])] * missing + values
-        return torch.stack(values, dim=2)
+        return stack_window([slot.value for slot in self.newest(self.k)], self.k)
+
+    def window_of(self, frame: int) -> tuple[torch.Tensor, int]:
+        """The window whose newest input is ``frame``'s ([B, C, k, ...], zeros where the slots
+        have no value) and how many of its slots hold one."""
+        newest = self.slots[-1].frame
+        end = len(self.slots) - (newest - frame)  # inputs are kept in frame order, one per frame
+        if not 0 < end <= len(self.slots):
+            raise RuntimeError(f"frame {frame}'s input is no longer kept (a stash bug)")
+        values = [token.value for token in list(self.slots)[max(0, end - self.k):end]]
+        return stack_window(values, self.k), len(values)
+
+    def forget_before(self, frame: int) -> None:
+        """Drop the inputs no window still needed starts with: those older than ``frame``'s
+        window."""
+        while self.slots and self.slots[0].frame < frame - self.k + 1:
+            self.slots.popleft()
+
+
+def stack_window(values: list[torch.Tensor], k: int) -> torch.Tensor:
+    """[B, C, k, ...] from a window's inputs in time order, zeros before them."""
+    return torch.stack([torch.zeros_like(values[0])] * (k - len(values)) + values, dim=2)
 
 
 @dataclass
@@ -95,12 +121,13 @@ class ModuleStep:
 class Registers:
     """Registers of a D-module stack and the forward half of a tick."""
 
-    def __init__(self, model: FrameStack, first: int = 0):
+    def __init__(self, model: FrameStack, first: int = 0, stash: bool = False):
         """``first``: the network index of ``model``'s first module when it is one stage of a
-        network split across processes (module 0 of the network gets data, the others activations)."""
+        network split across processes (module 0 of the network gets data, the others
+        activations); ``stash``: keep older inputs too (``WindowRegister``)."""
         self.model = model
         self.first = first
-        self.windows = [WindowRegister(k) for k in model.windows]
+        self.windows = [WindowRegister(k, stash) for k in model.windows]
         self.outputs: list[Token | None] = [None] * len(model)
         self.fresh = [False] * len(model)  # out_d was written at the last tick
 

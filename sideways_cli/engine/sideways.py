@@ -9,6 +9,11 @@ Every tick, every module d, independently of the others:
 The gradient meets an activation of a newer frame than the one that produced it; on a static video
 they coincide and the pseudo-gradient is exact. Memory is one window, one graph and one gradient
 register per module, whatever the clip length.
+
+With ``sideways.stash`` (the staleness dial, :class:`~sideways_cli.engine.clock.Schedule`) a module
+also keeps its older inputs, and a message meets the window of its own frame when kept, recomputed
+from them; with ``full`` each window slot's gradient also goes to its own frame
+(``routing.py``), and the pseudo-gradient is BP's gradient.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from typing import Any
 
 import torch
 
-from sideways_cli.engine.clock import BETWEEN_CLIPS, batch_ticks, parse_update
+from sideways_cli.engine.clock import BETWEEN_CLIPS, Schedule, parse_update
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.registers import ModuleStep, Registers, Token, clip_tokens
+from sideways_cli.engine.routing import RoutedMessages
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
 from sideways_cli.models import FrameStack
 from sideways_cli.support.runtime import Autocast
@@ -73,13 +79,14 @@ class SidewaysExecutor:
     of modules, the whole network or one stage of it, their pseudo-gradient sums, and the update
     those sums become.
 
-    A stage (``first``, ``network_modules``: the network index of its first module and the
-    network's module count D) is what one process runs when the network is split across processes
-    (``sideways_cli/parallel``); its top module is the network's head only in the last stage.
+    A stage (``first``: the network index of its first module; ``schedule``: the whole network's,
+    which says when messages come) is what one process runs when the network is split across
+    processes (``sideways_cli/parallel``); its top module is the network's head only in the last
+    stage. Without ``schedule``, ``model`` is the whole network and the stash 0.
     """
 
     def __init__(self, model: FrameStack, between_clips: str, objective: Objective,
-                 autocast: Autocast, first: int, network_modules: int | None):
+                 autocast: Autocast, first: int, schedule: Schedule | None):
         if between_clips not in BETWEEN_CLIPS:
             raise ValueError(f"sideways.between_clips must be one of {BETWEEN_CLIPS}, got {between_clips!r}")
         self.model = model
@@ -87,15 +94,25 @@ class SidewaysExecutor:
         self.between_clips = between_clips
         self.autocast = autocast
         self.first = first
-        self.network_modules = network_modules if network_modules is not None else len(model)
-        self.has_head = first + len(model) == self.network_modules
+        self.schedule = schedule if schedule is not None else Schedule.of(model)
+        self.has_head = first + len(model) == self.schedule.modules
         self.params = [[p for p in m.parameters() if p.requires_grad] for m in model.stack]
         self.pseudo = PseudoGradients(self.params)
+        self.routed = [RoutedMessages() for _ in model.stack]
+        self.fed = 0  # frames fed since the pipeline started empty
 
     def sends_message(self, d: int) -> bool:
         """Whether module d has a module below it to send a message to: the network's module 1
         has only the data."""
         return self.first + d > 0
+
+    def release(self, d: int, tick: int) -> torch.Tensor | None:
+        """With routing: the message module d sends below at ``tick``, which the module below
+        meets at the next tick, if the schedule has one."""
+        below = self.first + d - 1
+        if tick + 1 not in self.schedule.message_ticks(below, self.fed):
+            return None
+        return self.routed[d].take(self.schedule.message_frame(below, tick + 1))
 
     def flush(self, apply_update: ApplyUpdate) -> int:
         """Turn accumulated pseudo-gradients into ``.grad`` (mean over contributing losses) and
@@ -117,10 +134,10 @@ class SidewaysRule(SidewaysExecutor):
 
     def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
                  objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
-                 first: int = 0, network_modules: int | None = None):
-        super().__init__(model, between_clips, objective, autocast, first, network_modules)
+                 first: int = 0, schedule: Schedule | None = None):
+        super().__init__(model, between_clips, objective, autocast, first, schedule)
         self.update_every = parse_update(update)
-        self.registers = Registers(model, first)
+        self.registers = Registers(model, first, stash=self.schedule.pairs)
         size = len(model)
         self.current: list[ModuleStep | None] = [None] * size  # graph of each module's newest window
         self.stale = [False] * size  # weights changed since that graph was built
@@ -128,21 +145,22 @@ class SidewaysRule(SidewaysExecutor):
         self.sent_down: torch.Tensor | None = None  # the bottom module's message of the last tick
         self.ticks_since_update = 0
         self.clock = 0  # ticks since the pipeline started empty
-        self.fed = 0  # frames fed since then
 
     def reset(self) -> None:
         """Empty the pipeline: no activation, graph or message survives into the next clip."""
         self.registers.reset()
         self.current = [None] * len(self.model)
         self.messages = [None] * len(self.model)
+        for routed in self.routed:
+            routed.clear()
         self.clock = self.fed = 0
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,
                     apply_update: ApplyUpdate) -> BatchStats:
         """Feed a batch of clips frame by frame; in ``reset`` mode fill and drain around it.
 
-        ``reset``: T + 2(D-1) ticks, every frame's loss is computed and its gradient reaches
-        module 1 before the batch ends. ``continuous``: T ticks, the pipeline carries on into
+        ``reset``: T + 2(D-1) ticks (more with ``stash: full``: ``Schedule.batch_ticks``), every
+        frame's loss is computed and its gradient reaches module 1 before the batch ends. ``continuous``: T ticks, the pipeline carries on into
         the next batch like a live stream, so this batch's losses are the ones that reached the
         top during its T ticks.
         """
@@ -150,7 +168,7 @@ class SidewaysRule(SidewaysExecutor):
             self.reset()
         tokens = clip_tokens(clips, self.objective.frame_targets(clips, labels), self.fed)
         self.fed += len(tokens)
-        ticks = batch_ticks(len(tokens), self.network_modules, self.between_clips)
+        ticks = self.schedule.batch_ticks(len(tokens), self.between_clips)
         losses, updates = LossSum(), 0
         for tick in range(ticks):
             loss = self.tick(tokens[tick] if tick < len(tokens) else None)
@@ -185,12 +203,17 @@ class SidewaysRule(SidewaysExecutor):
         sent: list[torch.Tensor | None] = [None] * len(self.model)
         self.sent_down = None
         for d, message in enumerate(self.messages):
-            if message is not None:
-                below = self.backward_module(d, message)
-                if d > 0:
-                    sent[d - 1] = below
-                else:
-                    self.sent_down = below
+            below = self.backward_module(d, message) if message is not None else None
+            if self.schedule.routes and self.sends_message(d):
+                below = self.release(d, self.clock)
+            if self.schedule.pairs:
+                g = self.first + d
+                self.registers.windows[d].forget_before(
+                    self.schedule.oldest_pairing(g, self.clock + 1, self.fed))
+            if d > 0:
+                sent[d - 1] = below
+            else:
+                self.sent_down = below
         # messages travel one module down per tick; the top's is replaced by the next loss
         self.messages = sent[:top] + [None]
         self.ticks_since_update += 1
@@ -208,9 +231,19 @@ class SidewaysRule(SidewaysExecutor):
         return self.registers.outputs[-1] if self.registers.fresh[-1] else None
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
-        """VJP of module d at its current window; accumulates g_d, returns the message below."""
+        """VJP of module d at its current window, or with a stash at the window of the frame the
+        message is paired with (``Schedule.paired_frame``); accumulates g_d, returns the message
+        below (with routing, adds to the messages on their way down instead: :meth:`release`)."""
         step = self.current[d]
-        if self.stale[d]:
+        frame = step.token.frame
+        if self.schedule.pairs:
+            frame = self.schedule.paired_frame(self.first + d, self.clock, self.fed)
+        if frame != step.token.frame:  # an older window, recomputed from its kept inputs
+            window, filled = self.registers.windows[d].window_of(frame)
+            window.requires_grad_(self.sends_message(d))
+            with self.autocast():
+                step = ModuleStep(d, window, filled, self.model[d].forward_window(window), step.token)
+        elif self.stale[d]:
             step = self.rebuild(d)
         wants_input = self.sends_message(d)
         inputs = self.params[d] + ([step.window] if wants_input else [])
@@ -218,6 +251,9 @@ class SidewaysRule(SidewaysExecutor):
                                     retain_graph=True, allow_unused=True)
         self.pseudo.add(d, grads[:len(self.params[d])])
         if not wants_input:
+            return None
+        if self.schedule.routes:
+            self.routed[d].add(frame, grads[-1], step.filled)
             return None
         # every filled slot stands for "the same" input under smoothness: sum their gradients
         return grads[-1][:, :, step.window.shape[2] - step.filled:].sum(dim=2)
@@ -249,7 +285,8 @@ class SidewaysRule(SidewaysExecutor):
         return {"pipeline": self.registers.state_dict(), "current": current,
                 "messages": [None if m is None else m.detach() for m in self.messages],
                 "pseudo": self.pseudo.state_dict(), "ticks_since_update": self.ticks_since_update,
-                "clock": self.clock, "fed": self.fed}
+                "clock": self.clock, "fed": self.fed,
+                "routed": [routed.state_dict() for routed in self.routed]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.registers.load_state_dict(state["pipeline"])
@@ -261,3 +298,5 @@ class SidewaysRule(SidewaysExecutor):
         self.pseudo.load_state_dict(state["pseudo"])
         self.ticks_since_update = state["ticks_since_update"]
         self.clock, self.fed = state["clock"], state["fed"]
+        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed))):
+            routed.load_state_dict(saved)  # checkpoints from before the stash have none

@@ -45,9 +45,8 @@ from typing import Any, Iterable
 
 import torch
 
-from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, chunked_batch_end,
-                                       drain_ticks, macro_ticks, parse_update, split_inputs,
-                                       stage_order)
+from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, Schedule, intersect,
+                                       macro_ticks, parse_update, stage_order)
 from sideways_cli.engine.losses import CLASSIFY, Objective, at_least_fp32
 from sideways_cli.engine.registers import Token, WindowRegister, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, BatchStats, LossSum
@@ -84,7 +83,7 @@ class ChunkedSideways(SidewaysExecutor):
     inside a macro tick and is refused with ValueError: :class:`SidewaysRule` runs it.
 
     As :class:`SidewaysRule`, it may run one stage of a network split across processes (``first``,
-    ``network_modules``: the network index of its first module and the network's module count D):
+    ``schedule``: the network index of its first module and the whole network's schedule):
     the stage then feeds its bottom module the stage below's outputs (:meth:`feed_inputs`) and its
     top module the stage above's messages (:meth:`feed_messages`), and hands the links its top
     module's outputs (:meth:`take_outputs`) and its bottom module's messages
@@ -93,8 +92,8 @@ class ChunkedSideways(SidewaysExecutor):
 
     def __init__(self, model: FrameStack, between_clips: str = "reset", update: str = "clip",
                  chunk: int = 8, objective: Objective = CLASSIFY, autocast: Autocast = nullcontext,
-                 first: int = 0, network_modules: int | None = None):
-        super().__init__(model, between_clips, objective, autocast, first, network_modules)
+                 first: int = 0, schedule: Schedule | None = None):
+        super().__init__(model, between_clips, objective, autocast, first, schedule)
         if parse_update(update) is not None:
             raise ValueError(f"tick batching needs weights fixed within a batch (update: clip), "
                              f"got {update!r}; SidewaysRule runs it")
@@ -106,7 +105,9 @@ class ChunkedSideways(SidewaysExecutor):
     def reset(self) -> None:
         """Empty the pipeline: no activation or message survives into the next clip."""
         size = len(self.model)
-        self.registers = [WindowRegister(k) for k in self.model.windows]
+        self.registers = [WindowRegister(k, self.schedule.pairs) for k in self.model.windows]
+        for routed in self.routed:
+            routed.clear()
         # pending_inputs[d]: inputs module d has not consumed yet ([0]: the clip's frames or the
         # stage below's outputs; [-1]: the top's outputs, logits on their way to the loss or
         # activations for the stage above); pending_messages[d]: messages module d has not used yet
@@ -139,7 +140,7 @@ class ChunkedSideways(SidewaysExecutor):
         if self.between_clips == "reset":
             self.reset()
         self.fed += frames
-        end = chunked_batch_end(self.fed, self.network_modules, self.between_clips)
+        end = self.schedule.chunked_batch_end(self.fed, self.between_clips)
         macros = macro_ticks(self.clock, end, self.chunk, self.between_clips)
         self.clock = end
         return macros
@@ -151,11 +152,14 @@ class ChunkedSideways(SidewaysExecutor):
     def backward_macro(self, macro: MacroTick, graphs: list[Graph | None]) -> None:
         """Every module's messages of ticks [t0, t1) (and the drain), top-down."""
         for d in reversed(range(len(self.model))):
-            self.backward_module(d, self.split_inputs(d, macro)[1], graphs[d], macro.drain)
+            if self.schedule.pairs:
+                self.backward_stashed(d, macro)
+            else:
+                self.backward_module(d, self.split_inputs(d, macro)[1], graphs[d], macro.drain)
 
     def split_inputs(self, d: int, macro: MacroTick) -> tuple[int, int]:
         """Module d's inputs in ``macro`` that meet no message (quiet), and those that meet one."""
-        return split_inputs(self.first + d, self.network_modules, self.fed, macro.t0, macro.t1)
+        return self.schedule.split_inputs(self.first + d, self.fed, macro.t0, macro.t1)
 
     # -- what crosses a stage's boundaries (parallel/staged_chunked.py) -----------------------
 
@@ -252,7 +256,7 @@ class ChunkedSideways(SidewaysExecutor):
         if drain and pending:
             drained = torch.stack(list(pending)).sum(dim=0)
             pending.clear()
-            count += drain_ticks(self.first + d, self.network_modules, self.fed)
+            count += self.schedule.drain_ticks(self.first + d, self.fed)
             if graph is None:
                 register = self.registers[d]
                 graph = self.graph(d, register.tensor().movedim(2, 0), [register.filled])
@@ -264,6 +268,38 @@ class ChunkedSideways(SidewaysExecutor):
         below = self.vjp(d, graph, messages, count)
         if below is not None:  # messages sent into the drain below wait there, to be summed
             (self.pending_messages[d - 1] if d > 0 else self.sent_down).extend(below)
+
+    def backward_stashed(self, d: int, macro: MacroTick) -> None:
+        """With a stash: module d's messages of ticks [t0, t1) in one VJP, each at the window of
+        the frame it is paired with (``Schedule.paired_frame``), recomputed from the kept inputs:
+        a second forward of those windows, rather than keeping every graph until its message
+        comes (a graph holds several times its inputs). Without routing the module below gets one
+        message per tick; with it, the frames whose messages are complete, as scheduled."""
+        g, schedule, register = self.first + d, self.schedule, self.registers[d]
+        ticks = intersect(schedule.message_ticks(g, self.fed), range(macro.t0, macro.t1))
+        pending = self.pending_messages[d]
+        messages = [pending.popleft() for _ in ticks]
+        wants_input = self.sends_message(d)
+        below = self.pending_messages[d - 1] if d > 0 else self.sent_down
+        if messages:
+            frames = [schedule.paired_frame(g, t, self.fed) for t in ticks]
+            windows, filled = zip(*(register.window_of(frame) for frame in frames))
+            stacked = torch.cat(windows).requires_grad_(wants_input)  # [n*B, C, k, ...]
+            with self.autocast():
+                output = self.model[d].forward_window(stacked)
+            params = self.params[d]
+            grads = torch.autograd.grad(output, params + ([stacked] if wants_input else []),
+                                        grad_outputs=torch.cat(messages), allow_unused=True)
+            self.pseudo.add(d, grads[:len(params)], len(messages))
+            if wants_input and schedule.routes:
+                for frame, slots, n in zip(frames, grads[-1].split(len(messages[0])), filled):
+                    self.routed[d].add(frame, slots, n)
+            elif wants_input:
+                below.extend(sum_filled_slots(grads[-1], list(filled)).split(len(messages[0])))
+        if wants_input and schedule.routes:
+            sends = intersect(schedule.message_ticks(g - 1, self.fed), range(macro.t0 + 1, macro.t1 + 1))
+            below.extend(self.routed[d].take(schedule.message_frame(g - 1, t)) for t in sends)
+        register.forget_before(schedule.oldest_pairing(g, macro.t1, self.fed))
 
     def vjp(self, d: int, graph: Graph, messages: list[torch.Tensor],
             count: int) -> list[torch.Tensor] | None:
@@ -311,7 +347,8 @@ class ChunkedSideways(SidewaysExecutor):
         return {"registers": [r.state() for r in self.registers],
                 "inbox": [[token.state() for token in queue] for queue in self.pending_inputs],
                 "mailbox": [[m.detach() for m in queue] for queue in self.pending_messages],
-                "clock": self.clock, "fed": self.fed, "pseudo": self.pseudo.state_dict()}
+                "clock": self.clock, "fed": self.fed, "pseudo": self.pseudo.state_dict(),
+                "routed": [routed.state_dict() for routed in self.routed]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for register, saved in zip(self.registers, state["registers"], strict=True):
@@ -320,6 +357,8 @@ class ChunkedSideways(SidewaysExecutor):
         self.pending_messages = [deque(queue) for queue in state["mailbox"]]
         self.clock, self.fed = state["clock"], state["fed"]
         self.pseudo.load_state_dict(state["pseudo"])
+        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed))):
+            routed.load_state_dict(saved)  # checkpoints from before the stash have none
 
 
 def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tensor, list[int]]:
@@ -330,7 +369,7 @@ def advance(register: WindowRegister, arrivals: list[Token]) -> tuple[torch.Tens
     how many of each window's newest slots hold a value.
     """
     k = register.k
-    history = list(register.slots)[max(0, register.filled - (k - 1)):]  # the newest k-1 inputs
+    history = register.newest(k - 1)
     values = [token.value for token in history + arrivals]
     padding = [torch.zeros_like(values[0])] * (k - 1 - len(history))
     for token in arrivals:

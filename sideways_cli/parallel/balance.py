@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from sideways_cli.engine.clock import Schedule
 from sideways_cli.engine.losses import CLASSIFY, Objective
 from sideways_cli.engine.registers import Token
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
@@ -85,7 +86,7 @@ def module_rules(model: FrameStack, objective: Objective = CLASSIFY,
     """One one-module chunked executor per module (``first=g`` of the whole network, so that
     module 1 sends no message and the head takes the frame losses), sharing its parameters."""
     return [ChunkedSideways(stage_stack(model, range(g, g + 1)), "continuous", "clip", 1,
-                                objective, autocast, first=g, network_modules=len(model))
+                                objective, autocast, first=g, schedule=Schedule.of(model))
             for g in range(len(model))]
 
 

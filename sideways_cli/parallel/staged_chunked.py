@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from sideways_cli.engine.clock import (BACKWARD, FORWARD, MacroTick, arrivals, messages_sent,
-                                       split_inputs, stage_order)
+from sideways_cli.engine.clock import BACKWARD, FORWARD, MacroTick, Schedule, arrivals, stage_order
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.registers import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, LossSum
@@ -46,21 +45,22 @@ from sideways_cli.support.runtime import Autocast
 
 
 class StagedChunked:
-    """The chunked executor for one stage (``modules`` of a ``network_modules``-module network).
+    """The chunked executor for one stage (``modules`` of the network whose schedule is
+    ``schedule``).
 
     ``specs``: every module's per-clip output frame (shape, dtype), which with the clock gives the
     shape of everything that crosses this stage's boundaries.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
+    def __init__(self, stack: FrameStack, modules: range, schedule: Schedule, ctx: Topology,
                  specs: list[Spec], between_clips: str, chunk: int, objective: Objective,
                  autocast: Autocast):
         self.rule = ChunkedSideways(stack, between_clips, "clip", chunk, objective, autocast,
-                                        first=modules.start, network_modules=network_modules)
-        self.modules, self.network_modules = modules, network_modules
+                                    first=modules.start, schedule=schedule)
+        self.modules, self.schedule = modules, schedule
         self.ctx, self.links = ctx, ctx.links
         self.below, self.above = boundary_specs(specs, modules)
-        self.targets = FrameTargets(objective, network_modules)
+        self.targets = FrameTargets(objective, schedule.modules)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                     apply_update: ApplyUpdate, shape: torch.Size) -> Contribution:
@@ -114,9 +114,8 @@ class StagedChunked:
         return arrivals(self.modules.start - 1, self.rule.fed, macro.t0, macro.t1)
 
     def _messages(self, g: int, macro: MacroTick) -> int:
-        """How many messages network module g sends below in ``macro`` (``schedule.messages_sent``)."""
-        busy = split_inputs(g, self.network_modules, self.rule.fed, macro.t0, macro.t1)[1]
-        return messages_sent(busy, macro, g, self.network_modules)
+        """How many messages network module g sends below in ``macro``."""
+        return self.schedule.messages_sent(g, self.rule.fed, macro)
 
     def _post_activations(self, macro: MacroTick, batch: int) -> PendingReceive | None:
         count = len(self._arrivals_below(macro)) if not self.ctx.is_first else 0

@@ -5,7 +5,7 @@ Within a tick no module depends on another: module d reads what module d-1 wrote
 d+1 sent at the previous tick. So the stages work at once, and what crosses a boundary at tick t
 is needed only at tick t+1: its receive is posted before the tick's compute and waited after it,
 so the transfer overlaps the compute. Both ends of a link know from the clock alone which ticks
-carry a value (``schedule.input_ticks`` and ``message_ticks``), so nothing but the tensors
+carry a value (``clock.input_ticks`` and ``Schedule.message_ticks``), so nothing but the tensors
 themselves is sent. The numbers are those of the single-process :class:`SidewaysRule`: the
 same operations on the same values, only spread over processes.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sideways_cli.engine.clock import batch_ticks, input_ticks, message_ticks
+from sideways_cli.engine.clock import Schedule, input_ticks
 from sideways_cli.engine.losses import Objective
 from sideways_cli.engine.registers import Token, clip_tokens
 from sideways_cli.engine.rule import ApplyUpdate, LossSum
@@ -30,22 +30,22 @@ from sideways_cli.support.runtime import Autocast
 
 
 class StagedSideways:
-    """The tick rule for one stage (``modules`` of a ``network_modules``-module network) and its
-    links.
+    """The tick rule for one stage (``modules`` of the network whose schedule is ``schedule``)
+    and its links.
 
     ``specs``: every module's per-clip output frame (shape, dtype), from which this stage knows
     what arrives at its lower and upper boundaries before any data flows.
     """
 
-    def __init__(self, stack: FrameStack, modules: range, network_modules: int, ctx: Topology,
+    def __init__(self, stack: FrameStack, modules: range, schedule: Schedule, ctx: Topology,
                  specs: list[Spec], between_clips: str, update: str, objective: Objective,
                  autocast: Autocast):
         self.rule = SidewaysRule(stack, between_clips, update, objective, autocast,
-                                 first=modules.start, network_modules=network_modules)
-        self.modules, self.network_modules = modules, network_modules
+                                 first=modules.start, schedule=schedule)
+        self.modules, self.schedule = modules, schedule
         self.ctx, self.links = ctx, ctx.links
         self.below, self.above = boundary_specs(specs, modules)
-        self.targets = FrameTargets(objective, network_modules)
+        self.targets = FrameTargets(objective, schedule.modules)
         self.pending_up: Token | None = None  # what the stage below sent at the last tick
         self.pending_message: torch.Tensor | None = None  # what the stage above sent then
 
@@ -54,7 +54,7 @@ class StagedSideways:
         return tick in input_ticks(g, self.rule.fed)
 
     def _has_message(self, g: int, tick: int) -> bool:
-        return tick in message_ticks(g, self.network_modules, self.rule.fed)
+        return tick in self.schedule.message_ticks(g, self.rule.fed)
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                     apply_update: ApplyUpdate, shape: torch.Size) -> Contribution:
@@ -70,7 +70,7 @@ class StagedSideways:
         tokens = clip_tokens(clips, [None] * frames, first_frame) if self.ctx.is_first else []
         if self.ctx.is_last:
             self.targets.keep(clips, labels, shape, first_frame, rule.clock)
-        ticks = batch_ticks(frames, self.network_modules, rule.between_clips)
+        ticks = self.schedule.batch_ticks(frames, rule.between_clips)
         losses, flushes = LossSum(), []
         for i in range(ticks):
             tick = rule.clock

@@ -211,4 +211,4 @@ def make_lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torc
 def rule_for(cfg: Config, model: FrameStack, autocast: Autocast) -> GradientRule:
     """The training rule ``cfg`` asks for over the whole ``model`` in this process."""
     return make_rule(cfg.mode, model, cfg.sideways.between_clips, cfg.sideways.update,
-                     cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast)
+                     cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast, cfg.sideways.stash)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sideways_cli.config import Config
-from sideways_cli.engine.clock import runs_chunked
+from sideways_cli.engine.clock import Schedule, runs_chunked
 from sideways_cli.engine.fidelity import gradient_fidelity
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.engine.rule import BatchStats
@@ -50,7 +50,7 @@ class StageLearner:
         device = topology.device
         self.autocast = forward_autocast(device, cfg.amp)
         model = network.to(device)
-        self.network_modules = len(model)
+        self.schedule = Schedule.of(model, cfg.sideways.stash)  # the whole network's
         sizes = agreed_stage_sizes(cfg, topology, model) if topology.stages > 1 else [len(model)]
         ranges = stage_ranges(sizes)
         self.modules = ranges[topology.stage]
@@ -74,7 +74,7 @@ class StageLearner:
             if self.ddp:  # BP's gradients averaged during its backward pass
                 trained = DistributedDataParallel(self.stack, process_group=topology.across.group)
             return rule_for(cfg, trained, self.autocast)
-        stage = (self.stack, self.modules, self.network_modules, topology, specs,
+        stage = (self.stack, self.modules, self.schedule, topology, specs,
                  cfg.sideways.between_clips)
         if cfg.mode == "sideways" and runs_chunked(cfg.sideways.update, cfg.sideways.chunk):
             return StagedChunked(*stage, cfg.sideways.chunk, self.objective, self.autocast)
@@ -174,7 +174,7 @@ class StageLearner:
         (``engine/fidelity.py``), with neither rule stepping; the whole network (one stage). The
         training goes on as without it: between steps no ``.grad`` is set (the rule keeps what it
         carries across batches in its own registers), and the measurement leaves none."""
-        return gradient_fidelity(self.stack, clips, labels, self.objective)
+        return gradient_fidelity(self.stack, clips, labels, self.objective, self.cfg.sideways.stash)
 
     def evaluated(self, evaluate: Callable[[CausalNetwork], dict[str, float]]) -> dict[str, float]:
         """The metrics ``evaluate(network)`` computes on the first stage, with the network as the
