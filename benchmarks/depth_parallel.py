@@ -16,7 +16,10 @@ repeats of each setting's frames/s (random clips, the preset's model, AdamW, no 
   and ``continuous`` (no stage waits for another within a tick: the depth parallelism of
   docs/sideways.md);
 * BP: one process (one and two threads), and pipelined over the same 2 stages with
-  torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``).
+  torch.distributed.pipelining's GPipe and 1F1B schedules (``parallel.microbatches``);
+* Sideways with ``sideways.stash: full`` (chunk 8, ``reset``), P = 1 and P = 2: BP's gradients,
+  depth-parallel. At P = 2, with GPipe-BP and 1F1B-BP over the same stages, the three exact
+  trainers side by side.
 
 The throughput models (``sideways_cli/parallel/throughput_model.py``) predict the one-thread
 Sideways rows: the chunked executor's from per-module macro-tick costs measured in this run (alone
@@ -36,7 +39,7 @@ import torch.distributed as dist
 
 from common import PRESET, emit, interleaved_arguments, spawn_two
 from sideways_cli.config import load_config
-from sideways_cli.engine import make_rule
+from sideways_cli.engine import Schedule, make_rule
 from sideways_cli.engine.losses import CLASSIFY
 from sideways_cli.parallel.balance import measure_module_costs, partition
 from sideways_cli.parallel.pipelined_bp import PipelinedBackprop
@@ -67,17 +70,20 @@ SETTINGS = {
     "bp, 2 threads": ("bp", 1, 2, None, None),
     "gpipe-bp P=2": ("gpipe", 2, 1, None, None),
     "1f1b-bp P=2": ("1f1b", 2, 1, None, None),
+    **{f"sideways stash full chunk 8 P={p}": ("sideways", p, 1, "reset", 8) for p in (1, 2)},
 }
+STASH = {name: "full" for name in SETTINGS if "stash full" in name}  # the others: stash 0
 
 
 def build(cfg, rank: int, setting: str, sizes: list[int], topology: Topology):
     """A fresh network (same seed for all), this rank's stage of it, its optimizer and rule."""
     kind, stages, _, between_clips, chunk = SETTINGS[setting]
     model = build_network(cfg, 10)
+    stash = STASH.get(setting, 0)
     if stages == 1:
         optimizer = make_optimizer(cfg.train, model)
         rule = make_rule("sideways" if kind == "sideways" else "bp", model, between_clips or "reset",
-                         chunk=chunk or 1)
+                         chunk=chunk or 1, stash=stash)
         return rule, optimizer
     modules = stage_ranges(sizes)[rank]
     stack = stage_stack(model, modules)
@@ -85,11 +91,11 @@ def build(cfg, rank: int, setting: str, sizes: list[int], topology: Topology):
     if kind == "sideways":
         specs = output_specs(model, (3, cfg.data.size, cfg.data.size))
         if chunk > 1:
-            rule = StagedChunked(stack, modules, len(model), topology, specs, between_clips, chunk,
-                                     CLASSIFY, nullcontext)
+            rule = StagedChunked(stack, modules, Schedule.of(model, stash), topology, specs,
+                                 between_clips, chunk, CLASSIFY, nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), topology, specs, between_clips, "clip",
-                                  CLASSIFY, nullcontext)
+            rule = StagedSideways(stack, modules, Schedule.of(model, stash), topology, specs,
+                                  between_clips, "clip", CLASSIFY, nullcontext)
     else:
         rule = PipelinedBackprop(stack, rank, stages, kind, cfg.parallel.microbatches, CLASSIFY,
                                  torch.device("cpu"))
@@ -157,7 +163,7 @@ def best(fps: dict[str, float], stages: int, between_clips: str) -> tuple[str, f
     """The fastest chunked Sideways setting with ``stages`` stages, one thread, ``between_clips``."""
     names = [name for name, (kind, p, threads, mode, chunk) in SETTINGS.items()
              if kind == "sideways" and p == stages and threads == 1 and mode == between_clips and chunk > 1
-             and name != SIDE_BY_SIDE]
+             and name != SIDE_BY_SIDE and name not in STASH]
     name = max(names, key=fps.__getitem__)
     return name, fps[name]
 
@@ -176,6 +182,11 @@ def ratios(fps: dict[str, float]) -> dict[str, float]:
                                                     / fps[f"sideways chunk {c} P=1{suffix}"])
         out[f"chunk {c}, fill and drain at P=2: reset / continuous"] = (
             fps[f"sideways chunk {c} P=2"] / fps[f"sideways chunk {c} P=2 continuous"])
+    for bp in ("gpipe-bp P=2", "1f1b-bp P=2"):  # the exact trainers over the same two stages
+        out[f"exact: sideways stash full chunk 8 P=2 / {bp}"] = (
+            fps["sideways stash full chunk 8 P=2"] / fps[bp])
+    out["stash full chunk 8: P=2 / P=1"] = (fps["sideways stash full chunk 8 P=2"]
+                                          / fps["sideways stash full chunk 8 P=1"])
     for suffix in ("", " continuous"):
         out[f"tick rule{suffix}: P=2 / P=1"] = (fps[f"sideways tick rule P=2{suffix}"]
                                                / fps[f"sideways tick rule P=1{suffix}"])
@@ -214,7 +225,7 @@ def main() -> None:
     b, t = cfg.data.batch_size, cfg.data.clip_len
     predicted = {}
     for name, (kind, stages, threads, between_clips, chunk) in SETTINGS.items():
-        if kind != "sideways" or threads != 1 or name == SIDE_BY_SIDE:
+        if kind != "sideways" or threads != 1 or name == SIDE_BY_SIDE or name in STASH:
             continue
         if chunk == 1:
             predicted[name] = predict(costs, stages, link, b, t, between_clips, cores=2).frames_per_s

@@ -23,7 +23,7 @@ from cli_helpers import invoke
 from nccl_replay import load_traces, recording, replay
 from optimizer_helpers import STEPS as ENGINE_STEPS, stepper
 from sideways_cli.config import load_config
-from sideways_cli.engine import make_rule
+from sideways_cli.engine import Schedule, make_rule
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.parallel.links import Links
 from sideways_cli.parallel.staged_chunked import StagedChunked
@@ -37,7 +37,7 @@ from tracked import tensorboard_scalars
 # -- the engine: P stages against the single-process engine with the same settings ------------------
 # float64 over several steps of every optimizer: what is compared is the computation, not round-off
 
-CASES = {  # name -> (between_clips, update, chunk, task, modules per stage)
+CASES = {  # name -> (between_clips, update, chunk, task, modules per stage[, sideways.stash])
     "reset": ("reset", "clip", 1, "classify", [2, 2]),
     "continuous": ("continuous", "clip", 1, "classify", [2, 2]),
     "every 3 ticks": ("reset", "every 3 ticks", 1, "classify", [1, 3]),
@@ -50,11 +50,25 @@ CASES = {  # name -> (between_clips, update, chunk, task, modules per stage)
     "continuous chunk 8": ("continuous", "clip", 8, "classify", [2, 2]),
     "reset chunk 16": ("reset", "clip", 16, "classify", [2, 2]),  # more than a batch's ticks
     "reconstruct chunk 4": ("continuous", "clip", 4, "reconstruct", [2, 2]),
+    # the staleness dial: routed messages (k = 3) and kept inputs across the boundary
+    "stash full": ("reset", "clip", 1, "classify", [2, 2], "full"),
+    "stash full, chunk 3": ("reset", "clip", 3, "classify", [1, 3], "full"),
+    "stash full, continuous chunk 4": ("continuous", "clip", 4, "classify", [2, 2], "full"),
+    "stash 2, every 3 ticks": ("reset", "every 3 ticks", 1, "classify", [1, 3], 2),
+    "stash 3, continuous chunk 2": ("continuous", "clip", 2, "classify", [3, 1], 3),
 }
 THREE_STAGE_CASES = {  # a middle stage runs one forward ahead of the last
     "3 stages, reset chunk 2": ("reset", "clip", 2, "classify", [1, 2, 1]),
     "3 stages, continuous chunk 3": ("continuous", "clip", 3, "classify", [2, 1, 1]),
+    "3 stages, stash full": ("reset", "clip", 1, "classify", [1, 2, 1], "full"),
+    "3 stages, stash full, chunk 2": ("reset", "clip", 2, "classify", [2, 1, 1], "full"),
 }
+
+
+def case_settings(case: str) -> tuple:
+    """(between_clips, update, chunk, task, modules per stage, stash)."""
+    settings = {**CASES, **THREE_STAGE_CASES}[case]
+    return settings if len(settings) == 6 else (*settings, 0)
 SPAWN_OPTIMIZERS = ["sgd-nesterov", "adamw"]  # plain SGD has no state a step could carry wrongly
 
 
@@ -73,18 +87,19 @@ def stage_process(rank: int, out: str, cases: dict, stages: int) -> None:
     torch.set_num_threads(1)
     spawned.join(rank, stages, f"{out}/rendezvous-{stages}")
     topology = make_topology(1, stages, torch.device("cpu"), 30)
-    for (case, (between_clips, update, chunk, task, sizes)), optimizer in itertools.product(
-            cases.items(), SPAWN_OPTIMIZERS):
+    for case, optimizer in itertools.product(cases, SPAWN_OPTIMIZERS):
+        between_clips, update, chunk, task, sizes, stash = case_settings(case)
         model = network(task)
+        schedule = Schedule.of(model, stash)
         modules = stage_ranges(sizes)[rank]
         stack = stage_stack(model, modules)
         last = topology.is_last
         specs = output_specs(model, (3, 16, 16))
         if chunk > 1:
-            rule = StagedChunked(stack, modules, len(model), topology, specs, between_clips, chunk,
-                                     OBJECTIVES[task], nullcontext)
+            rule = StagedChunked(stack, modules, schedule, topology, specs, between_clips, chunk,
+                                 OBJECTIVES[task], nullcontext)
         else:
-            rule = StagedSideways(stack, modules, len(model), topology, specs, between_clips, update,
+            rule = StagedSideways(stack, modules, schedule, topology, specs, between_clips, update,
                                   OBJECTIVES[task], nullcontext)
         apply_update, schedule_step = stepper(optimizer, stack)
         stats = []
@@ -117,9 +132,9 @@ def staged(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("optimizer", SPAWN_OPTIMIZERS)
 @pytest.mark.parametrize("case", list(CASES) + list(THREE_STAGE_CASES))
 def test_stages_give_the_single_process_numbers(case, optimizer, staged, one_thread):
-    between_clips, update, chunk, task, sizes = {**CASES, **THREE_STAGE_CASES}[case]
+    between_clips, update, chunk, task, sizes, stash = case_settings(case)
     model = network(task)
-    rule = make_rule("sideways", model, between_clips, update, chunk, OBJECTIVES[task])
+    rule = make_rule("sideways", model, between_clips, update, chunk, OBJECTIVES[task], stash=stash)
     apply_update, schedule_step = stepper(optimizer, model)
     expected = []
     for clips, labels in batches():

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from sideways_cli.engine import BackpropRule, SidewaysRule
+from sideways_cli.engine import BackpropRule, Schedule, SidewaysRule
 from sideways_cli.engine.sideways_chunked import ChunkedSideways
 from sideways_cli.models import FrameStack
 from tiny import random_clips, tiny_network
@@ -20,6 +20,13 @@ RULES = {
                                                              update="every 4 ticks"),
     "chunked, continuous": lambda m: ChunkedSideways(m, between_clips="continuous", chunk=4),
     "chunked, reset": lambda m: ChunkedSideways(m, between_clips="reset", chunk=4),
+    # the staleness dial: kept inputs and routed messages carried over
+    "tick, continuous, stash full": lambda m: SidewaysRule(m, between_clips="continuous",
+                                                          schedule=Schedule.of(m, "full")),
+    "tick, every 3 ticks, stash 2": lambda m: SidewaysRule(m, update="every 3 ticks",
+                                                          schedule=Schedule.of(m, 2)),
+    "chunked, continuous, stash full": lambda m: ChunkedSideways(m, between_clips="continuous", chunk=3,
+                                                                 schedule=Schedule.of(m, "full")),
     "bp": BackpropRule,
 }
 

@@ -1,0 +1,199 @@
+"""The staleness dial (sideways.stash): ``full`` gives BP's weights step after step, in float64,
+for every zoo network, with temporal windows and without, a torchvision adapter, the tick rule
+and the chunked executor (2 and 3 stages: test_depth_parallel.py); the schedule's extra ticks are
+the ones stated; every module still works on every tick; and in between, the dial moves the
+pseudo-gradient towards BP's."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from optimizer_helpers import STEPS, stepper
+from sideways_cli.engine import BackpropRule, ChunkedSideways, Schedule, SidewaysRule, make_rule
+from sideways_cli.analyses.fidelity import mean_below_head
+from sideways_cli.engine.fidelity import gradient_fidelity
+from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.models import FrameStack
+from tiny import random_clips, tiny_network
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+NETWORKS = ["c3d", "resnet18", "vgg", "autoencoder"]
+EXECUTORS = {  # name -> the rule with stash: full
+    "tick rule": lambda m, objective: SidewaysRule(m, objective=objective,
+                                                   schedule=Schedule.of(m, "full")),
+    "chunk 4": lambda m, objective: ChunkedSideways(m, chunk=4, objective=objective,
+                                                    schedule=Schedule.of(m, "full")),
+}
+
+
+def task(name: str) -> str:
+    return "reconstruct" if name == "autoencoder" else "classify"
+
+
+def network(name: str, k: int) -> FrameStack:
+    # c3d at depth 3 (D = 4) and the autoencoder at 2 levels keep the float64 passes small
+    options = {"c3d": {"depth": 3}, "autoencoder": {"levels": 2}}.get(name, {})
+    return tiny_network(name, k, **options)
+
+
+def train(model: FrameStack, rule, optimizer: str, frames: int = 7,
+          steps: int = STEPS) -> list[torch.Tensor]:
+    """Every parameter after each batch, flattened into one vector per step."""
+    apply_update, schedule_step = stepper(optimizer, model)
+    after = []
+    for clips, labels in random_clips(steps, frames, dtype=torch.float64):
+        rule.train_batch(clips, labels, apply_update)
+        schedule_step()
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return after
+
+
+@functools.cache
+def backprop(name: str, k: int, optimizer: str) -> tuple[torch.Tensor, ...]:
+    model = network(name, k)
+    return tuple(train(model, BackpropRule(model, OBJECTIVES[task(name)]), optimizer))
+
+
+def assert_same_weights(actual: list[torch.Tensor], expected: tuple[torch.Tensor, ...]) -> None:
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert not torch.equal(want, expected[0]) or step == 0  # BP did train
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+@pytest.mark.parametrize("optimizer", ["sgd-nesterov", "adamw"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_stash_full_trains_the_weights_bp_trains(name, k, optimizer, executor):
+    model = network(name, k)
+    rule = EXECUTORS[executor](model, OBJECTIVES[task(name)])
+    assert_same_weights(train(model, rule, optimizer), backprop(name, k, optimizer))
+
+
+@pytest.mark.slow  # seconds per float64 step
+def test_stash_full_trains_a_torchvision_video_network_as_bp():
+    """R3D-18 adapted to frame steps: residual stages of 3 x 3 x 3 convolutions (k = 9 each)."""
+    from sideways_cli.run.build import build_network, resolve_config
+
+    cfg = resolve_config(None, ["model.name=torchvision:r3d_18", "model.norm=frozen",
+                                "precision=float64"])
+
+    def fresh() -> FrameStack:
+        torch.manual_seed(0)
+        return build_network(cfg, 5)
+
+    assert max(fresh().windows) > 1
+    bp_model, sw_model = fresh(), fresh()
+    expected = tuple(train(bp_model, BackpropRule(bp_model), "adamw", frames=3, steps=3))
+    actual = train(sw_model, make_rule("sideways", sw_model, chunk=2, stash="full"), "adamw",
+                   frames=3, steps=3)
+    assert_same_weights(actual, expected)
+
+
+def test_a_stash_as_deep_as_every_message_is_old_pairs_exactly_without_routing():
+    """Per-frame modules (k = 1) have nothing to route: a stash of 2(D-1) frames is ``full``;
+    one frame less leaves the bottom module's pairing stale, and so its gradient."""
+    model = network("vgg", 1)
+    depth = 2 * (len(model) - 1)
+    clips, labels = random_clips(1, depth + 4, dtype=torch.float64)[0]  # longer than the fill
+
+    def gradients(stash) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        make_rule("sideways", model, stash=stash).train_batch(clips, labels, lambda: None)
+        return [p.grad.clone() for p in model.parameters()]
+
+    full = gradients("full")
+    torch.testing.assert_close(gradients(depth), full, rtol=1e-12, atol=0)
+    short = gradients(depth - 1)
+    assert not torch.allclose(short[0], full[0], rtol=1e-6)  # the bottom module's first weight
+    torch.testing.assert_close(short[-1], full[-1], rtol=1e-12, atol=0)  # the head's is exact
+
+
+def test_the_schedule_states_the_longer_drain():
+    """Routing delays a frame's message at module g by the windows above it: a reset batch takes
+    T + (D-1) + sum of k_g over the modules above the first, against Sideways' T + 2(D-1)."""
+    model = network("c3d", 3)
+    windows = model.windows  # [3, 3, 3, 1]
+    sideways, full = Schedule.of(model), Schedule.of(model, "full")
+    assert sideways.batch_ticks(7, "reset") == 7 + 2 * 3
+    assert full.batch_ticks(7, "reset") == 7 + 3 + sum(windows[1:])
+    assert full.batch_ticks(7, "reset") - sideways.batch_ticks(7, "reset") == sum(k - 1 for k in windows[1:])
+    assert full.batch_ticks(7, "continuous") == 7
+    assert [full.stash_depth(g) for g in range(4)] == [10, 6, 2, 0]  # c_g - g
+    assert [Schedule.of(model, 2).stash_depth(g) for g in range(4)] == [2, 2, 2, 0]
+
+
+@pytest.mark.parametrize("stash", [0, 2, "full"])
+def test_every_module_does_one_forward_and_one_vjp_a_tick(stash):
+    """Depth parallelism is kept: module g's backward ticks are one run of T ticks, its forward
+    ticks another, every tick at most one of each; the batch takes Schedule.batch_ticks."""
+    model = network("c3d", 3)
+    rule = SidewaysRule(model, schedule=Schedule.of(model, stash))
+    backward_ticks: list[list[int]] = [[] for _ in model.stack]
+    step = rule.backward_module
+
+    def counted(d: int, message: torch.Tensor):
+        backward_ticks[d].append(rule.clock)
+        return step(d, message)
+
+    rule.backward_module = counted
+    clips, labels = random_clips(1, 7, dtype=torch.float64)[0]
+    rule.train_batch(clips, labels, lambda: None)
+    assert rule.clock == rule.schedule.batch_ticks(7, "reset")
+    for g, ticks in enumerate(backward_ticks):
+        assert ticks == list(rule.schedule.message_ticks(g, 7))
+
+
+def test_the_stash_keeps_as_many_inputs_whatever_the_clip_length():
+    """Kept inputs are dropped once no message can meet them: between ticks module g keeps
+    stash_depth(g) + k - 1 inputs, however long the clip (memory flat in T,
+    benchmarks/memory_vs_clip_length.py)."""
+    model = network("c3d", 3)
+    schedule = Schedule.of(model, "full")
+    kept = []
+    for frames in (16, 48):
+        rule = SidewaysRule(model, schedule=schedule)
+        most = [0] * len(model)
+        kept.append(most)
+        tick = rule.tick
+
+        def watched(frame, message=None, rule=rule, tick=tick, most=most):
+            loss = tick(frame, message)
+            for d, register in enumerate(rule.registers.windows):
+                most[d] = max(most[d], len(register.slots))
+            return loss
+
+        rule.tick = watched
+        clips, labels = random_clips(1, frames, dtype=torch.float64)[0]
+        rule.train_batch(clips, labels, lambda: None)
+    assert kept[0] == kept[1] == [schedule.stash_depth(g) + k - 1 for g, k in enumerate(model.windows)]
+
+
+@pytest.mark.parametrize("video", ["smooth", "strided"])
+def test_the_dial_moves_the_pseudo_gradient_towards_bps(video):
+    """Along the dial (0, 2, 4, 8, full) the mismatch it closes shrinks: the mean over the modules
+    below the head of the cosine between what a message gives at the window it meets and at its
+    own frame's does not fall, on smooth video and on the same video taken every 3rd frame; at
+    ``full`` both it and the whole batch's cosine with BP are 1 for every module. (The whole
+    batch's cosine of one module of a random network need not rise at every step of the dial:
+    it sums messages over the clip.)"""
+    torch.manual_seed(0)
+    # a smooth image drifting one pixel per frame
+    image = torch.nn.functional.interpolate(torch.randn(2, 3, 8, 10, dtype=torch.float64),
+                                            size=(64, 80), mode="bicubic", align_corners=False)
+    drifting = torch.stack([image[..., t:t + 16, t:t + 16] for t in range(48)], dim=2)
+    clips = drifting[:, :, ::3] if video == "strided" else drifting[:, :, :16]
+    model = network("vgg", 1)
+    dial = (0, 2, 4, 8, "full")
+    rows = {stash: gradient_fidelity(model, clips, torch.tensor([1, 3]), stash=stash) for stash in dial}
+    means = [mean_below_head(rows[stash], "tick_cosine") for stash in dial]
+    assert means == sorted(means), means
+    assert means[0] < 0.5  # a gap to close: the video moves
+    for row in rows["full"]:
+        assert row["cosine"] == pytest.approx(1, abs=1e-12)
+        assert row["tick_cosine"] == pytest.approx(1, abs=1e-12)
+    assert mean_below_head(rows["full"]) > mean_below_head(rows[0])
