@@ -20,10 +20,14 @@ from sideways_cli.engine import make_rule
 from sideways_cli.run.build import build_network
 
 PRESET = Path(__file__).resolve().parents[1] / "experiments" / "synthetic.yaml"
-RULES = {  # name -> (mode, chunk)
-    "bp": ("bp", 1),
-    "sideways-tick": ("sideways", 1),
-    "sideways": ("sideways", None),  # the preset's chunk
+DEPTH = "D"  # a stash as deep as the network has modules
+RULES = {  # name -> (mode, chunk, sideways.stash)
+    "bp": ("bp", 1, 0),
+    "sideways-tick": ("sideways", 1, 0),
+    "sideways": ("sideways", None, 0),  # the preset's chunk
+    # the staleness dial: messages paired with kept activations, recomputed (docs/sideways.md)
+    "sideways-stash-D": ("sideways", None, DEPTH),
+    "sideways-stash-full": ("sideways", None, "full"),
 }
 
 
@@ -34,9 +38,14 @@ def default_setup(overrides: list[str] | None = None):
 
 def rule_for(name: str, cfg, model, chunk: int | None = None):
     """The rule ``name`` of :data:`RULES` on ``model``; ``chunk`` replaces a Sideways rule's."""
-    mode, own_chunk = RULES[name]
+    mode, own_chunk, stash = RULES[name]
     return make_rule(mode, model, cfg.sideways.between_clips, cfg.sideways.update,
-                     chunk or own_chunk or cfg.sideways.chunk)
+                     chunk or own_chunk or cfg.sideways.chunk, stash=stash_of(stash, model))
+
+
+def stash_of(stash, model) -> int | str:
+    """A :data:`RULES` stash as the engine takes it: :data:`DEPTH` is the model's module count."""
+    return len(model) if stash == DEPTH else stash
 
 
 def random_batch(cfg, clip_len: int | None = None, seed: int = 0):

@@ -1,4 +1,5 @@
-"""Peak memory vs clip length for BP and Sideways (docs/sideways.md, property 6): the training step,
+"""Peak memory vs clip length for BP, Sideways and its staleness dial (stash D and full; docs/sideways.md,
+property 6 and "The staleness dial"): the training step,
 and the whole ``sideways train`` process as a user or a cluster scheduler sees it.
 
     python benchmarks/memory_vs_clip_length.py [--lengths 16,64,128] [--repeats 3] [--only step|whole]
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from common import PRESET, RULES, default_setup, emit, median, random_batch, rule_for
+from common import PRESET, RULES, default_setup, emit, median, random_batch, rule_for, stash_of
 from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.support.memory import PeakMemory, fresh_process_env
 
-MODES = ("bp", "sideways")
+# a whole run's settings: name -> (--mode, sideways.stash)
+WHOLE_RUNS = {name: (mode, stash) for name, (mode, chunk, stash) in RULES.items() if chunk is None or mode == "bp"}
 
 
 def measure_one(rule_name: str, clip_len: int) -> float:
@@ -100,19 +102,21 @@ def whole_table(lengths: list[int], repeats: int, json_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="sideways-memory-") as tmp:
         settings = whole_run_settings(Path(tmp) / "data", max(lengths))
         resolve_dataset(load_config(PRESET, settings).data, progress=False)  # not part of any run
-        peaks: dict[str, dict[int, list[float]]] = {m: {t: [] for t in lengths} for m in MODES}
+        _, model = default_setup()
+        peaks: dict[str, dict[int, list[float]]] = {r: {t: [] for t in lengths} for r in WHOLE_RUNS}
         for _ in range(repeats):  # interleaved: machine noise hits every point alike
-            for mode in MODES:
+            for run, (mode, stash) in WHOLE_RUNS.items():
+                stashed = settings + [f"sideways.stash={stash_of(stash, model)}"]
                 for t in lengths:
-                    peaks[mode][t].append(max_rss_of_train(mode, t, settings, Path(tmp) / "run"))
+                    peaks[run][t].append(max_rss_of_train(mode, t, stashed, Path(tmp) / "run"))
     medians = {m: {t: median(v) for t, v in by_t.items()} for m, by_t in peaks.items()}
     first, last = lengths[0], lengths[-1]
     rows = [[m] + [medians[m][t] for t in lengths]
             + [medians[m][last] / medians[m][first], medians[m][last] / medians["bp"][last]]
-            for m in MODES]
+            for m in WHOLE_RUNS]
     emit("maximum resident set (MiB) of a whole `sideways train` run (2 steps, evaluation, "
          "checkpoint) vs clip length",
-         ["mode"] + [f"T={t}" for t in lengths] + [f"T={last} / T={first}", f"x BP at T={last}"],
+         ["run"] + [f"T={t}" for t in lengths] + [f"T={last} / T={first}", f"x BP at T={last}"],
          rows, {"preset": PRESET.name, "runs": peaks, "median_mb": medians},
          json_dir / "memory_whole_process.json")
 

@@ -1,4 +1,5 @@
-"""docs/sideways.md property 6: Sideways peak memory does not grow with clip length; BP's does."""
+"""docs/sideways.md property 6: Sideways peak memory does not grow with clip length; BP's does; nor
+does that of sideways.stash: full, which trains BP's weights."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_vs_clip_le
 # step (what the steps hold, not the first step's one-time allocations). With fresh_process_env's
 # malloc setting every large block goes back to the system when freed, so no step's memory hides
 # a later one's growth; the rules that hold least go first.
-POINTS = {"sideways-tick": (16, 96), "sideways": (48, 192), "bp": (16, 96)}
+POINTS = {"sideways-tick": (16, 96), "sideways": (48, 192), "sideways-stash-full": (48, 192),
+          "bp": (16, 96)}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,10 @@ def test_bp_memory_grows_with_clip_length(peaks):
 # The tick rule holds one window per module from the first frame on. The preset's batched executor
 # (chunk 8) holds up to `chunk` windows per module; a short clip never fills a whole macro tick, so
 # its peak ramps up to that bound over the first ~2(D-1) + 2 x chunk frames and is flat after it.
-@pytest.mark.parametrize("rule, short, long", [("sideways-tick", 16, 96), ("sideways", 48, 192)])
+# stash: full keeps each module's inputs of as many frames as its messages are old (the schedule's
+# depth, whatever the clip length) and recomputes the windows its messages meet
+@pytest.mark.parametrize("rule, short, long", [("sideways-tick", 16, 96), ("sideways", 48, 192),
+                                               ("sideways-stash-full", 48, 192)])
 def test_sideways_memory_is_flat_in_clip_length(peaks, rule, short, long):
     assert peaks[rule, long] < 1.1 * peaks[rule, short] + 4
     assert peaks[rule, long] < 0.3 * peaks["bp", 96]  # BP on a clip as long, or half as long
