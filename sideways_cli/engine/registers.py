@@ -95,6 +95,15 @@ class WindowRegister:
         values = [token.value for token in list(self.slots)[max(0, end - self.k):end]]
         return stack_window(values, self.k), len(values)
 
+    def sequence(self, first: int, stop: int) -> torch.Tensor:
+        """[B, C, stop - first, ...]: the inputs of frames ``first`` ... ``stop - 1`` in time
+        order, zeros for the frames before the first (negative: a clip's causal padding)."""
+        kept = [token.value for token in self.slots if first <= token.frame < stop]
+        missing = stop - first - len(kept)
+        if missing > max(0, -first):
+            raise RuntimeError(f"frames {first}..{stop - 1}: an input is no longer kept (a stash bug)")
+        return stack_window(kept, stop - first)
+
     def forget_before(self, frame: int) -> None:
         """Drop the inputs no window still needed starts with: those older than ``frame``'s
         window."""

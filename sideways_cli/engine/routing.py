@@ -20,14 +20,14 @@ class RoutedMessages:
     def __init__(self) -> None:
         self.by_frame: dict[int, torch.Tensor] = {}
 
-    def add(self, frame: int, slots: torch.Tensor, filled: int) -> None:
-        """The gradients [B, C, k, ...] of the window whose newest input is ``frame``'s; its
-        ``filled`` newest slots hold inputs (the others are padding: no frame to route to)."""
-        k = slots.shape[2]
-        for j in range(k - filled, k):
-            owner = frame - (k - 1) + j
-            grad = slots[:, :, j]
-            self.by_frame[owner] = grad if owner not in self.by_frame else self.by_frame[owner] + grad
+    def add(self, first: int, grads: torch.Tensor) -> None:
+        """The gradients [B, C, n, ...] of the inputs of frames ``first`` ... ``first + n - 1``: a
+        window's slots, or a time sequence's frames. Frames before the first (negative: the zero
+        padding of a clip's first windows) have no message."""
+        for i, grad in enumerate(grads.unbind(2)):
+            frame = first + i
+            if frame >= 0:
+                self.by_frame[frame] = grad if frame not in self.by_frame else self.by_frame[frame] + grad
 
     def take(self, frame: int) -> torch.Tensor:
         """Frame ``frame``'s message: the schedule sends it once every window reading it has

@@ -253,7 +253,7 @@ class SidewaysRule(SidewaysExecutor):
         if not wants_input:
             return None
         if self.schedule.routes:
-            self.routed[d].add(frame, grads[-1], step.filled)
+            self.routed[d].add(frame - step.window.shape[2] + 1, grads[-1])
             return None
         # every filled slot stands for "the same" input under smoothness: sum their gradients
         return grads[-1][:, :, step.window.shape[2] - step.filled:].sum(dim=2)
@@ -298,5 +298,5 @@ class SidewaysRule(SidewaysExecutor):
         self.pseudo.load_state_dict(state["pseudo"])
         self.ticks_since_update = state["ticks_since_update"]
         self.clock, self.fed = state["clock"], state["fed"]
-        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed))):
+        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed)), strict=True):
             routed.load_state_dict(saved)  # checkpoints from before the stash have none

@@ -270,36 +270,63 @@ class ChunkedSideways(SidewaysExecutor):
             (self.pending_messages[d - 1] if d > 0 else self.sent_down).extend(below)
 
     def backward_stashed(self, d: int, macro: MacroTick) -> None:
-        """With a stash: module d's messages of ticks [t0, t1) in one VJP, each at the window of
-        the frame it is paired with (``Schedule.paired_frame``), recomputed from the kept inputs:
-        a second forward of those windows, rather than keeping every graph until its message
-        comes (a graph holds several times its inputs). Without routing the module below gets one
-        message per tick; with it, the frames whose messages are complete, as scheduled."""
-        g, schedule, register = self.first + d, self.schedule, self.registers[d]
+        """With a stash: module d's messages of ticks [t0, t1), each at the window of the frame it
+        is paired with (``Schedule.paired_frame``), recomputed from the kept inputs: a second
+        forward of those windows, rather than keeping every graph until its message comes (a
+        graph holds several times its inputs). ``full`` (:meth:`backward_routed`) sends the
+        module below the frames whose messages are complete, as scheduled; a stash of N ticks
+        (:meth:`backward_paired`), one message per tick."""
+        g, schedule = self.first + d, self.schedule
         ticks = intersect(schedule.message_ticks(g, self.fed), range(macro.t0, macro.t1))
         pending = self.pending_messages[d]
         messages = [pending.popleft() for _ in ticks]
-        wants_input = self.sends_message(d)
         below = self.pending_messages[d - 1] if d > 0 else self.sent_down
-        if messages:
-            frames = [schedule.paired_frame(g, t, self.fed) for t in ticks]
-            windows, filled = zip(*(register.window_of(frame) for frame in frames))
-            stacked = torch.cat(windows).requires_grad_(wants_input)  # [n*B, C, k, ...]
-            with self.autocast():
-                output = self.model[d].forward_window(stacked)
-            params = self.params[d]
-            grads = torch.autograd.grad(output, params + ([stacked] if wants_input else []),
-                                        grad_outputs=torch.cat(messages), allow_unused=True)
-            self.pseudo.add(d, grads[:len(params)], len(messages))
-            if wants_input and schedule.routes:
-                for frame, slots, n in zip(frames, grads[-1].split(len(messages[0])), filled):
-                    self.routed[d].add(frame, slots, n)
-            elif wants_input:
-                below.extend(sum_filled_slots(grads[-1], list(filled)).split(len(messages[0])))
-        if wants_input and schedule.routes:
-            sends = intersect(schedule.message_ticks(g - 1, self.fed), range(macro.t0 + 1, macro.t1 + 1))
-            below.extend(self.routed[d].take(schedule.message_frame(g - 1, t)) for t in sends)
-        register.forget_before(schedule.oldest_pairing(g, macro.t1, self.fed))
+        if schedule.routes:
+            if messages:
+                self.backward_routed(d, schedule.message_frame(g, ticks.start), messages)
+            if self.sends_message(d):
+                sends = intersect(schedule.message_ticks(g - 1, self.fed), range(macro.t0 + 1, macro.t1 + 1))
+                below.extend(self.routed[d].take(schedule.message_frame(g - 1, t)) for t in sends)
+        elif messages:
+            below.extend(self.backward_paired(d, ticks, messages))
+        self.registers[d].forget_before(schedule.oldest_pairing(g, macro.t1, self.fed))
+
+    def backward_paired(self, d: int, ticks: range, messages: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A stash of N ticks: each message at its paired window, one batch entry per window (a
+        window may meet several messages in the drain); the messages for the module below, one
+        per tick, each its window's filled slots summed (none for module 1)."""
+        g = self.first + d
+        frames = [self.schedule.paired_frame(g, t, self.fed) for t in ticks]
+        windows, filled = zip(*(self.registers[d].window_of(frame) for frame in frames))
+        wants_input = self.sends_message(d)
+        stacked = torch.cat(windows).requires_grad_(wants_input)  # [n*B, C, k, ...]
+        with self.autocast():
+            output = self.model[d].forward_window(stacked)
+        params = self.params[d]
+        grads = torch.autograd.grad(output, params + ([stacked] if wants_input else []),
+                                    grad_outputs=torch.cat(messages), allow_unused=True)
+        self.pseudo.add(d, grads[:len(params)], len(messages))
+        if not wants_input:
+            return []
+        return list(sum_filled_slots(grads[-1], list(filled)).split(len(messages[0])))
+
+    def backward_routed(self, d: int, first: int, messages: list[torch.Tensor]) -> None:
+        """``full``: the messages of frames ``first`` ... in order, each meeting its own frame's
+        window. Those windows slide along one time sequence of kept inputs, so the module runs
+        causally over it (one call, BP's own kernels) and the sequence's gradient is every slot's
+        gradient already added up per input frame: the routing."""
+        k = self.model[d].window
+        wants_input = self.sends_message(d)
+        sequence = self.registers[d].sequence(first - k + 1, first + len(messages))
+        sequence.requires_grad_(wants_input)
+        with self.autocast():
+            output = self.model[d].valid(sequence)  # [B, C', n, ...]
+        params = self.params[d]
+        grads = torch.autograd.grad(output, params + ([sequence] if wants_input else []),
+                                    grad_outputs=torch.stack(messages, dim=2), allow_unused=True)
+        self.pseudo.add(d, grads[:len(params)], len(messages))
+        if wants_input:
+            self.routed[d].add(first - k + 1, grads[-1])
 
     def vjp(self, d: int, graph: Graph, messages: list[torch.Tensor],
             count: int) -> list[torch.Tensor] | None:
@@ -357,7 +384,7 @@ class ChunkedSideways(SidewaysExecutor):
         self.pending_messages = [deque(queue) for queue in state["mailbox"]]
         self.clock, self.fed = state["clock"], state["fed"]
         self.pseudo.load_state_dict(state["pseudo"])
-        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed))):
+        for routed, saved in zip(self.routed, state.get("routed", [{}] * len(self.routed)), strict=True):
             routed.load_state_dict(saved)  # checkpoints from before the stash have none
 
 

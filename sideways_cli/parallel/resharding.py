@@ -74,8 +74,10 @@ def optimizer_for_stage(state: dict[str, Any], counts: list[int], stage: int) ->
 
 
 # SidewaysRule's per-module lists; the rest of its state is the same scalars on every stage
+# ("routed": the staleness dial's messages on their way down, absent from older checkpoints)
 _PER_MODULE = (("pipeline", "windows"), ("pipeline", "outputs"), ("pipeline", "fresh"),
-               ("current",), ("messages",), ("pseudo", "sums"), ("pseudo", "counts"))
+               ("current",), ("messages",), ("pseudo", "sums"), ("pseudo", "counts"), ("routed",))
+_SPLIT = {path[0] for path in _PER_MODULE}
 
 
 def _get(state: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -96,9 +98,10 @@ def merge_sideways(stages: list[dict[str, Any]]) -> dict[str, Any]:
     The message a stage received at its last tick is its top module's gradient register; the
     tokens of the lower stages get their targets from the last stage's record of them.
     """
-    merged = {key: value for key, value in stages[0]["rule"].items()
-              if key not in ("pipeline", "current", "messages", "pseudo")}
+    merged = {key: value for key, value in stages[0]["rule"].items() if key not in _SPLIT}
     for path in _PER_MODULE:
+        if path[0] not in stages[0]["rule"]:
+            continue
         values: list[Any] = []
         for i, stage in enumerate(stages):
             part = list(_get(stage["rule"], path))
@@ -113,10 +116,10 @@ def merge_sideways(stages: list[dict[str, Any]]) -> dict[str, Any]:
 def sideways_for_stage(state: dict[str, Any], modules: range, stage: int,
                        stages: int) -> dict[str, Any]:
     """The network's :class:`SidewaysRule` state cut down to one stage's :class:`StagedSideways`."""
-    rule = {key: value for key, value in state.items()
-            if key not in ("pipeline", "current", "messages", "pseudo")}
+    rule = {key: value for key, value in state.items() if key not in _SPLIT}
     for path in _PER_MODULE:
-        _set(rule, path, list(_get(state, path))[modules.start:modules.stop])
+        if path[0] in state:
+            _set(rule, path, list(_get(state, path))[modules.start:modules.stop])
     pending_message = None
     if stage < stages - 1:  # the top module's register: what the stage above sent last tick
         pending_message = rule["messages"][-1]
@@ -137,10 +140,11 @@ def merge_batched(stages: list[dict[str, Any]]) -> dict[str, Any]:
     network's top module has an inbox of its own (the logits on their way to the loss).
     """
     rules = [stage["rule"] for stage in stages]
-    merged = {**rules[0], "registers": [], "inbox": [], "mailbox": [],
+    per_module = [key for key in ("registers", "mailbox", "routed") if key in rules[0]]
+    merged = {**rules[0], **{key: [] for key in per_module}, "inbox": [],
               "pseudo": {"sums": [], "counts": []}}
     for rule in rules:
-        for key in ("registers", "mailbox"):
+        for key in per_module:
             merged[key] += rule[key]
         merged["inbox"] += rule["inbox"][:-1]
         for key in ("sums", "counts"):
@@ -155,7 +159,7 @@ def batched_for_stage(state: dict[str, Any], modules: range, stage: int,
     """The network's :class:`ChunkedSideways` state cut down to one stage's."""
     own = slice(modules.start, modules.stop)
     last = stage == stages - 1
-    rule = {**state, "registers": state["registers"][own], "mailbox": state["mailbox"][own],
+    rule = {**state, **{key: state[key][own] for key in ("registers", "mailbox", "routed") if key in state},
             "inbox": state["inbox"][own] + [state["inbox"][-1] if last else []],
             "pseudo": {key: state["pseudo"][key][own] for key in ("sums", "counts")}}
     return {"rule": rule, "targets": _targets(_batched_tokens(state)) if last else {}}
@@ -188,7 +192,7 @@ def _tokens(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 _AVERAGED = "pseudo"  # a rule's pseudo-gradient sums, in every layout
-_MESSAGES = ("messages", "mailbox", "pending_message")  # gradient messages, in every layout
+_MESSAGES = ("messages", "mailbox", "pending_message", "routed")  # gradient messages, in every layout
 KIND_SLICE, KIND_MESSAGE, KIND_MEAN = "slice", "message", "mean"
 
 
