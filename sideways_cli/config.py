@@ -386,7 +386,20 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
             # a mapping merges: --set model.args.width=16 keeps the YAML's other arguments
             setattr(obj, name, _merged(getattr(obj, name), value))
         else:
-            setattr(obj, name, _coerce(key, value, hints[name]))
+            try:
+                setattr(obj, name, _coerce(key, value, hints[name]))
+            except UserError:
+                _refuse_as_declared(obj, name, key, value, hints[name])
+                raise
+
+
+def _refuse_as_declared(obj: Any, name: str, key: str, value: Any, hint: Any) -> None:
+    """A key of several types (``sideways.stash``: a number or 'full') refuses a value of none of
+    them with the values it accepts, which say more than the type names."""
+    types_ = [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else []
+    declared = next(f for f in dataclasses.fields(obj) if f.name == name).metadata
+    if len(types_) > 1 and "allowed" in declared and not declared["allowed"].elsewhere:
+        validate_value(key, value, declared["allowed"], hint, declared["doc"])
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -174,6 +174,45 @@ def test_a_grid_of_sweeps_and_a_variant_are_planned_by_name(tiny_config, tmp_pat
     assert not list(tmp_path.iterdir())  # planning writes nothing
 
 
+def test_bp_trains_once_for_every_value_of_a_sideways_key(tiny_config, tmp_path):
+    from sideways_cli.analyses.comparison import plan_training
+
+    plan = plan_training(tiny_config, [], ["bp", "sideways"],
+                         ["data.frame_stride=1,2", "sideways.stash=0,5,full"],
+                         ["sideways.between_clips=continuous"], [], tmp_path)
+    names = [run.name for run in plan.runs]
+    assert names == ["bp-frame_stride=1", "bp-frame_stride=2",
+                     "sideways-frame_stride=1-stash=0", "sideways-frame_stride=1-stash=5",
+                     "sideways-frame_stride=1-stash=full", "sideways-frame_stride=2-stash=0",
+                     "sideways-frame_stride=2-stash=5", "sideways-frame_stride=2-stash=full",
+                     "sideways-between_clips=continuous"]
+    assert [run.cfg.sideways.stash for run in plan.runs[2:5]] == [0, 5, "full"]
+    assert [run.variant for run in plan.runs] == [False] * 8 + [True]
+
+
+def test_runs_that_measured_fidelity_while_training_get_its_row_of_plots(tmp_path):
+    from sideways_cli.analyses.comparison import RunResult
+    from sideways_cli.reports.plots import compare_png
+
+    def run(name: str, fidelity_curve: list) -> RunResult:
+        metrics = [{"frames_seen": 16 * s, "wall_s": s, "loss": 2.3 - 0.1 * s} for s in (1, 2)]
+        evaluations = [{"frames_seen": 32, "wall_s": 2, "val_video_top1": 0.1}]
+        return RunResult(name, tmp_path, {}, {"mode": "sideways", "frames_per_s": 1.0,
+                                              "peak_mem_mb": 1.0}, metrics, evaluations, fidelity_curve)
+
+    def modules(cosine: float) -> list[dict]:
+        return [{"index": d, "name": f"m{d}", "cosine": cosine if d < 2 else 1.0,
+                 "tick_cosine": cosine} for d in range(3)]
+
+    curves = [run("stash=0", [{"step": 1, "modules": modules(0.5)}, {"step": 2, "modules": modules(0.6)}]),
+              run("stash=full", [{"step": 1, "modules": modules(1.0)}])]
+    compare_png(curves, tmp_path / "with.png")
+    compare_png([run("plain", [])], tmp_path / "without.png")
+    assert_png(tmp_path / "with.png")
+    with_height = matplotlib.image.imread(tmp_path / "with.png").shape[0]
+    assert with_height > 1.4 * matplotlib.image.imread(tmp_path / "without.png").shape[0]  # 3 rows, not 2
+
+
 def test_fold_sweeps_get_a_mean_per_mode():
     from sideways_cli.analyses.comparison import RunResult, fold_means
 

@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import run_main
 from sideways_cli.config import (Allowed, Config, fields_of, key_allowed, key_doc, load_config,
                                  valid_keys, validate)
-from sideways_cli.engine.clock import parse_update
+from sideways_cli.engine.clock import parse_stash, parse_update
 from sideways_cli.run import loaders
 from sideways_cli.support.errors import UserError
 
@@ -79,6 +79,10 @@ OUT_OF_RANGE = [
     ("sideways.update=often", "sideways.update", "'often'"),
     ("sideways.update=every 0 ticks", "sideways.update", "'every 0 ticks'"),
     ("sideways.chunk=0", "sideways.chunk", "0"),
+    ("sideways.stash=-1", "sideways.stash", "-1"),
+    ("sideways.stash=2.5", "sideways.stash", "2.5"),
+    ("sideways.stash=all", "sideways.stash", "'all'"),
+    ("sideways.stash=true", "sideways.stash", "True"),
     ("parallel.replicas=0", "parallel.replicas", "0"),
     ("parallel.stages=0", "parallel.stages", "0"),
     ("parallel.balance=even", "parallel.balance", "'even'"),
@@ -113,6 +117,7 @@ def test_an_out_of_range_value_is_refused_naming_the_key_and_the_value(override,
     "data.synthetic.num_frames=2", "train.lr=1e-6", "train.momentum=0", "train.weight_decay=0",
     "train.warmup_steps=0", "train.eval_every=0", "train.checkpoint_every=0",
     "sideways.update=every 1 tick", "sideways.update=every 4 ticks", "parallel.threads=null",
+    "sideways.stash=0", "sideways.stash=1", "sideways.stash=full",
     "parallel.timeout_s=0.5", "parallel.balance=[1]", "model.weights=null", "seed=4294967295",
 ])
 def test_the_edges_of_every_range_are_accepted(override):
@@ -155,6 +160,16 @@ def test_sideways_update_is_judged_as_the_engine_parses_it(update):
     except ValueError:
         engine_accepts = False
     assert key_allowed("sideways.update").accepts(update) == engine_accepts
+
+
+@pytest.mark.parametrize("stash", [0, 1, 12, "full", -1, 2.5, "Full", "", True, None])
+def test_sideways_stash_is_judged_as_the_engine_parses_it(stash):
+    try:
+        parse_stash(stash)
+        engine_accepts = True
+    except ValueError:
+        engine_accepts = False
+    assert key_allowed("sideways.stash").accepts(stash) == engine_accepts
 
 
 @pytest.mark.parametrize("override, message", [

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sideways_cli.analyses.fidelity import mean_below_head, run_fidelity
+from sideways_cli.analyses.fidelity import run_fidelity
+from sideways_cli.engine.fidelity import mean_below_head
 from sideways_cli.config import MODES, Config, current_key, flat_dict, valid_keys
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.reports.plots import compare_png, sweep_png
@@ -109,6 +110,9 @@ def parse_variant(text: str) -> list[str]:
     return overrides
 
 
+SIDEWAYS_KEYS = "sideways."  # the Sideways engine's settings, which BP runs without
+
+
 def _key_of(override: str) -> str:
     return override.partition("=")[0].strip()
 
@@ -146,9 +150,16 @@ def plan_training(config_path: Path | None, base: list[str], modes: list[str], s
     runs, seen = [], {}
     for mode in modes:
         for overrides, variant in points:
+            if mode == "bp":  # no Sideways setting changes BP's numbers: one run stands for all
+                kept = [o for o in overrides if not _key_of(o).startswith(SIDEWAYS_KEYS)]
+                if variant and overrides and not kept:  # a variant of Sideways settings only
+                    continue
+                overrides = kept
             cfg = resolve_config(config_path, [*base, f"mode={mode}", *overrides])
             flat = flat_dict(cfg)
             name = run_name(mode, {k: flat[k] for k in map(_key_of, overrides)}, compared)
+            if name in seen and mode == "bp" and seen[name] == (" ".join(overrides) or "the base config"):
+                continue
             if name in seen:
                 raise UserError(f"two runs would share {out_dir / name} ({seen[name]} and "
                                 f"{' '.join(overrides)}); drop the repeated value or variant")

@@ -39,13 +39,6 @@ def fidelity_batch(cfg: Config, data: DatasetIndex, video: str = "natural",
     return make_video(batch["clip"], video, seed=cfg.seed), batch["label"]
 
 
-def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
-    """Mean ``key`` of the modules below the head: the head's gradient is exact under both rules,
-    so counting it would only pull every run towards 1."""
-    below = rows[:-1] or rows
-    return sum(row[key] for row in below) / len(below)
-
-
 def run_fidelity(run_dir: Path, progress: bool = False) -> list[dict]:
     """Per-module fidelity at a trained run's final weights, on a batch built from its own config,
     on its device with its backend settings."""

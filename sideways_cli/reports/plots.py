@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from sideways_cli.engine.fidelity import mean_below_head
 from sideways_cli.reports.tables import format_value
 from sideways_cli.support.atomic import replace_atomically
 
@@ -19,6 +20,7 @@ class RunResult(Protocol):
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
     evaluations: list[dict[str, float]]
+    fidelity_curve: list[dict[str, Any]]
     variant: bool
     fidelity_mean: float | None
     tick_fidelity_mean: float | None
@@ -85,13 +87,18 @@ def _validation(run: RunResult) -> tuple[str, str, float]:
 
 def compare_png(runs: list[RunResult], path: Path) -> None:
     """Learning curves (training loss, validation video top-1 or PSNR) against frames seen and
-    against wall time, and throughput and peak-memory bars: one colour per run."""
+    against wall time, and throughput and peak-memory bars: one colour per run. Runs that
+    measured their gradient fidelity while training (``train.fidelity_every``) add a row: its
+    mean below the head, whole batch and per tick, against the step, and each module's last."""
     from matplotlib.lines import Line2D
 
     plt = _pyplot()
     val_key, val_label, scale = _validation(runs[0])
     colors = _colors(len(runs))
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    with_fidelity = any(run.fidelity_curve for run in runs)
+    fig, axes = plt.subplots(3 if with_fidelity else 2, 3, figsize=(16, 13.5 if with_fidelity else 9))
+    if with_fidelity:
+        _fidelity_row(runs, colors, axes[2])
     for run, color in zip(runs, colors):
         for col, x_key in enumerate(("frames_seen", "wall_s")):
             loss = [(m[x_key], m["loss"]) for m in run.metrics]
@@ -116,6 +123,26 @@ def compare_png(runs: list[RunResult], path: Path) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(runs) - 1) // columns), 1, 1))
     _save(fig, path)
+
+
+def _fidelity_row(runs: list[RunResult], colors: list[Any], axes) -> None:
+    """fidelity.jsonl's curves: the mean over the modules below the head (the head's gradient is
+    exact under every rule) of the whole batch's and the per-tick cosine, and the last
+    measurement per module."""
+    for run, color in zip(runs, colors):
+        if not run.fidelity_curve:
+            continue
+        for ax, key in zip(axes, ("cosine", "tick_cosine")):
+            points = [(line["step"], mean_below_head(line["modules"], key)) for line in run.fidelity_curve]
+            ax.plot(*zip(*points), color=color, marker="o" if len(points) == 1 else None)
+        last = run.fidelity_curve[-1]["modules"]
+        axes[2].plot([row["index"] for row in last], [row["cosine"] for row in last], color=color,
+                     marker="o")
+    for ax, label in zip(axes, ("gradient fidelity", "per-tick fidelity")):
+        ax.set(xlabel="training step", ylabel=f"{label} (mean below head)",
+               title=f"{label} while training")
+    axes[2].set(xlabel="module (0 = bottom)", ylabel="gradient fidelity",
+                title="gradient fidelity per module, last measured")
 
 
 def _metric(run: RunResult, metric: str) -> float | None:

@@ -27,7 +27,7 @@ import io
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -207,8 +207,9 @@ class RunDir:
             except (TypeError, ValueError):
                 raise UserError(f"{self.evaluations} has a malformed row; it was not written by "
                                 "'sideways train' alone") from None
+        fidelity = read_jsonl(self.fidelity) if self.fidelity.is_file() else []
         return FinishedRun(name or self.path.name, self.path, flat_dict(self.read_config()),
-                           self.read_summary(), metrics, evaluations)
+                           self.read_summary(), metrics, evaluations, fidelity)
 
 
 @dataclass
@@ -221,6 +222,8 @@ class FinishedRun:
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]  # metrics.jsonl: the training-loss curve
     evaluations: list[dict[str, float]]  # evaluations.csv: the validation curve
+    # fidelity.jsonl (train.fidelity_every): each module's gradient fidelity as training went
+    fidelity_curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 def save_checkpoint(obj: Any, path: Path) -> None:
