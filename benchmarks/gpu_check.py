@@ -15,7 +15,8 @@ Each row is one check, run through the command line as a user runs it (``--set d
 * ``--deterministic`` with ``torchvision:resnet18`` and ``torchvision:r2plus1d_18``: two runs
   give bit-identical weights;
 * engine frames/s (median of timed batches after warm-up, timed with CUDA events) and peak CUDA
-  memory of BP and Sideways at ``sideways.chunk`` 1, 8 and 16: C3D (width 32, 8 conv modules,
+  memory of BP and Sideways at ``sideways.chunk`` 1, 8 and 16, and with ``sideways.stash: full``
+  at chunk 8: C3D (width 32, 8 conv modules,
   the UCF101 preset's) at 112x112, B=16, 16- and 64-frame clips, one fresh process per length;
 * with 2 or more GPUs: float64 P=1 references, then 2 stages with both executors (chunk 1 and 8)
   and both pipelines, 2 replicas, and 2 x 2 with 4 GPUs, each within 1e-9 of its reference
@@ -61,7 +62,8 @@ RESULTS = Path(__file__).parent / "results"
 BUDGET_S = 480.0  # the 8 minutes on one H100
 # the engine rows: name -> (common.RULES name, sideways.chunk)
 ENGINE_RULES = {"bp": ("bp", None), "sideways chunk 1": ("sideways-tick", 1),
-                "sideways chunk 8": ("sideways", 8), "sideways chunk 16": ("sideways", 16)}
+                "sideways chunk 8": ("sideways", 8), "sideways chunk 16": ("sideways", 16),
+                "sideways stash full chunk 8": ("sideways-stash-full", 8)}
 RESUME_CASES = {"bp": ("--mode", "bp"),
                 "sideways continuous": ("--mode", "sideways", "--set", "sideways.between_clips=continuous")}
 STAGE_TOLERANCE = 1e-9  # max |weight difference| / max |weight|, float64 (see the docstring)

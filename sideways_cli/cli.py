@@ -507,8 +507,9 @@ def fidelity(
               "clip_len": cfg.data.clip_len, "modules": rows}
     if json_path:
         write_json(json_path, result)
+    stash = f", stash {cfg.sideways.stash}" if cfg.sideways.stash != 0 else ""
     console.print(fidelity_table(rows, title=f"gradient fidelity, {video} video, "
-                                             f"{cfg.model.name}, stride {cfg.data.frame_stride}"))
+                                             f"{cfg.model.name}, stride {cfg.data.frame_stride}{stash}"))
 
 
 @app.command()

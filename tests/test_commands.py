@@ -14,6 +14,7 @@ import pytest
 from cli_helpers import invoke, run_main
 from sideways_cli.analyses import stream as stream_module
 from sideways_cli.analyses.fidelity import run_fidelity
+from sideways_cli.engine.fidelity import mean_below_head
 from sideways_cli.analyses.stream import prepare, stream_psnr
 from sideways_cli.config import SyntheticConfig, load_config
 from sideways_cli.data import catalog, synthetic
@@ -56,6 +57,27 @@ def test_fidelity_run_measures_at_the_runs_trained_weights(trained, tmp_path):
     expected = [m["cosine"] for m in modules] + [m["tick_cosine"] for m in modules]
     assert at_run == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert len(at_run) == len(fresh) and at_run != pytest.approx(fresh, abs=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fidelity_along_the_staleness_dial(stride, trained, tmp_path):
+    """``sideways fidelity --set sideways.stash=...`` on the dataset's own clips, in order and
+    taken every other frame: the means below the head do not fall as the stash grows, and a full
+    stash is BP for every module."""
+    config, _ = trained
+    means = {}
+    for stash in ("0", "2", "full"):
+        out = tmp_path / f"stash-{stash}.json"
+        invoke("fidelity", config, "--set", f"sideways.stash={stash}", "--set",
+               f"data.frame_stride={stride}", "--json", out, "--quiet")
+        modules = json.loads(out.read_text())["modules"]
+        means[stash] = [mean_below_head(modules, key) for key in ("cosine", "tick_cosine")]
+        if stash == "full":
+            assert all(m["cosine"] == pytest.approx(1, abs=1e-9) for m in modules)
+    for key in range(2):
+        dial = [means[stash][key] for stash in ("0", "2", "full")]
+        assert dial == sorted(dial), dial
+    assert means["0"][1] < 0.9  # a mismatch to close
 
 
 @pytest.mark.parametrize("change", ["model.width=8", "model.depth=1"])

@@ -150,26 +150,22 @@ def test_every_default_is_one_its_key_accepts():
         assert value is None or f.metadata["allowed"].accepts(value), key
 
 
-@pytest.mark.parametrize("update", ["clip", "every 1 tick", "every 2 ticks", " every 3 ticks ",
-                                    "every  12 ticks", "every 0 ticks", "every -1 ticks",
-                                    "every ticks", "often", "Clip", "every 2 frames", ""])
-def test_sideways_update_is_judged_as_the_engine_parses_it(update):
+ENGINE_PARSED = (  # keys the engine parses again: (key, its parser, values to judge)
+    [("sideways.update", parse_update, update) for update in
+     ["clip", "every 1 tick", "every 2 ticks", " every 3 ticks ", "every  12 ticks", "every 0 ticks",
+      "every -1 ticks", "every ticks", "often", "Clip", "every 2 frames", ""]]
+    + [("sideways.stash", parse_stash, stash) for stash in
+       [0, 1, 12, "full", -1, 2.5, "Full", "", True, None]])
+
+
+@pytest.mark.parametrize("key, parse, value", ENGINE_PARSED, ids=[f"{k}={v!r}" for k, _, v in ENGINE_PARSED])
+def test_engine_settings_are_judged_as_the_engine_parses_them(key, parse, value):
     try:
-        parse_update(update)
+        parse(value)
         engine_accepts = True
     except ValueError:
         engine_accepts = False
-    assert key_allowed("sideways.update").accepts(update) == engine_accepts
-
-
-@pytest.mark.parametrize("stash", [0, 1, 12, "full", -1, 2.5, "Full", "", True, None])
-def test_sideways_stash_is_judged_as_the_engine_parses_it(stash):
-    try:
-        parse_stash(stash)
-        engine_accepts = True
-    except ValueError:
-        engine_accepts = False
-    assert key_allowed("sideways.stash").accepts(stash) == engine_accepts
+    assert key_allowed(key).accepts(value) == engine_accepts
 
 
 @pytest.mark.parametrize("override, message", [

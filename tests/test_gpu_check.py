@@ -55,7 +55,7 @@ def test_tiny_cpu_run_passes_every_single_device_check_it_is_asked_for(tmp_path)
                 "--deterministic torchvision:r2plus1d_18", "decoding on the GPU", "eval bp"}
     assert all(single[name]["reason"] == "not asked for (--only)" for name in left_out)
     engine = [row for name, row in single.items() if name.startswith("engine ")]
-    assert len(engine) == 4 and all(row["figures"]["frames/s"] > 0 for row in engine)  # T=8
+    assert len(engine) == 5 and all(row["figures"]["frames/s"] > 0 for row in engine)  # T=8: bp, chunk 1, 8, 16, stash full
     multi = [row for row in rows if row["multi_gpu"]]  # not asked for (--parallel): named, skipped
     assert multi and all(row["status"] == "skip" for row in multi)
     assert "budget:" in result.stdout and "no check failed" in result.stdout

@@ -155,18 +155,14 @@ class Schedule:
     def paired_frame(self, g: int, tick: int, fed: int) -> int:
         """The frame whose window meets module g's message at ``tick``: the message's own frame
         when kept, else the oldest kept; without a stash, the newest (in ``reset`` the drain
-        keeps the last frame's window, fed - 1)."""
+        keeps the last frame's window, fed - 1). It never moves back: a message's own frame only
+        grows, and so does the newest input, so no later message meets an older window."""
         return max(self.message_frame(g, tick), self.newest_input(g, tick, fed) - self.stash_depth(g))
 
     @staticmethod
     def newest_input(g: int, tick: int, fed: int) -> int:
         """The newest frame module g has an input of at ``tick``."""
         return min(tick - g, fed - 1)
-
-    def oldest_pairing(self, g: int, tick: int, fed: int) -> int:
-        """No message at ``tick`` or later meets module g's window of an older frame: a message's
-        own frame only grows, and so does the newest input."""
-        return max(self.message_frame(g, tick), self.newest_input(g, tick, fed) - self.stash_depth(g))
 
     def batch_ticks(self, frames: int, between_clips: str) -> int:
         """Ticks the tick rule spends on a batch of ``frames``: in ``reset`` the pipeline fills and

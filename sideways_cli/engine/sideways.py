@@ -206,10 +206,9 @@ class SidewaysRule(SidewaysExecutor):
             below = self.backward_module(d, message) if message is not None else None
             if self.schedule.routes and self.sends_message(d):
                 below = self.release(d, self.clock)
-            if self.schedule.pairs:
-                g = self.first + d
+            if self.schedule.pairs:  # no later message meets an older window than the next one's
                 self.registers.windows[d].forget_before(
-                    self.schedule.oldest_pairing(g, self.clock + 1, self.fed))
+                    self.schedule.paired_frame(self.first + d, self.clock + 1, self.fed))
             if d > 0:
                 sent[d - 1] = below
             else:

@@ -289,7 +289,8 @@ class ChunkedSideways(SidewaysExecutor):
                 below.extend(self.routed[d].take(schedule.message_frame(g - 1, t)) for t in sends)
         elif messages:
             below.extend(self.backward_paired(d, ticks, messages))
-        self.registers[d].forget_before(schedule.oldest_pairing(g, macro.t1, self.fed))
+        # no later message meets an older window than the next macro tick's first
+        self.registers[d].forget_before(schedule.paired_frame(g, macro.t1, self.fed))
 
     def backward_paired(self, d: int, ticks: range, messages: list[torch.Tensor]) -> list[torch.Tensor]:
         """A stash of N ticks: each message at its paired window, one batch entry per window (a
