@@ -14,7 +14,7 @@ import pytest
 from cli_helpers import invoke, run_main
 from sideways_cli.analyses import stream as stream_module
 from sideways_cli.analyses.fidelity import run_fidelity
-from sideways_cli.engine.fidelity import mean_below_head
+from sideways_cli.reports.tables import mean_below_head
 from sideways_cli.analyses.stream import prepare, stream_psnr
 from sideways_cli.config import SyntheticConfig, load_config
 from sideways_cli.data import catalog, synthetic

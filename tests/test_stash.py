@@ -13,12 +13,13 @@ import torch
 
 from optimizer_helpers import STEPS, stepper
 from sideways_cli.engine import BackpropRule, ChunkedSideways, Schedule, SidewaysRule, make_rule
-from sideways_cli.engine.fidelity import gradient_fidelity, mean_below_head
+from sideways_cli.engine.fidelity import gradient_fidelity
 from sideways_cli.engine.losses import OBJECTIVES
 from sideways_cli.models import FrameStack
 from sideways_cli.parallel.resharding import (merge_replica_states, replica_share, stage_rule_share,
                                               stage_rules_merger)
 from sideways_cli.parallel.stages import stage_ranges
+from sideways_cli.reports.tables import mean_below_head
 from tiny import random_clips, tiny_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

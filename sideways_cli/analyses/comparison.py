@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from sideways_cli.analyses.fidelity import run_fidelity
-from sideways_cli.engine.fidelity import mean_below_head
 from sideways_cli.config import MODES, Config, current_key, flat_dict, valid_keys
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.reports.plots import compare_png, sweep_png
 from sideways_cli.reports.progress import Log
-from sideways_cli.reports.tables import compare_table, format_value, write_csv, write_json
+from sideways_cli.reports.tables import compare_table, format_value, mean_below_head, write_csv, write_json
 from sideways_cli.run import isolated
 from sideways_cli.run.build import resolve_config
 from sideways_cli.run.resume import MAY_DIFFER, config_differences

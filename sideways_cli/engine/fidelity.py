@@ -87,9 +87,3 @@ def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tens
                      "tick_cosine": sum(ticks) / len(ticks) if ticks else 1.0})
     return rows
 
-
-def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
-    """Mean ``key`` of the modules below the head: the head's gradient is exact under both rules,
-    so counting it would only pull every run towards 1."""
-    below = rows[:-1] or rows
-    return sum(row[key] for row in below) / len(below)

@@ -7,8 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sideways_cli.engine.fidelity import mean_below_head
-from sideways_cli.reports.tables import format_value
+from sideways_cli.reports.tables import format_value, mean_below_head
 from sideways_cli.support.atomic import replace_atomically
 
 

@@ -82,6 +82,13 @@ def eval_table(result: dict[str, Any], title: str) -> Table:
     return table
 
 
+def mean_below_head(rows: list[dict], key: str = "cosine") -> float:
+    """Mean ``key`` of the modules below the head: the head's gradient is exact under both rules,
+    so counting it would only pull every run towards 1."""
+    below = rows[:-1] or rows
+    return sum(row[key] for row in below) / len(below)
+
+
 def fidelity_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     table.add_column("#", justify="right")
