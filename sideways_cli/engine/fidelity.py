@@ -53,19 +53,23 @@ class TickMatchedSideways(SidewaysRule):
             windows.clear()
 
     def backward_module(self, d: int, message: torch.Tensor) -> torch.Tensor | None:
+        """The rule's VJP, after the one at the window that produced the message's frame."""
         produced = self.windows[d][self.schedule.message_frame(d, self.clock)]
-        paired = (self.schedule.paired_frame(d, self.clock, self.fed) if self.schedule.pairs
-                  else self.current[d].token.frame)
-        met, matched = (self._param_vjp(d, w, message) for w in (self.windows[d][paired], produced))
-        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, matched, dim=0))
+        grads = torch.autograd.grad(self.model[d].forward_window(produced), self.params[d],
+                                    grad_outputs=message, allow_unused=True)
+        self.matched = self._flat(d, grads)
         return super().backward_module(d, message)
 
-    def _param_vjp(self, d: int, window: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
-        params = self.params[d]
-        grads = torch.autograd.grad(self.model[d].forward_window(window), params, grad_outputs=message,
-                                    allow_unused=True)
+    def accumulate(self, d: int, grads) -> None:
+        """The rule's own parameter VJP, at the window the message met: its cosine with the one
+        at the message's own frame's window."""
+        met = self._flat(d, grads)
+        self.tick_cosines[d].append(torch.nn.functional.cosine_similarity(met, self.matched, dim=0))
+        super().accumulate(d, grads)
+
+    def _flat(self, d: int, grads) -> torch.Tensor:
         return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double()
-                          for p, g in zip(params, grads)])
+                          for p, g in zip(self.params[d], grads)])
 
 
 def gradient_fidelity(model: FrameStack, clips: torch.Tensor, labels: torch.Tensor,

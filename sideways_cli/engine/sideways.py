@@ -248,7 +248,7 @@ class SidewaysRule(SidewaysExecutor):
         inputs = self.params[d] + ([step.window] if wants_input else [])
         grads = torch.autograd.grad(step.output, inputs, grad_outputs=message,
                                     retain_graph=True, allow_unused=True)
-        self.pseudo.add(d, grads[:len(self.params[d])])
+        self.accumulate(d, grads[:len(self.params[d])])
         if not wants_input:
             return None
         if self.schedule.routes:
@@ -256,6 +256,11 @@ class SidewaysRule(SidewaysExecutor):
             return None
         # every filled slot stands for "the same" input under smoothness: sum their gradients
         return grads[-1][:, :, step.window.shape[2] - step.filled:].sum(dim=2)
+
+    def accumulate(self, d: int, grads) -> None:
+        """Add one message's parameter VJP to module d's pseudo-gradient (a probe may also read
+        it: ``fidelity.py``)."""
+        self.pseudo.add(d, grads)
 
     def rebuild(self, d: int) -> ModuleStep:
         """Recompute module d's graph at its current window after its weights were updated."""
