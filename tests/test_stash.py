@@ -67,11 +67,13 @@ def assert_same_weights(actual: list[torch.Tensor], expected: tuple[torch.Tensor
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step}: {m}")
 
 
-# make test-fast keeps one network with temporal windows through both executors
+# every network, k and executor with SGD-Nesterov; AdamW, whose state a wrong gradient would carry
+# differently, through the chunked executor (the executors' equality: test_sideways_chunked.py).
+# make test-fast keeps one network with temporal windows through both executors.
 EQUALITY = [pytest.param(name, k, optimizer, executor, id=f"{name}-k{k}-{optimizer}-{executor}",
                          marks=[] if (name, k, optimizer) == ("c3d", 3, "sgd-nesterov") else [pytest.mark.slow])
             for name in NETWORKS for k in (1, 3) for optimizer in ("sgd-nesterov", "adamw")
-            for executor in EXECUTORS]
+            for executor in EXECUTORS if optimizer == "sgd-nesterov" or executor == "chunk 4"]
 
 
 @pytest.mark.parametrize("name, k, optimizer, executor", EQUALITY)
