@@ -30,8 +30,10 @@ from sideways_cli.config import load_config
 from sideways_cli.data.catalog import resolve_dataset
 from sideways_cli.support.memory import PeakMemory, fresh_process_env
 
-# a whole run's settings: name -> (--mode, sideways.stash)
-WHOLE_RUNS = {name: (mode, stash) for name, (mode, chunk, stash) in RULES.items() if chunk is None or mode == "bp"}
+# a whole run's settings, name -> (--mode, sideways.stash): every rule at the preset's chunk (the
+# tick rule, chunk 1, is the step table's alone)
+WHOLE_RUNS = {name: (mode, stash) for name, (mode, chunk, stash) in RULES.items()
+              if chunk is None or mode == "bp"}
 
 
 def measure_one(rule_name: str, clip_len: int) -> float:

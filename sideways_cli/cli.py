@@ -370,7 +370,8 @@ def compare(
     set_: SetOpt = None,
     sweep: Annotated[Optional[list[str]], typer.Option(
         metavar="KEY=V1,V2,...",
-        help="Train every mode at every value of KEY (repeatable: the grid of all); bp trains once for all values of a sideways.* key.")] = None,
+        help="Train every mode at every value of KEY (repeatable: the grid of all); bp trains "
+             "once for all values of a sideways.* key.")] = None,
     variant: Annotated[Optional[list[str]], typer.Option(
         metavar="KEY=V[,KEY2=V2]",
         help="One more run per mode with these keys set on top of the config (repeatable).")] = None,

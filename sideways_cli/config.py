@@ -396,7 +396,8 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
 def _refuse_as_declared(obj: Any, name: str, key: str, value: Any, hint: Any) -> None:
     """A key of several types (``sideways.stash``: a number or 'full') refuses a value of none of
     them with the values it accepts, which say more than the type names."""
-    types_ = [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else []
+    union = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+    types_ = [t for t in union if t is not type(None)]
     declared = next(f for f in dataclasses.fields(obj) if f.name == name).metadata
     if len(types_) > 1 and "allowed" in declared and not declared["allowed"].elsewhere:
         validate_value(key, value, declared["allowed"], hint, declared["doc"])

@@ -160,9 +160,9 @@ class SidewaysRule(SidewaysExecutor):
         """Feed a batch of clips frame by frame; in ``reset`` mode fill and drain around it.
 
         ``reset``: T + 2(D-1) ticks (more with ``stash: full``: ``Schedule.batch_ticks``), every
-        frame's loss is computed and its gradient reaches module 1 before the batch ends. ``continuous``: T ticks, the pipeline carries on into
-        the next batch like a live stream, so this batch's losses are the ones that reached the
-        top during its T ticks.
+        frame's loss is computed and its gradient reaches module 1 before the batch ends.
+        ``continuous``: T ticks, the pipeline carries on into the next batch like a live stream,
+        so this batch's losses are the ones that reached the top during its T ticks.
         """
         if self.between_clips == "reset":
             self.reset()
