@@ -24,6 +24,7 @@ from sideways_cli.data.decode import open_video
 from sideways_cli.data.render import SYNTHETIC_CLASSES, render_video
 from sideways_cli.data.transforms import ClipTransform
 from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.clock import Schedule
 from sideways_cli.engine.sideways import SidewaysRule
 from sideways_cli.models import FrameStack
 from sideways_cli.models.stack import causal_outputs
@@ -87,9 +88,10 @@ def stream_psnr(model: FrameStack, stream: torch.Tensor, transform: ClipTransfor
 
 def learn_sideways(cfg: Config, model: FrameStack, stream: torch.Tensor, update_every: int,
                    on_ticks: Tick = lambda n: None) -> tuple[int, int]:
-    """Every frame enters the pipeline at its tick; returns (frames used, updates)."""
+    """Every frame enters the pipeline at its tick (pairing messages as ``sideways.stash``
+    says); returns (frames used, updates)."""
     rule = SidewaysRule(model, between_clips="continuous", update=f"every {update_every} ticks",
-                        objective=RECONSTRUCT)
+                        objective=RECONSTRUCT, schedule=Schedule.of(model, cfg.sideways.stash))
     optimizer = make_optimizer(cfg.train, model)
 
     def apply_update() -> None:
