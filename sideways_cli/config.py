@@ -31,7 +31,7 @@ MULTI_FOLD = ("ucf101", "hmdb51")  # the others have a single train/val split
 NORMS = ("group", "frozen")  # model.norm; models/norms.py implements them
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "step", "multistep")
 DECODERS = ("auto", "torchcodec", "torchcodec-cuda", "decord", "pyav")
 BP_SCHEDULES = ("gpipe", "1f1b")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -99,6 +99,9 @@ UPDATE = Allowed("'clip' or 'every N ticks' with N >= 1",
                    (m := _EVERY_N_TICKS.fullmatch(v.strip())) and int(m.group(1)) >= 1)))
 STASH = Allowed("0, a number of ticks N >= 1 or 'full'",
                 lambda v: v == "full" or (_number(v) and isinstance(v, int) and v >= 0))
+MILESTONES = Allowed("a list of steps, each >= 1, increasing, such as [200, 250]",
+                     lambda v: isinstance(v, list) and all(_number(n) and isinstance(n, int) and n >= 1
+                                                          for n in v) and v == sorted(set(v)))
 BALANCE = Allowed("auto or a list of modules per stage, each >= 1, such as [2, 3]",
                 lambda v: v == "auto" or (isinstance(v, list) and len(v) > 0
                                           and all(_number(n) and n >= 1 for n in v)))
@@ -212,7 +215,19 @@ class TrainConfig:
                               "SGD's momentum (Nesterov when > 0); adamw has none")
     weight_decay: float = setting(1e-4, at_least(0), "decoupled (adamw) or L2 (sgd) weight decay")
     lr_schedule: str = setting("cosine", one_of(*LR_SCHEDULES), "the learning rate after the "
-                            "warm-up: cosine (to zero at train.steps) | constant")
+                            "warm-up: cosine (to train.min_lr at train.steps) | constant | step "
+                            "(times train.lr_gamma after every train.lr_step_size steps) | "
+                            "multistep (times train.lr_gamma from each of train.lr_milestones on)")
+    min_lr: float = setting(0.0, at_least(0), "the learning rate cosine decays to, and the floor "
+                            "of step and multistep; below train.lr")
+    lr_gamma: float = setting(0.1, Allowed("> 0 and < 1", lambda v: _number(v) and 0 < v < 1),
+                              "the factor step and multistep multiply the learning rate by")
+    lr_step_size: int = setting(100, at_least(1), "steps between the step schedule's decays, "
+                                "counted from the first step (100: steps 101-200 at train.lr x "
+                                "train.lr_gamma)")
+    lr_milestones: list[int] = setting([200, 250], MILESTONES, "the steps from which the "
+                                       "multistep schedule's learning rate is train.lr_gamma times "
+                                       "lower, once more at each")
     warmup_steps: int = setting(10, at_least(0), "steps of linear warm-up to train.lr; 0: none")
     log_every: int = setting(10, at_least(1), "steps between progress lines")
     eval_every: int = setting(0, at_least(0), "steps between evaluations; 0: evaluate once, at the end")

@@ -85,6 +85,26 @@ def test_without_warm_up_the_first_step_takes_the_peak_lr(schedule):
     assert expected[0] == 0.01
 
 
+def test_step_and_multistep_decay_by_gamma_and_every_decay_stops_at_min_lr():
+    step = TrainConfig(lr=1.0, steps=9, warmup_steps=2, lr_schedule="step", lr_step_size=3,
+                       lr_gamma=0.5, min_lr=0.2)
+    # warm-up (steps 1-2), then x0.5 after every 3 steps: steps 4-6, 7-9; 0.125 floored at 0.2
+    assert schedule_lrs(step, 10) == pytest.approx([0.5, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2],
+                                                   abs=1e-15)
+    multistep = TrainConfig(lr=0.1, steps=6, warmup_steps=0, lr_schedule="multistep",
+                            lr_milestones=[3, 5], lr_gamma=0.1)
+    assert schedule_lrs(multistep, 6) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], abs=1e-15)
+    cosine = TrainConfig(lr=1.0, steps=5, warmup_steps=0, lr_schedule="cosine", min_lr=0.2)
+    # from train.lr to train.min_lr at train.steps: 0.2 + 0.8 * (1 + cos(pi * k / 5)) / 2
+    expected = [0.2 + 0.4 * (1 + math.cos(math.pi * k / 5)) for k in range(5)] + [0.2, 0.2]
+    assert schedule_lrs(cosine, 7) == pytest.approx(expected, abs=1e-15)
+
+
+def test_min_lr_must_be_below_the_lr():
+    with pytest.raises(UserError, match="'train.min_lr' \\(0.01\\) must be below train.lr"):
+        resolve_config(None, ["train.lr=0.01", "train.min_lr=0.01"])
+
+
 def tiny_learner(sets: list[str]) -> StageLearner:
     """A learner of a 2-module per-frame network on 16x16 clips, built as a run builds it."""
     cfg = load_config(None, ["device=cpu", "precision=float64", "model.name=vgg", "model.width=4",

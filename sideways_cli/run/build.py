@@ -60,6 +60,9 @@ def validate(cfg: Config) -> None:
         raise UserError("config key 'data.decoder' is torchcodec, which is not installed here or "
                         "cannot load FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and "
                         "FFmpeg 4 to 8); set data.decoder=auto or pyav")
+    if cfg.train.min_lr >= cfg.train.lr:
+        raise UserError(f"config key 'train.min_lr' ({cfg.train.min_lr}) must be below train.lr "
+                        f"({cfg.train.lr}): it is where the learning rate decays to")
     if cfg.train.fidelity_every and cfg.parallel.stages > 1:
         raise UserError("config key 'train.fidelity_every' measures the whole network in one "
                         "process; set parallel.stages=1 (replicas may stay) or train.fidelity_every=0")
@@ -196,14 +199,25 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 
 def make_lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant or cosine decay to zero at ``train.steps``."""
+    """Linear warm-up to ``train.lr``, then constant, cosine decay to ``train.min_lr`` at
+    ``train.steps``, or ``train.lr_gamma`` times lower every ``train.lr_step_size`` steps (step)
+    or from each of ``train.lr_milestones`` on (multistep), never below ``train.min_lr``. Steps
+    are the run's, the warm-up's included; step s + 1 of the run trains with factor(s)."""
+    floor = cfg.min_lr / cfg.lr
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.lr_schedule == "step":  # after every lr_step_size steps
+            decays = step // cfg.lr_step_size
+        else:  # multistep: the run's step s + 1 is at or past these milestones
+            decays = sum(step + 1 >= milestone for milestone in cfg.lr_milestones)
+        return max(floor, cfg.lr_gamma ** decays)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
