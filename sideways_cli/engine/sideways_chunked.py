@@ -135,7 +135,7 @@ class ChunkedSideways(SidewaysExecutor):
 
     def start_batch(self, frames: int) -> list[MacroTick]:
         """Take ``frames`` more frames (emptying the pipeline first in ``reset`` mode) and return
-        the macro ticks that process them, in order (``schedule.macro_ticks``); the clock moves
+        the macro ticks that process them, in order (``clock.macro_ticks``); the clock moves
         past them."""
         if self.between_clips == "reset":
             self.reset()

@@ -285,7 +285,7 @@ def merge_shards(shards: list[dict[str, Any]], replicas: int, stages: int,
 
 def stage_rules_merger(mode: str, update: str, chunk: int) -> Callable[[list[Any]], Any]:
     """How the stages' rule states of one replica join into the network's: by the executor's
-    layout (``schedule.register_layout``); pipelined BP carries nothing."""
+    layout (``clock.register_layout``); pipelined BP carries nothing."""
     if mode == "bp":
         return lambda rules: {}
     return merge_batched if runs_chunked(update, chunk) else merge_sideways

@@ -7,8 +7,8 @@ stage boundary the forward of macro tick m waits for the stage below's forward o
 backward of m for the stage above's backward of m: the dependencies of pipelined BP over
 microbatches, with a macro tick of the clip in the role of a microbatch. The stages therefore run
 a 1F1B schedule: stage s runs some forwards ahead (P-s below the top stage, one more than
-1F1B's P-1-s: ``schedule.forwards_ahead``), then alternates one forward and one backward, and all
-stages work at once in steady state; ``schedule.stage_order`` is that order, as data. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
+1F1B's P-1-s: ``clock.forwards_ahead``), then alternates one forward and one backward, and all
+stages work at once in steady state; ``clock.stage_order`` is that order, as data. (With ``chunk`` 1 a stage's tick would depend only on its neighbours'
 previous tick; ``staged_sideways.py`` runs that, every update rule.)
 
 The numbers are those of the single-process :class:`ChunkedSideways` (and so of the tick
