@@ -2,7 +2,7 @@
 simulation of exactly its schedule.
 
 The stages are not in lock step: each runs its own sequence of macro-tick actions in
-``schedule.stage_order`` (1F1B, with one forward more in hand below the top) and waits only for
+``clock.stage_order`` (1F1B, with one forward more in hand below the top) and waits only for
 the input it needs, so the model simulates that order with per-call costs as functions of the
 window count (``macro_costs.MacroCosts``): a macro tick's cost is far from proportional to its
 ticks, and the stages' shares of a macro tick's work vary over a clip. How close it comes to
@@ -137,7 +137,7 @@ def simulate(durations: list[dict[tuple[str, int], float]],
     (the engine then does not wait). A transfer starts when its producer has ended and its
     receive is posted: at the batch's start, then when the previous one in that direction is
     taken, at the start of the op that took it (``Receives``). Stages advance in turns until all
-    are done; a schedule waiting in a cycle raises, which ``schedule.stage_order``'s never does."""
+    are done; a schedule waiting in a cycle raises, which ``clock.stage_order``'s never does."""
     done: dict[tuple[int, str, int], float] = {}
     free, position, ops = [0.0] * len(orders), [0] * len(orders), []
     posted = [{FORWARD: 0.0, BACKWARD: 0.0} for _ in orders]
