@@ -86,14 +86,9 @@ class WindowRegister:
         return stack_window([slot.value for slot in self.newest(self.k)], self.k)
 
     def window_of(self, frame: int) -> tuple[torch.Tensor, int]:
-        """The window whose newest input is ``frame``'s ([B, C, k, ...], zeros where the slots
-        have no value) and how many of its slots hold one."""
-        newest = self.slots[-1].frame
-        end = len(self.slots) - (newest - frame)  # inputs are kept in frame order, one per frame
-        if not 0 < end <= len(self.slots):
-            raise RuntimeError(f"frame {frame}'s input is no longer kept (a stash bug)")
-        values = [token.value for token in list(self.slots)[max(0, end - self.k):end]]
-        return stack_window(values, self.k), len(values)
+        """The window whose newest input is ``frame``'s ([B, C, k, ...], zeros for the slots
+        before the first frame) and how many of its slots hold a value."""
+        return self.sequence(frame - self.k + 1, frame + 1), min(self.k, frame + 1)
 
     def sequence(self, first: int, stop: int) -> torch.Tensor:
         """[B, C, stop - first, ...]: the inputs of frames ``first`` ... ``stop - 1`` in time

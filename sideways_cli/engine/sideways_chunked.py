@@ -284,9 +284,9 @@ class ChunkedSideways(SidewaysExecutor):
         if schedule.routes:
             if messages:
                 self.backward_routed(d, schedule.message_frame(g, ticks.start), messages)
-            if self.sends_message(d):
-                sends = intersect(schedule.message_ticks(g - 1, self.fed), range(macro.t0 + 1, macro.t1 + 1))
-                below.extend(self.routed[d].take(schedule.message_frame(g - 1, t)) for t in sends)
+            if self.sends_message(d):  # what the tick rule releases at each of the ticks
+                sent = (self.release(d, tick) for tick in range(macro.t0, macro.t1))
+                below.extend(message for message in sent if message is not None)
         elif messages:
             below.extend(self.backward_paired(d, ticks, messages))
         # no later message meets an older window than the next macro tick's first
