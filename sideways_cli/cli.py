@@ -130,9 +130,15 @@ def resolve(config: Path | None, sets: list[str] | None, seed: int | None, mode:
 
 
 def checked_checkpoint(which: str) -> None:
-    """--checkpoint of eval and predict: the run directory's last or best checkpoint."""
-    if which not in ("last", "best"):
-        raise UserError(f"--checkpoint must be last or best, got {which!r}")
+    """--checkpoint of eval and predict: the run directory's last or best checkpoint, or one of
+    the best that train.keep_best keeps (best_<step>)."""
+    if which not in ("last", "best") and not re.fullmatch(r"best_\d+", which):
+        raise UserError(f"--checkpoint must be last, best or best_<step> (train.keep_best), "
+                        f"got {which!r}")
+
+
+EMA_HELP = ("Use the checkpoint's moving average of the weights (a run trained with "
+            "train.ema_decay) instead of the weights themselves.")
 
 
 def print_whole(renderable) -> None:
@@ -217,7 +223,9 @@ def evaluate_run(
     split: Annotated[str, typer.Option(metavar="SPLIT", help="The split to evaluate: val | train.")] = "val",
     checkpoint: Annotated[str, typer.Option(
         metavar="WHICH", help="last: the last checkpoint | best: the best evaluation's "
-                              "(best.pt).")] = "last",
+                              "(best.pt) | best_<step>: one of the best train.keep_best "
+                              "keeps.")] = "last",
+    ema: Annotated[bool, typer.Option("--ema", help=EMA_HELP)] = False,
     clips: Annotated[Optional[int], typer.Option(
         metavar="N", show_default="the run's eval.clips_per_video",
         help="Clips per video; a video's prediction averages their probabilities.")] = None,
@@ -246,7 +254,7 @@ def evaluate_run(
     for path, option in ((json_path, "--json"), (dump, "--dump")):
         if path:
             output_file(path, option)
-    trained = load_trained(run_dir, checkpoint)
+    trained = load_trained(run_dir, checkpoint, ema=ema)
     cfg, model, device, autocast = trained.cfg, trained.model, trained.device, trained.autocast
     if crops is not None:
         cfg.eval.crops = crops
@@ -258,7 +266,7 @@ def evaluate_run(
     views_text = f"{views} clips x {crop_text} per video"
     loader = eval_loader(cfg, data, split, views, device=device)
     result = {"run": str(run_dir), "mode": cfg.mode, "task": cfg.task, "split": split,
-              "checkpoint": checkpoint, "step": trained.step, "clips_per_video": views,
+              "checkpoint": checkpoint, "ema": ema, "step": trained.step, "clips_per_video": views,
               "crops": cfg.eval.crops}
     figure = None
     with progress_bar(quiet) as bar:
@@ -278,7 +286,7 @@ def evaluate_run(
     result.update(metrics)
     if json_path:
         write_json(json_path, result)
-    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {checkpoint}.pt at step "
+    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {checkpoint}.pt{' (EMA)' if ema else ''} at step "
                                             f"{trained.step}, {split} split, {views_text}"))
     for path in (figure, dump):
         if path:
@@ -291,7 +299,9 @@ def predict(
         metavar="RUN_DIR", help="A run directory written by 'sideways train' (classification).")],
     videos: Annotated[list[Path], typer.Argument(metavar="VIDEO", help="Video files to label.")],
     checkpoint: Annotated[str, typer.Option(
-        metavar="WHICH", help="last: the last checkpoint | best: the best evaluation's.")] = "last",
+        metavar="WHICH", help="last: the last checkpoint | best: the best evaluation's | "
+                              "best_<step>: one of the best train.keep_best keeps.")] = "last",
+    ema: Annotated[bool, typer.Option("--ema", help=EMA_HELP)] = False,
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Labels to report per video.")] = 5,
     clips: Annotated[Optional[int], typer.Option(
         metavar="N", show_default="the run's eval.clips_per_video",
@@ -325,7 +335,7 @@ def predict(
         if path:
             output_file(path, option)
     labelled = output_per_input(out_video, videos, "--out-video", ".mp4") if out_video else {}
-    predictor = Predictor(run_dir, checkpoint)
+    predictor = Predictor(run_dir, checkpoint, ema=ema)
     predictions, failed = [], 0
     frames: dict[str, list[dict]] = {}
     for video in videos:
@@ -355,7 +365,7 @@ def predict(
         rows = [[str(p.video), rank, label, f"{prob:.6g}"] for p in predictions
                 for rank, (label, prob) in enumerate(p.top, start=1)]
         write_csv(csv_path, ["video", "rank", "label", "probability"], rows)
-    console.print(prediction_table(predictions, title=f"{run_dir}, {checkpoint}.pt at step "
+    console.print(prediction_table(predictions, title=f"{run_dir}, {checkpoint}.pt{' (EMA)' if ema else ''} at step "
                                                       f"{predictor.step}"))
     if failed:
         raise typer.Exit(1)
@@ -498,7 +508,8 @@ def fidelity(
         output_file(json_path, "--json")
     configure_backends(cfg)
     data = catalog.resolve_dataset(cfg.data, progress=not quiet)
-    model = build_network(cfg, len(data.classes))
+    # a run's weights replace every tensor: model.weights (a file, torchvision's) is not read
+    model = build_network(cfg, len(data.classes), pretrained=run is None)
     if run is not None:
         load_run_weights(model, RunDir(run))
     model.to(resolve_device(cfg.device))

@@ -88,6 +88,10 @@ def even_at_least(low: int, why: str) -> Allowed:
 
 FLAG = Allowed("true or false", lambda v: isinstance(v, bool))
 PATH = Allowed("a path", lambda v: isinstance(v, str))
+# model.weights' other form: torchvision's weights by name, which build.validate resolves
+NAMED_WEIGHTS = "torchvision:"
+WEIGHTS = Allowed(f"a path or torchvision's weights by name ('{NAMED_WEIGHTS}<Enum>.<MEMBER>', "
+                  f"'{NAMED_WEIGHTS}DEFAULT')", lambda v: isinstance(v, str))
 FOLDER = Allowed("a folder's path", lambda v: isinstance(v, str) and bool(v.strip()))
 NAME = Allowed("a name that is not empty", lambda v: isinstance(v, str) and bool(v.strip()))
 KEYWORDS = Allowed("a mapping of keyword-argument names to values",
@@ -145,9 +149,14 @@ class ModelConfig:
                         "torchvision networks' BatchNorms become: group (per-frame GroupNorm after "
                         "weight-standardised convs) | frozen (BatchNorm fixed at its running "
                         "statistics: keeps pretrained numbers)")
-    weights: str | None = setting(None, PATH,  # build.validate: that the file exists
-                                  "a state-dict file the built network starts from (made absolute "
-                                  "when the config is read)")
+    weights: str | None = setting(None, WEIGHTS,  # build.validate: the file exists, the name fits
+                                  "what the built network starts from: a state-dict file (made "
+                                  "absolute when the config is read) or torchvision's weights of "
+                                  "model.name's architecture, e.g. "
+                                  "torchvision:R2Plus1D_18_Weights.KINETICS400_V1, or "
+                                  "torchvision:DEFAULT (its DEFAULT), fetched into "
+                                  "$TORCH_HOME/hub/checkpoints unless there already; BatchNorm "
+                                  "statistics need model.norm: frozen")
     new_head: bool = setting(False, FLAG,
                              "the head keeps its fresh init (another class count), with model.weights")
 
@@ -170,6 +179,36 @@ class ListConfig:
     train: str | None = setting(None, PATH, "the training list: 'relative/path label' lines")
     val: str | None = setting(None, PATH, "the validation list: 'relative/path label' lines")
     labels: str | None = setting(None, PATH, "the class names, one per line")
+
+
+def _area_range(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)
+            and 0 < v[0] <= v[1] <= 1)
+
+
+AREA_RANGE = Allowed("a list [min, max] with 0 < min <= max <= 1, such as [0.25, 1.0]", _area_range)
+
+
+@dataclass
+class AugmentConfig:
+    """``data.augment``: training-only augmentation, each knob off by default. The per-clip ones
+    (resized_crop, randaugment, erasing) draw once per clip and apply that draw to every frame
+    (data/transforms.py); mixup and cutmix mix the clips of a batch."""
+
+    resized_crop: list[float] | None = setting(
+        None, AREA_RANGE, "RandomResizedCrop's range of the crop's area, a fraction of the resized "
+        "frame: a crop of random area in it and aspect ratio in 3/4..4/3, resized to data.size, in "
+        "place of the plain random data.size crop; null: off")
+    randaugment: int | None = setting(
+        None, between(0, 30), "RandAugment's magnitude, of its 31 bins: two random ops per clip "
+        "(rotate, shear, translate, colour, contrast, posterize, solarize, ...); null: off")
+    erasing: float = setting(0.0, between(0, 1), "probability of random erasing: a random "
+                             "rectangle of the normalised clip set to 0, the mean; 0: off")
+    mixup: float = setting(0.0, at_least(0), "MixUp's alpha: each batch mixes pairs of clips and "
+                           "their labels with a Beta(alpha, alpha) weight; 0: off")
+    cutmix: float = setting(0.0, at_least(0), "CutMix's alpha: each batch pastes a box of one "
+                            "clip into another, the labels mixed by its area, Beta(alpha, alpha); "
+                            "0: off")
 
 
 @dataclass
@@ -202,6 +241,7 @@ class DataConfig:
                            "data.num_workers 0) | decord | pyav")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     list: ListConfig = field(default_factory=ListConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -214,6 +254,24 @@ class TrainConfig:
     momentum: float = setting(0.9, fraction_below_one(),
                               "SGD's momentum (Nesterov when > 0); adamw has none")
     weight_decay: float = setting(1e-4, at_least(0), "decoupled (adamw) or L2 (sgd) weight decay")
+    decay_norms_and_biases: bool = setting(True, FLAG, "train.weight_decay also on biases and "
+                                           "normalisation weights (every tensor of one dimension); "
+                                           "false: only on the weights of convolutions and "
+                                           "linear layers, as fine-tuning recipes do")
+    clip_grad_norm: float = setting(0.0, at_least(0), "clip the gradient (BP) or pseudo-gradient "
+                                    "(Sideways) of every update to this global norm, over every "
+                                    "stage; the norm before clipping is logged (grad_norm); 0: no "
+                                    "clipping")
+    accumulate: int = setting(1, at_least(1), "batches per optimizer step: their gradients are "
+                              "averaged, as one batch of accumulate x data.batch_size clips would "
+                              "give; a training step is then that many batches. Sideways needs "
+                              "sideways.update: clip")
+    ema_decay: float = setting(0.0, fraction_below_one(), "keep an exponential moving average of "
+                               "the weights, updated after every optimizer step with this decay "
+                               "(e.g. 0.999), evaluated (val_ema_*) and checkpointed beside the "
+                               "raw weights; 0: none")
+    label_smoothing: float = setting(0.0, fraction_below_one(), "the share of every target spread "
+                                     "evenly over the classes (classify); 0: none")
     lr_schedule: str = setting("cosine", one_of(*LR_SCHEDULES), "the learning rate after the "
                             "warm-up: cosine (to train.min_lr at train.steps) | constant | step "
                             "(times train.lr_gamma after every train.lr_step_size steps) | "
@@ -237,6 +295,17 @@ class TrainConfig:
                                   "gradient fidelity (cosine of Sideways' pseudo-gradient to BP's "
                                   "gradient) on the step's batch, from its weights, into "
                                   "fidelity.jsonl; 0: none. Needs parallel.stages 1")
+    monitor: str = setting("auto", elsewhere("auto or an evaluation metric"),  # build.validate
+                           "the evaluation metric that picks checkpoints/best.pt and early "
+                           "stopping: auto (val_video_top1; val_psnr for reconstruct) or any "
+                           "val_* column of evaluations.csv, val_ema_* with train.ema_decay; "
+                           "val_mse is better lower, the others higher")
+    keep_best: int = setting(1, at_least(1), "how many of the best evaluated checkpoints to keep: "
+                             "checkpoints/best.pt, and with K > 1 also best-<step>.pt for each of "
+                             "the K best")
+    early_stop_patience: int = setting(0, at_least(0), "stop training after this many evaluations "
+                                       "in a row without a better train.monitor (then the final "
+                                       "evaluation and summary, as at train.steps); 0: never")
 
 
 @dataclass
@@ -471,7 +540,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             _apply(cfg, data, "", source)
     for text in overrides or []:
         _apply(cfg, parse_override(text), "", f"--set {text}")
-    if cfg.model.weights:
+    if cfg.model.weights and not cfg.model.weights.startswith(NAMED_WEIGHTS):
         # the run directory's config then names the same file from anywhere
         cfg.model.weights = str(Path(cfg.model.weights).expanduser().resolve())
     validate(cfg)
@@ -587,9 +656,45 @@ def validate(cfg: Config) -> None:
                         f"got precision={cfg.precision}")
     if cfg.model.new_head and not cfg.model.weights:
         raise UserError("config key 'model.new_head' keeps the head fresh when loading "
-                        "model.weights; set model.weights=PATH too, or drop model.new_head")
+                        "model.weights; set model.weights=PATH (or torchvision:DEFAULT) too, or "
+                        "drop model.new_head")
     _validate_data(cfg.data)
     _validate_parallel(cfg)
+    _validate_steps(cfg)
+    _validate_mixing(cfg)
+
+
+def _validate_mixing(cfg: Config) -> None:
+    """MixUp and CutMix blend labels (classify only), in pairs of clips that no replica's shard
+    may split."""
+    a = cfg.data.augment
+    on = [key for key, alpha in (("data.augment.mixup", a.mixup), ("data.augment.cutmix", a.cutmix))
+          if alpha]
+    if not on:
+        return
+    if cfg.task != "classify":
+        raise UserError(f"config key {on[0]!r} blends class labels; task {cfg.task!r} has none, "
+                        f"set {on[0]}=0")
+    shard = cfg.data.batch_size // cfg.parallel.replicas
+    if cfg.parallel.replicas > 1 and shard % 2:
+        raise UserError(f"config key {on[0]!r} mixes clips in pairs, and each of "
+                        f"parallel.replicas={cfg.parallel.replicas} gets {shard} (odd) of "
+                        f"data.batch_size={cfg.data.batch_size}; make that share even")
+
+
+def _validate_steps(cfg: Config) -> None:
+    """The optimizer loop's knobs that a Sideways schedule of updates every N ticks rules out."""
+    t, every_n_ticks = cfg.train, cfg.mode == "sideways" and cfg.sideways.update != "clip"
+    if t.accumulate > 1 and every_n_ticks:
+        raise UserError(f"config key 'train.accumulate' ({t.accumulate}) averages whole batches' "
+                        f"gradients, and sideways.update={cfg.sideways.update!r} steps within a "
+                        "batch; set sideways.update=clip or train.accumulate=1")
+    if t.clip_grad_norm and every_n_ticks and cfg.parallel.stages > 1:
+        # the global norm is summed over the stages after the batch's traffic between them
+        raise UserError("config key 'train.clip_grad_norm' across parallel.stages needs "
+                        f"sideways.update=clip (got {cfg.sideways.update!r}): the global norm is "
+                        "summed over the stages once their batch is done; set sideways.update=clip "
+                        "or parallel.stages=1")
 
 
 def _validate_parallel(cfg: Config) -> None:

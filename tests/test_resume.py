@@ -227,3 +227,55 @@ def test_a_kill_during_the_final_evaluation_only_evaluates_again(config, tmp_pat
     assert curves["train/loss"] == finished_curves["train/loss"]
     assert curves["val/video_top1"] == finished_curves["val/video_top1"]
     assert curves["val/video_top1"] == [(2, pytest.approx(finished["val_video_top1"], rel=1e-6))]
+
+
+# every knob of the training recipe on: per-clip augmentation, MixUp and CutMix, label smoothing,
+# clipping, accumulation, the EMA, two best checkpoints kept and early stopping, which the flat
+# metrics of so short a run trigger at the third evaluation (step 6), after the resume
+RECIPE = ["--set", "data.augment.resized_crop=[0.5,1.0]", "--set", "data.augment.randaugment=9",
+          "--set", "data.augment.erasing=0.5", "--set", "data.augment.mixup=0.4",
+          "--set", "data.augment.cutmix=1.0", "--set", "train.label_smoothing=0.1",
+          "--set", "train.clip_grad_norm=0.05", "--set", "train.accumulate=2",
+          "--set", "data.batch_size=4", "--set", "train.ema_decay=0.8",
+          "--set", "train.keep_best=2", "--set", "train.early_stop_patience=2",
+          "--set", "train.eval_every=2", "--set", "train.monitor=val_ema_clip_top1",
+          "--set", "train.decay_norms_and_biases=false"]
+
+
+@pytest.mark.multiprocess
+def test_a_killed_run_with_the_whole_recipe_on_resumes_exactly(config, tmp_path, monkeypatch):
+    """Sideways as a real process SIGKILLed with its loader workers after its first checkpoint
+    (step 3) and started again; BP stopped in this process likewise. Each ends as the same run made
+    uninterrupted: weights, EMA, optimizer, losses, gradient norms, evaluations, the kept best
+    checkpoints and the step early stopping ends it at."""
+    cases = {"sideways": ["--mode", "sideways", "--set", "data.num_workers=2", *RECIPE],
+             "bp": ["--mode", "bp", *RECIPE]}
+    killed = {case: tmp_path / case for case in cases}
+    process = start(config, killed["sideways"], *cases["sideways"], crash=True)
+    with monkeypatch.context() as patched:
+        crash_after_first_checkpoint(patched)
+        with pytest.raises(Crash):
+            invoke("train", config, *cases["bp"], "--out", killed["bp"], "--deterministic", "--quiet")
+    assert crashed(process, killed["sideways"]) == load(killed["bp"])["step"] == EVERY
+    resumed = start(config, killed["sideways"], *cases["sideways"])
+    invoke_ok("train", config, *cases["bp"], "--out", killed["bp"], "--deterministic", "--quiet")
+    for case in cases:
+        invoke_ok("train", config, *cases[case], "--out", tmp_path / f"{case}-straight",
+                  "--deterministic", "--quiet")
+    finish(resumed)
+    for case in cases:
+        straight, again = tmp_path / f"{case}-straight", killed[case]
+        a, b = load(straight), load(again)
+        assert a["summary"]["stopped_early"] and a["step"] == a["summary"]["steps"] == 6, case
+        for key in ("train_loss", "frames_seen", "updates", "val_clip_top1", "val_ema_clip_top1"):
+            assert a["summary"][key] == b["summary"][key], (case, key)
+        for part in ("model", "ema", "optimizer"):
+            expected, actual = tensors(a[part]), tensors(b[part])
+            assert len(expected) == len(actual) > 0
+            assert all(torch.equal(x, y) for x, y in zip(expected, actual)), (case, part)
+        assert logged(straight) == logged(again), case
+        norms = [[json.loads(line).get("grad_norm") for line in (run / "metrics.jsonl").open()]
+                 for run in (straight, again)]
+        assert norms[0] == norms[1] and all(n > 0.05 for n in norms[0]), case  # clipped every step
+        kept = [sorted(p.name for p in (run / "checkpoints").glob("best*.pt")) for run in (straight, again)]
+        assert kept[0] == kept[1] == ["best.pt", "best_2.pt", "best_4.pt"], case

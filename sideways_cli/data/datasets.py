@@ -85,9 +85,9 @@ class ClipDataset(Dataset):
     or with a plain video number, which takes the seed of that position of epoch 0. Eval mode
     yields `clips_per_video` clips per video at evenly spaced offsets, each as `crops` crops
     (centre, or along the long side), deterministically. `transform` resizes and crops (random in
-    train mode, those views in eval mode) and may flip in train mode; the default keeps frames as
-    decoded and never flips (the synthetic classes are mirror pairs). Frames past the end of a
-    short video repeat the last frame.
+    train mode, those views in eval mode) and, in train mode only, may flip and augment; the
+    default keeps frames as decoded and never flips (the synthetic classes are mirror pairs).
+    Frames past the end of a short video repeat the last frame.
 
     A video that fails to decode is never replaced silently: the item lists it under "failed"
     (path, reason) for the main process to report (`GuardedLoader`). In train mode another video
@@ -193,8 +193,9 @@ class ClipDataset(Dataset):
         frames = self.transform.spatial(frames, generator)
         if self.shuffle_frames:
             frames = frames[torch.randperm(len(frames), generator=generator)]
-        return {"clip": self.transform.normalise(frames), "label": self.entries[video_idx].label,
-                "video": video_idx, "failed": failed}
+        clip = self.transform.erase(self.transform.normalise(frames), generator)
+        return {"clip": clip, "label": self.entries[video_idx].label, "video": video_idx,
+                "failed": failed}
 
     def _failure(self, video_idx: int, exc: VideoDecodeError) -> list[tuple[str, str]]:
         # Reported once per process; the main process reports each path once overall.

@@ -3,9 +3,9 @@
 Nothing depends on which process draws a clip or how many DataLoader workers there are: epoch e
 visits the videos in a permutation drawn from (seed, e), and the item at position p of epoch e
 carries a seed drawn from (seed, e, p) from which the dataset takes everything random about that
-item (clip start, crop, flip, frame shuffle, replacements for unreadable videos). So the training
-data is the same with 0 or 8 workers, and a resumed run can start the sampler at any (epoch,
-position) and get exactly the batches an uninterrupted run would have had.
+item (clip start, crop, flip, augmentation, frame shuffle, replacements for unreadable videos). So
+the training data is the same with 0 or 8 workers, and a resumed run can start the sampler at any
+(epoch, position) and get exactly the batches an uninterrupted run would have had.
 """
 
 from __future__ import annotations

@@ -69,9 +69,11 @@ class BatchStats:
 class GradientRule(Protocol):
     """Turns one batch of clips into parameter gradients and calls ``apply_update`` to step.
 
-    The rule writes ``param.grad`` and calls ``apply_update`` when its schedule says the weights
-    change (once per batch for BP and ``update: clip``; every N ticks otherwise). The trainer's
-    ``apply_update`` steps the optimizer and clears the gradients; it knows nothing of the rule.
+    The rule adds its gradients to ``param.grad`` (as a backward pass does) and calls
+    ``apply_update`` when its schedule says the weights change (once per batch for BP and
+    ``update: clip``; every N ticks otherwise). The trainer's ``apply_update`` steps the optimizer
+    and clears the gradients, or leaves them for the next batch to add to (``train.accumulate``);
+    it knows nothing of the rule.
     """
 
     def train_batch(self, clips: torch.Tensor, labels: torch.Tensor,

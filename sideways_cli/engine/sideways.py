@@ -62,13 +62,15 @@ class PseudoGradients:
         self.counts = list(state["counts"])
 
     def write_mean(self) -> bool:
-        """Set ``.grad`` to the mean over contributing messages and clear; False if there were none."""
+        """Add the mean over contributing messages to ``.grad`` (as a backward pass adds its
+        gradients: the trainer may let several batches add theirs before it steps) and clear;
+        False if there were none."""
         if not any(self.counts):
             return False
         for params, sums, count in zip(self.params, self.sums, self.counts):
             if sums is not None:
                 for p, total in zip(params, sums):
-                    p.grad = total / count
+                    p.grad = total / count if p.grad is None else p.grad.add_(total / count)
         self.clear()
         return True
 

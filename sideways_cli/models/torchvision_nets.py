@@ -5,15 +5,16 @@ paper's own setting (every k = 1 in docs/sideways.md): each module folds time in
 runs torchvision's layers on every frame. The video ResNets are made causal (torchvision_video.py).
 The network is cut at its natural stages, each one module, and every torchvision layer keeps its
 attribute name, so the stack's state dict is torchvision's with ``stack.<d>.`` in front
-(weights.py maps one onto the other). torchvision builds it with ``weights=None``: nothing is ever
-downloaded; pretrained numbers come from a file, ``model.weights``. Its adaptive average pools
-become means (:class:`AdaptiveMean`), which CUDA can differentiate deterministically.
+(weights.py maps one onto the other). torchvision builds it with ``weights=None``; pretrained
+numbers come from ``model.weights``: a file, or torchvision's own weights by name
+(:func:`named_weights`, fetched by weights.py through torchvision's loader). Its adaptive average
+pools become means (:class:`AdaptiveMean`), which CUDA can differentiate deterministically.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from sideways_cli.models.blocks import FrameModule, batch_to_frames, frames_to_b
 from sideways_cli.models.norms import replace_batchnorm, replace_module, trainable_batchnorm
 from sideways_cli.models.stack import FrameStack
 from sideways_cli.models.torchvision_video import make_causal, video_modules
+
+if TYPE_CHECKING:  # imported on use at run time (seconds)
+    from torchvision.models import WeightsEnum
 
 PREFIX = "torchvision:"
 
@@ -34,6 +38,9 @@ EFFICIENTNETS = tuple(f"efficientnet_b{i}" for i in range(8)) + tuple(
 VGGS = tuple(f"vgg{n}{bn}" for n in (11, 13, 16, 19) for bn in ("", "_bn"))
 VIDEO_NETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 ARCHS = RESNETS + MOBILENETS + EFFICIENTNETS + VGGS + VIDEO_NETS
+# the only architectures without BatchNorms: model.norm changes nothing in them
+WITHOUT_BATCHNORM = tuple(arch for arch in VGGS if not arch.endswith("_bn"))
+DEFAULT_WEIGHTS = "DEFAULT"  # model.weights torchvision:DEFAULT: the architecture's DEFAULT member
 # set by the adapter, never by model.args
 RESERVED_ARGS = ("weights", "num_classes")
 
@@ -61,6 +68,39 @@ def arch_of(name: str) -> str:
         raise TorchvisionError(f"model.name {name!r}: unknown torchvision architecture; "
                                f"supported: {', '.join(ARCHS)}")
     return arch
+
+
+def named_weights(weights: str, model_name: str) -> WeightsEnum:
+    """The member of torchvision's weights enum that ``model.weights`` names
+    (``torchvision:<Enum>.<MEMBER>``, or ``torchvision:DEFAULT`` for the DEFAULT of model.name's
+    architecture), found by torchvision's own ``get_weight`` and ``get_model_weights``; nothing is
+    downloaded. TorchvisionError naming the key and the names that would do when it is unknown,
+    of another architecture, or model.name is not a torchvision network."""
+    if not is_torchvision(model_name):
+        raise TorchvisionError(f"config key 'model.weights' is {weights}, torchvision's weights, "
+                               f"which only a torchvision network takes, and model.name is "
+                               f"{model_name!r}; set model.name=torchvision:<arch> or give "
+                               "model.weights a state-dict file")
+    from torchvision.models import get_model_weights, get_weight  # seconds to import: on use
+
+    arch = arch_of(model_name)
+    own = get_model_weights(arch)
+    choices = ", ".join([f"{PREFIX}{own.__name__}.{m.name}" for m in own]
+                        + [f"{PREFIX}{DEFAULT_WEIGHTS} ({own.DEFAULT.name})"])
+    name = weights[len(PREFIX):]
+    if name == DEFAULT_WEIGHTS:
+        return own.DEFAULT
+    try:
+        member = get_weight(name)
+    except (ValueError, KeyError):  # no such enum ('Enum.MEMBER' or not), no such member
+        raise TorchvisionError(f"config key 'model.weights': torchvision has no weights {name!r}; "
+                               f"{model_name}'s are {choices}") from None
+    if type(member) is not own:
+        raise TorchvisionError(f"config key 'model.weights': {weights} are weights of another "
+                               f"architecture ({type(member).__name__}), not of model.name "
+                               f"{model_name} ({own.__name__}); set model.weights to one of "
+                               f"{choices}")
+    return member
 
 
 class AdaptiveMean(nn.Module):

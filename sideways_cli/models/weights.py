@@ -1,7 +1,11 @@
-"""``model.weights: PATH``: start a built network from a state-dict file, strictly.
+"""``model.weights``: start a built network from a state dict, strictly.
 
-The file holds a state dict (or a dict with one under ``state_dict`` or ``model``, as a run's
-checkpoint has). Its keys are the FrameStack's own (``stack.<d>.<layer>``) or, for a network
+The state dict comes from a file (``model.weights: PATH``: a state dict, or a dict with one under
+``state_dict`` or ``model``, as a run's checkpoint has) or from torchvision by name
+(``model.weights: torchvision:<Enum>.<MEMBER>`` or ``torchvision:DEFAULT``: fetched by
+torchvision's own loader into torch.hub's cache, ``$TORCH_HOME/hub/checkpoints``); either is a
+:class:`WeightsSource` and loads the same way. Either is read with the weights-only unpickler:
+nothing in it runs. Its keys are the FrameStack's own (``stack.<d>.<layer>``) or, for a network
 whose layers keep unique names of their own (torchvision's adapters), those names alone:
 ``layer1.0.conv1.weight`` is ``stack.1.layer1.0.conv1.weight``. Every key of the network must be
 there with its shape and nothing else may be, so a file of another network, or of another
@@ -12,13 +16,19 @@ the file's head keys are ignored, for a new class count.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 
 from sideways_cli.models.stack import FrameStack
-from sideways_cli.support.safe_load import UnsafeFile, load_tensors
+from sideways_cli.support.safe_load import UnsafeFile, load_failure, load_tensors, refusing_code
+
+if TYPE_CHECKING:  # torchvision costs seconds to import: only where its weights are asked for
+    from torchvision.models import WeightsEnum
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 OWN_PREFIX = "stack."
@@ -28,28 +38,73 @@ class WeightsError(ValueError):
     """A weights file that does not fit the network; the message names the file and the key."""
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (tensors only: ``torch.load(weights_only=True)``)."""
-    if not path.is_file():
-        raise WeightsError(f"model.weights {path}: no such file; give a state dict saved with "
-                           "torch.save")
-    try:
-        data: Any = load_tensors(path)
-    except UnsafeFile as exc:
-        raise WeightsError(f"model.weights {exc}; give a state dict saved with torch.save") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"model.weights {path}: not a state dict torch.load(weights_only=True) "
-                           f"can read ({first})") from None
+@dataclass(frozen=True)
+class WeightsSource:
+    """A state dict to start a network from; ``label`` names it in messages
+    (``model.weights /path/w.pt``, ``model.weights torchvision:ResNet18_Weights.IMAGENET1K_V1``)."""
+
+    label: str
+    state: dict[str, torch.Tensor]
+
+
+def _state_dict_in(data: Any, label: str) -> dict[str, torch.Tensor]:
+    """The state dict ``data`` is or holds under ``state_dict`` or ``model``; WeightsError
+    naming ``label`` when it holds none."""
     if isinstance(data, dict):
         for key in ("state_dict", "model"):
             if isinstance(data.get(key), dict):
                 data = data[key]
                 break
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"model.weights {path}: holds no state dict (a mapping of names to "
-                           "tensors, or one under 'state_dict' or 'model')")
+        raise WeightsError(f"{label}: holds no state dict (a mapping of names to tensors, or one "
+                           "under 'state_dict' or 'model')")
     return data
+
+
+def read_state_dict(path: Path) -> WeightsSource:
+    """The state dict in ``path`` (tensors only: ``torch.load(weights_only=True)``)."""
+    label = f"model.weights {path}"
+    if not path.is_file():
+        raise WeightsError(f"{label}: no such file; give a state dict saved with torch.save")
+    try:
+        data: Any = load_tensors(path)
+    except UnsafeFile as exc:
+        raise WeightsError(f"model.weights {exc}; give a state dict saved with torch.save") from None
+    except Exception as exc:
+        raise WeightsError(f"{label}: not a state dict torch.load(weights_only=True) can read "
+                           f"({load_failure(exc)})") from None
+    return WeightsSource(label, _state_dict_in(data, label))
+
+
+def cached_path(url: str) -> Path:
+    """Where torch.hub's loader keeps the file at ``url``: the file name of the URL in
+    ``<torch.hub.get_dir()>/checkpoints`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def fetch_torchvision_weights(weights: WeightsEnum, name: str, progress: bool = False) -> WeightsSource:
+    """The state dict of torchvision's ``weights`` (a WeightsEnum member; ``name``: how
+    model.weights names it) by torchvision's own loader: read from torch.hub's cache, downloaded
+    there first if absent (its hash checked, as torchvision's builders do). WeightsError naming
+    the URL and the cache path when it cannot be downloaded, or the file when it cannot be read."""
+    label = f"model.weights {name}"
+    cached = cached_path(weights.url)
+    was_cached = cached.is_file()
+    try:
+        # weights_only: torch.hub's loader would otherwise unpickle whatever the file holds
+        data: Any = refusing_code(cached, lambda: weights.get_state_dict(
+            progress=progress, check_hash=True, map_location="cpu", weights_only=True))
+    except UnsafeFile as exc:
+        raise WeightsError(f"{label}: {exc}; delete it and fetch torchvision's file again") from None
+    except Exception as exc:
+        if not was_cached and not cached.is_file():
+            raise WeightsError(f"{label}: cannot download {weights.url} ({load_failure(exc)}); with "
+                               f"no network, put the file at {cached} (TORCH_HOME sets the "
+                               "folder)") from None
+        raise WeightsError(f"{label}: {cached} is not a state dict torch.load(weights_only=True) "
+                           f"can read ({load_failure(exc)}); delete it to download it again, or put "
+                           f"{weights.url} there") from None
+    return WeightsSource(label, _state_dict_in(data, f"{label} ({cached})"))
 
 
 def _by_short_key(model: FrameStack) -> dict[str, str]:
@@ -61,15 +116,15 @@ def _by_short_key(model: FrameStack) -> dict[str, str]:
     return {rest: keys[0] for rest, keys in counts.items() if len(keys) == 1}
 
 
-def _mapped(path: Path, data: dict[str, torch.Tensor], model: FrameStack) -> dict[str, torch.Tensor]:
-    """The file's tensors under the network's keys; an unknown key is a WeightsError."""
+def _mapped(source: WeightsSource, model: FrameStack) -> dict[str, torch.Tensor]:
+    """The source's tensors under the network's keys; an unknown key is a WeightsError."""
     short = _by_short_key(model)
     wanted = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in data.items():
+    for key, tensor in source.state.items():
         target = key if key in wanted else short.get(key)
         if target is None:
-            raise WeightsError(f"model.weights {path}: unexpected key {key!r}: {_unexpected(key)}")
+            raise WeightsError(f"{source.label}: unexpected key {key!r}: {_unexpected(key)}")
         out[target] = tensor
     return out
 
@@ -106,14 +161,15 @@ def _refuse_misfit(source: str, found: dict[str, torch.Tensor], model: FrameStac
                                f"network; {fix}")
 
 
-def load_weights(model: FrameStack, path: Path, new_head: bool = False) -> None:
-    """Initialise ``model`` from the file ``path``, in place; WeightsError if it does not fit.
-    ``new_head``: leave the last module as it is and ignore the file's keys for it."""
+def load_weights(model: FrameStack, source: WeightsSource, new_head: bool = False) -> None:
+    """Initialise ``model`` from ``source`` (:func:`read_state_dict`,
+    :func:`fetch_torchvision_weights`), in place; WeightsError if it does not fit.
+    ``new_head``: leave the last module as it is and ignore the source's keys for it."""
     head = f"{OWN_PREFIX}{len(model) - 1}." if new_head else None
-    found = _mapped(path, read_state_dict(path), model)
+    found = _mapped(source, model)
     if head is not None:
         found = {k: v for k, v in found.items() if not k.startswith(head)}
-    _refuse_misfit(f"model.weights {path}", found, model, head)
+    _refuse_misfit(source.label, found, model, head)
     model.load_state_dict(found, strict=head is None)
 
 

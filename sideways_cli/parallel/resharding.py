@@ -51,26 +51,39 @@ def model_state_for_stage(state: dict[str, Any], modules: range) -> dict[str, An
 
 
 def merge_optimizers(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stage optimizers (same hyperparameters, one param group each) as the network's optimizer."""
+    """Stage optimizers (same hyperparameters and groups, each group's parameters in the network's
+    order) as the network's optimizer, which numbers its parameters group by group, and within a
+    group stage by stage (the stages hold consecutive modules)."""
     merged_state: dict[int, Any] = {}
-    params: list[int] = []
-    for state in states:
-        offset = len(params)
-        (group,) = state["param_groups"]
-        params += [offset + i for i in group["params"]]
-        merged_state.update({offset + i: s for i, s in state["state"].items()})
-    group = {**states[0]["param_groups"][0], "params": params}
-    return {"state": merged_state, "param_groups": [group]}
+    groups = []
+    offset = 0
+    for g, group in enumerate(states[0]["param_groups"]):
+        params: list[int] = []
+        for state in states:
+            own = state["param_groups"][g]["params"]
+            params += [offset + i for i in range(len(own))]
+            merged_state.update({offset + k: state["state"][i] for k, i in enumerate(own)
+                                 if i in state["state"]})
+            offset += len(own)
+        groups.append({**group, "params": params})
+    return {"state": merged_state, "param_groups": groups}
 
 
-def optimizer_for_stage(state: dict[str, Any], counts: list[int], stage: int) -> dict[str, Any]:
-    """The network's optimizer state cut down to stage ``stage``'s parameters; ``counts``: how
-    many parameters each stage has."""
-    start = sum(counts[:stage])
-    own = range(start, start + counts[stage])
-    (group,) = state["param_groups"]
-    return {"state": {i - start: s for i, s in state["state"].items() if i in own},
-            "param_groups": [{**group, "params": list(range(counts[stage]))}]}
+def optimizer_for_stage(state: dict[str, Any], counts: list[list[int]], stage: int) -> dict[str, Any]:
+    """The network's optimizer state cut down to stage ``stage``'s parameters; ``counts[s][g]``:
+    how many parameters of group g stage s has."""
+    own_state: dict[int, Any] = {}
+    groups = []
+    offset, own_offset = 0, 0
+    for g, group in enumerate(state["param_groups"]):
+        start = offset + sum(counts[s][g] for s in range(stage))
+        size = counts[stage][g]
+        own_state.update({own_offset + i: state["state"][start + i] for i in range(size)
+                          if start + i in state["state"]})
+        groups.append({**group, "params": list(range(own_offset, own_offset + size))})
+        offset += sum(counts[s][g] for s in range(len(counts)))
+        own_offset += size
+    return {"state": own_state, "param_groups": groups}
 
 
 # SidewaysRule's per-module lists; the rest of its state is the same scalars on every stage
@@ -254,6 +267,8 @@ def with_learner(payload: dict[str, Any], learner: dict[str, Any]) -> dict[str, 
     from a job) go under ``resume``."""
     ckpt = {**payload, "model": learner["model"], "optimizer": learner["optimizer"],
             "schedule": learner["schedule"]}
+    if "ema" in learner:
+        ckpt["ema"] = learner["ema"]
     if "rule" in learner:
         extra = {key: learner[key] for key in ("rule", "rank_rng") if key in learner}
         ckpt["resume"] = {**payload["resume"], **extra}
@@ -264,17 +279,19 @@ def merge_shards(shards: list[dict[str, Any]], replicas: int, stages: int,
                  merge_stage_rules: Callable[[list[Any]], Any]) -> dict[str, Any]:
     """The learner part of the checkpoint one process would have written, from a job's shards in
     rank order (rank r: replica r // stages, stage r % stages): the network's weights, optimizer
-    and schedule (replica 0's: every replica holds the same), the whole batch's registers
+    and schedule (replica 0's: every replica holds the same), the average of the weights if kept, the whole batch's registers
     (``merge_stage_rules``: how one replica's stage rules join), and every rank's random
     streams under ``rank_rng``."""
     by_stage = [[shards[r * stages + s] for r in range(replicas)] for s in range(stages)]
     first_replica = [column[0] for column in by_stage]
-    model: dict[str, Any] = {}
-    for shard in first_replica:
-        model.update(shard["model"])
-    merged = {"model": model, "schedule": first_replica[0]["schedule"],
+    def joined(key: str) -> dict[str, Any]:  # each stage's tensors under the network's keys
+        return {name: value for shard in first_replica for name, value in shard[key].items()}
+
+    merged = {"model": joined("model"), "schedule": first_replica[0]["schedule"],
               "optimizer": (merge_optimizers([s["optimizer"] for s in first_replica]) if stages > 1
                             else first_replica[0]["optimizer"])}
+    if "ema" in first_replica[0]:
+        merged["ema"] = joined("ema")
     if "rule" in first_replica[0]:
         rules = [merge_replica_states([s["rule"] for s in column]) if replicas > 1 else column[0]["rule"]
                  for column in by_stage]

@@ -83,8 +83,9 @@ class StagedChunked:
                 self._backward(m, macros[m], graphs.pop(m), downs)
             else:  # the losses of the frames that reached the top in macro tick m
                 losses.add(*rule.frame_losses())
-        updated = rule.flush(apply_update)
+        # the batch's traffic is done before the update, which may add up a norm over the stages
         self.links.settle()
+        updated = rule.flush(apply_update)
         return Contribution(losses, shape[0] * shape[2] if ctx.is_first else 0,
                             [bool(updated)])
 

@@ -83,9 +83,10 @@ class StagedSideways:
             if rule.update_every and rule.ticks_since_update >= rule.update_every:
                 flushes.append(rule.flush(apply_update))
             self._take(up, down, tick + 1)
+        # the batch's traffic is done before the update, which may add up a norm over the stages
+        self.links.settle()
         if rule.update_every is None:
             flushes.append(rule.flush(apply_update))
-        self.links.settle()
         return Contribution(losses, shape[0] * frames if self.ctx.is_first else 0,
                             [bool(f) for f in flushes])
 

@@ -8,6 +8,7 @@ settings), which ``config.py`` cannot make without importing them: :func:`valida
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -16,14 +17,16 @@ from sideways_cli.config import Config, TrainConfig, load_config
 from sideways_cli.data.decode import decord_module, torchcodec_decoders
 from sideways_cli.engine import make_rule
 from sideways_cli.engine.clock import BETWEEN_CLIPS, parse_update
-from sideways_cli.engine.losses import OBJECTIVES
+from sideways_cli.engine.losses import Objective, objective
 from sideways_cli.engine.rule import GradientRule
 from sideways_cli.models import FULL_DEPTH, MODELS, RECONSTRUCTORS, FrameStack, build_model
 from sideways_cli.models.torchvision_nets import (
+    WITHOUT_BATCHNORM,
     TorchvisionError,
     arch_of,
     build_torchvision,
     is_torchvision,
+    named_weights,
     refuse_reserved_args,
 )
 from sideways_cli.models.user import (
@@ -34,7 +37,14 @@ from sideways_cli.models.user import (
     load_builder,
     validate_outputs,
 )
-from sideways_cli.models.weights import WeightsError, load_weights
+from sideways_cli.models.weights import (
+    WeightsError,
+    WeightsSource,
+    fetch_torchvision_weights,
+    load_weights,
+    read_state_dict,
+)
+from sideways_cli.run.evaluations import monitored
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.runtime import Autocast
 
@@ -60,15 +70,15 @@ def validate(cfg: Config) -> None:
         raise UserError("config key 'data.decoder' is torchcodec, which is not installed here or "
                         "cannot load FFmpeg's libraries (pip install 'sideways-cli[torchcodec]' and "
                         "FFmpeg 4 to 8); set data.decoder=auto or pyav")
+    monitored(cfg)  # a metric the run reports
     if cfg.train.min_lr >= cfg.train.lr:
         raise UserError(f"config key 'train.min_lr' ({cfg.train.min_lr}) must be below train.lr "
                         f"({cfg.train.lr}): it is where the learning rate decays to")
     if cfg.train.fidelity_every and cfg.parallel.stages > 1:
         raise UserError("config key 'train.fidelity_every' measures the whole network in one "
                         "process; set parallel.stages=1 (replicas may stay) or train.fidelity_every=0")
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
-                        "dict saved with torch.save (a relative path is from the working directory)")
+    if cfg.model.weights:
+        _validate_weights(cfg)
     if cfg.sideways.between_clips not in BETWEEN_CLIPS:
         raise UserError(f"config key 'sideways.between_clips' must be one of {', '.join(BETWEEN_CLIPS)}, "
                         f"got {cfg.sideways.between_clips!r}")
@@ -76,6 +86,26 @@ def validate(cfg: Config) -> None:
         parse_update(cfg.sideways.update)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _validate_weights(cfg: Config) -> None:
+    """A file exists; torchvision's weights by name are the model's, and a model.norm keeps
+    their BatchNorm statistics. Nothing is downloaded here: build_network fetches them."""
+    if not is_torchvision(cfg.model.weights):
+        if not Path(cfg.model.weights).is_file():
+            raise UserError(f"config key 'model.weights': no file {cfg.model.weights}; give a state "
+                            "dict saved with torch.save (a relative path is from the working "
+                            "directory) or torchvision's weights by name (torchvision:DEFAULT)")
+        return
+    try:
+        named_weights(cfg.model.weights, cfg.model.name)
+    except TorchvisionError as exc:
+        raise UserError(str(exc)) from None
+    # refused now rather than after a download: model.norm: group has no place for the statistics
+    if cfg.model.norm == "group" and arch_of(cfg.model.name) not in WITHOUT_BATCHNORM:
+        raise UserError(f"config key 'model.norm' is group, which replaces BatchNorm and has no "
+                        f"place for the BatchNorm statistics {cfg.model.weights} holds; set "
+                        "model.norm=frozen to keep them")
 
 
 def _validate_cuda_decoding(cfg: Config) -> None:
@@ -146,8 +176,8 @@ def resolve_config(path: Path | None, overrides: list[str] | None = None) -> Con
 def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> FrameStack:
     """The model, initialised from ``cfg.seed`` so every mode of a comparison starts equal, then
     from ``model.weights`` if set and ``pretrained`` (False: a checkpoint's weights replace them
-    at once, so the file need not exist any more); a reconstructor's outputs are the frames'
-    channels, a classifier's the classes."""
+    at once, so the file need not exist any more, nor torchvision's weights be fetched); a
+    reconstructor's outputs are the frames' channels, a classifier's the classes."""
     torch.manual_seed(cfg.seed)
     outputs = IMAGE_CHANNELS if cfg.task == "reconstruct" else num_classes
     if is_torchvision(cfg.model.name):
@@ -158,11 +188,20 @@ def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> Fra
         model = _build_zoo_network(cfg, outputs)
     if cfg.model.weights and pretrained:
         try:
-            load_weights(model, Path(cfg.model.weights), cfg.model.new_head)
-        except WeightsError as exc:
+            load_weights(model, _weights_source(cfg), cfg.model.new_head)
+        except (WeightsError, TorchvisionError) as exc:
             raise UserError(str(exc)) from None
     # initialised in float32 whatever the precision, so a float64 run starts from the same weights
     return model.to(DTYPES[cfg.precision])
+
+
+def _weights_source(cfg: Config) -> WeightsSource:
+    """``model.weights``' state dict: its file, or torchvision's weights by name from torch.hub's
+    cache (downloaded into it if absent, with a progress bar where someone watches)."""
+    if is_torchvision(cfg.model.weights):
+        weights = named_weights(cfg.model.weights, cfg.model.name)
+        return fetch_torchvision_weights(weights, cfg.model.weights, progress=sys.stderr.isatty())
+    return read_state_dict(Path(cfg.model.weights))
 
 
 def _build_zoo_network(cfg: Config, outputs: int) -> FrameStack:
@@ -191,11 +230,23 @@ def _build_user_network(cfg: Config, outputs: int) -> FrameStack:
     return model
 
 
+def parameter_groups(cfg: TrainConfig, model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """``model``'s parameters as the optimizer groups them, each group in the model's order: one
+    group, or with ``train.decay_norms_and_biases`` false the decayed (weights of two or more
+    dimensions) then the undecayed ones (biases, normalisation scales and shifts)."""
+    params = list(model.parameters())
+    if cfg.decay_norms_and_biases:
+        return [params]
+    return [[p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]]
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decays = [cfg.weight_decay, 0.0]
+    groups = [{"params": params, "weight_decay": decay}
+              for params, decay in zip(parameter_groups(cfg, model), decays)]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def make_lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -222,7 +273,12 @@ def make_lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def objective_of(cfg: Config) -> Objective:
+    """What the run's every frame is trained to match, and how (``train.label_smoothing``)."""
+    return objective(cfg.task, cfg.train.label_smoothing)
+
+
 def rule_for(cfg: Config, model: FrameStack, autocast: Autocast) -> GradientRule:
     """The training rule ``cfg`` asks for over the whole ``model`` in this process."""
     return make_rule(cfg.mode, model, cfg.sideways.between_clips, cfg.sideways.update,
-                     cfg.sideways.chunk, OBJECTIVES[cfg.task], autocast, cfg.sideways.stash)
+                     cfg.sideways.chunk, objective_of(cfg), autocast, cfg.sideways.stash)

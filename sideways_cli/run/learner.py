@@ -10,6 +10,7 @@ reconstruction the clips), and every other stage knows the batch's shape from th
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -34,8 +35,11 @@ from sideways_cli.parallel.staged_eval import StagedNetwork, serve_evaluation
 from sideways_cli.parallel.staged_sideways import StagedSideways
 from sideways_cli.parallel.stages import output_specs, stage_ranges, stage_stack
 from sideways_cli.parallel.topology import Topology
-from sideways_cli.run.build import (IMAGE_CHANNELS, DTYPES, make_optimizer, make_lr_schedule,
-                                    rule_for)
+from sideways_cli.run.build import (IMAGE_CHANNELS, DTYPES, make_lr_schedule, make_optimizer,
+                                    objective_of, parameter_groups, rule_for)
+from sideways_cli.run.ema import WeightEma
+from sideways_cli.run.evaluations import ema_metric
+from sideways_cli.run.gradient_norm import clip_to, squared_norm
 from sideways_cli.run.resume import carried_rule_state, restore_rng, rng_state
 from sideways_cli.support.runtime import forward_autocast
 
@@ -54,7 +58,9 @@ class StageLearner:
         sizes = agreed_stage_sizes(cfg, topology, model) if topology.stages > 1 else [len(model)]
         ranges = stage_ranges(sizes)
         self.modules = ranges[topology.stage]
-        self.counts = [len(list(stage_stack(model, r).parameters())) for r in ranges]
+        # each stage's parameters in each optimizer group: how the network's optimizer splits
+        self.counts = [[len(group) for group in parameter_groups(cfg.train, stage_stack(model, r))]
+                       for r in ranges]
         # what crosses each boundary, computed here, on this device, under this autocast: the
         # dtype a stage sends is the one its neighbour receives into
         specs = (output_specs(model, (IMAGE_CHANNELS, cfg.data.size, cfg.data.size), self.autocast,
@@ -63,16 +69,23 @@ class StageLearner:
         self.optimizer = make_optimizer(cfg.train, self.stack)
         self.lr_schedule = make_lr_schedule(cfg.train, self.optimizer)
         self.trained_lr = self.lr  # the last batch's (train_batch sets it)
-        self.objective = OBJECTIVES[cfg.task]
-        self.ddp = cfg.mode == "bp" and topology.stages == 1 and topology.across is not None
+        self.objective = objective_of(cfg)
+        self.ddp: DistributedDataParallel | None = None  # BP's replicas, one stage each
+        self.specs = specs
         self.executor = self._executor(specs)
+        self.ema = WeightEma(self.stack, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        # the batch's place in its step (train.accumulate batches each), and the step's last update's
+        # global gradient norm before clipping (with train.clip_grad_norm)
+        self.batch_in_step = 0
+        self.grad_norm: torch.Tensor | None = None
 
     def _executor(self, specs: list) -> Any:
         cfg, topology = self.cfg, self.topology
         if topology.stages == 1:
             trained: nn.Module = self.stack
-            if self.ddp:  # BP's gradients averaged during its backward pass
-                trained = DistributedDataParallel(self.stack, process_group=topology.across.group)
+            if cfg.mode == "bp" and topology.across is not None:  # averaged in the backward pass
+                trained = self.ddp = DistributedDataParallel(self.stack,
+                                                             process_group=topology.across.group)
             return rule_for(cfg, trained, self.autocast)
         stage = (self.stack, self.modules, self.schedule, topology, specs,
                  cfg.sideways.between_clips)
@@ -102,29 +115,60 @@ class StageLearner:
                            d.size, d.size])
 
     def apply_update(self) -> None:
-        """With replicas, the gradients are first averaged over them (every replica's stage steps
-        at the same point of the schedule; DDP has averaged BP's already)."""
-        if self.topology.across is not None and not self.ddp:
-            self.topology.across.average_gradients(self.stack.parameters())
+        """The one place where both rules step: the rule has added its gradients to ``.grad``.
+        Before the step's last batch (``train.accumulate``) they stay there for the next to add
+        to; then they are averaged over the step's batches and, with replicas, over them (every
+        replica's stage steps at the same point of the schedule; DDP has averaged BP's already),
+        clipped to ``train.clip_grad_norm``, stepped, and the EMA of the weights follows."""
+        accumulate = self.cfg.train.accumulate
+        if self.batch_in_step < accumulate - 1:
+            return
+        params = [p for p in self.stack.parameters() if p.grad is not None]
+        if accumulate > 1:
+            torch._foreach_mul_([p.grad for p in params], 1 / accumulate)
+        if self.topology.across is not None and self.ddp is None:
+            self.topology.across.average_gradients(params)
+        if self.cfg.train.clip_grad_norm:
+            self.grad_norm = self._global_norm([p.grad for p in params])
+            clip_to([p.grad for p in params], self.grad_norm, self.cfg.train.clip_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.stack)
+
+    def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the whole network's gradient: with stages, every process adds the squares
+        of its own, after its batch's traffic with its neighbours is done (config.py allows
+        clipping across stages only with updates at the end of a batch), each replica's alike
+        (their gradients are averaged already)."""
+        squares = squared_norm(grads, self.topology.device)
+        if self.topology.stages > 1:
+            self.topology.reduce_(squares, torch.distributed.ReduceOp.SUM, "summing the gradient norm")
+            squares /= self.topology.replicas
+        return squares.sqrt()
 
     def train_batch(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
-                    stop: int = 0) -> tuple[BatchStats, int]:
-        """One batch: the first stage passes its shard of the clips and labels, the others None.
-        The rule's gradients, the optimizer's step(s), the schedule's step; the whole job's stats
-        and the stop signal every process then agrees on, given the one this process received
-        (``stop``; 0: none)."""
+                    stop: int = 0, batch_in_step: int = 0) -> tuple[BatchStats, int]:
+        """One batch, the ``batch_in_step``-th of its step: the first stage passes its shard of
+        the clips and labels, the others None. The rule's gradients, the optimizer's step(s) and,
+        after a step's last batch, the schedule's step; the whole job's stats and the stop signal
+        every process then agrees on, given the one this process received (``stop``; 0: none)."""
         shape = self.batch_shape
         if clips is not None and clips.shape != shape:
             raise ValueError(f"a training batch of shape {tuple(clips.shape)}, not {tuple(shape)}")
-        if not self.topology.distributed:  # the rule's own statistics are the job's
-            stats = self.executor.train_batch(clips, labels, self.apply_update)
-        else:
-            if self.topology.stages > 1:
-                clips, labels = self._targets(clips, labels, shape)
-            contribution = replace(self._contribution(clips, labels, shape), stop=stop)
-            stats, stop = self.topology.batch_stats(contribution)
+        self.batch_in_step = batch_in_step
+        last = batch_in_step == self.cfg.train.accumulate - 1
+        # DDP averages in every backward pass, unless told the gradients stay local for now
+        with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+            if not self.topology.distributed:  # the rule's own statistics are the job's
+                stats = self.executor.train_batch(clips, labels, self.apply_update)
+            else:
+                if self.topology.stages > 1:
+                    clips, labels = self._targets(clips, labels, shape)
+                contribution = replace(self._contribution(clips, labels, shape), stop=stop)
+                stats, stop = self.topology.batch_stats(contribution)
+        if not last:
+            return stats, stop
         self.trained_lr = self.lr  # what this batch's updates used, as its log line says
         with warnings.catch_warnings():
             # the schedule counts batches; a batch may make no update (in continuous mode with
@@ -146,10 +190,19 @@ class StageLearner:
             return clips, labels
         if not self.topology.is_last:
             return None, None
-        labels = links.receive((shape[0],), torch.int64, 0, "the batch's labels").wait()
+        labels = links.receive(*self._label_spec(shape), 0, "the batch's labels").wait()
         if needs_clips:
             clips = links.receive(shape, DTYPES[self.cfg.precision], 0, "the batch's clips").wait()
         return clips, labels
+
+    def _label_spec(self, shape: torch.Size) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype of a batch's labels: class indices, or with MixUp or CutMix class
+        probabilities (as many as the head's outputs) in the run's precision."""
+        augment = self.cfg.data.augment
+        if not (augment.mixup or augment.cutmix):
+            return (shape[0],), torch.int64
+        (classes,), _ = self.specs[-1]
+        return (shape[0], classes), DTYPES[self.cfg.precision]
 
     def _contribution(self, clips: torch.Tensor | None, labels: torch.Tensor | None,
                       shape: torch.Size) -> Contribution:
@@ -177,6 +230,16 @@ class StageLearner:
         return gradient_fidelity(self.stack, clips, labels, self.objective, self.cfg.sideways.stash)
 
     def evaluated(self, evaluate: Callable[[CausalNetwork], dict[str, float]]) -> dict[str, float]:
+        """The metrics ``evaluate(network)`` computes, and with ``train.ema_decay`` those of the
+        average of the weights beside them (``val_ema_*``)."""
+        metrics = self._evaluated(evaluate)
+        if self.ema is not None:
+            with self.ema.swapped_in(self.stack):  # on every process: each its own stage's
+                averaged = self._evaluated(evaluate)
+            metrics |= {ema_metric(key): value for key, value in averaged.items()}
+        return metrics
+
+    def _evaluated(self, evaluate: Callable[[CausalNetwork], dict[str, float]]) -> dict[str, float]:
         """The metrics ``evaluate(network)`` computes on the first stage, with the network as the
         first stage sees it, on every process of the job: the other stages serve the first's
         time chunks meanwhile, then receive its metrics."""
@@ -200,6 +263,8 @@ class StageLearner:
         random streams."""
         shard = {"model": model_state_to_network(self.stack.state_dict(), self.modules),
                  "optimizer": self.optimizer.state_dict(), "schedule": self.lr_schedule.state_dict()}
+        if self.ema is not None:
+            shard["ema"] = model_state_to_network(self.ema.state_dict(), self.modules)
         if resuming:
             shard["rule"] = self.executor.state_dict()
             shard["rng"] = rng_state(self.topology.device)
@@ -216,6 +281,9 @@ class StageLearner:
                                                            topology.stage) if staged
                                        else ckpt["optimizer"])
         self.lr_schedule.load_state_dict(ckpt["schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(model_state_for_stage(ckpt["ema"], self.modules) if staged
+                                     else ckpt["ema"])
         rule = carried_rule_state(ckpt["resume"]["rule"], cfg)
         if rule is not None:
             rule = stage_rule_share(rule, cfg.mode, cfg.sideways.update, cfg.sideways.chunk,

@@ -48,19 +48,25 @@ def data_loaders(cfg: Config, data: DatasetIndex, start: Position = (0, 0),
     replica's share of every batch and of the validation clips; ``device``: where the batches
     will go."""
     d = cfg.data
-    train_tf = ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
-                             flip=default_flip(d.dataset, d.flip))
     train_set = ClipDataset(data.train, clip_len=d.clip_len, frame_stride=d.frame_stride,
                             shuffle_frames=d.shuffle_frames, train=True, seed=cfg.seed,
-                            decoder_backend=d.decoder, transform=train_tf)
-    if len(train_set) < d.batch_size:
-        raise UserError(f"data.batch_size={d.batch_size} is larger than the {len(train_set)} "
-                        "training videos; lower data.batch_size")
-    loader = build_loader(train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
+                            decoder_backend=d.decoder, transform=train_transform(cfg))
+    step_clips = step_batch(cfg)
+    if len(train_set) < step_clips:
+        accumulated = f" x train.accumulate={cfg.train.accumulate}" if cfg.train.accumulate > 1 else ""
+        raise UserError(f"data.batch_size={d.batch_size}{accumulated} is larger than the "
+                        f"{len(train_set)} training videos; lower data.batch_size")
+    loader = build_loader(train_set, step_clips, shuffle=True, num_workers=d.num_workers,
                           seed=cfg.seed, drop_last=True, pin_memory=pin_memory_for(device, cfg.data.decoder),
                           start=start, shard=shard, worker_init_fn=leave_stops_to_the_trainer)
     return (_guarded(cfg, data, "train", loader),
             _eval_loader(cfg, data, "val", None, shard, device, leave_stops_to_the_trainer))
+
+
+def step_batch(cfg: Config) -> int:
+    """The clips of a training step, which the loader yields together: train.accumulate batches
+    of data.batch_size (so the epochs end, and the clips are drawn, as for one batch of them all)."""
+    return cfg.data.batch_size * cfg.train.accumulate
 
 
 def eval_loader(cfg: Config, data: DatasetIndex, split: str = "val",
@@ -82,8 +88,18 @@ def leave_stops_to_the_trainer(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def train_transform(cfg: Config) -> ClipTransform:
+    """The run's training resize, random crop, flip and per-clip augmentation (data.augment's
+    resized_crop, randaugment and erasing; its mixup and cutmix mix batches, not clips)."""
+    d, a = cfg.data, cfg.data.augment
+    return ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
+                         flip=default_flip(d.dataset, d.flip),
+                         resized_crop=None if a.resized_crop is None else tuple(a.resized_crop),
+                         randaugment=a.randaugment, erasing=a.erasing)
+
+
 def eval_transform(cfg: Config) -> ClipTransform:
-    """The run's evaluation resize and crop (never a flip)."""
+    """The run's evaluation resize and crop (never a flip, never data.augment)."""
     return ClipTransform(size=cfg.data.size, resize=default_resize(cfg.data.dataset, cfg.data.resize))
 
 
@@ -158,13 +174,15 @@ class LoaderLoad:
 
 def _side(cfg: Config) -> int:
     """The largest frame a worker holds, resized and not yet cropped: data.resize (its default
-    for real data), else data.size (the synthetic frames are rendered at it)."""
+    for real data), else data.size (the synthetic frames are rendered at it). data.augment does
+    not change it: resized_crop crops the resized frames and outputs data.size, like the crop."""
     return max(cfg.data.size, default_resize(cfg.data.dataset, cfg.data.resize) or 0)
 
 
 def train_load(cfg: Config, device: torch.device = CPU) -> LoaderLoad:
     """The training loaders of every replica together: each holds its shard of data.batch_size."""
-    return LoaderLoad("data.batch_size", cfg.data.batch_size, cfg.data.clip_len, _side(cfg),
+    name = "data.batch_size x train.accumulate" if cfg.train.accumulate > 1 else "data.batch_size"
+    return LoaderLoad(name, step_batch(cfg), cfg.data.clip_len, _side(cfg),
                       max(0, cfg.data.num_workers), pin_memory_for(device, cfg.data.decoder))
 
 

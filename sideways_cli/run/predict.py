@@ -51,8 +51,9 @@ class FramePrediction:
 class Predictor:
     """A run directory's model, ready to predict: ``Predictor(run_dir).predict(video)``."""
 
-    def __init__(self, run_dir: Path | str, checkpoint: str = "last", device: str | None = None):
-        self.trained = trained = load_trained(run_dir, checkpoint, device)
+    def __init__(self, run_dir: Path | str, checkpoint: str = "last", device: str | None = None,
+                 ema: bool = False):
+        self.trained = trained = load_trained(run_dir, checkpoint, device, ema)
         if trained.cfg.task != "classify":
             raise UserError(f"{trained.run.path} is a {trained.cfg.task} run; predict gives class "
                             "labels of a classification run")

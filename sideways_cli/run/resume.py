@@ -39,7 +39,9 @@ class RunState:
     """
 
     data_position: tuple[int, int] = (0, 0)  # (epoch, position in it) of the next batch
-    recent: list[float] = field(default_factory=list)  # the last train.log_every batch losses
+    recent: list[float] = field(default_factory=list)  # the last train.log_every steps' losses
+    # their global gradient norms before clipping (train.clip_grad_norm)
+    grad_norms: list[float] = field(default_factory=list)
     frames_seen: int = 0
     updates: int = 0
     compute_s: float = 0.0  # in the rule, over every start
@@ -47,7 +49,10 @@ class RunState:
     wall_s: float = 0.0  # on the run, over every start
     peak_mem_mb: float = 0.0  # the largest stage's, with stages
     stage_peak_mem_mb: list[float] | None = None  # each stage's, bottom first
-    best: float = -math.inf  # the primary metric's best evaluation so far
+    # the best evaluation so far by train.monitor, as a score (higher is better: val_mse's negated)
+    best: float = -math.inf
+    since_best: int = 0  # evaluations since then (train.early_stop_patience)
+    kept_best: list[list] = field(default_factory=list)  # [step, score] of each best_<step>.pt kept
     unreadable: dict[str, str] = field(default_factory=dict)  # training videos that failed to decode
     # stopped by a signal after a step whose evaluation was due and not yet done
     pending_evaluation: bool = False
@@ -119,7 +124,7 @@ def find_previous_run(run: RunDir, cfg: Config, device: torch.device) -> Previou
     if differing:
         raise UserError(f"{run.path} holds a run with another config ({', '.join(differing)}); "
                         "rerun with the same config to resume it, pass a new --out, or --restart")
-    if ckpt["step"] >= cfg.train.steps and "summary" in ckpt:
+    if "summary" in ckpt:  # at train.steps, or where early stopping ended it
         if not run.is_finished():  # stopped between the final checkpoint and the summary
             write_json(run.summary, ckpt["summary"])
         return PreviousRun(ckpt, run.read_summary())

@@ -7,7 +7,8 @@
       summary.json                 the final summary, written last: the run is finished
       checkpoints/last.pt          resumable (weights, optimizer, schedule, the rule's registers,
                                    the run's state), every train.checkpoint_every steps
-      checkpoints/best.pt          the best evaluation's weights
+      checkpoints/best.pt          the best evaluation's weights (by train.monitor)
+      checkpoints/best_<step>.pt   with train.keep_best K > 1: each of the K best evaluations'
       checkpoints/shards/          a parallel job's checkpoints: every process writes its own
                                    shard there, and last.pt / best.pt name the ones they are made of
       launch.yaml                  the config the stages of a self-launched staged run read
@@ -111,6 +112,11 @@ class RunDir:
             if match and match["which"] == which and int(match["step"]) < step:
                 path.unlink(missing_ok=True)
 
+    def drop_checkpoint(self, which: str) -> None:
+        """Remove checkpoint ``which`` and its shards (a best_<step>.pt pushed out of the best)."""
+        self.checkpoint(which).unlink(missing_ok=True)
+        self.drop_shards_before(which, 2**63)
+
     def remove_temporaries(self) -> None:
         """The ``.tmp`` files a killed write left (only while holding the run's lock: then no
         other process is writing one)."""
@@ -132,8 +138,9 @@ class RunDir:
     def discard(self) -> None:
         """--restart: forget the run's state and logs (config.yaml is rewritten anyway), and the
         figures made from the discarded weights."""
-        for path in (*map(self.checkpoint, CHECKPOINTS), self.summary, self.evaluations, self.metrics,
-                     self.fidelity, self.tracking):  # a restarted run is tracked as a new one
+        kept = self.path.glob("checkpoints/best_*.pt")  # train.keep_best's
+        for path in (*map(self.checkpoint, CHECKPOINTS), *kept, self.summary, self.evaluations,
+                     self.metrics, self.fidelity, self.tracking):  # tracked anew when restarted
             path.unlink(missing_ok=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)
         for shard in self.shards.glob("*"):

@@ -13,15 +13,17 @@ ending exactly where an uninterrupted run would.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+
+import torch
 
 from sideways_cli.config import Config, to_dict
 from sideways_cli.data.catalog import DatasetIndex, resolve_dataset
 from sideways_cli.data.decode import auto_decoder
+from sideways_cli.data.mixing import BatchMix
 from sideways_cli.models.user import is_user_builder
 from sideways_cli.parallel.resharding import with_learner
 from sideways_cli.parallel.topology import Topology, join, launched, leave, single
@@ -29,15 +31,15 @@ from sideways_cli.reports.progress import Log, progress_bar, silent
 from sideways_cli.reports.tables import write_json
 from sideways_cli.run.build import DTYPES, build_network
 from sideways_cli.run.contract_gate import refuse_broken_builder
-from sideways_cli.run.evaluate import PRIMARY_METRIC, evaluate_split, evaluation_line
+from sideways_cli.run.evaluate import evaluate_split, evaluation_line
+from sideways_cli.run.evaluations import Evaluations
 from sideways_cli.run.launch import run_as_processes
 from sideways_cli.run.learner import StageLearner
 from sideways_cli.run.loaders import data_loaders, forever, validate_training_memory
 from sideways_cli.run.lock import RunLock
 from sideways_cli.run.resume import PreviousRun, RunState, find_previous_run
-from sideways_cli.run.rundir import LineLog, RunDir, csv_line, read_jsonl, save_checkpoint, trim_csv, trim_jsonl
+from sideways_cli.run.rundir import LineLog, RunDir, read_jsonl, save_checkpoint, trim_jsonl
 from sideways_cli.run.tracking import Trackers, evaluation_scalars, fidelity_scalars, training_scalars
-from sideways_cli.support.atomic import write_text_atomic
 from sideways_cli.support.errors import UserError
 from sideways_cli.support.memory import PeakMemory
 from sideways_cli.support.runtime import configure_backends, forward_autocast, seed_everything, to_device
@@ -120,7 +122,8 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
     topology.barrier("waiting for the dataset")
     if data is None:
         data = resolve_dataset(cfg.data, progress=False)
-    network = build_network(cfg, len(data.classes))  # once: the gate checks what the learner trains
+    # once: the gate checks what the learner trains; a resumed run takes its weights from its checkpoint
+    network = build_network(cfg, len(data.classes), pretrained=previous is None)
     if topology.is_writer and is_user_builder(cfg.model.name):
         refuse_broken_builder(cfg, len(data.classes), network)  # a second, before any step is spent
     learner = StageLearner(cfg, topology, network)
@@ -138,7 +141,7 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
         session.close("failed")
         raise
     session.close("finished")
-    log(evaluation_line(cfg.train.steps, cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
+    log(evaluation_line(summary["steps"], cfg.train.steps, session.val, summary["wall_s"], cfg.mode)
         + f", {summary['frames_per_s']:.0f} frames/s")
     return summary
 
@@ -161,7 +164,8 @@ class Session:
                                                           (topology.replica, topology.replicas),
                                                           self.device)
         seed_everything(cfg.seed + topology.stage)  # each stage its own stream (dropout)
-        self.first_step, continued = 1, None
+        self.mix = BatchMix(cfg.data.augment.mixup, cfg.data.augment.cutmix, len(data.classes))
+        self.first_step, kept_rows = 1, None
         if previous is None and self.writer:
             run.fidelity.unlink(missing_ok=True)  # a start that never checkpointed
         if previous is not None:
@@ -174,10 +178,12 @@ class Session:
                 trim_jsonl(run.fidelity, previous.step)
             # the checkpoint at the last step comes before the final evaluation, which is redone
             final = previous.step >= cfg.train.steps
-            continued = (previous.step - final, self.state.best)
-        self.evaluations = Evaluations(run, self.started, cfg.task, continued, self.writer)
+            kept_rows = previous.step - final
+        self.evaluations = Evaluations(cfg, run, self.started, self.state, kept_rows, self.writer)
+        # the run's last step: train.steps, or the one early stopping ended it at
+        self.last_step = previous.step if self.evaluations.exhausted() else cfg.train.steps
         self.val: dict[str, float] = {}
-        self.trackers = self._trackers(continued[0] if continued else 0)
+        self.trackers = self._trackers(kept_rows or 0)
 
     def _trackers(self, kept: int) -> Trackers:
         """The live trackers, continuing from step ``kept``: the metrics.jsonl records past it (the
@@ -199,7 +205,6 @@ class Session:
     def train_steps(self, quiet: bool) -> None:
         """Steps first_step .. train.steps: train, log, evaluate, checkpoint, as the config says."""
         cfg, state = self.cfg, self.state
-        sampler = self.train_loader.loader.batch_sampler
         # only the first stage reads clips; the others know the batch's shape from the config
         batches = forever(self.train_loader) if self.topology.is_first else None
         with ExitStack() as stack:
@@ -212,9 +217,8 @@ class Session:
                                 completed=self.first_step - 1, info="") if bar else None
             if state.pending_evaluation:  # stopped by a signal before this step's evaluation
                 self.evaluate(self.first_step - 1, bar)
-            for step in range(self.first_step, cfg.train.steps + 1):
+            for step in range(self.first_step, self.last_step + 1):
                 stop = self.train_step(step, batches, stops.signum)
-                state.data_position = sampler.advance(state.data_position)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     record = self.record(step)  # on every process: it gathers their peaks
                     if metrics is not None:
@@ -230,34 +234,59 @@ class Session:
                     self.evaluate(step, bar)
                 if bar:
                     bar.update(task, advance=1, info=f"loss {state.loss():.3f}")
+                if step == self.last_step:  # stopped early: finish() checkpoints this step
+                    break
                 every = cfg.train.checkpoint_every
                 if every and step % every == 0 and step < cfg.train.steps:
                     self.checkpoint(step)
             self.update_peaks()  # training's, not the final evaluation's
 
     def train_step(self, step: int, batches: Iterator[dict] | None, stop: int) -> int:
-        """The next batch through the learner; the time spent waiting for it and training on it
-        (not measuring its fidelity, when due). Returns the stop signal the job agrees on after
-        it, given this process's (0: none)."""
-        state, started = self.state, time.perf_counter()
-        clips = labels = None
+        """The step's clips through the learner, train.accumulate batches of them; the time spent
+        waiting for them and training on them (not measuring fidelity, when due, on the first
+        batch). Returns the stop signal the job agrees on after the step, given this process's
+        (0: none)."""
+        state, accumulate, started = self.state, self.cfg.train.accumulate, time.perf_counter()
+        parts: list[tuple] = [(None, None)] * accumulate
         if batches is not None:
-            batch = next(batches)
-            clips = to_device(batch["clip"], self.device, DTYPES[self.cfg.precision])
-            labels = to_device(batch["label"], self.device)
+            clips, labels = self.next_clips(batches)
+            parts = list(zip(clips.chunk(accumulate), labels.chunk(accumulate)))
         state.wait_s += time.perf_counter() - started
+        state.data_position = self.train_loader.loader.batch_sampler.advance(state.data_position)
         every = self.cfg.train.fidelity_every
         if every and step % every == 0:  # every replica, so that none waits on rank 0's; it logs
-            rows = self.learner.fidelity(clips, labels)  # its share of the batch
+            rows = self.learner.fidelity(*parts[0])  # its share of the batch
             if self.writer:
                 self.record_fidelity(step, rows)
+        losses, agreed = [], 0
         computing = time.perf_counter()
-        stats, stop = self.learner.train_batch(clips, labels, stop)
+        for batch_in_step, (clips, labels) in enumerate(parts):
+            stats, stopped = self.learner.train_batch(clips, labels, stop, batch_in_step)
+            agreed = agreed or stopped
+            state.frames_seen += stats.frames
+            losses.append(stats.loss)
         state.compute_s += time.perf_counter() - computing
-        state.frames_seen += stats.frames
-        state.updates += stats.updates
-        state.recent = (state.recent + [stats.loss])[-self.cfg.train.log_every:]
-        return stop
+        state.updates += stats.updates  # the step's last batch made its updates
+        # the mean over the step's batches, equal in size: the loss of their clips together
+        state.recent = (state.recent + [sum(losses) / len(losses)])[-self.cfg.train.log_every:]
+        if self.learner.grad_norm is not None:
+            state.grad_norms = (state.grad_norms + [self.learner.grad_norm.item()])[
+                -self.cfg.train.log_every:]
+        return agreed
+
+    def next_clips(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's clips and labels on the device (data.batch_size x train.accumulate clips,
+        this replica's share of them); with MixUp or CutMix, mixed, and the labels class
+        probabilities in the run's precision."""
+        batch = next(batches)
+        clips = to_device(batch["clip"], self.device, DTYPES[self.cfg.precision])
+        labels = to_device(batch["label"], self.device)
+        if self.mix.on:
+            sampler = self.train_loader.loader.batch_sampler
+            first = len(clips) * self.topology.replica  # where this share starts in the step's
+            clips, labels = self.mix(clips, labels, self.cfg.seed,
+                                     sampler.normalise(self.state.data_position), first)
+        return clips, labels
 
     def record_fidelity(self, step: int, rows: list[dict]) -> None:
         """A line of fidelity.jsonl, and the trackers' fidelity/ scalars."""
@@ -272,7 +301,8 @@ class Session:
         """A line of metrics.jsonl."""
         state = self.state
         self.update_peaks()
-        return {"step": step, "loss": state.loss(), "lr": self.learner.trained_lr,
+        norm = {"grad_norm": sum(state.grad_norms) / len(state.grad_norms)} if state.grad_norms else {}
+        return {"step": step, "loss": state.loss(), **norm, "lr": self.learner.trained_lr,
                 "frames_seen": state.frames_seen, "frames_per_s": state.frames_seen / state.compute_s,
                 "data_wait_share": state.wait_s / (state.wait_s + state.compute_s), **state.peaks(),
                 "wall_s": time.perf_counter() - self.started}
@@ -285,6 +315,8 @@ class Session:
             self.topology.across))
 
     def evaluate(self, step: int, bar) -> None:
+        """An evaluation during training, the checkpoints it earns and, with
+        ``train.early_stop_patience`` run out, the end of the training at ``step``."""
         self.val = self.validation(bar)
         self.trackers.scalars(step, evaluation_scalars(self.val))
         self.state.pending_evaluation = False
@@ -292,6 +324,10 @@ class Session:
                                 lambda which: self.save(which, step))
         self.log(evaluation_line(step, self.cfg.train.steps, self.val,
                                  time.perf_counter() - self.started))
+        if self.evaluations.exhausted():
+            self.last_step = step
+            self.log(f"stopping early at step {step}: {self.cfg.train.early_stop_patience} "
+                     f"evaluations in a row without a better {self.evaluations.monitor}")
 
     def save(self, which: str, step: int, **extra: Any) -> None:
         """Checkpoint ``which`` (last, best) at ``step``, by every process: its learner's part;
@@ -321,7 +357,6 @@ class Session:
         learner adds its rule's registers)."""
         state = self.state
         state.wall_s = time.perf_counter() - self.started
-        state.best = self.evaluations.best
         state.unreadable = dict(self.train_loader.failed)
         self.trackers.flush()  # what was logged up to here outlives a kill: a resume keeps it
         self.save("last", step, resume=state.to_checkpoint(self.device), **extra)
@@ -329,65 +364,26 @@ class Session:
     def finish(self, quiet: bool) -> dict[str, Any]:
         """The final evaluation and the summary (after a last checkpoint, so that a kill during a
         long final evaluation keeps the training)."""
-        cfg, state, steps = self.cfg, self.state, self.cfg.train.steps
+        cfg, state, steps = self.cfg, self.state, self.last_step
+        stopped_early = steps < cfg.train.steps  # its evaluation at that step is recorded already
         if self.first_step <= steps:
             self.checkpoint(steps)
         with progress_bar(quiet) as bar:
             self.val = self.validation(bar)
         self.trackers.scalars(steps, evaluation_scalars(self.val))
+        early = {"stopped_early": True} if stopped_early else {}
         summary = {
             "mode": cfg.mode, "task": cfg.task, "model": cfg.model.name, "dataset": cfg.data.dataset,
-            "seed": cfg.seed, "steps": steps, "updates": state.updates,
+            "seed": cfg.seed, "steps": steps, **early, "updates": state.updates,
             "frames_seen": state.frames_seen, "train_loss": state.loss(), **self.val,
             "frames_per_s": state.frames_seen / state.compute_s,
             "data_wait_share": state.wait_s / (state.wait_s + state.compute_s),
             **state.peaks(), "wall_s": time.perf_counter() - self.started,
         }
-        self.evaluations.record(steps, state.frames_seen, summary["train_loss"], self.val,
-                                lambda which: self.save(which, steps, summary=summary))
+        if not stopped_early:
+            self.evaluations.record(steps, state.frames_seen, summary["train_loss"], self.val,
+                                    lambda which: self.save(which, steps, summary=summary))
         self.checkpoint(steps, summary=summary)
         if self.writer:
             write_json(self.run.summary, summary)
         return summary
-
-
-class Evaluations:
-    """Every evaluation of a run: a row of ``evaluations.csv`` each, and ``checkpoints/best.pt`` when
-    the task's primary metric (video top-1, PSNR) is the best so far (ties keep the earlier,
-    cheaper-to-reach one)."""
-
-    RUN_KEYS = ("step", "frames_seen", "wall_s", "train_loss")
-    TASK_KEYS = {"classify": ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
-                              "val_mean_class_acc"),
-                 "reconstruct": ("val_mse", "val_psnr")}
-
-    def __init__(self, run: RunDir, started: float, task: str,
-                 continued: tuple[int, float] | None = None, writes: bool = True):
-        """``continued``: (the last step whose rows stand, the best primary metric so far) when a
-        run resumes; the rows after that step are dropped. ``writes``: False on every process of
-        a job but global rank 0, which keep the same best (and call ``save_best`` alike: every
-        process writes its shard) but write no row."""
-        self.path, self.writes = run.evaluations, writes
-        self.started = started
-        self.keys = self.RUN_KEYS + self.TASK_KEYS[task]
-        self.primary = PRIMARY_METRIC[task]
-        self.best = -math.inf
-        if continued is not None:
-            kept, self.best = continued
-        if not writes:
-            return
-        if continued is None:
-            write_text_atomic(self.path, csv_line(list(self.keys)) + "\n")
-        else:
-            trim_csv(self.path, kept, self.keys)
-
-    def record(self, step: int, frames_seen: int, train_loss: float, val: dict[str, float],
-               save: Callable[[str], None]) -> None:
-        row = {"step": step, "frames_seen": frames_seen, "train_loss": train_loss,
-               "wall_s": time.perf_counter() - self.started, **val}
-        if self.writes:
-            with LineLog(self.path) as log:
-                log.append(csv_line([row[key] for key in self.keys]))
-        if val[self.primary] > self.best:
-            self.best = val[self.primary]
-            save("best")

@@ -12,13 +12,14 @@ from sideways_cli.config import Config, from_dict
 from sideways_cli.models.stack import FrameStack
 from sideways_cli.run.build import build_network
 from sideways_cli.run.rundir import RunDir
+from sideways_cli.support.errors import UserError
 from sideways_cli.support.runtime import Autocast, configure_backends, forward_autocast, resolve_device
 
 
 @dataclass
 class TrainedRun:
     run: RunDir
-    checkpoint: str  # last | best
+    checkpoint: str  # last | best | best_<step>
     step: int
     cfg: Config  # the run's, as its checkpoint holds it
     classes: list[str]
@@ -27,11 +28,11 @@ class TrainedRun:
     autocast: Autocast
 
 
-def load_trained(run_dir: Path | str, checkpoint: str = "last",
-                 device: str | None = None) -> TrainedRun:
+def load_trained(run_dir: Path | str, checkpoint: str = "last", device: str | None = None,
+                 ema: bool = False) -> TrainedRun:
     """Checkpoint ``checkpoint`` of ``run_dir`` (read safely: tensors and plain data only), its
-    network built from the run's config with the checkpoint's weights, on the run's device (or
-    ``device``)."""
+    network built from the run's config with the checkpoint's weights (``ema``: their moving
+    average, train.ema_decay), on the run's device (or ``device``)."""
     run = RunDir(Path(run_dir))
     ckpt = run.load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"], str(run.checkpoint(checkpoint)))
@@ -41,6 +42,9 @@ def load_trained(run_dir: Path | str, checkpoint: str = "last",
     on = resolve_device(cfg.device)
     classes = list(ckpt["classes"])
     model = build_network(cfg, len(classes), pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    if ema and "ema" not in ckpt:
+        raise UserError(f"{run.checkpoint(checkpoint)} holds no moving average of the weights (the "
+                        "run was trained without train.ema_decay); drop --ema")
+    model.load_state_dict(ckpt["ema" if ema else "model"])
     return TrainedRun(run, checkpoint, int(ckpt["step"]), cfg, classes, model.to(on), on,
                       forward_autocast(on, cfg.amp))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,8 +28,14 @@ class UnsafeFile(Exception):
 def load_tensors(path: Path) -> Any:
     """``path``'s contents on the CPU, tensors and plain data only. UnsafeFile if it holds
     anything else; the loader's own exception if it is damaged or not a torch file."""
+    return refusing_code(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+
+def refusing_code(path: Path, load: Callable[[], Any]) -> Any:
+    """``load()``, a weights-only unpickling of ``path`` (torch.load's or torch.hub's with
+    ``weights_only=True``); UnsafeFile naming the object when the unpickler refused one."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load()
     except pickle.UnpicklingError as exc:
         # running code from a pickle takes a callable, which it names as a global: the one the
         # weights-only unpickler refuses; any other failure is a damaged file
@@ -37,3 +43,14 @@ def load_tensors(path: Path) -> Any:
         if not named:
             raise
         raise UnsafeFile(path, f"the object {named[0]}") from None
+
+
+def load_failure(exc: Exception) -> str:
+    """Why a file could not be loaded, in one line: the exception's first line, but for the
+    weights-only unpickler its own reason ("Unsupported operand 103") rather than torch's preamble,
+    which advises loading the file unsafely."""
+    text = str(exc).strip()
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    if marker and rest.strip():
+        text = rest.strip()
+    return text.splitlines()[0] if text else type(exc).__name__
