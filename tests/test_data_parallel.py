@@ -81,8 +81,13 @@ def assert_same_run(a: Path, b: Path) -> None:
 # test's job; with SGD at R=2 x P=2 the continuous-registers test's (its steps before the kill
 # must be one process's for the resumed run to end as the uninterrupted one). BP with AdamW at
 # R=2 x P=2: test_nccl_traffic's job, whose numbers are checked against one process's too.
+# BP with SGD at R=2 here, with the recipe on: DDP holding back its averaging (no_sync) until a
+# step's last batch, MixUp's pairs mixed within each replica's shard as in the whole batch, and
+# the global norm of the averaged gradients clipped.
 CASES = {
-    "bp, sgd, R=2": (["mode=bp"], ["parallel.replicas=2"]),
+    "bp, sgd, R=2, accumulated, clipped, mixed": (
+        ["mode=bp", "train.accumulate=2", "train.clip_grad_norm=0.01", "data.augment.mixup=0.4",
+         "train.ema_decay=0.9"], ["parallel.replicas=2"]),
 }
 
 

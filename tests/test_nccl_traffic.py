@@ -115,19 +115,27 @@ CASES: dict[str, tuple[list[str], int, bool]] = {
     "sideways tick, reset, every 2 ticks, 3 stages, resumed": (
         ["mode=sideways", "sideways.chunk=1", "sideways.between_clips=reset",
          "sideways.update=every 2 ticks", "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
-    # replicas of pipelined BP: their gradients averaged after the stages' GPipe batches; in
-    # float64 with AdamW, also one process's numbers
+    # replicas of pipelined BP: their gradients averaged after the stages' GPipe batches, then
+    # clipped to their global norm over the stages; in float64 with AdamW, one process's numbers
     "bp gpipe, 2 replicas x 2 stages": (
         ["mode=bp", "parallel.microbatches=2", "precision=float64", "train.lr=0.01",
-         "parallel.replicas=2", *STAGES_2], 4, False),
+         "train.clip_grad_norm=0.01", "parallel.replicas=2", *STAGES_2], 4, False),
     # 1F1B: torch.distributed.pipelining issues its mixed batches (a send up with a receive from
     # above) through batch_isend_irecv, its one-way ones as plain isends or irecvs, as GPipe's.
     # In float64 with SGD, it must also give one process's losses, weights and evaluation.
     "bp 1f1b, 2 stages": (["mode=bp", "parallel.bp_schedule=1f1b", "parallel.microbatches=2",
                            "precision=float64", "train.optimizer=sgd", "train.lr=0.05", *STAGES_2],
                           2, False),
+    # the training recipe across stages: the global gradient norm summed over the stages after
+    # their batch's traffic, MixUp's class probabilities sent to the last stage, two optimizer
+    # groups split between the stages, the EMA; in float64, one process's numbers
+    "sideways chunked, 2 stages, clipped, accumulated, mixed": (
+        ["mode=sideways", "sideways.chunk=2", "precision=float64", "train.clip_grad_norm=0.01",
+         "train.accumulate=2", "data.batch_size=2", "data.augment.mixup=0.4",
+         "train.decay_norms_and_biases=false", "train.ema_decay=0.9", *STAGES_2], 2, False),
 }
-EXACT = {"bp gpipe, 2 replicas x 2 stages", "bp 1f1b, 2 stages"}  # compared with one process too
+EXACT = {"bp gpipe, 2 replicas x 2 stages", "bp 1f1b, 2 stages",  # compared with one process too
+         "sideways chunked, 2 stages, clipped, accumulated, mixed"}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.y
 def test_the_presets_are_there():
     names = {p.stem for p in PRESETS}
     assert {"synthetic", "smoothness", "reconstruct", "stream", "ucf101_vgg", "ucf101_c3d",
-            "hmdb51_vgg", "hmdb51_c3d", "per_frame_resnet18", "torchvision_r2plus1d"} <= names
+            "hmdb51_vgg", "hmdb51_c3d", "per_frame_resnet18", "torchvision_r2plus1d", "recipe",
+            "ucf101_r2plus1d_finetune", "hmdb51_r2plus1d_finetune"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)

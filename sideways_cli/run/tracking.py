@@ -33,6 +33,8 @@ def training_scalars(record: dict[str, Any]) -> dict[str, float]:
                "train/frames_per_s": record["frames_per_s"],
                "train/data_wait_share": record["data_wait_share"],
                "memory/peak_mb": record["peak_mem_mb"]}
+    if "grad_norm" in record:  # train.clip_grad_norm's, before clipping
+        scalars["train/grad_norm"] = record["grad_norm"]
     for stage, peak in enumerate(record.get("stage_peak_mem_mb") or []):
         scalars[f"memory/stage{stage}_peak_mb"] = peak
     return scalars
