@@ -64,8 +64,15 @@ BUDGET_S = 480.0  # the issue's 8 minutes on one H100
 ENGINE_RULES = {"bp": ("bp", None), "sideways chunk 1": ("sideways-tick", 1),
                 "sideways chunk 8": ("sideways", 8), "sideways chunk 16": ("sideways", 16),
                 "sideways stash full chunk 8": ("sideways-stash-full", 8)}
+# the training recipe on the device: per-clip augmentation in the loader, MixUp on the GPU,
+# clipping, accumulation and the EMA in the optimizer loop, all carried across the kill
+RECIPE = ("data.augment.resized_crop=[0.5,1.0]", "data.augment.randaugment=9",
+          "data.augment.erasing=0.25", "data.augment.mixup=0.4", "data.augment.cutmix=1.0",
+          "train.label_smoothing=0.1", "train.clip_grad_norm=1.0", "train.accumulate=2",
+          "train.ema_decay=0.9", "train.decay_norms_and_biases=false")
 RESUME_CASES = {"bp": ("--mode", "bp"),
-                "sideways continuous": ("--mode", "sideways", "--set", "sideways.between_clips=continuous")}
+                "sideways continuous": ("--mode", "sideways", "--set", "sideways.between_clips=continuous"),
+                "sideways recipe": ("--mode", "sideways", *[a for s in RECIPE for a in ("--set", s)])}
 STAGE_TOLERANCE = 1e-9  # max |weight difference| / max |weight|, float64 (see the docstring)
 
 
@@ -94,7 +101,7 @@ FULL = Sizes(
          "train.warmup_steps=2"),
     resume=("train.steps=40", "train.checkpoint_every=5", "train.log_every=2", "train.eval_every=20",
             "model.dropout=0.3", "data.synthetic.train_per_class=2"),
-    resume_cases=("bp", "sideways continuous"),
+    resume_cases=("bp", "sideways continuous", "sideways recipe"),
     torchvision=("data.clip_len=8", "data.batch_size=2", "train.steps=3", "eval.clips_per_video=1"),
     stages=("precision=float64", "train.steps=4", "train.log_every=1"),
     pipeline=("model.width=32", "model.depth=8", "data.size=112", "data.batch_size=16",
