@@ -286,7 +286,8 @@ def evaluate_run(
     result.update(metrics)
     if json_path:
         write_json(json_path, result)
-    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {checkpoint}.pt{' (EMA)' if ema else ''} at step "
+    weights = f"{checkpoint}.pt" + (" (EMA)" if ema else "")
+    console.print(eval_table(metrics, title=f"{run_dir} ({cfg.mode}), {weights} at step "
                                             f"{trained.step}, {split} split, {views_text}"))
     for path in (figure, dump):
         if path:
@@ -365,7 +366,8 @@ def predict(
         rows = [[str(p.video), rank, label, f"{prob:.6g}"] for p in predictions
                 for rank, (label, prob) in enumerate(p.top, start=1)]
         write_csv(csv_path, ["video", "rank", "label", "probability"], rows)
-    console.print(prediction_table(predictions, title=f"{run_dir}, {checkpoint}.pt{' (EMA)' if ema else ''} at step "
+    weights = f"{checkpoint}.pt" + (" (EMA)" if ema else "")
+    console.print(prediction_table(predictions, title=f"{run_dir}, {weights} at step "
                                                       f"{predictor.step}"))
     if failed:
         raise typer.Exit(1)

@@ -112,9 +112,12 @@ STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
 # A resumed job is recorded from its resume on, which saves a job: its pipeline is reset, so every
 # batch starts from an empty one and the resumed job's traffic is a fresh job's from its first step.
 CASES: dict[str, tuple[list[str], int, bool]] = {
+    # with an EMA: each update of a clip's first ticks steps only the modules a message has
+    # reached, and so only their averages move, in the stages as in one process
     "sideways tick, reset, every 2 ticks, 3 stages, resumed": (
         ["mode=sideways", "sideways.chunk=1", "sideways.between_clips=reset",
-         "sideways.update=every 2 ticks", "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
+         "sideways.update=every 2 ticks", "precision=float64", "train.ema_decay=0.5",
+         "parallel.stages=3", "parallel.balance=[1,1,1]"], 3, True),
     # replicas of pipelined BP: their gradients averaged after the stages' GPipe batches, then
     # clipped to their global norm over the stages; in float64 with AdamW, one process's numbers
     "bp gpipe, 2 replicas x 2 stages": (
@@ -128,14 +131,20 @@ CASES: dict[str, tuple[list[str], int, bool]] = {
                           2, False),
     # the training recipe across stages: the global gradient norm summed over the stages after
     # their batch's traffic, MixUp's class probabilities sent to the last stage, two optimizer
-    # groups split between the stages, the EMA; in float64, one process's numbers
+    # groups split between the stages, the EMA; in float64, one process's numbers (weights and
+    # EMA). Continuous 2-frame clips: the bottom stage's module gets its first message at tick 4,
+    # so the first step (2 batches, ticks 0-3) has nothing to step there, and it still joins the
+    # norm's sum
     "sideways chunked, 2 stages, clipped, accumulated, mixed": (
-        ["mode=sideways", "sideways.chunk=2", "precision=float64", "train.clip_grad_norm=0.01",
+        ["mode=sideways", "sideways.chunk=2", "sideways.between_clips=continuous",
+         "data.clip_len=2", "precision=float64", "train.clip_grad_norm=0.01",
          "train.accumulate=2", "data.batch_size=2", "data.augment.mixup=0.4",
-         "train.decay_norms_and_biases=false", "train.ema_decay=0.9", *STAGES_2], 2, False),
+         "train.decay_norms_and_biases=false", "train.ema_decay=0.9", "parallel.stages=2",
+         "parallel.balance=[1,2]"], 2, False),
 }
 EXACT = {"bp gpipe, 2 replicas x 2 stages", "bp 1f1b, 2 stages",  # compared with one process too
-         "sideways chunked, 2 stages, clipped, accumulated, mixed"}
+         "sideways chunked, 2 stages, clipped, accumulated, mixed",
+         "sideways tick, reset, every 2 ticks, 3 stages, resumed"}
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +215,19 @@ def assert_one_process_numbers(job: Path, one: Path) -> None:
     its config's stages (each measured its own memory)."""
     config = RunDir(job).read_config()
     summaries = [json.loads((run / "summary.json").read_text()) for run in (one, job)]
-    assert len(summaries[1]["stage_peak_mem_mb"]) == config.parallel.stages == 2
+    assert len(summaries[1]["stage_peak_mem_mb"]) == config.parallel.stages
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (one, job)]
     assert len(losses[0]) == STEPS
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
-    weights = [RunDir(run).load_checkpoint()["model"] for run in (one, job)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(w.dtype == torch.float64 for w in weights[1].values() if w.is_floating_point())
-    for key, want in weights[0].items():
-        torch.testing.assert_close(weights[1][key], want, rtol=1e-11, atol=1e-13)
+    checkpoints = [RunDir(run).load_checkpoint() for run in (one, job)]
+    for part in ("model", "ema"):
+        if part not in checkpoints[0]:
+            continue
+        weights = [ckpt[part] for ckpt in checkpoints]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(w.dtype == torch.float64 for w in weights[1].values() if w.is_floating_point())
+        for key, want in weights[0].items():
+            torch.testing.assert_close(weights[1][key], want, rtol=1e-11, atol=1e-13)
     for key in ("train_loss", "val_clip_top1", "val_video_top1", "val_clips"):
         assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-12), key

@@ -153,11 +153,10 @@ def test_optimizer_groups_split_across_stages_and_join_again():
     optimizer.step()
     whole = optimizer.state_dict()
     stages = [range(0, 1), range(1, len(network))]
-    counts = [[len(g) for g in parameter_groups(cfg.train, torch.nn.ModuleList(network.stack[s.start:s.stop]))]
-              for s in stages]
+    parts = [torch.nn.ModuleList(network.stack[s.start:s.stop]) for s in stages]
+    counts = [[len(g) for g in parameter_groups(cfg.train, part)] for part in parts]
     shares = [optimizer_for_stage(whole, counts, s) for s in range(len(stages))]
-    for share, stage in zip(shares, stages):  # each share loads into the stage's own optimizer
-        part = torch.nn.ModuleList(network.stack[stage.start:stage.stop])
+    for share, part in zip(shares, parts):  # each share loads into the stage's own optimizer
         make_optimizer(cfg.train, part).load_state_dict(share)
     joined = merge_optimizers(shares)
     assert joined["param_groups"] == whole["param_groups"]

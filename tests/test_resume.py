@@ -277,5 +277,6 @@ def test_a_killed_run_with_the_whole_recipe_on_resumes_exactly(config, tmp_path,
         norms = [[json.loads(line).get("grad_norm") for line in (run / "metrics.jsonl").open()]
                  for run in (straight, again)]
         assert norms[0] == norms[1] and all(n > 0.05 for n in norms[0]), case  # clipped every step
-        kept = [sorted(p.name for p in (run / "checkpoints").glob("best*.pt")) for run in (straight, again)]
+        kept = [sorted(p.name for p in (run / "checkpoints").glob("best*.pt"))
+                for run in (straight, again)]
         assert kept[0] == kept[1] == ["best.pt", "best_2.pt", "best_4.pt"], case

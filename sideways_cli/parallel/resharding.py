@@ -279,9 +279,9 @@ def merge_shards(shards: list[dict[str, Any]], replicas: int, stages: int,
                  merge_stage_rules: Callable[[list[Any]], Any]) -> dict[str, Any]:
     """The learner part of the checkpoint one process would have written, from a job's shards in
     rank order (rank r: replica r // stages, stage r % stages): the network's weights, optimizer
-    and schedule (replica 0's: every replica holds the same), the average of the weights if kept, the whole batch's registers
-    (``merge_stage_rules``: how one replica's stage rules join), and every rank's random
-    streams under ``rank_rng``."""
+    and schedule (replica 0's: every replica holds the same), the average of the weights if kept,
+    the whole batch's registers (``merge_stage_rules``: how one replica's stage rules join), and
+    every rank's random streams under ``rank_rng``."""
     by_stage = [[shards[r * stages + s] for r in range(replicas)] for s in range(stages)]
     first_replica = [column[0] for column in by_stage]
     def joined(key: str) -> dict[str, Any]:  # each stage's tensors under the network's keys

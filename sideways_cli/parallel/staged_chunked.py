@@ -86,6 +86,12 @@ class StagedChunked:
         # the batch's traffic is done before the update, which may add up a norm over the stages
         self.links.settle()
         updated = rule.flush(apply_update)
+        if not updated:
+            # no message has reached these modules yet (a continuous run's first batches), but
+            # every stage takes part in the batch's update alike: its global gradient norm is
+            # summed over the stages. With no gradient here, the optimizer and the EMA of these
+            # modules stay as they are, as in one process.
+            apply_update()
         return Contribution(losses, shape[0] * shape[2] if ctx.is_first else 0,
                             [bool(updated)])
 

@@ -87,6 +87,8 @@ class StagedSideways:
         self.links.settle()
         if rule.update_every is None:
             flushes.append(rule.flush(apply_update))
+            if not flushes[-1]:  # nothing to step here; see StagedChunked.train_batch
+                apply_update()
         return Contribution(losses, shape[0] * frames if self.ctx.is_first else 0,
                             [bool(f) for f in flushes])
 

@@ -124,17 +124,21 @@ class StageLearner:
         if self.batch_in_step < accumulate - 1:
             return
         params = [p for p in self.stack.parameters() if p.grad is not None]
-        if accumulate > 1:
+        if accumulate > 1 and params:
             torch._foreach_mul_([p.grad for p in params], 1 / accumulate)
         if self.topology.across is not None and self.ddp is None:
             self.topology.across.average_gradients(params)
         if self.cfg.train.clip_grad_norm:
             self.grad_norm = self._global_norm([p.grad for p in params])
             clip_to([p.grad for p in params], self.grad_norm, self.cfg.train.clip_grad_norm)
+        # the modules this step changes: those with a gradient (a Sideways module's first message
+        # may still be on its way down)
+        stepped = tuple(f"stack.{d}." for d, module in enumerate(self.stack.stack)
+                        if any(p.grad is not None for p in module.parameters()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.stack)
+            self.ema.update(self.stack, stepped)
 
     def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm of the whole network's gradient: with stages, every process adds the squares
@@ -157,6 +161,8 @@ class StageLearner:
         if clips is not None and clips.shape != shape:
             raise ValueError(f"a training batch of shape {tuple(clips.shape)}, not {tuple(shape)}")
         self.batch_in_step = batch_in_step
+        if batch_in_step == 0:
+            self.grad_norm = None  # until this step's update, if it makes one
         last = batch_in_step == self.cfg.train.accumulate - 1
         # DDP averages in every backward pass, unless told the gradients stay local for now
         with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():

@@ -269,9 +269,11 @@ class Session:
         state.updates += stats.updates  # the step's last batch made its updates
         # the mean over the step's batches, equal in size: the loss of their clips together
         state.recent = (state.recent + [sum(losses) / len(losses)])[-self.cfg.train.log_every:]
-        if self.learner.grad_norm is not None:
-            state.grad_norms = (state.grad_norms + [self.learner.grad_norm.item()])[
-                -self.cfg.train.log_every:]
+        # the step's norm before clipping; none when no gradient was anywhere (a continuous run's
+        # first messages still on their way down, where the stages of a job still step together)
+        norm = self.learner.grad_norm.item() if self.learner.grad_norm is not None else 0.0
+        if norm > 0:
+            state.grad_norms = (state.grad_norms + [norm])[-self.cfg.train.log_every:]
         return agreed
 
     def next_clips(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor]:
