@@ -132,7 +132,7 @@ def test_eval_the_best_checkpoint_over_three_crops_with_a_dump(tiny_config, tmp_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "first"], "--checkpoint must be last or best, got 'first'"),
+    (["--checkpoint", "first"], "--checkpoint must be last, best or best_<step> (train.keep_best), got 'first'"),
     (["--crops", "2"], "--crops must be 1 or 3, got 2"),
 ])
 def test_eval_options_are_checked(args, message, tiny_config, tmp_path, monkeypatch, capsys):

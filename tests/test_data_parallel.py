@@ -68,9 +68,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (a, b)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
-    wa, wb = (RunDir(run).load_checkpoint()["model"] for run in (a, b))
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-11, atol=1e-13)
+    ca, cb = (RunDir(run).load_checkpoint() for run in (a, b))
+    for part in ("model", "ema") if "ema" in ca else ("model",):  # the weights and their average
+        for key in ca[part]:
+            torch.testing.assert_close(ca[part][key], cb[part][key], rtol=1e-11, atol=1e-13)
     sa, sb = (json.loads((run / "summary.json").read_text()) for run in (a, b))
     for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_mean_class_acc",
                 "val_clips", "val_videos", "frames_seen", "updates"):

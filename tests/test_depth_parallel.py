@@ -185,9 +185,10 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, err
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    """The network's weights in the run's last checkpoint (a parallel job's shards merged)."""
-    return RunDir(run).load_checkpoint()["model"]
+def weights(run: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The network's weights (or with ``part`` "ema" their average) in the run's last checkpoint
+    (a parallel job's shards merged)."""
+    return RunDir(run).load_checkpoint()[part]
 
 
 def losses(run: Path) -> list[float]:
@@ -196,10 +197,11 @@ def losses(run: Path) -> list[float]:
 
 def assert_same_run(a: Path, b: Path) -> None:
     torch.testing.assert_close(losses(a), losses(b), rtol=1e-5, atol=0)
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    for part in ("model", "ema") if "ema" in RunDir(a).load_checkpoint() else ("model",):
+        wa, wb = weights(a, part), weights(b, part)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
     # the final evaluation, run through the stages a time chunk at a time
     sa, sb = (json.loads((run / "summary.json").read_text()) for run in (a, b))
     for key in ("val_clip_top1", "val_clip_top5", "val_video_top1", "val_clips"):
@@ -246,12 +248,27 @@ def kill_after_checkpoint(process: subprocess.Popen, run: Path, ranks: int = 2) 
         time.sleep(0.05)
 
 
+# The training recipe across stages: the global gradient norm summed over the stages once their
+# batch's traffic is done, MixUp's class probabilities sent to the last stage, two optimizer
+# groups split between the stages and joined again, the EMA's shards. 2-frame clips of a
+# continuous run, a step of 2 batches: the bottom stage's one module gets its first message at
+# tick 4, so the first step has nothing to step there, and that stage still joins the norm's sum.
+# Evaluated a frame at a time: 2 chunks of the clip.
+RECIPE = ("parallel.balance=[1,2]", "data.clip_len=2", "eval.chunk=1", "train.accumulate=2",
+          "train.clip_grad_norm=0.01", "data.augment.mixup=0.4", "train.ema_decay=0.9",
+          "train.decay_norms_and_biases=false")
+
+
+def sets(*settings: str) -> list[str]:
+    return [a for s in settings for a in ("--set", s)]
+
+
 @pytest.fixture(scope="module")
 def single(config, tmp_path_factory, one_thread) -> Path:
     """The single-process reference, trained here (a process would spend seconds importing torch)
     at one thread, as the stages run."""
     run = tmp_path_factory.mktemp("single") / "run"
-    invoke("train", config, "--set", "parallel.stages=1", "--out", run, "--quiet")
+    invoke("train", config, *sets("parallel.stages=1", *RECIPE), "--out", run, "--quiet")
     return run
 
 
@@ -264,12 +281,12 @@ def test_a_killed_two_stage_run_resumes_as_two_stages_or_in_one_process(config, 
     end with the tick rule's numbers (every chunk gives them). The tick rule's staged numbers:
     test_stages_give_the_single_process_numbers."""
     killed, handover = tmp_path / "two", tmp_path / "handover"
-    staged = ("parallel.stages=2", "sideways.chunk=3", "log.tensorboard=true")
+    staged = ("parallel.stages=2", "sideways.chunk=3", "log.tensorboard=true", *RECIPE)
     kill_after_checkpoint(start(config, killed, *staged), killed)
     shutil.copytree(killed, handover)
     # the chunked protocol's traffic, recorded from the resume on, replayed under NCCL's rules
     resumed = start(config, killed, *staged, env=recording(tmp_path / "traffic"))
-    invoke("train", config, "--set", "parallel.stages=1", "--set", "sideways.chunk=3", "--out",
+    invoke("train", config, *sets("parallel.stages=1", "sideways.chunk=3", *RECIPE), "--out",
            handover, "--quiet")
     finish(resumed)
     for run in (killed, handover):

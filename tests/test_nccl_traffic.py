@@ -108,7 +108,8 @@ STAGES_2 = ["parallel.stages=2", "parallel.balance=[2,1]"]
 # name -> (settings, processes, resumed): between them the tick protocol with updates every N
 # ticks, 2 and 3 stages, replicas of stages, both pipelined-BP schedules, each evaluating and
 # checkpointing after every step (three jobs: every process of a job starts torch, seconds each).
-# The chunked protocol's traffic: test_depth_parallel's resumed 2-stage job.
+# The chunked protocol's traffic, with the training recipe on: test_depth_parallel's resumed
+# 2-stage job.
 # A resumed job is recorded from its resume on, which saves a job: its pipeline is reset, so every
 # batch starts from an empty one and the resumed job's traffic is a fresh job's from its first step.
 CASES: dict[str, tuple[list[str], int, bool]] = {
@@ -129,21 +130,8 @@ CASES: dict[str, tuple[list[str], int, bool]] = {
     "bp 1f1b, 2 stages": (["mode=bp", "parallel.bp_schedule=1f1b", "parallel.microbatches=2",
                            "precision=float64", "train.optimizer=sgd", "train.lr=0.05", *STAGES_2],
                           2, False),
-    # the training recipe across stages: the global gradient norm summed over the stages after
-    # their batch's traffic, MixUp's class probabilities sent to the last stage, two optimizer
-    # groups split between the stages, the EMA; in float64, one process's numbers (weights and
-    # EMA). Continuous 2-frame clips: the bottom stage's module gets its first message at tick 4,
-    # so the first step (2 batches, ticks 0-3) has nothing to step there, and it still joins the
-    # norm's sum
-    "sideways chunked, 2 stages, clipped, accumulated, mixed": (
-        ["mode=sideways", "sideways.chunk=2", "sideways.between_clips=continuous",
-         "data.clip_len=2", "precision=float64", "train.clip_grad_norm=0.01",
-         "train.accumulate=2", "data.batch_size=2", "data.augment.mixup=0.4",
-         "train.decay_norms_and_biases=false", "train.ema_decay=0.9", "parallel.stages=2",
-         "parallel.balance=[1,2]"], 2, False),
 }
 EXACT = {"bp gpipe, 2 replicas x 2 stages", "bp 1f1b, 2 stages",  # compared with one process too
-         "sideways chunked, 2 stages, clipped, accumulated, mixed",
          "sideways tick, reset, every 2 ticks, 3 stages, resumed"}
 
 
