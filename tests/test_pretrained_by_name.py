@@ -203,3 +203,22 @@ def test_train_without_network_exits_with_one_line(tmp_path, downloads, monkeypa
     assert len(err.strip().splitlines()) == 1, err
     assert f"cannot download {MEMBER.url}" in err and str(cache_path(MEMBER)) in err
     assert downloads == [MEMBER.url]
+
+
+def test_a_jobs_first_process_fetches_the_file_into_the_cache_once(downloads, reference, monkeypatch):
+    """fetch_named_weights: what a job's first process runs before the others build the network,
+    which then find the file in the cache. Here the 'download' writes the reference file."""
+    from sideways_cli.run.build import fetch_named_weights
+
+    def download(url, dst, *args, **kwargs):
+        downloads.append(url)
+        torch.save(reference, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    cfg = mobilenet_config(f"model.weights={NAME}", "model.new_head=true")
+    fetch_named_weights(cfg)
+    assert downloads == [MEMBER.url] and cache_path(MEMBER).is_file()
+    build_network(cfg, CLASSES)  # from the cache: no second download
+    assert downloads == [MEMBER.url]
+    fetch_named_weights(resolve_config(None, []))  # no named weights: nothing to fetch
+    assert downloads == [MEMBER.url]

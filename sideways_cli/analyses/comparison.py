@@ -31,7 +31,8 @@ from sideways_cli.support.errors import UserError
 IGNORED_KEYS = frozenset(MAY_DIFFER) | {"device"}
 # the classification and the reconstruction metrics: a run leaves the other task's empty
 SUMMARY_COLUMNS = ("train_loss", "val_clip_top1", "val_clip_top5", "val_video_top1", "val_video_top5",
-                   "val_mean_class_acc", "val_mse", "val_psnr", "frames_per_s", "peak_mem_mb", "wall_s")
+                   "val_mean_class_acc", "val_mse", "val_psnr", "val_ema_clip_top1",
+                   "val_ema_video_top1", "val_ema_psnr", "frames_per_s", "peak_mem_mb", "wall_s")
 
 
 @dataclass

@@ -35,6 +35,9 @@ _TASK_COLUMNS = {
     "classify": [("val clip top-1", "val_clip_top1", _pct), ("val video top-1", "val_video_top1", _pct)],
     "reconstruct": [("val PSNR (dB)", "val_psnr", "{:.2f}".format), ("val MSE", "val_mse", "{:.4f}".format)],
 }
+# the same of the EMA of the weights (train.ema_decay), where a run kept one
+_EMA_COLUMNS = {"classify": [("EMA video top-1", "val_ema_video_top1", _pct)],
+                "reconstruct": [("EMA PSNR (dB)", "val_ema_psnr", "{:.2f}".format)]}
 
 
 def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways",
@@ -43,11 +46,12 @@ def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways"
     """One row per run. ``settings`` adds a column per compared key besides mode (swept, variant
     or --keys), ``names`` a run column, ``fidelity`` the mean whole-batch and per-tick fidelity
     columns; each only if given.
-    The validation columns are the task's (accuracy or PSNR)."""
+    The validation columns are the task's (accuracy or PSNR), and the EMA's where a run kept one."""
     keys = [k for k in (settings[0] if settings else {}) if k != "mode"]
     leaves = [key.rsplit(".", 1)[-1] for key in keys]  # frame_stride: narrow enough for a terminal
-    metrics = ([("train loss", "train_loss", "{:.3f}".format)]
-               + _TASK_COLUMNS[summaries[0].get("task", "classify")]
+    task = summaries[0].get("task", "classify")
+    ema = [column for column in _EMA_COLUMNS[task] if any(column[1] in s for s in summaries)]
+    metrics = ([("train loss", "train_loss", "{:.3f}".format)] + _TASK_COLUMNS[task] + ema
                + [("frames/s", "frames_per_s", "{:.0f}".format),
                   ("peak mem (MiB)", "peak_mem_mb", "{:.0f}".format), ("wall (s)", "wall_s", "{:.0f}".format)])
     text_headers = (["run"] if names else []) + ["mode"]
@@ -59,7 +63,7 @@ def compare_table(summaries: list[dict[str, Any]], title: str = "BP vs Sideways"
     for i, s in enumerate(summaries):
         row = ([names[i]] if names else []) + [s["mode"]]
         row += [format_value(settings[i][key]) for key in keys] if settings else []
-        row += [fmt(s[key]) for _, key, fmt in metrics]
+        row += [fmt(s[key]) if key in s else "" for _, key, fmt in metrics]  # (an EMA: not every run's)
         if fidelity:
             row += ["" if value is None else f"{value:.3f}" for value in fidelity[i]]
         table.add_row(*row)

@@ -195,6 +195,16 @@ def build_network(cfg: Config, num_classes: int, pretrained: bool = True) -> Fra
     return model.to(DTYPES[cfg.precision])
 
 
+def fetch_named_weights(cfg: Config) -> None:
+    """torchvision's weights that ``model.weights`` names, into torch.hub's cache if not there
+    yet (a job's first process, before the others read them from it)."""
+    if cfg.model.weights and is_torchvision(cfg.model.weights):
+        try:
+            _weights_source(cfg)
+        except (WeightsError, TorchvisionError) as exc:
+            raise UserError(str(exc)) from None
+
+
 def _weights_source(cfg: Config) -> WeightsSource:
     """``model.weights``' state dict: its file, or torchvision's weights by name from torch.hub's
     cache (downloaded into it if absent, with a progress bar where someone watches)."""

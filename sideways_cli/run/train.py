@@ -29,7 +29,7 @@ from sideways_cli.parallel.resharding import with_learner
 from sideways_cli.parallel.topology import Topology, join, launched, leave, single
 from sideways_cli.reports.progress import Log, progress_bar, silent
 from sideways_cli.reports.tables import write_json
-from sideways_cli.run.build import DTYPES, build_network
+from sideways_cli.run.build import DTYPES, build_network, fetch_named_weights
 from sideways_cli.run.contract_gate import refuse_broken_builder
 from sideways_cli.run.evaluate import evaluate_split, evaluation_line
 from sideways_cli.run.evaluations import Evaluations
@@ -115,8 +115,11 @@ def _train(cfg: Config, run: RunDir, quiet: bool, log: Log, restart: bool,
         return previous.summary
     if topology.is_writer:
         run.write_config(cfg)
-    # rank 0 first: a dataset generated or indexed on first use is prepared once
+    # rank 0 first: a dataset generated or indexed on first use is prepared once, and
+    # torchvision's weights named by model.weights downloaded once
     data = resolve_dataset(cfg.data, progress=not quiet) if topology.is_writer else None
+    if topology.is_writer and previous is None and topology.distributed:
+        fetch_named_weights(cfg)
     if cfg.data.decoder == "auto":
         log(f"decoding with {auto_decoder()}")
     topology.barrier("waiting for the dataset")
