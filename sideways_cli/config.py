@@ -189,6 +189,17 @@ def _area_range(v: Any) -> bool:
 AREA_RANGE = Allowed("a list [min, max] with 0 < min <= max <= 1, such as [0.25, 1.0]", _area_range)
 
 
+
+def _per_channel(positive: bool) -> Allowed:
+    """Three numbers, one per colour channel (R, G, B); ``positive``: each > 0."""
+    def accepts(v: Any) -> bool:
+        three = isinstance(v, list) and len(v) == 3 and all(_number(x) for x in v)
+        return three and (not positive or all(x > 0 for x in v))
+
+    return Allowed("a list of 3 numbers, one per channel (R, G, B)" + (", each > 0" if positive else ""),
+                   accepts)
+
+
 @dataclass
 class AugmentConfig:
     """``data.augment``: training-only augmentation, each knob off by default. The per-clip ones
@@ -235,6 +246,13 @@ class DataConfig:
                                  "real data, synthetic as is")
     flip: bool | None = setting(None, FLAG, "random horizontal flip; None: on for real data; "
                                 "never for synthetic")
+    mean: list[float] = setting([0.45, 0.45, 0.45], _per_channel(False), "what is subtracted from "
+                                "each channel of frames in [0, 1] before dividing by data.std; "
+                                "torchvision's video weights were trained with [0.43216, 0.394666, "
+                                "0.37645]")
+    std: list[float] = setting([0.225, 0.225, 0.225], _per_channel(True), "what each channel is "
+                               "divided by after data.mean; torchvision's video weights: "
+                               "[0.22803, 0.22145, 0.216989]")
     decoder: str = setting("auto", one_of(*DECODERS), "the video decoder; auto: the best installed, "
                            "TorchCodec, else decord (PyAV for a file either fails on), else PyAV | "
                            "torchcodec | torchcodec-cuda (on the run's GPU, in the training process: "

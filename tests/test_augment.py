@@ -273,3 +273,14 @@ def test_a_training_run_with_every_per_clip_knob_on(tmp_path, monkeypatch):
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["augment"] == {
         **augment, "mixup": 0.0, "cutmix": 0.0}
 
+
+
+def test_the_runs_normalisation_is_the_configs_in_training_and_evaluation():
+    """data.mean and data.std: what a pretrained network's frames were normalised with, for the
+    training clips, the evaluation views (and so predict's) alike."""
+    cfg = load_config(None, ["data.mean=[0.4,0.5,0.6]", "data.std=[0.1,0.2,0.25]"])
+    frames = torch.full((2, 8, 8, 3), 153, dtype=torch.uint8)  # 0.6 in every channel
+    for transform in (train_transform(cfg), eval_transform(cfg)):
+        clip = transform.normalise(transform.spatial(frames, None))
+        expected = torch.tensor([(0.6 - 0.4) / 0.1, (0.6 - 0.5) / 0.2, (0.6 - 0.6) / 0.25])
+        torch.testing.assert_close(clip.mean(dim=(1, 2, 3)), expected, atol=1e-5, rtol=0)

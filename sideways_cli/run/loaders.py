@@ -93,14 +93,16 @@ def train_transform(cfg: Config) -> ClipTransform:
     resized_crop, randaugment and erasing; its mixup and cutmix mix batches, not clips)."""
     d, a = cfg.data, cfg.data.augment
     return ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
-                         flip=default_flip(d.dataset, d.flip),
+                         flip=default_flip(d.dataset, d.flip), mean=tuple(d.mean), std=tuple(d.std),
                          resized_crop=None if a.resized_crop is None else tuple(a.resized_crop),
                          randaugment=a.randaugment, erasing=a.erasing)
 
 
 def eval_transform(cfg: Config) -> ClipTransform:
-    """The run's evaluation resize and crop (never a flip, never data.augment)."""
-    return ClipTransform(size=cfg.data.size, resize=default_resize(cfg.data.dataset, cfg.data.resize))
+    """The run's evaluation resize, crop and normalisation (never a flip, never data.augment)."""
+    d = cfg.data
+    return ClipTransform(size=d.size, resize=default_resize(d.dataset, d.resize),
+                         mean=tuple(d.mean), std=tuple(d.std))
 
 
 def eval_dataset(cfg: Config, entries: list[VideoEntry],
