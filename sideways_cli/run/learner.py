@@ -131,10 +131,10 @@ class StageLearner:
         if self.cfg.train.clip_grad_norm:
             self.grad_norm = self._global_norm([p.grad for p in params])
             clip_to([p.grad for p in params], self.grad_norm, self.cfg.train.clip_grad_norm)
-        # the modules this step changes: those with a gradient (a Sideways module's first message
-        # may still be on its way down)
-        stepped = tuple(f"stack.{d}." for d, module in enumerate(self.stack.stack)
-                        if any(p.grad is not None for p in module.parameters()))
+        if self.ema is not None:  # the modules this step changes: those with a gradient (a
+            # Sideways module's first message may still be on its way down)
+            stepped = tuple(f"stack.{d}." for d, module in enumerate(self.stack.stack)
+                            if any(p.grad is not None for p in module.parameters()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -237,7 +237,7 @@ class Session:
                     self.evaluate(step, bar)
                 if bar:
                     bar.update(task, advance=1, info=f"loss {state.loss():.3f}")
-                if step == self.last_step:  # stopped early: finish() checkpoints this step
+                if step == self.last_step:  # train.steps, or early stopping's: finish() checkpoints it
                     break
                 every = cfg.train.checkpoint_every
                 if every and step % every == 0 and step < cfg.train.steps:
