@@ -217,6 +217,19 @@ def _read(path: Path, backend: str, *requests: list[int] | None) -> list[tuple]:
         child.join()
 
 
+@pytest.mark.parametrize("backend", decoders("auto", "torchcodec", "decord", "pyav"))
+def test_a_child_forked_while_its_parent_decodes_decodes_too(lossless, backend):
+    """DataLoader workers are forked from a process that may be decoding (an evaluation in the
+    main process): no decoder's threads may be ones a child inherits and then waits on (PyAV 18
+    shares its frame converter, threads and all, across a thread's decoders)."""
+    path, frames = lossless
+    with closing(open_video(path, backend, num_threads=2)) as video:
+        np.testing.assert_array_equal(video.get(range(30)).numpy(), frames)
+        [(kind, _, _, child)] = _read(path, backend, None)
+    assert kind == "frames"
+    np.testing.assert_array_equal(child, frames)
+
+
 @pytest.fixture(scope="module")
 def h264(tmp_path_factory) -> Path:
     return _h264_mp4(tmp_path_factory.mktemp("bad") / "good.mp4", faststart=True)

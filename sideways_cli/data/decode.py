@@ -23,6 +23,11 @@ import torch  # decord must be imported after torch: the other order can crash o
 
 # isort: split
 import av
+from av.video.reformatter import VideoReformatter
+
+# PyAV 17 scales frames in threads, as many as there are cores unless told; older PyAV has no
+# such option and scales in the calling thread.
+_SCALING_HAS_THREADS = int(av.__version__.split(".")[0]) >= 17
 
 Backend = Literal["auto", "torchcodec", "torchcodec-cuda", "decord", "pyav"]
 
@@ -206,6 +211,11 @@ class PyAVDecoder:
             raise VideoDecodeError(self.path, "PyAV has no decoder for its video codec")
         self._stream.thread_type = "AUTO"
         self._stream.codec_context.thread_count = _bounded_threads(num_threads)
+        # A reformatter of its own rather than the one PyAV shares per thread: that one keeps its
+        # scaling threads, which exist only in the process that started them, so a child forked
+        # after its parent converted a frame (a DataLoader worker) waited on them for ever.
+        self._reformatter = VideoReformatter()
+        self._scaling = {"threads": _bounded_threads(num_threads)} if _SCALING_HAS_THREADS else {}
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         self.num_frames = self._stream.frames or self._count_packets()
@@ -228,7 +238,7 @@ class PyAVDecoder:
             self._container.seek(0)
             for i, frame in enumerate(self._container.decode(self._stream)):
                 if i in wanted:
-                    found[i] = frame.to_ndarray(format="rgb24")
+                    found[i] = self._rgb(frame)
                 if i == last:
                     break
         except Exception as exc:
@@ -243,9 +253,12 @@ class PyAVDecoder:
         try:
             self._container.seek(0)
             for frame in self._container.decode(self._stream):
-                yield torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                yield torch.from_numpy(self._rgb(frame))
         except av.error.FFmpegError as exc:
             raise VideoDecodeError(self.path, f"PyAV failed to decode frames ({_first_line(exc)})") from exc
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24", **self._scaling).to_ndarray()
 
     def close(self) -> None:
         self._container.close()
